@@ -1,0 +1,61 @@
+"""Position ids for streams longer than the LM's trained context.
+
+A live stream never ends, but RoPE LMs are trained up to ``max_position_embeddings`` (SmolLM2:
+8192 = about 7 minutes at 2 fps x 10 tokens). Strategies (``PositionConfig.mode``):
+
+``absolute``
+    Token i gets position i. Past the trained length the model extrapolates (quality drops); for
+    short streams and for comparing with one-shot prefill.
+``compress`` (default)
+    When the next step would pass ``max_position``, every cached token after the sink is re-indexed
+    to a proportionally compressed position, ``p' = sink + (p - sink) * r`` with ``r`` chosen so the
+    past fits in ``compress_to`` (default half) of the trained window, and new tokens continue from
+    there. Keys are cached post-RoPE, and a RoPE rotation by ``p`` followed by one by ``p' - p``
+    equals a rotation by ``p'``, so re-indexing is one elementwise rotation of the stored keys
+    (``rerotate``), done once per ``max_position * (1 - compress_to)`` tokens: amortised O(1) per
+    step. Recent tokens keep fine positional resolution, old ones are squeezed (like position
+    interpolation, applied only to the past). Relative order is preserved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PositionConfig:
+    mode: str = "compress"
+    max_position: int | None = None  # None: the LM's max_position_embeddings
+    compress_to: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("absolute", "compress"):
+            raise ValueError(f"position mode '{self.mode}' is not one of: absolute, compress")
+        if not 0.0 < self.compress_to < 1.0:
+            raise ValueError(f"compress_to must be in (0, 1), got {self.compress_to}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move post-RoPE ``keys`` [..., N, D] by ``delta`` [N] positions (Llama/Qwen2 half-split RoPE)."""
+    freqs = delta.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # [N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
+    return keys * cos + rotate_half(keys) * sin
+
+
+def compressed_positions(positions: torch.Tensor, sink: int, target_end: int) -> torch.Tensor:
+    """Map positions after ``sink`` linearly into ``[sink, target_end)``, preserving order."""
+    out = positions.clone()
+    tail = positions >= sink
+    if tail.any():
+        span = float(positions[tail].max() - sink + 1)
+        scale = (target_end - sink) / span
+        out[tail] = sink + torch.floor((positions[tail] - sink).to(torch.float64) * scale).to(positions.dtype)
+    return out

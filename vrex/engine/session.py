@@ -1,0 +1,257 @@
+"""The LIVE loop: one iterative-prefill step per frame, the streaming-EOS gate, questions at any time.
+
+Per frame (VideoLLM-online, ``demo/inference.py``): the text owed from the previous step (the
+interval token after a silent frame, or the text that resumes the stream after a reply) and the
+frame's visual tokens are prefilled together into the KV cache. Then, unless a question is due,
+the gate reads P(interval) at the frame's last token: at or above ``theta`` the model stays
+silent; below it the model speaks, i.e. decodes a narration. Questions are answered after the
+frame at or past their timestamp.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Literal
+
+import psutil
+import torch
+from PIL import Image
+
+import vrex.kv.attention  # noqa: F401  (registers the "vrex" attention implementation)
+from vrex.engine.positions import PositionConfig, compressed_positions, rerotate
+from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
+from vrex.kv.policy import KVPolicy, Stage
+from vrex.kv.store import KVStore
+from vrex.models.videollm import VideoLLM
+
+EventKind = Literal["frame", "response", "answer"]
+#: VideoLLM-online's demo threshold on P(interval token).
+DEFAULT_THETA = 0.725
+
+
+@dataclass
+class Event:
+    t: float
+    kind: EventKind
+    text: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": round(self.t, 3), "kind": self.kind, "text": self.text, "stats": self.stats}
+
+
+@dataclass
+class SessionConfig:
+    theta: float = DEFAULT_THETA
+    max_response_tokens: int = 48
+    max_answer_tokens: int = 64
+    sample: bool = False  # False: greedy
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    recent_tokens: int = 0  # always-kept recent window on top of the policy's selection
+    positions: PositionConfig = field(default_factory=PositionConfig)
+    device_budget_bytes: int | None = None
+    host_budget_bytes: int | None = None
+    disk_dir: str | None = None
+
+
+class StreamingSession:
+    """One live stream through a ``VideoLLM`` with a KV selection policy.
+
+    >>> session = StreamingSession(model, policy)          # doctest: +SKIP
+    >>> events = session.push_frame(0.5, image)            # [] or [Event(kind="response"), ...]
+    >>> events = session.ask("What is shown?", t=3.0)      # answered when a frame at >= 3.0 s arrives
+    """
+
+    def __init__(self, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None = None, trace=None):
+        self.model, self.policy = model, policy
+        self.config = config or SessionConfig()
+        self.trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
+        lm = model.lm
+        lm.set_attn_implementation("vrex")
+        cfg = lm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.store = KVStore(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype=lm.dtype, device=lm.device,
+            device_budget_bytes=self.config.device_budget_bytes, host_budget_bytes=self.config.host_budget_bytes,
+            disk_dir=self.config.disk_dir,
+        )
+        self.cache = VrexCache(self.store, policy, KeepConfig(recent_tokens=self.config.recent_tokens),
+                               num_q_heads=cfg.num_attention_heads)
+        self.max_position = self.config.positions.max_position or cfg.max_position_embeddings
+        self.positions = torch.empty(0, dtype=torch.long)  # position id of every cached token
+        fmt = model.fmt
+        self.interval_id = model.token_id(fmt.interval)
+        self.stop_ids = {model.token_id(fmt.stop)}
+        if model.tokenizer.eos_token_id is not None:
+            self.stop_ids.add(model.tokenizer.eos_token_id)
+        self._questions: list[tuple[float, int, str]] = []
+        self._counter = itertools.count()
+        self._rng = torch.Generator().manual_seed(self.config.seed)
+        self.frames = 0
+        self.t = 0.0
+        # The system prompt is the sink: always attended, never evicted.
+        self._forward(model.embed_text(model.tokenize(fmt.prefix)), "text")
+        self.cache.keep.sink_tokens = self.cached_tokens
+        self._pending = torch.empty(0, dtype=torch.long, device=model.device)
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def cached_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    def ask(self, text: str, t: float | None = None) -> list[Event]:
+        """Queue a question for time ``t`` (default: now). Answered at once if ``t`` is not in the future."""
+        if not text.strip():
+            raise ValueError("question text is empty")
+        t = self.t if t is None else float(t)
+        heapq.heappush(self._questions, (t, next(self._counter), text))
+        return self._answer_due() if self.frames and t <= self.t else []
+
+    def push_frame(self, t: float, image: Image.Image) -> list[Event]:
+        """Prefill one frame; return the events it caused (frame stats, maybe a response or answers)."""
+        t0 = time.perf_counter()
+        frame_embeds = self.model.embed_frames([image])[0]
+        t_vision = time.perf_counter()
+        embeds = torch.cat([self.model.embed_text(self._pending), frame_embeds], dim=0)
+        self._pending = self._pending[:0]
+        logits, record = self._forward(embeds, "frame", frame_id=self.frames)
+        t_prefill = time.perf_counter()
+        self.frames += 1
+        self.t = float(t)
+        p_interval = float(logits[-1].float().softmax(-1)[self.interval_id])
+        stats = {
+            "frame": self.frames - 1, "vision_ms": 1e3 * (t_vision - t0), "prefill_ms": 1e3 * (t_prefill - t_vision),
+            "total_ms": 1e3 * (t_prefill - t0), "cached_tokens": self.cached_tokens, "p_interval": p_interval,
+            **self.memory(), **_selection_summary(record),
+        }
+        events = [Event(self.t, "frame", "", stats)]
+        answers = self._answer_due()
+        if answers:
+            events += answers
+        elif p_interval < self.config.theta:
+            text, gen_stats = self._generate(self.model.fmt.respond, self.config.max_response_tokens)
+            events.append(Event(self.t, "response", text, gen_stats))
+        else:
+            self._pending = torch.tensor([self.interval_id], device=self.model.device)
+        return events
+
+    def run(self, frames: Iterable[tuple[float, Image.Image]], questions: Iterable[tuple[float, str]] = ()) -> Iterator[Event]:
+        """Drive the session from any iterable of (t, image); yields events as they happen."""
+        for tq, q in questions:
+            self.ask(q, tq) if self.frames else heapq.heappush(self._questions, (float(tq), next(self._counter), q))
+        for t, image in frames:
+            yield from self.push_frame(t, image)
+        # Questions after the last frame are answered at the end of the stream.
+        while self._questions:
+            t, _, q = heapq.heappop(self._questions)
+            yield self._answer(q, max(t, self.t))
+
+    def memory(self) -> dict[str, int]:
+        tiers = self.store.resident_bytes()
+        return {"kv_bytes": int(sum(tiers.values())), "rss_bytes": psutil.Process().memory_info().rss,
+                **{f"{k}_bytes": int(v) for k, v in tiers.items()}}
+
+    # -- internals ---------------------------------------------------------------------------
+    def _answer_due(self) -> list[Event]:
+        events = []
+        while self._questions and self._questions[0][0] <= self.t:
+            t, _, q = heapq.heappop(self._questions)
+            events.append(self._answer(q, t))
+        return events
+
+    def _answer(self, question: str, t: float) -> Event:
+        prompt = self.model.fmt.question.format(question=question)
+        text, stats = self._generate(prompt, self.config.max_answer_tokens)
+        return Event(t, "answer", text, {"question": question, "asked_at": t, "answered_at": self.t, **stats})
+
+    def _generate(self, prompt: str, max_tokens: int) -> tuple[str, dict[str, Any]]:
+        """Prefill ``pending + prompt`` and decode until the stop token; leaves the stream ready to resume."""
+        t0 = time.perf_counter()
+        ids = torch.cat([self._pending, self.model.tokenize(prompt)])
+        self._pending = self._pending[:0]
+        logits, _ = self._forward(self.model.embed_text(ids), "text")
+        t_prefill = time.perf_counter()
+        out: list[int] = []
+        token_ms: list[float] = []
+        records: list[StepRecord] = []
+        for _ in range(max_tokens):
+            nxt = self._next_token(logits[-1])
+            out.append(nxt)
+            if nxt in self.stop_ids:
+                break
+            t1 = time.perf_counter()
+            logits, record = self._forward(self.model.embed_text(torch.tensor([nxt], device=self.model.device)), "decode")
+            token_ms.append(1e3 * (time.perf_counter() - t1))
+            records.append(record)
+        ended = bool(out) and out[-1] in self.stop_ids
+        # The stop token was predicted but not yet fed; feed it with the resume text on the next step.
+        tail = ([out[-1]] if ended else self.model.tokenize(self.model.fmt.stop).tolist()) + self.model.tokenize(self.model.fmt.resume).tolist()
+        self._pending = torch.tensor(tail, device=self.model.device)
+        text = self.model.tokenizer.decode(out[:-1] if ended else out, skip_special_tokens=True).strip()
+        stats = {"prompt_ms": 1e3 * (t_prefill - t0), "tokens": len(out), "token_ms": token_ms,
+                 "mean_token_ms": sum(token_ms) / len(token_ms) if token_ms else None,
+                 "cached_tokens": self.cached_tokens, **_selection_summary(*records)}
+        return text, stats
+
+    def _next_token(self, logits: torch.Tensor) -> int:
+        if not self.config.sample:
+            return int(logits.argmax())
+        probs = (logits.float() / self.config.temperature).softmax(-1)
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < self.config.top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self._rng)
+        return int(order[choice])
+
+    @torch.no_grad()
+    def _forward(self, embeds: torch.Tensor, stage: Stage, frame_id: int | None = None) -> tuple[torch.Tensor, StepRecord]:
+        """One prefill/decode step of ``embeds`` [T, d] at the next positions; returns logits [T, V]."""
+        n = embeds.shape[0]
+        positions = self._next_positions(n)
+        self.cache.begin_step(stage, frame_id)
+        out = self.model.lm(
+            inputs_embeds=embeds[None], position_ids=positions[None].to(self.model.device), past_key_values=self.cache,
+            use_cache=True, vrex_cache=self.cache,
+        )
+        self.positions = torch.cat([self.positions, positions])
+        record = self.cache.end_step()
+        if self.trace is not None:
+            self.trace(record, {"t": self.t, "cached_tokens": self.cached_tokens, **self.store.counters()})
+        return out.logits[0], record
+
+    def _next_positions(self, n: int) -> torch.Tensor:
+        start = int(self.positions[-1]) + 1 if self.positions.numel() else 0
+        if self.config.positions.mode == "compress" and start + n > self.max_position:
+            start = self._compress_positions()
+        return torch.arange(start, start + n)
+
+    def _compress_positions(self) -> int:
+        """Re-index cached tokens into the first part of the trained window (see positions.py)."""
+        sink = self.cache.keep.sink_tokens
+        target_end = sink + int((self.max_position - sink) * self.config.positions.compress_to)
+        new = compressed_positions(self.positions, sink, target_end)
+        delta = (new - self.positions).to(self.model.device)
+        inv_freq = self.model.lm.model.rotary_emb.inv_freq
+        for layer in range(self.store.num_layers):
+            keys = rerotate(self.store.keys(layer), delta, inv_freq)
+            self.store.set_keys(layer, keys)
+            self.policy.on_positions_changed(layer, keys)
+        self.positions = new
+        return int(new[-1]) + 1
+
+
+def _selection_summary(*records: StepRecord) -> dict[str, Any]:
+    """Mean fraction of past tokens read per attention step, over layers and KV heads."""
+    ratios = []
+    for record in records:
+        for layer in record.layers:
+            if layer["n_past"]:
+                sel = layer["selected"]
+                sel = sel if isinstance(sel, list) else [sel]
+                ratios += [s / layer["n_past"] for s in sel]
+    return {"selected_ratio": sum(ratios) / len(ratios)} if ratios else {}

