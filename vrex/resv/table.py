@@ -1,0 +1,255 @@
+"""The hash-cluster (HC) table of one layer, for all its KV heads (the only stateful ReSV piece).
+
+Per KV head ``h`` and cluster ``c`` (ids ``0 .. n_clusters[h]-1``, in creation order; within a
+frame new clusters are numbered in leader-position order) the table holds: the code
+(``uint8 [B]``), the member count ``TC``, the sum of member keys (mean key = sum / TC, float32),
+the leader token, the creation and last-touch clock, and for every token its cluster id (so the
+member list of a cluster is ``where(token_cluster[h] == c)``).
+
+Documented choices ([U] in the paper), all constructor knobs:
+
+* ``code_update``: how a cluster's code follows its members. ``"leader"`` (default; the code
+  stays the code of the token that opened the cluster, no extra state, what a write-once HCU
+  does), ``"majority"`` (bitwise majority vote over all members' codes, tie -> 0, see
+  :func:`vrex.resv.clustering.majority_codes`), ``"mean"`` (the hash of the cluster's mean key).
+  Updates are applied after each frame's assignment (codes are frozen within a frame).
+* ``scope_frames``: the cluster scope window ("clustering runs within the recent cache"). A
+  cluster is a candidate for a new frame iff it was last touched (got a member) at most
+  ``scope_frames`` frame-clock ticks ago (default 32; ``None`` = every cluster). The frame clock
+  ticks once per frame append; text/decode appends do not tick it.
+* ``max_candidates``: optional cap on the in-scope clusters per head (the HCU's 4 KB key-cache
+  hash memory holds 1024 codes of 32 bits); the most recently touched are kept (ties: higher id).
+* ``threshold`` / ``inclusive`` / ``rule`` / ``intra``: see :mod:`vrex.resv.clustering`.
+* Text/decode tokens are clustered like a frame (``add(..., is_frame=False)``) or as singleton
+  clusters (``add_singletons``); the policy chooses.
+
+Hash-table bytes (:meth:`HCTable.nbytes`): per cluster ``code_bytes + D * key_bytes`` (mean key)
+``+ 2 * id_bytes`` (cluster id, TC), plus ``id_bytes`` per member token id.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .clustering import AssignRule, IntraMode, cluster_frame, majority_codes, new_cluster_ids
+from .hashing import code_bytes, hash_codes, pack_bits, unpack_bits
+
+CodeUpdate = Literal["leader", "majority", "mean"]
+
+
+def _grow(t: torch.Tensor, dim: int, need: int, fill=0) -> torch.Tensor:
+    cap = t.shape[dim]
+    if need <= cap:
+        return t
+    new_cap = max(need, 2 * cap, 16)
+    shape = list(t.shape)
+    shape[dim] = new_cap
+    out = torch.full(shape, fill, dtype=t.dtype)
+    out.narrow(dim, 0, cap).copy_(t)
+    return out
+
+
+class HCTable:
+    """HC table of one layer (all KV heads). See the module docstring."""
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        planes: torch.Tensor,
+        *,
+        threshold: int = 7,
+        inclusive: bool = False,
+        rule: AssignRule = "nearest",
+        intra: IntraMode = "tokens",
+        code_update: CodeUpdate = "leader",
+        scope_frames: int | None = 32,
+        max_candidates: int | None = None,
+    ) -> None:
+        if code_update not in ("leader", "majority", "mean"):
+            raise ValueError(f"code_update must be 'leader', 'majority' or 'mean', got {code_update!r}")
+        H, D = num_kv_heads, head_dim
+        self.H, self.D = H, D
+        self.planes = planes.to(torch.float32)  # [H, D, n_hp]
+        self.n_hp = planes.shape[-1]
+        self.B = code_bytes(self.n_hp)
+        self.threshold, self.inclusive, self.rule, self.intra = threshold, inclusive, rule, intra
+        self.code_update, self.scope_frames, self.max_candidates = code_update, scope_frames, max_candidates
+        self.n_clusters = torch.zeros(H, dtype=torch.int64)
+        self.codes = torch.zeros(H, 0, self.B, dtype=torch.uint8)
+        self.key_sum = torch.zeros(H, 0, D, dtype=torch.float32)
+        self.count = torch.zeros(H, 0, dtype=torch.int64)
+        self.last = torch.zeros(H, 0, dtype=torch.int64)
+        self.leader_tok = torch.zeros(H, 0, dtype=torch.int64)
+        self.bit_count = torch.zeros(H, 0, self.n_hp, dtype=torch.int32)
+        self.token_cluster = torch.zeros(H, 0, dtype=torch.int64)
+        self.n_tokens = 0
+        self.clock = 0
+        self.last_comparisons = torch.zeros(H, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ building
+    def _ensure(self, n_clusters_max: int, n_tokens: int) -> None:
+        self.codes = _grow(self.codes, 1, n_clusters_max)
+        self.key_sum = _grow(self.key_sum, 1, n_clusters_max)
+        self.count = _grow(self.count, 1, n_clusters_max)
+        self.last = _grow(self.last, 1, n_clusters_max)
+        self.leader_tok = _grow(self.leader_tok, 1, n_clusters_max)
+        if self.code_update == "majority":
+            self.bit_count = _grow(self.bit_count, 1, n_clusters_max)
+        self.token_cluster = _grow(self.token_cluster, 1, n_tokens)
+
+    def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """In-scope cluster ids ``int64 [H, A]`` (padded) and validity ``bool [H, A]``."""
+        nmax = int(self.n_clusters.max()) if self.H else 0
+        ids = torch.arange(nmax).expand(self.H, nmax)
+        ok = ids < self.n_clusters.unsqueeze(1)
+        if self.scope_frames is not None:
+            ok = ok & (self.clock - self.last[:, :nmax] <= self.scope_frames)
+        if self.max_candidates is not None:
+            # most recently touched first (ties: higher id); invalid last
+            prio = torch.where(ok, self.last[:, :nmax] * (nmax + 1) + ids, torch.full_like(ids, -1))
+            order = torch.argsort(prio, dim=1, descending=True, stable=True)
+            A = min(int(ok.sum(1).max()) if nmax else 0, self.max_candidates)
+            sel = order[:, :A]
+            sel_ok = ok.gather(1, sel)
+            # keep candidate order = increasing id (the clustering tie rule favours lower ids)
+            key = torch.where(sel_ok, sel, torch.full_like(sel, nmax + 1))
+            key, _ = key.sort(dim=1)
+            return key.clamp(max=max(nmax - 1, 0)), key <= nmax - 1
+        A = int(ok.sum(1).max()) if nmax else 0
+        order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :A]
+        return order, ok.gather(1, order)
+
+    def add(self, keys: torch.Tensor, start: int, *, is_frame: bool = True, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Cluster tokens ``start .. start+T-1`` (keys ``[H, T, D]``); returns their cluster ids ``[H, T]``."""
+        if start != self.n_tokens:
+            raise ValueError(f"HC table expects token {self.n_tokens} next, got start={start}")
+        H, T, _ = keys.shape
+        if is_frame:
+            self.clock += 1
+        k32 = keys.to(torch.float32)
+        if codes is None:
+            codes = hash_codes(k32, self.planes)
+        cand_ids, cand_valid = self.candidates()
+        cand_codes = self.codes.gather(1, cand_ids.unsqueeze(-1).expand(H, cand_ids.shape[1], self.B))
+        fa = cluster_frame(
+            codes, cand_codes, cand_valid,
+            threshold=self.threshold, inclusive=self.inclusive, rule=self.rule, intra=self.intra,
+        )
+        self.last_comparisons = fa.comparisons
+        ids = new_cluster_ids(fa, cand_ids, self.n_clusters)
+        self._commit(k32, codes, ids, fa.is_leader, start)
+        return ids
+
+    def add_singletons(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Every token opens its own cluster (no clustering; text tokens or the no-cluster ablation)."""
+        if start != self.n_tokens:
+            raise ValueError(f"HC table expects token {self.n_tokens} next, got start={start}")
+        H, T, _ = keys.shape
+        k32 = keys.to(torch.float32)
+        codes = hash_codes(k32, self.planes)
+        ids = self.n_clusters.unsqueeze(1) + torch.arange(T)
+        self.last_comparisons = torch.zeros(H, dtype=torch.int64)
+        self._commit(k32, codes, ids, torch.ones(H, T, dtype=torch.bool), start)
+        return ids
+
+    def _commit(self, k32, codes, ids, is_leader, start) -> None:
+        H, T, D = k32.shape
+        n_new = is_leader.sum(1)
+        self._ensure(int((self.n_clusters + n_new).max()), start + T)
+        C = self.codes.shape[1]
+        flat = (ids + torch.arange(H).unsqueeze(1) * C).reshape(-1)
+        self.count.view(-1).index_add_(0, flat, torch.ones(H * T, dtype=torch.int64))
+        self.key_sum.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
+        self.last.view(-1)[flat] = self.clock
+        lead_flat = flat[is_leader.reshape(-1)]
+        self.codes.view(-1, self.B)[lead_flat] = codes.reshape(-1, self.B)[is_leader.reshape(-1)]
+        tok = (start + torch.arange(T)).expand(H, T)
+        self.leader_tok.view(-1)[lead_flat] = tok[is_leader]
+        if self.code_update == "majority":
+            bits = unpack_bits(codes, self.n_hp).to(torch.int32)
+            self.bit_count.view(-1, self.n_hp).index_add_(0, flat, bits.reshape(-1, self.n_hp))
+            touched = torch.unique(flat)
+            maj = majority_codes(self.bit_count.view(-1, self.n_hp)[touched], self.count.view(-1)[touched])
+            self.codes.view(-1, self.B)[touched] = pack_bits(maj)
+        elif self.code_update == "mean":
+            touched = torch.unique(flat)
+            mean = self.key_sum.view(-1, D)[touched] / self.count.view(-1)[touched].unsqueeze(-1)
+            head = touched // C
+            proj = torch.einsum("nd,ndp->np", mean, self.planes[head])
+            self.codes.view(-1, self.B)[touched] = pack_bits(proj > 0)
+        self.n_clusters += n_new
+        self.token_cluster[:, start : start + T] = ids
+        self.n_tokens = start + T
+
+    def rebuild(self, keys: torch.Tensor) -> None:
+        """Keys were re-rotated (``[H, N, D]``, N = n_tokens): keep memberships, recompute means and codes."""
+        H, N, D = keys.shape
+        if N != self.n_tokens:
+            raise ValueError(f"rebuild expects {self.n_tokens} tokens, got {N}")
+        k32 = keys.to(torch.float32)
+        C = self.codes.shape[1]
+        flat = (self.token_cluster[:, :N] + torch.arange(H).unsqueeze(1) * C).reshape(-1)
+        self.key_sum.zero_()
+        self.key_sum.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
+        codes = hash_codes(k32, self.planes)  # [H, N, B]
+        nmax = int(self.n_clusters.max()) if H else 0
+        valid = torch.arange(nmax).expand(H, nmax) < self.n_clusters.unsqueeze(1)
+        if self.code_update == "leader":
+            lt = self.leader_tok[:, :nmax].clamp(max=max(N - 1, 0))
+            new = codes.gather(1, lt.unsqueeze(-1).expand(H, nmax, self.B))
+        elif self.code_update == "majority":
+            self.bit_count.zero_()
+            bits = unpack_bits(codes, self.n_hp).to(torch.int32)
+            self.bit_count.view(-1, self.n_hp).index_add_(0, flat, bits.reshape(-1, self.n_hp))
+            new = pack_bits(majority_codes(self.bit_count[:, :nmax], self.count[:, :nmax]))
+        else:
+            mean = self.mean_keys()[0]
+            new = hash_codes(mean, self.planes)
+        cur = self.codes[:, :nmax]
+        self.codes[:, :nmax] = torch.where(valid.unsqueeze(-1), new, cur)
+
+    # ------------------------------------------------------------------ reading
+    def mean_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean keys ``float32 [H, Cmax, D]`` and validity ``bool [H, Cmax]`` (Cmax = max clusters over heads)."""
+        nmax = int(self.n_clusters.max()) if self.H else 0
+        cnt = self.count[:, :nmax]
+        valid = cnt > 0
+        mean = self.key_sum[:, :nmax] / cnt.clamp(min=1).unsqueeze(-1).to(torch.float32)
+        return mean, valid
+
+    def counts(self) -> torch.Tensor:
+        """Token counts ``int64 [H, Cmax]`` (0 for padding)."""
+        nmax = int(self.n_clusters.max()) if self.H else 0
+        return self.count[:, :nmax]
+
+    def token_mask(self, selected: torch.Tensor, n_past: int) -> torch.Tensor:
+        """Tokens ``< n_past`` whose cluster is selected: ``bool [H, n_past]`` from ``selected bool [H, Cmax]``."""
+        tc = self.token_cluster[:, :n_past]
+        if selected.shape[1] == 0:
+            return torch.zeros(self.H, n_past, dtype=torch.bool)
+        return selected.gather(1, tc.clamp(max=selected.shape[1] - 1)) & (tc < selected.shape[1])
+
+    def members(self, head: int, cluster: int) -> torch.Tensor:
+        """Member token ids of one cluster (sorted)."""
+        return torch.nonzero(self.token_cluster[head, : self.n_tokens] == cluster).flatten()
+
+    def block_order(self, start: int, length: int) -> torch.Tensor:
+        """Cluster-contiguous physical order ``int64 [H, T]`` of tokens ``start .. start+T-1``.
+
+        ``order[h, p]`` is the block-relative token placed at physical slot ``p``: tokens grouped by
+        cluster id (ascending), arrival order inside a cluster.
+        """
+        ids = self.token_cluster[:, start : start + length]
+        key = ids * length + torch.arange(length)
+        return torch.argsort(key, dim=1, stable=True)
+
+    def nbytes(self, key_bytes: int = 2, id_bytes: int = 4) -> int:
+        """HC table size in bytes (see module docstring)."""
+        per_cluster = self.B + self.D * key_bytes + 2 * id_bytes
+        return int(self.n_clusters.sum()) * per_cluster + self.n_tokens * self.H * id_bytes
+
+
+__all__ = ["CodeUpdate", "HCTable"]

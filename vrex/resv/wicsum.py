@@ -1,0 +1,231 @@
+"""ReSV step B: WiCSum (weighted cumulative sum) thresholding, replacing fixed top-k.
+
+Pure tensor functions. The bit-exact hardware model (WTU) reproduces :func:`wicsum_ref`.
+
+Definition, per query row ``i`` (one query token of one query head), over ``C`` clusters
+--------------------------------------------------------------------------------------
+1. **Scores.** ``s_ij = q_i . Kc_j`` (float32; ``Kc_j`` = cluster mean key).
+2. **Normalisation** (:func:`normalize_scores`; [U] the paper does not say, and raw logits can be
+   negative, which makes "cumulative sum passes ratio x total" ill defined). Modes:
+
+   * ``"softmax"`` (default): ``w_ij = exp(scale * (s_ij - max_j s_ij))`` with
+     ``scale = 1/sqrt(D)`` by default: the softmax numerator, so ``w_ij * TC_j`` estimates the
+     attention mass of cluster ``j`` and the rule keeps clusters covering ``ratio`` of it.
+   * ``"shift_min"``: ``w_ij = scale * (s_ij - min_j s_ij)`` (the lowest cluster gets weight 0).
+   * ``"relu"``: ``w_ij = max(scale * s_ij, 0)``.
+   * ``"raw"``: ``w_ij = scale * s_ij`` (the literal paper rule; see the fallback in step 4).
+
+   Max/min run over valid clusters only; invalid (padded) clusters get weight 0.
+3. **Sort.** Valid clusters are sorted by a key in descending order, **stable** (ties: lower
+   cluster index first). ``sort_by="score"`` (default, as the paper: "sort the scores") uses
+   ``w_ij``; ``sort_by="weighted"`` uses ``w_ij * TC_j``. Invalid clusters come last and are never
+   taken.
+4. **Accumulate and exit.** Products ``p = w * TC`` are formed in float64 (``w`` is float32, an
+   exact widening) and accumulated *sequentially in sorted order* in float64:
+   ``Acc(t) = p_σ(1) + ... + p_σ(t)``. The total is ``Sum = Acc(C_valid)`` (the same sequential
+   sum, so ``Acc`` can reach it exactly). ``Th = ratio * Sum`` (float64). The row takes the first
+   ``t*`` clusters in sorted order, ``t*`` = the smallest ``t`` with ``Acc(t) > Th`` (strict), or
+   ``t* = C_valid`` when no prefix passes (``ratio >= 1``, all weights 0, or negative "raw" sums):
+   no early exit, everything taken. A row with no valid cluster takes nothing (``t* = 0``).
+5. **Union.** The selection of a KV head is the union over its rows: every query token of every
+   query head in its GQA group (the caller flattens them into rows). Clusters map to tokens
+   through the HC table.
+
+**Elements scanned before early exit** (the WTU's work): ``scanned_i = t*`` clusters (the
+exact-sort definition). With ``num_buckets = NB`` (bucketed WTU, [U] bucket count unstated),
+the row's valid keys are split into ``NB`` equal-width buckets between the row's min and max key,
+``b_j = min(NB - 1, floor((max - key_j) / (max - min) * NB))`` computed in float64 (bucket 0 is
+the top; all keys in bucket 0 when ``max == min``); buckets are consumed top-down and
+``scanned_bucketed_i`` = number of valid clusters in buckets ``0 .. b*``, ``b*`` = bucket of the
+last taken cluster (0 when ``t* = 0``). The *early-exit scan fraction* of a batch of rows is
+``sum_i scanned_i / sum_i C_valid_i`` (ratio of sums).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ScoreNorm = Literal["softmax", "shift_min", "relu", "raw"]
+SortBy = Literal["score", "weighted"]
+
+
+@dataclass
+class WiCSumResult:
+    """Output of :func:`wicsum_select` for rows ``[..., R]`` over clusters ``[..., C]``."""
+
+    selected: torch.Tensor  # bool [..., R, C]: cluster taken by the row
+    taken: torch.Tensor  # int64 [..., R]: t*, clusters taken = scanned (exact-sort definition)
+    n_valid: torch.Tensor  # int64 [...]: valid clusters
+    scanned_bucketed: torch.Tensor | None  # int64 [..., R] when num_buckets is given
+
+    def union(self) -> torch.Tensor:
+        """Clusters taken by any row, ``bool [..., C]``."""
+        return self.selected.any(-2)
+
+    def scan_fraction(self) -> float:
+        """Early-exit scan fraction over all rows (ratio of sums); 0.0 when nothing is valid."""
+        scanned = self.scanned_bucketed if self.scanned_bucketed is not None else self.taken
+        R = self.taken.shape[-1]
+        denom = float(self.n_valid.sum()) * R
+        return float(scanned.sum()) / denom if denom > 0 else 0.0
+
+
+def normalize_scores(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    mode: ScoreNorm = "softmax",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Non-negative (except ``"raw"``) weights ``float32 [..., R, C]`` from logits ``scores``.
+
+    ``valid`` is ``bool [..., C]`` (broadcast over rows). ``scale`` defaults to ``1.0`` here; the
+    ReSV policy passes ``1/sqrt(head_dim)`` (its default) explicitly.
+    """
+    s = scores.to(torch.float32)
+    sc = 1.0 if scale is None else float(scale)
+    v = None if valid is None else valid.unsqueeze(-2).expand_as(s)
+    if mode == "softmax":
+        m = s if v is None else s.masked_fill(~v, float("-inf"))
+        mx = m.amax(-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        w = torch.exp((s - mx) * sc)
+    elif mode == "shift_min":
+        m = s if v is None else s.masked_fill(~v, float("inf"))
+        mn = m.amin(-1, keepdim=True)
+        mn = torch.where(torch.isfinite(mn), mn, torch.zeros_like(mn))
+        w = (s - mn) * sc
+    elif mode == "relu":
+        w = (s * sc).clamp(min=0)
+    elif mode == "raw":
+        w = s * sc
+    else:
+        raise ValueError(f"score normalisation must be one of softmax, shift_min, relu, raw; got {mode!r}")
+    if v is not None:
+        w = w.masked_fill(~v, 0.0)
+    return w
+
+
+def wicsum_select(
+    weights: torch.Tensor,
+    counts: torch.Tensor,
+    ratio: float,
+    valid: torch.Tensor | None = None,
+    *,
+    sort_by: SortBy = "score",
+    num_buckets: int | None = None,
+) -> WiCSumResult:
+    """Vectorised WiCSum over rows ``weights float32 [..., R, C]``, counts ``int [..., C]``.
+
+    ``valid`` is ``bool [..., C]``; leading dims (e.g. KV heads) batch independent problems.
+    """
+    w = weights.to(torch.float32)
+    *lead, R, C = w.shape
+    if valid is None:
+        valid = torch.ones(*lead, C, dtype=torch.bool)
+    cnt = counts.to(torch.float64).expand(*lead, C)
+    vrow = valid.unsqueeze(-2).expand(*lead, R, C)
+    prod = w.to(torch.float64) * cnt.unsqueeze(-2)
+    prod = prod.masked_fill(~vrow, 0.0)
+    key = w.to(torch.float64) if sort_by == "score" else prod
+    if sort_by not in ("score", "weighted"):
+        raise ValueError(f"sort_by must be 'score' or 'weighted', got {sort_by!r}")
+    key = key.masked_fill(~vrow, float("-inf"))
+    skey, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    acc = torch.cumsum(prod.gather(-1, order), dim=-1)  # sequential float64 scan on CPU
+    n_valid = valid.sum(-1)  # [...]
+    nv = n_valid.unsqueeze(-1).expand(*lead, R)
+    if C == 0:
+        sel = torch.zeros(*lead, R, 0, dtype=torch.bool)
+        zeros = torch.zeros(*lead, R, dtype=torch.int64)
+        return WiCSumResult(sel, zeros, n_valid, zeros.clone() if num_buckets else None)
+    total = acc.gather(-1, (nv - 1).clamp(min=0).unsqueeze(-1))  # Acc(C_valid)
+    th = float(ratio) * total
+    pos = torch.arange(C)
+    passed = (acc > th) & (pos < nv.unsqueeze(-1))
+    first = passed.to(torch.int8).argmax(-1)  # first True
+    taken = torch.where(passed.any(-1), first + 1, nv)
+    take_sorted = pos < taken.unsqueeze(-1)
+    sel = torch.zeros(*lead, R, C, dtype=torch.bool).scatter(-1, order, take_sorted)
+    scanned_b = None
+    if num_buckets:
+        scanned_b = _bucket_scanned(skey, taken, nv, int(num_buckets))
+    return WiCSumResult(sel, taken, n_valid, scanned_b)
+
+
+def _bucket_scanned(skey: torch.Tensor, taken: torch.Tensor, nv: torch.Tensor, nb: int) -> torch.Tensor:
+    C = skey.shape[-1]
+    pos = torch.arange(C)
+    vmask = pos < nv.unsqueeze(-1)
+    mx = skey[..., :1]
+    mn = skey.gather(-1, (nv - 1).clamp(min=0).unsqueeze(-1))
+    span = mx - mn
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    b = torch.floor((mx - skey) / safe * nb).clamp(max=nb - 1)
+    b = torch.where(span > 0, b, torch.zeros_like(b))
+    b = torch.where(vmask, b, torch.full_like(b, float(nb)))
+    last = b.gather(-1, (taken - 1).clamp(min=0).unsqueeze(-1))
+    last = torch.where(taken.unsqueeze(-1) > 0, last, torch.zeros_like(last))
+    return ((b <= last) & vmask).sum(-1)
+
+
+def wicsum_ref(
+    weights: list[float],
+    counts: list[int],
+    ratio: float,
+    valid: list[bool] | None = None,
+    *,
+    sort_by: SortBy = "score",
+    num_buckets: int | None = None,
+) -> tuple[list[int], int, int | None]:
+    """Reference WiCSum for ONE row, plain Python loops.
+
+    ``weights`` are float32 values (as Python floats). Returns ``(taken cluster indices in sorted
+    order, t*, scanned_bucketed or None)``.
+    """
+    C = len(weights)
+    valid = [True] * C if valid is None else list(valid)
+    idx = [j for j in range(C) if valid[j]]
+    prods = {j: float(weights[j]) * float(counts[j]) for j in idx}
+    if sort_by == "score":
+        keyf = {j: float(weights[j]) for j in idx}
+    else:
+        keyf = dict(prods)
+    order = sorted(idx, key=lambda j: (-keyf[j], j))
+    total = 0.0
+    for j in order:
+        total += prods[j]
+    th = float(ratio) * total
+    acc = 0.0
+    t_star = len(order)
+    for t, j in enumerate(order, start=1):
+        acc += prods[j]
+        if acc > th:
+            t_star = t
+            break
+    taken = order[:t_star]
+    scanned_b = None
+    if num_buckets:
+        scanned_b = 0 if t_star == 0 else _ref_bucket_count(order, keyf, num_buckets, taken[-1])
+    return taken, t_star, scanned_b
+
+
+def _ref_bucket_count(order: list[int], keyf: dict[int, float], nb: int, last: int) -> int:
+    mx = keyf[order[0]]
+    mn = keyf[order[-1]]
+    span = mx - mn
+
+    def bucket(j: int) -> int:
+        if span <= 0:
+            return 0
+        return min(nb - 1, math.floor((mx - keyf[j]) / span * nb))
+
+    b_last = bucket(last)
+    return sum(1 for j in order if bucket(j) <= b_last)
+
+
+__all__ = ["ScoreNorm", "SortBy", "WiCSumResult", "normalize_scores", "wicsum_select", "wicsum_ref"]
