@@ -143,13 +143,15 @@ class HCTable:
         self._commit(k32, codes, ids, fa.is_leader, start)
         return ids
 
-    def add_singletons(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Every token opens its own cluster (no clustering; text tokens or the no-cluster ablation)."""
+    def add_singletons(self, keys: torch.Tensor, start: int, *, hash: bool = True) -> torch.Tensor:
+        """Every token opens its own cluster (no clustering; text tokens or the no-cluster ablation).
+
+        ``hash=False`` skips hashing (codes stay zero), for the no-clustering ablation."""
         if start != self.n_tokens:
             raise ValueError(f"HC table expects token {self.n_tokens} next, got start={start}")
         H, T, _ = keys.shape
         k32 = keys.to(torch.float32)
-        codes = hash_codes(k32, self.planes)
+        codes = hash_codes(k32, self.planes) if hash else torch.zeros(H, T, self.B, dtype=torch.uint8)
         ids = self.n_clusters.unsqueeze(1) + torch.arange(T)
         self.last_comparisons = torch.zeros(H, dtype=torch.int64)
         self._commit(k32, codes, ids, torch.ones(H, T, dtype=torch.bool), start)

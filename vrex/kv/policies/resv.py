@@ -1,0 +1,187 @@
+"""``resv``: ReSV dynamic KV retrieval (hash-bit clustering + WiCSum thresholding).
+
+Paper: "V-Rex: ... Dynamic KV Retrieval" (arXiv 2512.12284, HPCA 2026), Sec. IV (ReSV).
+Training-free; used in frame prefill and in text prefill/decoding.
+
+``on_append`` (per layer, every step): hash the step's post-RoPE keys on ``n_hyperplanes`` random
+hyperplanes, Hamming-cluster them against the in-scope clusters and the step's own tokens, and
+update the layer's HC table (:mod:`vrex.resv`). ``select``: score every cluster's mean key against
+every query row, normalise, run WiCSum per row with the stage's ratio, union the clusters over the
+rows of the KV head (all query tokens of all query heads sharing it: GQA), map them to tokens.
+
+Parameters (paper defaults first; [U] = unstated in the paper, documented choice):
+
+* ``n_hyperplanes`` 32, ``hamming_threshold`` 7, ``inclusive`` False ("join if distance < Th").
+* ``ratio`` 0.3 (WiCSum ``Th_r``), ``ratio_text`` / ``ratio_decode`` (None = ``ratio``) [U].
+* ``seed`` 0 and ``hyperplane_sharing`` ``"per_head"`` | ``"per_layer"`` | ``"global"`` [U].
+* ``assign_rule`` ``"nearest"`` | ``"first"`` [U]; ``intra`` ``"tokens"`` | ``"leaders"`` [U]
+  (see :mod:`vrex.resv.clustering`).
+* ``code_update`` ``"leader"`` | ``"majority"`` | ``"mean"`` [U]; ``scope_frames`` 32 (None = all)
+  and ``max_candidates`` (None) [U] (see :mod:`vrex.resv.table`).
+* ``score_norm`` ``"softmax"`` | ``"shift_min"`` | ``"relu"`` | ``"raw"`` and ``score_scale``
+  (None = ``1/sqrt(head_dim)``) [U]; ``sort_by`` ``"score"`` | ``"weighted"`` [U]
+  (see :mod:`vrex.resv.wicsum`).
+* ``selection_scope`` ``"head"`` (each KV head its own tokens) | ``"layer"`` (union over heads) [U].
+* ``num_buckets`` 16: bucket count of the WTU scan metric (not the selection) [U].
+* ``text_clustering`` ``"cluster"`` (text/decode steps are clustered like frames, without
+  ticking the frame clock) | ``"singleton"`` (each text token its own cluster) [U].
+* ``clustering`` True; False = the paper's "without clustering" ablation (``resv-noclust``):
+  every token is its own cluster, WiCSum runs over tokens.
+* ``key_bytes`` 2: bytes per element assumed for the HC table's mean keys and the KV size in
+  ``hc_ratio`` (bf16, as the hardware).
+
+``Selection.stats`` keys (per KV head lists have ``num_kv_heads`` entries):
+``n_past``; ``selected`` (tokens chosen per head); ``clusters`` (clusters with past members);
+``clusters_selected``; ``mean_cluster_size`` (past tokens / clusters); ``rows`` (query rows per
+head); ``scanned`` (sum over rows of clusters scanned before early exit, exact-sort definition);
+``scanned_bucketed`` (same with ``num_buckets`` buckets; None without buckets);
+``scan_fraction`` (scanned / (rows * clusters), with buckets if set); ``dot_products``
+(rows * clusters: the Q.Kc work); ``comparisons`` (HCU Hamming comparisons of the layer's last
+``on_append``); ``hc_bytes``, ``kv_bytes`` (K+V of the past tokens at ``key_bytes``) and
+``hc_ratio`` = hc_bytes / kv_bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from vrex.kv.policy import KVPolicy, Selection, Stage
+from vrex.resv.hashing import make_hyperplanes
+from vrex.resv.table import HCTable
+from vrex.resv.wicsum import normalize_scores, wicsum_select
+
+from ._common import gqa_rows
+
+_CHOICES = {
+    "hyperplane_sharing": ("per_head", "per_layer", "global"),
+    "assign_rule": ("nearest", "first"),
+    "intra": ("tokens", "leaders"),
+    "code_update": ("leader", "majority", "mean"),
+    "score_norm": ("softmax", "shift_min", "relu", "raw"),
+    "sort_by": ("score", "weighted"),
+    "selection_scope": ("head", "layer"),
+    "text_clustering": ("cluster", "singleton"),
+}
+
+
+@dataclass
+class ReSVPolicy(KVPolicy):
+    name: ClassVar[str] = "resv"
+    offloads: ClassVar[bool] = True
+    n_hyperplanes: int = 32
+    hamming_threshold: int = 7
+    inclusive: bool = False
+    ratio: float = 0.3
+    ratio_text: float | None = None
+    ratio_decode: float | None = None
+    seed: int = 0
+    hyperplane_sharing: str = "per_head"
+    assign_rule: str = "nearest"
+    intra: str = "tokens"
+    code_update: str = "leader"
+    scope_frames: int | None = 32
+    max_candidates: int | None = None
+    score_norm: str = "softmax"
+    score_scale: float | None = None
+    sort_by: str = "score"
+    selection_scope: str = "head"
+    num_buckets: int | None = 16
+    text_clustering: str = "cluster"
+    clustering: bool = True
+    key_bytes: int = 2
+    tables: list[HCTable] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for k, allowed in _CHOICES.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"{k} must be one of {', '.join(allowed)}; got {getattr(self, k)!r}")
+        for k in ("ratio", "ratio_text", "ratio_decode"):
+            v = getattr(self, k)
+            if v is not None and not v >= 0.0:
+                raise ValueError(f"{k} must be >= 0, got {v}")
+        if self.n_hyperplanes < 1 or self.hamming_threshold < 0:
+            raise ValueError("n_hyperplanes must be >= 1 and hamming_threshold >= 0")
+
+    def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:
+        super().setup(num_layers, num_kv_heads, num_q_heads, head_dim)
+        planes = make_hyperplanes(num_layers, num_kv_heads, head_dim, self.n_hyperplanes,
+                                  seed=self.seed, sharing=self.hyperplane_sharing)
+        self.tables = [
+            HCTable(num_kv_heads, head_dim, planes[i], threshold=self.hamming_threshold, inclusive=self.inclusive,
+                    rule=self.assign_rule, intra=self.intra, code_update=self.code_update,
+                    scope_frames=self.scope_frames, max_candidates=self.max_candidates)
+            for i in range(num_layers)
+        ]
+
+    def on_append(self, layer, keys, start, frame_id) -> None:
+        tab = self.tables[layer]
+        if not self.clustering:
+            tab.add_singletons(keys, start, hash=False)
+        elif frame_id is None and self.text_clustering == "singleton":
+            tab.add_singletons(keys, start)
+        else:
+            tab.add(keys, start, is_frame=frame_id is not None)
+
+    def on_positions_changed(self, layer, keys) -> None:
+        self.tables[layer].rebuild(keys)
+
+    def block_order(self, layer: int, start: int, length: int) -> torch.Tensor:
+        """Cluster-contiguous physical order ``[H_kv, T]`` of a just-appended block (for ``KVStore.set_block_order``)."""
+        return self.tables[layer].block_order(start, length)
+
+    def stage_ratio(self, stage: Stage) -> float:
+        if stage == "text" and self.ratio_text is not None:
+            return self.ratio_text
+        if stage == "decode" and self.ratio_decode is not None:
+            return self.ratio_decode
+        return self.ratio
+
+    def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
+        H = self.num_kv_heads
+        tab = self.tables[layer]
+        if n_past > tab.n_tokens:
+            raise ValueError(f"layer {layer}: n_past={n_past} but only {tab.n_tokens} tokens were indexed")
+        mean, valid = tab.mean_keys()
+        counts = tab.counts()
+        if n_past < tab.n_tokens:  # tokens of the current step already indexed: count past members only
+            tail = tab.token_cluster[:, n_past : tab.n_tokens]
+            counts = counts - torch.zeros_like(counts).scatter_add_(1, tail, torch.ones_like(tail))
+            valid = counts > 0
+        rows = gqa_rows(queries.float(), H)  # [H, R, D]
+        R = rows.shape[1]
+        scores = torch.bmm(rows, mean.transpose(1, 2))  # [H, R, C]
+        scale = self.score_scale if self.score_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        w = normalize_scores(scores, valid, mode=self.score_norm, scale=scale)
+        res = wicsum_select(w, counts, self.stage_ratio(stage), valid, sort_by=self.sort_by, num_buckets=self.num_buckets)
+        chosen = res.union() & valid  # [H, C]
+        mask = tab.token_mask(chosen, n_past)  # [H, n_past]
+        if self.selection_scope == "layer":
+            mask = mask.any(0, keepdim=True).expand(H, n_past)
+        indices = [torch.nonzero(mask[h]).flatten() for h in range(H)]
+        n_cl = valid.sum(1)
+        scanned = res.taken.sum(1)
+        sb = res.scanned_bucketed.sum(1) if res.scanned_bucketed is not None else None
+        denom = (n_cl * R).clamp(min=1).double()
+        kv_bytes = 2 * n_past * H * self.head_dim * self.key_bytes
+        hc_bytes = tab.nbytes(key_bytes=self.key_bytes)
+        stats = {
+            "n_past": n_past,
+            "selected": [int(i.numel()) for i in indices],
+            "clusters": n_cl.tolist(),
+            "clusters_selected": chosen.sum(1).tolist(),
+            "mean_cluster_size": [n_past / c if c else 0.0 for c in n_cl.tolist()],
+            "rows": R,
+            "scanned": scanned.tolist(),
+            "scanned_bucketed": None if sb is None else sb.tolist(),
+            "scan_fraction": ((sb if sb is not None else scanned).double() / denom).tolist(),
+            "dot_products": (n_cl * R).tolist(),
+            "comparisons": tab.last_comparisons.tolist(),
+            "hc_bytes": hc_bytes,
+            "kv_bytes": kv_bytes,
+            "hc_ratio": hc_bytes / kv_bytes if kv_bytes else 0.0,
+        }
+        return Selection(indices, stats)

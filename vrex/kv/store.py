@@ -1,0 +1,633 @@
+"""Tiered KV store: device (byte budget, recent tokens) -> host -> disk (memory-mapped files).
+
+One store holds every layer of one stream. Tokens of a layer get stable logical ids ``0, 1, ...``
+in arrival order (``append`` returns the first id of the block).
+
+Layout and movement
+-------------------
+* A **block** is what one ``append`` call stored (a frame, a text chunk, a decoded token). Tiers
+  hold whole blocks; oldest blocks move first (device -> host when the device budget would be
+  exceeded, host -> disk when the host budget would be), so each tier holds a contiguous range of
+  logical ids (disk: oldest, then host, then device: the most recent).
+* Each tier is a buffer of **physical slots** per KV head (device/host: ring buffers,
+  ``[H, capacity, D]``; disk: two ``numpy.memmap`` files per layer, ``[capacity, H, D]`` raw
+  bytes, in ``disk_dir``). A block occupies consecutive slots. ``set_block_order`` permutes the
+  block's slots per head (cluster-contiguous layout, e.g. ReSV's ``block_order``), and the
+  permutation travels with the block to host and disk, so a cluster moves in one transfer.
+* **Budgets.** ``device_budget_bytes`` and ``host_budget_bytes`` are split evenly across layers
+  (every layer stores the same tokens). ``None`` = unbounded. A block larger than the device
+  budget goes straight to host (counted as a device->host offload, as the accelerator produced it).
+  ``host_budget_bytes`` requires ``disk_dir``. With no accelerator the device tier is a budgeted
+  region of host memory with identical accounting.
+* **Eviction** (``evict``) is permanent: evicted tokens are never returned, leave the resident
+  byte counts at once, and their slots are reclaimed when their block moves tier or when a tier
+  is compacted (once more than half of its slots are evicted).
+
+Accounting (``counters()``; one token of one KV head = ``2 * D * element_size`` bytes, K and V)
+------------------------------------------------------------------------------------------------
+* ``fetch_host_{bytes,transfers}``: device <- host, by ``gather`` (tokens not on the device).
+* ``fetch_disk_{bytes,transfers}``: device <- disk, by ``gather``.
+* ``offload_device_host_{bytes,transfers}``, ``offload_host_disk_{bytes,transfers}``: offloads.
+* ``device_read_bytes``: device-resident bytes read by ``gather`` (no link crossed).
+* ``gathers``; plus ``resident_{device,host,disk}_bytes`` (live tokens per tier).
+A **transfer** is one maximal run of consecutive physical slots of one KV head within one tier
+(K and V of the run count as one transfer; ring wrap-around is ignored). Fetched tokens are not
+promoted: a later step that needs them again fetches them again. ``keys``/``set_keys`` (position
+re-indexing) are maintenance and not counted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+class KVStoreDiskError(OSError):
+    """The disk tier cannot be used (directory not writable, disk full); the message names the directory."""
+
+
+def _fallocate(fd: int, length: int) -> None:
+    """Reserve file space so that memmap writes cannot hit ENOSPC (SIGBUS) later."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, length)
+    else:  # pragma: no cover - non-POSIX
+        os.ftruncate(fd, length)
+
+
+@dataclass
+class _Block:
+    start: int  # first logical id
+    length: int  # logical ids start .. start+length-1
+    p0: int  # first absolute physical slot in its tier
+    phys: int  # slots occupied (length minus evicted tokens dropped so far)
+
+
+class _Ring:
+    """Ring buffer of slots for one tier of one layer: K, V ``[H, cap, D]`` and slot -> token ids ``[H, cap]``."""
+
+    def __init__(self, H: int, D: int, dtype, device, cap: int | None):
+        self.H, self.D, self.dtype, self.device = H, D, dtype, device
+        self.fixed = cap is not None
+        c = cap if cap is not None else 64
+        self.k = torch.zeros(H, c, D, dtype=dtype, device=device)
+        self.v = torch.zeros(H, c, D, dtype=dtype, device=device)
+        self.ids = torch.full((H, c), -1, dtype=torch.int64)
+        self.front = 0  # absolute slot of the oldest occupied slot
+        self.hi = 0  # absolute slot one past the newest
+
+    @property
+    def cap(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def used(self) -> int:
+        return self.hi - self.front
+
+    def room(self) -> int:
+        return self.cap - self.used if self.fixed else 1 << 62
+
+    def _reserve(self, n: int) -> None:
+        if self.used + n <= self.cap:
+            return
+        if self.fixed:
+            raise RuntimeError("internal: ring overflow")
+        new_cap = max(2 * self.cap, self.used + n)
+        slots = self._idx(torch.arange(self.front, self.hi))
+        k = torch.zeros(self.H, new_cap, self.D, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        ids = torch.full((self.H, new_cap), -1, dtype=torch.int64)
+        new_slots = torch.arange(self.front, self.hi) % new_cap
+        k[:, new_slots.to(self.device)] = self.k[:, slots.to(self.device)]
+        v[:, new_slots.to(self.device)] = self.v[:, slots.to(self.device)]
+        ids[:, new_slots] = self.ids[:, slots]
+        self.k, self.v, self.ids = k, v, ids
+
+    def _idx(self, abs_slots: Tensor) -> Tensor:
+        return abs_slots % max(self.cap, 1)
+
+    def push(self, k: Tensor, v: Tensor, ids: Tensor) -> int:
+        """Append ``[H, n, D]`` at the back; returns the first absolute slot."""
+        n = k.shape[1]
+        self._reserve(n)
+        p0 = self.hi
+        idx = self._idx(torch.arange(p0, p0 + n))
+        if n:
+            dev_idx = idx.to(self.device)
+            self.k[:, dev_idx] = k.to(self.device, self.dtype)
+            self.v[:, dev_idx] = v.to(self.device, self.dtype)
+            self.ids[:, idx] = ids
+        self.hi += n
+        return p0
+
+    def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``abs_slots`` ``[H, n]`` -> K, V ``[H, n, D]`` and ids ``[H, n]``."""
+        idx = self._idx(abs_slots)
+        di = idx.to(self.device).unsqueeze(-1).expand(-1, -1, self.D)
+        return self.k.gather(1, di), self.v.gather(1, di), self.ids.gather(1, idx)
+
+    def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
+        idx = self._idx(abs_slots).to(self.device)
+        return self.k[h].index_select(0, idx), self.v[h].index_select(0, idx)
+
+    def write(self, abs_slots: Tensor, k: Tensor | None, v: Tensor | None, ids: Tensor | None) -> None:
+        idx = self._idx(abs_slots)
+        di = idx.to(self.device).unsqueeze(-1).expand(-1, -1, self.D)
+        if k is not None:
+            self.k.scatter_(1, di, k.to(self.device, self.dtype))
+        if v is not None:
+            self.v.scatter_(1, di, v.to(self.device, self.dtype))
+        if ids is not None:
+            self.ids.scatter_(1, idx, ids)
+
+    def pop_front(self, n: int) -> None:
+        self.front += n
+
+
+class _Disk:
+    """Append-only memory-mapped slot files of one layer: K and V ``[cap, H, D * esize]`` bytes."""
+
+    def __init__(self, directory: Path, layer: int, H: int, D: int, dtype):
+        self.dir, self.H, self.D, self.dtype = directory, H, D, dtype
+        self.es = torch.empty(0, dtype=dtype).element_size()
+        self.row = H * D * self.es
+        self.paths = [directory / f"layer{layer:03d}.k.bin", directory / f"layer{layer:03d}.v.bin"]
+        self.cap = 0
+        self.hi = 0
+        self.mm: list[np.memmap] = []
+        self.ids = torch.zeros(H, 0, dtype=torch.int64)
+
+    def reserve(self, n_slots: int) -> None:
+        """Make room for ``n_slots`` slots in total; raises KVStoreDiskError and changes nothing on failure."""
+        if n_slots <= self.cap:
+            return
+        new_cap = max(n_slots, 2 * self.cap, 256)
+        try:
+            for p in self.paths:
+                fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    _fallocate(fd, new_cap * self.row)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            why = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+            raise KVStoreDiskError(
+                e.errno, f"KV disk tier: cannot grow files in directory '{self.dir}' to {new_cap * self.row} bytes ({why})"
+            ) from e
+        self.mm = [np.memmap(p, dtype=np.uint8, mode="r+", shape=(new_cap, self.H, self.D * self.es)) for p in self.paths]
+        ids = torch.full((self.H, new_cap), -1, dtype=torch.int64)
+        ids[:, : self.cap] = self.ids
+        self.ids, self.cap = ids, new_cap
+
+    def _to_np(self, x: Tensor) -> np.ndarray:  # [H, n, D] -> [n, H, D*es] uint8
+        return x.detach().cpu().contiguous().view(torch.uint8).transpose(0, 1).numpy()
+
+    def _from_np(self, a: np.ndarray) -> Tensor:  # [..., D*es] uint8 -> [..., D] dtype
+        return torch.from_numpy(np.ascontiguousarray(a)).view(self.dtype)
+
+    def push(self, k: Tensor, v: Tensor, ids: Tensor) -> int:
+        n = k.shape[1]
+        self.reserve(self.hi + n)
+        p0 = self.hi
+        if n:
+            self.mm[0][p0 : p0 + n] = self._to_np(k)
+            self.mm[1][p0 : p0 + n] = self._to_np(v)
+            self.ids[:, p0 : p0 + n] = ids
+        self.hi += n
+        return p0
+
+    def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
+        s = abs_slots.numpy()
+        return self._from_np(self.mm[0][s, h]), self._from_np(self.mm[1][s, h])
+
+    def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ks, vs = zip(*(self.read_head(h, abs_slots[h]) for h in range(self.H)))
+        return torch.stack(ks), torch.stack(vs), self.ids.gather(1, abs_slots)
+
+    def write(self, abs_slots: Tensor, k: Tensor | None, v: Tensor | None, ids: Tensor | None) -> None:
+        for h in range(self.H):
+            s = abs_slots[h].numpy()
+            if k is not None:
+                self.mm[0][s, h] = k[h].detach().cpu().contiguous().view(torch.uint8).numpy()
+            if v is not None:
+                self.mm[1][s, h] = v[h].detach().cpu().contiguous().view(torch.uint8).numpy()
+        if ids is not None:
+            self.ids.scatter_(1, abs_slots, ids)
+
+
+class _Layer:
+    def __init__(self, store: "KVStore", layer: int):
+        s = store
+        self.n = 0
+        self.pos = torch.zeros(s.num_kv_heads, 64, dtype=torch.int64)  # token -> absolute slot in its tier
+        self.evicted = torch.zeros(64, dtype=torch.bool)
+        self.n_evicted = 0
+        self.d_end = 0  # tokens < d_end are on disk
+        self.h_end = 0  # tokens in [d_end, h_end) are on host; [h_end, n) on device
+        self.live = {DEVICE: 0, HOST: 0, DISK: 0}  # live tokens per tier
+        self.dev = _Ring(s.num_kv_heads, s.head_dim, s.dtype, s.device, s._dev_cap)
+        self.host = _Ring(s.num_kv_heads, s.head_dim, s.dtype, "cpu", s._host_cap)
+        self.disk = _Disk(s.disk_dir, layer, s.num_kv_heads, s.head_dim, s.dtype) if s.disk_dir is not None else None
+        self.blocks = {DEVICE: deque(), HOST: deque()}
+        self.permuted = False
+
+    def grow(self, n: int) -> None:
+        cap = self.evicted.shape[0]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        pos = torch.zeros(self.pos.shape[0], new, dtype=torch.int64)
+        pos[:, :cap] = self.pos
+        ev = torch.zeros(new, dtype=torch.bool)
+        ev[:cap] = self.evicted
+        self.pos, self.evicted = pos, ev
+
+
+class KVStore:
+    """Tiered KV storage for one stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype=torch.float32,
+        device="cpu",
+        device_budget_bytes: int | None = None,
+        host_budget_bytes: int | None = None,
+        disk_dir: str | Path | None = None,
+    ) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.element_size = torch.empty(0, dtype=dtype).element_size()
+        self.token_bytes = 2 * head_dim * self.element_size  # one token of one KV head, K + V
+        self.token_bytes_all_heads = self.token_bytes * num_kv_heads
+        self.device_budget_bytes, self.host_budget_bytes = device_budget_bytes, host_budget_bytes
+        if host_budget_bytes is not None and disk_dir is None:
+            raise ValueError("host_budget_bytes needs disk_dir: tokens beyond the host budget go to disk")
+        self._dev_cap = None if device_budget_bytes is None else self._cap(device_budget_bytes)
+        self._host_cap = None if host_budget_bytes is None else self._cap(host_budget_bytes)
+        self.disk_dir: Path | None = None
+        if disk_dir is not None:
+            self.disk_dir = Path(disk_dir)
+            _check_dir(self.disk_dir)
+        self._layers = [_Layer(self, i) for i in range(num_layers)]
+        self._c = {k: 0 for k in (
+            "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
+            "offload_device_host_bytes", "offload_device_host_transfers",
+            "offload_host_disk_bytes", "offload_host_disk_transfers", "device_read_bytes", "gathers")}
+
+    def _cap(self, budget: int) -> int:
+        return max(0, int(budget) // self.num_layers // self.token_bytes_all_heads)
+
+    # ------------------------------------------------------------------ basics
+    def length(self, layer: int) -> int:
+        """Tokens ever appended to ``layer`` (evicted ones included)."""
+        return self._layers[layer].n
+
+    def tier_bounds(self, layer: int) -> tuple[int, int, int]:
+        """``(d_end, h_end, n)``: ids ``< d_end`` on disk, ``< h_end`` on host, the rest on device."""
+        L = self._layers[layer]
+        return L.d_end, L.h_end, L.n
+
+    def is_evicted(self, layer: int) -> Tensor:
+        """``bool [n]``: which tokens were evicted."""
+        L = self._layers[layer]
+        return L.evicted[: L.n].clone()
+
+    def _tier_of(self, L: _Layer, name: str):
+        return {DEVICE: L.dev, HOST: L.host, DISK: L.disk}[name]
+
+    # ------------------------------------------------------------------ append / offload
+    def append(self, layer: int, keys: Tensor, values: Tensor) -> int:
+        """Store a block ``[H_kv, T, D]``; returns its first logical id."""
+        L = self._layers[layer]
+        H, T, D = keys.shape
+        if (H, D) != (self.num_kv_heads, self.head_dim) or values.shape != keys.shape:
+            raise ValueError(f"append expects keys/values [{self.num_kv_heads}, T, {self.head_dim}], got "
+                             f"{tuple(keys.shape)} / {tuple(values.shape)}")
+        start = L.n
+        # Plan first, so that a disk failure (raised by reserve) leaves the store unchanged.
+        tier = DEVICE
+        if L.dev.fixed and T > L.dev.cap:
+            tier = HOST
+        if tier == HOST and L.host.fixed and T > L.host.cap:
+            tier = DISK
+        if L.disk is not None and L.host.fixed and L.host.used + L.dev.used + T > L.host.cap:
+            L.disk.reserve(L.disk.hi + L.host.used + L.dev.used + T)
+        L.grow(start + T)
+        ids = (start + torch.arange(T)).expand(H, T)
+        if tier == DEVICE:
+            self._make_room(L, DEVICE, T)
+            p0 = L.dev.push(keys, values, ids)
+            L.blocks[DEVICE].append(_Block(start, T, p0, T))
+        else:
+            # too big for the device tier: older device blocks go first (tiers hold id ranges in order)
+            while L.blocks[DEVICE]:
+                self._migrate_oldest(L, DEVICE)
+            self._count("offload_device_host", T, H)
+            p0, tier = self._push_below_device(L, start, T, keys, values, ids)
+        L.live[tier] += T
+        L.pos[:, start : start + T] = torch.arange(p0, p0 + T)
+        L.n = start + T
+        return start
+
+    def _push_below_device(self, L: _Layer, start: int, length: int, k, v, ids) -> tuple[int, str]:
+        """Put a block leaving the device into host (or straight to disk if it exceeds the host budget).
+
+        Returns ``(first slot, tier)`` and moves the tier bounds past the block."""
+        n = ids.shape[1]
+        if L.host.fixed and n > L.host.cap:
+            while L.blocks[HOST]:
+                self._migrate_oldest(L, HOST)
+            if n:
+                self._count("offload_host_disk", n, self.num_kv_heads)
+            p0 = L.disk.push(k, v, ids) if n else L.disk.hi
+            L.d_end = L.h_end = start + length
+            return p0, DISK
+        self._make_room(L, HOST, n)
+        p0 = L.host.push(k, v, ids) if n else L.host.hi
+        L.blocks[HOST].append(_Block(start, length, p0, n))
+        L.h_end = start + length
+        return p0, HOST
+
+    def _make_room(self, L: _Layer, tier: str, n: int) -> None:
+        ring = L.dev if tier == DEVICE else L.host
+        if not ring.fixed:
+            return
+        while ring.room() < n and L.blocks[tier]:
+            self._migrate_oldest(L, tier)
+
+    def _count(self, link: str, tokens: int, transfers: int) -> None:
+        self._c[f"{link}_bytes"] += tokens * self.token_bytes
+        self._c[f"{link}_transfers"] += transfers
+
+    def _migrate_oldest(self, L: _Layer, tier: str) -> None:
+        """Move the oldest block of ``tier`` (device or host) one tier down, dropping evicted tokens."""
+        src = L.dev if tier == DEVICE else L.host
+        dst_name = HOST if tier == DEVICE else DISK
+        b: _Block = L.blocks[tier].popleft()
+        H = self.num_kv_heads
+        if b.phys:
+            slots = torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys)
+            k, v, ids = src.read(slots)
+            live = ~L.evicted[ids[0]]
+            if not bool(live.all()):
+                keep = ~L.evicted[ids]  # same count per head: a block holds the same tokens on every head
+                n_live = int(keep[0].sum())
+                k = k[keep].view(H, n_live, -1)
+                v = v[keep].view(H, n_live, -1)
+                ids = ids[keep].view(H, n_live)
+            n = ids.shape[1]
+        else:
+            n = 0
+        src.pop_front(b.phys)
+        L.live[tier] -= n
+        if n == 0:
+            k = v = None
+            ids = torch.zeros(H, 0, dtype=torch.int64)
+        if dst_name == HOST:
+            self._count("offload_device_host", n, H if n else 0)
+            p0, dst_name = self._push_below_device(L, b.start, b.length, k, v, ids)
+        else:
+            p0 = L.disk.push(k, v, ids) if n else L.disk.hi
+            L.d_end = b.start + b.length
+            self._count("offload_host_disk", n, H if n else 0)
+        L.live[dst_name] += n
+        if n:
+            L.pos.scatter_(1, ids, torch.arange(p0, p0 + n).expand(H, n).contiguous())
+
+    # ------------------------------------------------------------------ layout
+    def set_block_order(self, layer: int, start: int, order: Tensor) -> None:
+        """Physically permute the block starting at ``start``: slot ``p`` gets token ``start + order[h, p]``."""
+        L = self._layers[layer]
+        H, T = order.shape
+        order = order.to(torch.int64).cpu()
+        if H != self.num_kv_heads:
+            raise ValueError(f"order must be [{self.num_kv_heads}, T], got {tuple(order.shape)}")
+        if not torch.equal(order.sort(1).values, torch.arange(T).expand(H, T)):
+            raise ValueError("order must be a permutation of 0..T-1 for every head")
+        block, tier = None, None
+        for name in (DEVICE, HOST):
+            for b in reversed(L.blocks[name]):
+                if b.start == start:
+                    block, tier = b, name
+                    break
+            if block is not None:
+                break
+        if block is None:
+            raise ValueError(f"no device/host block starts at token {start} in layer {layer}")
+        if block.length != T or block.phys != T:
+            raise ValueError(f"block at {start} has {block.length} tokens ({block.phys} live slots); order has {T}")
+        ring = self._tier_of(L, tier)
+        tok = start + order  # [H, T]: token for slot p
+        k, v, _ = ring.read(L.pos.gather(1, tok))
+        slots = torch.arange(block.p0, block.p0 + T).expand(H, T).contiguous()
+        ring.write(slots, k, v, tok)
+        L.pos.scatter_(1, tok, slots)
+        L.permuted = True
+
+    # ------------------------------------------------------------------ eviction
+    def evict(self, layer: int, indices: Tensor) -> None:
+        """Drop tokens for good (same ids on every KV head). Already-evicted ids are ignored."""
+        L = self._layers[layer]
+        idx = torch.as_tensor(indices, dtype=torch.int64).flatten().cpu()
+        if idx.numel() == 0:
+            return
+        if int(idx.min()) < 0 or int(idx.max()) >= L.n:
+            raise IndexError(f"evict: ids must be in [0, {L.n})")
+        idx = torch.unique(idx)
+        idx = idx[~L.evicted[idx]]
+        if idx.numel() == 0:
+            return
+        L.evicted[idx] = True
+        L.n_evicted += int(idx.numel())
+        L.live[DISK] -= int((idx < L.d_end).sum())
+        L.live[HOST] -= int(((idx >= L.d_end) & (idx < L.h_end)).sum())
+        L.live[DEVICE] -= int((idx >= L.h_end).sum())
+        for tier, ring in ((DEVICE, L.dev), (HOST, L.host)):
+            if ring.used >= 64 and 2 * L.live[tier] < ring.used:
+                self._compact(L, tier)
+
+    def _compact(self, L: _Layer, tier: str) -> None:
+        """Rewrite a ring without its evicted slots (amortised: runs once half the slots are dead)."""
+        ring = L.dev if tier == DEVICE else L.host
+        H = self.num_kv_heads
+        fresh = _Ring(H, self.head_dim, self.dtype, ring.device, ring.cap if ring.fixed else None)
+        new_blocks: deque[_Block] = deque()
+        for b in L.blocks[tier]:
+            if b.phys:
+                k, v, ids = ring.read(torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys))
+                keep = ~L.evicted[ids]
+                n = int(keep[0].sum())
+                k, v, ids = k[keep].view(H, n, -1), v[keep].view(H, n, -1), ids[keep].view(H, n)
+            else:
+                n = 0
+            p0 = fresh.hi
+            if n:
+                fresh.push(k, v, ids)
+                L.pos.scatter_(1, ids, torch.arange(p0, p0 + n).expand(H, n).contiguous())
+            if n == 0 and new_blocks:  # merge empty blocks into their predecessor
+                prev = new_blocks[-1]
+                prev.length = b.start + b.length - prev.start
+                continue
+            new_blocks.append(_Block(b.start, b.length, p0, n))
+        if tier == DEVICE:
+            L.dev = fresh
+        else:
+            L.host = fresh
+        L.blocks[tier] = new_blocks
+
+    # ------------------------------------------------------------------ reading
+    def _live_all(self, L: _Layer) -> Tensor:
+        ids = torch.arange(L.n)
+        return ids[~L.evicted[: L.n]] if L.n_evicted else ids
+
+    def gather(self, layer: int, indices: list[Tensor] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """K, V of the selected tokens per KV head (see the module docstring for accounting).
+
+        ``indices=None``: every live token, ``[H, N_live, D]``, mask ``None`` (may be a view of
+        the device buffer: treat as read-only). Else one sorted id tensor per head: K, V padded to
+        ``[H, L_max, D]`` plus a bool ``valid`` mask ``[H, L_max]`` (``None`` when all heads have
+        the same length). Evicted ids in ``indices`` are skipped.
+        """
+        L = self._layers[layer]
+        H, D = self.num_kv_heads, self.head_dim
+        self._c["gathers"] += 1
+        if indices is None:
+            if L.n_evicted == 0 and L.h_end == 0 and not L.permuted:
+                # fast path (full policy): everything on device, arrival order, contiguous slots
+                a = L.dev.front % L.dev.cap
+                if a + L.n <= L.dev.cap:
+                    self._c["device_read_bytes"] += L.n * H * self.token_bytes
+                    return L.dev.k[:, a : a + L.n], L.dev.v[:, a : a + L.n], None
+            ids = self._live_all(L)
+            indices = [ids] * H
+        if len(indices) != H:
+            raise ValueError(f"gather expects {H} index tensors (one per KV head), got {len(indices)}")
+        parts = []
+        for h in range(H):
+            idx = torch.as_tensor(indices[h], dtype=torch.int64).cpu()
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= L.n):
+                raise IndexError(f"gather: ids must be sorted and in [0, {L.n}) (layer {layer}, head {h})")
+            if L.n_evicted and idx.numel():
+                idx = idx[~L.evicted[idx]]
+            parts.append(idx)
+        lens = [int(p.numel()) for p in parts]
+        lmax = max(lens) if lens else 0
+        k_out = torch.zeros(H, lmax, D, dtype=self.dtype, device=self.device)
+        v_out = torch.zeros_like(k_out)
+        for h, idx in enumerate(parts):
+            if not idx.numel():
+                continue
+            cut = torch.searchsorted(idx, torch.tensor([L.d_end, L.h_end]))
+            segs = ((DISK, 0, int(cut[0])), (HOST, int(cut[0]), int(cut[1])), (DEVICE, int(cut[1]), idx.numel()))
+            for tier, a, b in segs:
+                if b <= a:
+                    continue
+                slots = L.pos[h].index_select(0, idx[a:b])
+                store = self._tier_of(L, tier)
+                k, v = store.read_head(h, slots)
+                k_out[h, a:b] = k.to(self.device)
+                v_out[h, a:b] = v.to(self.device)
+                n = b - a
+                if tier == DEVICE:
+                    self._c["device_read_bytes"] += n * self.token_bytes
+                else:
+                    s = torch.sort(slots).values
+                    runs = 1 + int((s[1:] - s[:-1] != 1).sum())
+                    self._count("fetch_host" if tier == HOST else "fetch_disk", n, runs)
+        valid = None
+        if len(set(lens)) > 1:
+            valid = torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+            valid = valid.to(self.device)
+        return k_out, v_out, valid
+
+    def keys(self, layer: int) -> Tensor:
+        """All keys ``[H, N, D]`` in arrival order (N = ``length``; evicted tokens are zeros)."""
+        return self._all(layer, want_values=False)
+
+    def values(self, layer: int) -> Tensor:
+        """All values ``[H, N, D]`` in arrival order (evicted tokens are zeros)."""
+        return self._all(layer, want_values=True)
+
+    def _all(self, layer: int, want_values: bool) -> Tensor:
+        L = self._layers[layer]
+        H, D = self.num_kv_heads, self.head_dim
+        out = torch.zeros(H, L.n, D, dtype=self.dtype, device=self.device)
+        ids = self._live_all(L)
+        for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
+            sel = ids[(ids >= a) & (ids < b)]
+            if not sel.numel():
+                continue
+            store = self._tier_of(L, tier)
+            slots = L.pos[:, sel]
+            for h in range(H):
+                k, v = store.read_head(h, slots[h])
+                out[h, sel.to(self.device)] = (v if want_values else k).to(self.device)
+        return out
+
+    def set_keys(self, layer: int, keys: Tensor) -> None:
+        """Overwrite all keys ``[H, N, D]`` (e.g. after RoPE re-rotation); evicted rows are ignored."""
+        L = self._layers[layer]
+        if tuple(keys.shape) != (self.num_kv_heads, L.n, self.head_dim):
+            raise ValueError(f"set_keys expects [{self.num_kv_heads}, {L.n}, {self.head_dim}], got {tuple(keys.shape)}")
+        ids = self._live_all(L)
+        for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
+            sel = ids[(ids >= a) & (ids < b)]
+            if not sel.numel():
+                continue
+            store = self._tier_of(L, tier)
+            store.write(L.pos[:, sel].contiguous(), keys[:, sel.to(keys.device)], None, None)
+
+    # ------------------------------------------------------------------ accounting
+    def resident_bytes(self) -> dict[str, int]:
+        """Live bytes per tier (all layers, K + V)."""
+        out = {DEVICE: 0, HOST: 0, DISK: 0}
+        for L in self._layers:
+            for t in out:
+                out[t] += L.live[t] * self.token_bytes_all_heads
+        return out
+
+    def counters(self) -> dict:
+        """Flat dict of link counters and resident bytes (see the module docstring)."""
+        c = dict(self._c)
+        for t, b in self.resident_bytes().items():
+            c[f"resident_{t}_bytes"] = b
+        return c
+
+    def reset_counters(self) -> None:
+        for k in self._c:
+            self._c[k] = 0
+
+    def close(self, remove_files: bool = False) -> None:
+        """Drop memory maps; optionally delete this store's disk files."""
+        for L in self._layers:
+            if L.disk is not None:
+                L.disk.mm = []
+                if remove_files:
+                    for p in L.disk.paths:
+                        p.unlink(missing_ok=True)
+
+
+def _check_dir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vrex-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise KVStoreDiskError(e.errno, f"KV disk tier directory '{d}' is not usable: {e.strerror or e}") from e
+
+
+__all__ = ["KVStore", "KVStoreDiskError", "DEVICE", "HOST", "DISK"]
