@@ -335,7 +335,7 @@ class KVStore:
             # too big for the device tier: older device blocks go first (tiers hold id ranges in order)
             while L.blocks[DEVICE]:
                 self._migrate_oldest(L, DEVICE)
-            self._count("offload_device_host", T, H)
+            self._count("offload_device_host", T * H, H)
             p0, tier = self._push_below_device(L, start, T, keys, values, ids)
         L.live[tier] += T
         L.pos[:, start : start + T] = torch.arange(p0, p0 + T)
@@ -351,7 +351,7 @@ class KVStore:
             while L.blocks[HOST]:
                 self._migrate_oldest(L, HOST)
             if n:
-                self._count("offload_host_disk", n, self.num_kv_heads)
+                self._count("offload_host_disk", n * self.num_kv_heads, self.num_kv_heads)
             p0 = L.disk.push(k, v, ids) if n else L.disk.hi
             L.d_end = L.h_end = start + length
             return p0, DISK
@@ -368,8 +368,9 @@ class KVStore:
         while ring.room() < n and L.blocks[tier]:
             self._migrate_oldest(L, tier)
 
-    def _count(self, link: str, tokens: int, transfers: int) -> None:
-        self._c[f"{link}_bytes"] += tokens * self.token_bytes
+    def _count(self, link: str, head_tokens: int, transfers: int) -> None:
+        """Count ``head_tokens`` (tokens x KV heads) moved over ``link`` in ``transfers`` transfers."""
+        self._c[f"{link}_bytes"] += head_tokens * self.token_bytes
         self._c[f"{link}_transfers"] += transfers
 
     def _migrate_oldest(self, L: _Layer, tier: str) -> None:
@@ -385,8 +386,8 @@ class KVStore:
             if not bool(live.all()):
                 keep = ~L.evicted[ids]  # same count per head: a block holds the same tokens on every head
                 n_live = int(keep[0].sum())
-                k = k[keep].view(H, n_live, -1)
-                v = v[keep].view(H, n_live, -1)
+                k = k[keep].view(H, n_live, self.head_dim)
+                v = v[keep].view(H, n_live, self.head_dim)
                 ids = ids[keep].view(H, n_live)
             n = ids.shape[1]
         else:
@@ -397,12 +398,12 @@ class KVStore:
             k = v = None
             ids = torch.zeros(H, 0, dtype=torch.int64)
         if dst_name == HOST:
-            self._count("offload_device_host", n, H if n else 0)
+            self._count("offload_device_host", n * H, H if n else 0)
             p0, dst_name = self._push_below_device(L, b.start, b.length, k, v, ids)
         else:
             p0 = L.disk.push(k, v, ids) if n else L.disk.hi
             L.d_end = b.start + b.length
-            self._count("offload_host_disk", n, H if n else 0)
+            self._count("offload_host_disk", n * H, H if n else 0)
         L.live[dst_name] += n
         if n:
             L.pos.scatter_(1, ids, torch.arange(p0, p0 + n).expand(H, n).contiguous())
@@ -417,16 +418,23 @@ class KVStore:
             raise ValueError(f"order must be [{self.num_kv_heads}, T], got {tuple(order.shape)}")
         if not torch.equal(order.sort(1).values, torch.arange(T).expand(H, T)):
             raise ValueError("order must be a permutation of 0..T-1 for every head")
-        block, tier = None, None
-        for name in (DEVICE, HOST):
-            for b in reversed(L.blocks[name]):
-                if b.start == start:
-                    block, tier = b, name
-                    break
-            if block is not None:
-                break
-        if block is None:
-            raise ValueError(f"no device/host block starts at token {start} in layer {layer}")
+        if start < 0 or start + T > L.n:
+            raise ValueError(f"block {start}..{start + T - 1} is outside the {L.n} stored tokens")
+        if bool(L.evicted[start : start + T].any()):
+            raise ValueError(f"block at {start} has evicted tokens; it cannot be reordered")
+        tier = DISK if start + T <= L.d_end else HOST if start >= L.d_end and start + T <= L.h_end else DEVICE
+        if tier == DEVICE and start < L.h_end:
+            raise ValueError(f"tokens {start}..{start + T - 1} span two tiers")
+        if tier == DISK:
+            cur = L.pos[:, start : start + T]
+            p0 = int(cur.min())
+            if not bool((cur.min(1).values == p0).all() and (cur.max(1).values == p0 + T - 1).all()):
+                raise ValueError(f"tokens {start}..{start + T - 1} are not one stored block")
+            block = _Block(start, T, p0, T)
+        else:
+            block = next((b for b in reversed(L.blocks[tier]) if b.start == start), None)
+            if block is None:
+                raise ValueError(f"no block starts at token {start} in layer {layer}")
         if block.length != T or block.phys != T:
             raise ValueError(f"block at {start} has {block.length} tokens ({block.phys} live slots); order has {T}")
         ring = self._tier_of(L, tier)
@@ -470,7 +478,7 @@ class KVStore:
                 k, v, ids = ring.read(torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys))
                 keep = ~L.evicted[ids]
                 n = int(keep[0].sum())
-                k, v, ids = k[keep].view(H, n, -1), v[keep].view(H, n, -1), ids[keep].view(H, n)
+                k, v, ids = k[keep].view(H, n, self.head_dim), v[keep].view(H, n, self.head_dim), ids[keep].view(H, n)
             else:
                 n = 0
             p0 = fresh.hi
@@ -505,7 +513,7 @@ class KVStore:
         H, D = self.num_kv_heads, self.head_dim
         self._c["gathers"] += 1
         if indices is None:
-            if L.n_evicted == 0 and L.h_end == 0 and not L.permuted:
+            if L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0:
                 # fast path (full policy): everything on device, arrival order, contiguous slots
                 a = L.dev.front % L.dev.cap
                 if a + L.n <= L.dev.cap:

@@ -1,0 +1,265 @@
+import errno
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import vrex.kv.store as store_mod
+from vrex.kv.store import KVStore, KVStoreDiskError
+
+H, D, NL = 2, 4, 2
+
+
+class Shadow:
+    """The obvious model: every K/V in arrival order plus the evicted set."""
+
+    def __init__(self):
+        self.k = torch.zeros(H, 0, D)
+        self.v = torch.zeros(H, 0, D)
+        self.evicted = set()
+
+    def append(self, k, v):
+        self.k = torch.cat([self.k, k], 1)
+        self.v = torch.cat([self.v, v], 1)
+
+    def live(self):
+        return torch.tensor([i for i in range(self.k.shape[1]) if i not in self.evicted], dtype=torch.int64)
+
+
+def token_bytes(dtype=torch.float32):
+    return 2 * D * torch.empty(0, dtype=dtype).element_size()
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 7), st.booleans()),
+        st.tuples(st.just("evict"), st.integers(0, 60), st.integers(1, 8)),
+        st.tuples(st.just("gather"), st.integers(0, 10_000), st.just(0)),
+        st.tuples(st.just("rekey"), st.just(0), st.just(0)),
+    ),
+    min_size=1, max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops, dev_tokens=st.sampled_from([None, 0, 3, 8]), host_tokens=st.sampled_from([None, 2, 6, 20]),
+       seed=st.integers(0, 1000))
+def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    per_tok_all = token_bytes() * H * NL
+    disk = tmp_path_factory.mktemp("kv") if host_tokens is not None else None
+    s = KVStore(NL, H, D, device_budget_bytes=None if dev_tokens is None else dev_tokens * per_tok_all,
+                host_budget_bytes=None if host_tokens is None else host_tokens * per_tok_all, disk_dir=disk)
+    sh = [Shadow() for _ in range(NL)]
+    for op, a, b in ops:
+        if op == "append":
+            for layer in range(NL):
+                k, v = torch.randn(H, a, D, generator=g), torch.randn(H, a, D, generator=g)
+                start = s.append(layer, k, v)
+                assert start == sh[layer].k.shape[1]
+                sh[layer].append(k, v)
+                if b:
+                    order = torch.stack([torch.randperm(a, generator=g) for _ in range(H)])
+                    s.set_block_order(layer, start, order)
+        elif op == "evict":
+            n = s.length(0)
+            if n:
+                ids = torch.arange(a % n, min(n, a % n + b))
+                for layer in range(NL):
+                    s.evict(layer, ids)
+                    sh[layer].evicted |= set(ids.tolist())
+        elif op == "rekey":
+            for layer in range(NL):
+                if s.length(layer):
+                    new = torch.randn(H, s.length(layer), D, generator=g)
+                    s.set_keys(layer, new)
+                    sh[layer].k = new.clone()
+        else:
+            n = s.length(0)
+            if n == 0:
+                continue
+            gg = torch.Generator().manual_seed(a)
+            idx = [torch.nonzero(torch.rand(n, generator=gg) < 0.5).flatten() for _ in range(H)]
+            for layer in range(NL):
+                before = s.counters()
+                k, v, valid = s.gather(layer, idx)
+                after = s.counters()
+                d_end, h_end, _ = s.tier_bounds(layer)
+                exp_host = exp_disk = exp_dev = 0
+                for h in range(H):
+                    want = torch.tensor([i for i in idx[h].tolist() if i not in sh[layer].evicted], dtype=torch.int64)
+                    m = want.numel()
+                    assert torch.equal(k[h, :m], sh[layer].k[h, want])
+                    assert torch.equal(v[h, :m], sh[layer].v[h, want])
+                    if valid is not None:
+                        assert valid[h].sum() == m and valid[h, :m].all()
+                    exp_disk += int((want < d_end).sum())
+                    exp_host += int(((want >= d_end) & (want < h_end)).sum())
+                    exp_dev += int((want >= h_end).sum())
+                tb = token_bytes()
+                assert after["fetch_disk_bytes"] - before["fetch_disk_bytes"] == exp_disk * tb
+                assert after["fetch_host_bytes"] - before["fetch_host_bytes"] == exp_host * tb
+                assert after["device_read_bytes"] - before["device_read_bytes"] == exp_dev * tb
+                if exp_host:
+                    assert after["fetch_host_transfers"] > before["fetch_host_transfers"]
+        # invariants after every op
+        res = s.resident_bytes()
+        live_total = sum(sh[layer].live().numel() for layer in range(NL))
+        assert sum(res.values()) == live_total * token_bytes() * H
+        if dev_tokens is not None:
+            assert res["device"] <= dev_tokens * per_tok_all
+        if host_tokens is not None:
+            assert res["host"] <= host_tokens * per_tok_all
+        for layer in range(NL):
+            live = sh[layer].live()
+            k, v, valid = s.gather(layer, None)
+            assert valid is None
+            assert torch.equal(k, sh[layer].k[:, live]) and torch.equal(v, sh[layer].v[:, live])
+            keys = s.keys(layer)
+            assert torch.equal(keys[:, live], sh[layer].k[:, live])
+    s.close()
+
+
+def test_full_fast_path_is_a_view_and_amortised():
+    s = KVStore(1, H, D)
+    for i in range(100):
+        s.append(0, torch.full((H, 1, D), float(i)), torch.zeros(H, 1, D))
+    k, v, m = s.gather(0, None)
+    assert m is None and k.shape == (H, 100, D) and torch.equal(k[0, :, 0], torch.arange(100.0))
+    assert k.data_ptr() == s._layers[0].dev.k.data_ptr()  # no copy
+    assert s._layers[0].dev.cap == 128  # capacity doubling, not one cat per step
+    c = s.counters()
+    assert c["fetch_host_bytes"] == c["fetch_disk_bytes"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_roundtrip_exact_through_every_tier(tmp_path, dtype):
+    tb = 2 * D * torch.empty(0, dtype=dtype).element_size() * H
+    s = KVStore(1, H, D, dtype=dtype, device_budget_bytes=4 * tb, host_budget_bytes=4 * tb, disk_dir=tmp_path)
+    k = torch.randn(H, 20, D).to(dtype)
+    v = torch.randn(H, 20, D).to(dtype)
+    for i in range(0, 20, 2):
+        s.append(0, k[:, i : i + 2], v[:, i : i + 2])
+    d_end, h_end, n = s.tier_bounds(0)
+    assert 0 < d_end < h_end < n == 20  # all three tiers used
+    assert s.resident_bytes() == {"device": 4 * tb, "host": 4 * tb, "disk": 12 * tb}
+    kk, vv, _ = s.gather(0, None)
+    assert torch.equal(kk.view(torch.int16), k.view(torch.int16)) if dtype != torch.float32 else torch.equal(kk, k)
+    assert torch.equal(vv, v)
+    assert any(p.stat().st_size > 0 for p in tmp_path.iterdir())
+    c = s.counters()
+    e = 2 * D * torch.empty(0, dtype=dtype).element_size()
+    assert c["offload_device_host_bytes"] == 16 * H * e and c["offload_host_disk_bytes"] == 12 * H * e
+    assert c["fetch_disk_bytes"] == 12 * H * e and c["fetch_host_bytes"] == 4 * H * e
+    # one transfer per head per tier (each tier holds one contiguous run)
+    assert c["fetch_disk_transfers"] == H and c["fetch_host_transfers"] == H
+
+
+def test_counters_transfers_and_cluster_contiguous_layout():
+    tb = token_bytes() * H
+    s = KVStore(1, H, D, device_budget_bytes=0)  # everything offloaded to host
+    T = 8
+    s.append(0, torch.randn(H, T, D), torch.randn(H, T, D))
+    s.append(0, torch.randn(H, T, D), torch.randn(H, T, D))
+    # a "cluster" made of the even tokens of block 2
+    cluster = torch.arange(T, 2 * T, 2)
+    before = s.counters()["fetch_host_transfers"]
+    s.gather(0, [cluster] * H)
+    scattered = s.counters()["fetch_host_transfers"] - before
+    assert scattered == 4 * H  # 4 separate runs per head
+    # the same cluster with a cluster-contiguous block order: one transfer per head
+    s2 = KVStore(1, H, D, device_budget_bytes=T * tb)
+    k = torch.randn(H, T, D)
+    start = s2.append(0, k, k)
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7]).expand(H, T)
+    s2.set_block_order(0, start, order)
+    s2.append(0, torch.randn(H, T, D), torch.randn(H, T, D))  # pushes block 1 to host
+    assert s2.tier_bounds(0) == (0, T, 2 * T)
+    c0 = s2.counters()["fetch_host_transfers"]
+    kk, _, _ = s2.gather(0, [torch.arange(0, T, 2)] * H)
+    assert s2.counters()["fetch_host_transfers"] - c0 == H
+    assert torch.equal(kk, k[:, 0:T:2])
+
+
+def test_block_larger_than_device_budget_goes_to_host():
+    tb = token_bytes() * H
+    s = KVStore(1, H, D, device_budget_bytes=3 * tb)
+    s.append(0, torch.randn(H, 2, D), torch.randn(H, 2, D))
+    s.append(0, torch.randn(H, 5, D), torch.randn(H, 5, D))
+    assert s.tier_bounds(0) == (0, 7, 7)
+    assert s.resident_bytes()["device"] == 0
+    s.append(0, torch.randn(H, 1, D), torch.randn(H, 1, D))
+    assert s.tier_bounds(0) == (0, 7, 8)
+
+
+def test_evict_never_returned_and_memory_reclaimed():
+    s = KVStore(1, H, D)
+    k = torch.randn(H, 300, D)
+    for i in range(300):
+        s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+        if i >= 14:
+            s.evict(0, torch.tensor([i - 10]))  # sink 4 + window 10, evict one per step
+    assert s.length(0) == 300
+    live = torch.cat([torch.arange(4), torch.arange(290, 300)])
+    kk, _, _ = s.gather(0, None)
+    assert torch.equal(kk, k[:, live])
+    kk, _, m = s.gather(0, [torch.tensor([0, 5, 295])] * H)  # 5 is evicted: skipped
+    assert torch.equal(kk, k[:, [0, 295]]) and m is None
+    assert s._layers[0].dev.used < 100  # compaction reclaimed the dead slots
+    assert s.resident_bytes()["device"] == 14 * token_bytes() * H
+    s.evict(0, torch.tensor([0, 0, 1]))  # duplicates / repeats are fine
+    with pytest.raises(IndexError):
+        s.evict(0, torch.tensor([300]))
+
+
+def test_unwritable_disk_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = blocker / "kv"
+    with pytest.raises(KVStoreDiskError) as e:
+        KVStore(1, H, D, host_budget_bytes=100, disk_dir=bad)
+    assert str(bad) in str(e.value)
+    with pytest.raises(ValueError, match="disk_dir"):
+        KVStore(1, H, D, host_budget_bytes=100)
+
+
+def test_disk_full_is_clear_and_leaves_store_consistent(tmp_path, monkeypatch):
+    tb = token_bytes() * H
+    s = KVStore(1, H, D, device_budget_bytes=2 * tb, host_budget_bytes=2 * tb, disk_dir=tmp_path)
+    N = 600  # more than the first disk reservation (256 slots)
+    k = torch.randn(H, N, D)
+    for i in range(4):
+        s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+
+    def full(fd, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_mod, "_fallocate", full)
+    with pytest.raises(KVStoreDiskError) as e:
+        for i in range(4, N):
+            s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+    assert str(tmp_path) in str(e.value) and "disk full" in str(e.value)
+    n = s.length(0)
+    assert 4 < n < N
+    kk, vv, _ = s.gather(0, None)
+    assert torch.equal(kk, k[:, :n]) and torch.equal(vv, k[:, :n])
+    assert sum(s.resident_bytes().values()) == n * tb
+    monkeypatch.undo()
+    for i in range(n, N):
+        s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+    kk, _, _ = s.gather(0, None)
+    assert torch.equal(kk, k)
+
+
+def test_bad_shapes_and_orders():
+    s = KVStore(1, H, D)
+    with pytest.raises(ValueError):
+        s.append(0, torch.randn(H + 1, 2, D), torch.randn(H + 1, 2, D))
+    st_ = s.append(0, torch.randn(H, 3, D), torch.randn(H, 3, D))
+    with pytest.raises(ValueError):
+        s.set_block_order(0, st_, torch.tensor([[0, 0, 1], [0, 1, 2]]))
+    with pytest.raises(ValueError):
+        s.set_block_order(0, 1, torch.tensor([[0, 1], [0, 1]]))
+    with pytest.raises(ValueError):
+        s.gather(0, [torch.tensor([0])])
