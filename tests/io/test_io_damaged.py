@@ -1,0 +1,143 @@
+"""Damaged inputs: zeroed blocks, truncated files, missing timestamps. The stream must go on."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import av
+import pytest
+
+from vrex.io import DecodeStats, VideoDecodeWarning, VideoSourceError, open_source
+from vrex.io.datatypes import MAX_WARNINGS
+
+
+def times(src) -> list[float]:
+    return [f.t for f in src]
+
+
+def test_zeroed_block_mid_h264_is_skipped_and_counted(video, copy_clip, meta):
+    clean = video("cockatoo.mp4")
+    damaged = copy_clip(clean, zero=(0.40, 0.45))
+    with pytest.warns(VideoDecodeWarning, match="damaged_cockatoo.mp4"):
+        with open_source(damaged, fps=2, size=16) as src:
+            got = times(src)
+    with open_source(clean, fps=2, size=16) as ref:
+        want = times(ref)
+    assert src.stats.skipped_corrupt > 0
+    assert src.stats.warnings and all("damaged_cockatoo.mp4" in w for w in src.stats.warnings)
+    # Frames before the damage are untouched; frames after it still come, on the same grid.
+    assert got[:8] == want[:8]
+    assert got[-1] == want[-1] == pytest.approx(meta(clean).expected_count(2) / 2 - 0.5)
+    assert len(want) - 3 <= len(got) <= len(want)
+    assert all(b > a for a, b in zip(got, got[1:]))
+    assert src.stats.decoded + src.stats.skipped_corrupt >= meta(clean).frames - 20
+
+
+def test_zeroed_block_in_webm_resyncs_and_warns_about_the_gap(video, copy_clip):
+    damaged = copy_clip(video("big_buck_bunny_0_30.webm"), zero=(0.40, 0.45))
+    with pytest.warns(VideoDecodeWarning, match="no frames between"):
+        with open_source(damaged, fps=2, size=16) as src:
+            got = times(src)
+    assert got[-1] == pytest.approx(29.5, abs=0.1)  # it went on to the end
+    assert 40 < len(got) < 60
+
+
+def test_truncated_mp4_with_index_first_yields_what_it_can(video, copy_clip, meta):
+    clean = video("timecode_16s.mp4")  # 'moov' index before the data: a cut file stays readable
+    cut = copy_clip(clean, keep=0.6)
+    with pytest.warns(VideoDecodeWarning, match="truncated"):
+        with open_source(cut, fps=2, size=16) as src:
+            got = times(src)
+    declared = meta(clean).duration
+    assert 0.4 * declared < got[-1] < 0.75 * declared
+    assert len(got) == math.floor(got[-1] * 2 + 1e-6) + 1  # every 0.5 s slot up to the cut
+    assert src.stats.ended_early and src.stats.decoded > 0
+
+
+def test_truncated_avi_yields_frames_up_to_the_cut(video, copy_clip):
+    cut = copy_clip(video("vtest_pedestrians.avi"), keep=0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VideoDecodeWarning)
+        with open_source(cut, fps=2, size=16) as src:
+            got = times(src)
+    assert 40 < got[-1] < 55 and len(got) == math.floor(got[-1] * 2 + 1e-6) + 1
+    assert src.stats.emitted == len(got)
+    # The last, half-written frame is either rejected by the decoder (counted) or concealed.
+    assert src.stats.skipped_corrupt >= 0
+
+
+def test_truncated_mp4_with_index_last_is_a_clear_error(video, copy_clip):
+    cut = copy_clip(video("cockatoo.mp4"), keep=0.6)  # its 'moov' index was in the lost 40%
+    with pytest.raises(VideoSourceError, match=r"damaged_cockatoo\.mp4: .*moov atom not found"):
+        open_source(cut)
+
+
+def test_input_with_no_decodable_frame_raises_after_trying(video, copy_clip):
+    # timecode_16s.mp4 starts with its 2.5 kB index: keep that, zero everything after it.
+    dead = copy_clip(video("timecode_16s.mp4"), zero=(0.002, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VideoDecodeWarning)
+        src = open_source(dead, size=16)
+        with pytest.raises(VideoSourceError, match="no decodable video frames"):
+            list(src)
+    assert src.stats.skipped_corrupt > 100 and src.stats.decoded == 0
+
+
+@pytest.fixture
+def raw_h264(video, tmp_path):
+    """realshort.mp4's H.264 remuxed to a raw Annex-B stream: no container, no timestamps."""
+    out_path = tmp_path / "realshort.h264"
+    with av.open(str(video("realshort.mp4"))) as inp, av.open(str(out_path), "w", format="h264") as out:
+        stream = inp.streams.video[0]
+        ostream = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.dts is not None:
+                packet.stream = ostream
+                out.mux(packet)
+    return out_path
+
+
+def test_missing_timestamps_fall_back_to_counting(raw_h264):
+    with pytest.warns(VideoDecodeWarning, match="without timestamps"):
+        with open_source(raw_h264, fps=None, size=16) as src:
+            native = times(src)
+    rate = src.info.native_fps
+    assert len(native) == 36 and rate
+    assert native == pytest.approx([i / rate for i in range(36)])
+    with pytest.warns(VideoDecodeWarning):
+        with open_source(raw_h264, fps=2, size=16) as src:
+            assert len(times(src)) == math.floor(35 / rate * 2 + 1e-6) + 1
+    assert len(src.stats.warnings) == 1  # once per stream, not once per frame
+
+
+def test_warning_flood_is_capped():
+    stats = DecodeStats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(MAX_WARNINGS + 5):
+            stats.warn("x.mp4", f"event {i}")
+    assert len(stats.warnings) == MAX_WARNINGS and stats.suppressed_warnings == 5
+    assert len(caught) == MAX_WARNINGS + 1  # the last one says the rest are only counted
+
+
+@pytest.mark.parametrize(
+    "name", ["cockatoo.mp4", "vtest_pedestrians.avi", "big_buck_bunny_0_30.webm", "timecode_16s.mp4"]
+)
+def test_random_byte_damage_never_escapes(video, copy_clip, name):
+    """Scribble random bytes over 30 spots after the header: frames keep coming, nothing raises."""
+    path = copy_clip(video(name))
+    data = bytearray(path.read_bytes())
+    rng = random.Random(1234)
+    for _ in range(30):
+        n = rng.randrange(1, 200)
+        at = rng.randrange(len(data) // 10, len(data) - n)
+        data[at : at + n] = rng.randbytes(n)
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VideoDecodeWarning)
+        with open_source(path, fps=2, size=8) as src:
+            got = times(src)
+    assert len(got) >= 10 and all(b > a for a, b in zip(got, got[1:]))
+    assert src.stats.emitted == len(got) <= src.stats.decoded

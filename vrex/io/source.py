@@ -1,0 +1,210 @@
+"""VideoSource: one iterable over files, network streams, webcams and image folders."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from .av_backend import AvDecoder
+from .datatypes import DecodeStats, Frame, SourceInfo
+from .errors import VideoSourceError
+from .images import ImageFolder, UnreadableImage
+from .resample import EPS, Resampler
+from .uri import resolve
+
+# A file is called truncated when it stops this much before its declared duration
+# (at least three frame periods, so VFR jitter and rounding never trigger it).
+_EARLY_END_SLACK = 0.5
+# Warn when decoded frames are this far apart (or 10 frame periods, if longer).
+_GAP_SECONDS = 1.0
+
+
+class VideoSource:
+    """Frames of a video input, resampled to ``fps`` with real presentation timestamps.
+
+    ``uri`` is a file (mp4, webm, avi, gif, ... and a single still image as a one-frame stream),
+    a folder of images, a network URL (rtsp, rtmp, http(s), udp, tcp, srt) or a webcam
+    (``webcam``, ``webcam:N``, ``/dev/videoN``). Opening happens in the constructor, so a bad
+    input raises :class:`VideoSourceError` right away; ``info`` then describes the input.
+
+    Iterating yields :class:`Frame` objects; ``stats`` counts what happened during the latest
+    pass. Iterating again re-opens the input and starts over. Use as a context manager (or call
+    :meth:`close`) to release the input early.
+
+    Args:
+        fps: target rate; ``None`` or ``0`` emits every frame. A slower source is never padded
+            with duplicates: each frame is emitted once at its own time (see :class:`Resampler`).
+        max_frames: stop after emitting this many frames.
+        start, end: time window in seconds (``start <= t < end``). Files seek to ``start``.
+        size: scale every frame so its shorter side has this many pixels (aspect kept).
+        realtime: pace emission to the wall clock, to replay a file as if it were live.
+            Frames are never dropped to catch up with a slow consumer.
+        webcam_format: FFmpeg capture demuxer to use instead of the OS default
+            (``v4l2`` on Linux, ``avfoundation`` on macOS, ``dshow`` on Windows).
+        image_duration: seconds each image of a folder lasts; default ``1/fps`` (1 s if fps is None).
+        av_options: extra FFmpeg options for ``av.open`` (e.g. ``{"input_format": "mjpeg"}``).
+        timeout: seconds to wait when opening or reading network streams and webcams.
+    """
+
+    def __init__(
+        self,
+        uri: str | Path,
+        fps: float | None = 2.0,
+        *,
+        max_frames: int | None = None,
+        start: float = 0.0,
+        end: float | None = None,
+        size: int | None = None,
+        realtime: bool = False,
+        webcam_format: str | None = None,
+        image_duration: float | None = None,
+        av_options: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ):
+        if fps is not None and fps < 0:
+            raise ValueError(f"fps must be positive, 0 or None, got {fps}")
+        if max_frames is not None and max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        if start < 0 or (end is not None and end < start):
+            raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
+        if size is not None and size <= 0:
+            raise ValueError(f"size must be a positive number of pixels, got {size}")
+        self.uri = str(uri)
+        self.fps = fps or None
+        self.max_frames, self.start, self.end = max_frames, start, end
+        self.size, self.realtime = size, realtime
+        self.image_duration = image_duration or (1.0 / self.fps if self.fps else 1.0)
+        self._target = resolve(uri, webcam_format=webcam_format, av_options=av_options, timeout=timeout)
+        self._timeout = timeout
+        self._backend = self._open()
+        self._used = False
+        self.info: SourceInfo = self._backend.info
+        self.stats = DecodeStats()
+
+    def _open(self) -> AvDecoder | ImageFolder:
+        if self._target.kind == "images":
+            return ImageFolder(self.uri, Path(self._target.location), self.image_duration)
+        return AvDecoder(self.uri, self._target, self._timeout)
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._used:
+            self._backend.close()
+            self._backend = self._open()
+        self._used = True
+        self.stats = DecodeStats()
+        return self._run(self._backend, self.stats)
+
+    def _run(self, backend: AvDecoder | ImageFolder, stats: DecodeStats) -> Iterator[Frame]:
+        resampler = Resampler(self.fps, self.start)
+        pacer = _Pacer() if self.realtime else None
+        last_seen: float | None = None
+        gap_limit = self._gap_limit()
+        stopped = False  # by end / max_frames rather than by the input running out
+        try:
+            if self.max_frames == 0:
+                return
+            for t, load in backend.frames(stats, self.start):
+                if self.end is not None and t >= self.end - EPS:
+                    stopped = True
+                    break
+                if gap_limit is not None and last_seen is not None and t - last_seen > gap_limit:
+                    # Demuxers such as Matroska resynchronise silently past damaged data.
+                    stats.warn(
+                        self.uri,
+                        f"no frames between {last_seen:.2f} s and {t:.2f} s"
+                        " (data lost, or a pause in a variable-rate stream)",
+                    )
+                last_seen = t if last_seen is None else max(last_seen, t)
+                if resampler.is_backwards(t):
+                    stats.skipped_out_of_order += 1
+                    stats.warn(self.uri, f"dropped a frame whose time {t:.3f} s does not advance")
+                    continue
+                if not resampler.accept(t):
+                    continue
+                try:
+                    image = load(self.size)
+                except UnreadableImage as e:
+                    stats.skipped_corrupt += 1
+                    stats.warn(self.uri, f"skipped unreadable image {e}")
+                    continue
+                if pacer is not None:
+                    pacer.wait(t)
+                frame = Frame(t=t, image=image, index=stats.emitted)
+                stats.emitted += 1  # before yielding: a consumer may stop right after this frame
+                yield frame
+                if self.max_frames is not None and stats.emitted >= self.max_frames:
+                    stopped = True
+                    break
+            if not stopped:
+                self._check_complete(stats, last_seen)
+        finally:
+            backend.close()
+
+    def _gap_limit(self) -> float | None:
+        """Longest silence between two decoded frames that passes without a warning."""
+        if self.info.kind not in ("file", "url") or self.info.codec == "gif":
+            return None  # image timings and GIF frame delays are arbitrary by design
+        fps = self.info.native_fps
+        return max(_GAP_SECONDS, 10.0 / fps if fps else 0.0)
+
+    def _check_complete(self, stats: DecodeStats, last_seen: float | None) -> None:
+        """After the input ran out: fail if nothing decoded, flag a file that ended too soon."""
+        if stats.decoded == 0:
+            why = f" ({stats.skipped_corrupt} damaged packets/frames skipped)" if stats.skipped_corrupt else ""
+            raise VideoSourceError(self.uri, f"no decodable video frames{why}")
+        declared, fps = self.info.duration, self.info.native_fps
+        if self.info.kind in ("file", "url") and declared and last_seen is not None:
+            slack = max(_EARLY_END_SLACK, 3.0 / fps if fps else 0.0)
+            if last_seen < declared - slack:
+                stats.ended_early = True
+                stats.warn(
+                    self.uri,
+                    f"stream ended at {last_seen:.2f} s but the container declares {declared:.2f} s"
+                    " (truncated or damaged file?)",
+                )
+
+    def close(self) -> None:
+        """Release the file, socket or device (safe to call twice; iterating again re-opens)."""
+        self._backend.close()
+        self._used = True
+
+    def __enter__(self) -> VideoSource:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VideoSource({self.uri!r}, fps={self.fps}, kind={self.info.kind!r})"
+
+
+class _Pacer:
+    """Sleep so that the frame at stream time ``t`` leaves at ``first wall time + (t - first t)``."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+
+    def wait(self, t: float) -> None:
+        now = time.monotonic()
+        if self.offset is None:
+            self.offset = now - t
+            return
+        delay = self.offset + t - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+def open_source(uri: str | Path, fps: float | None = 2.0, **kw: object) -> VideoSource:
+    """Open ``uri`` as a :class:`VideoSource`; keyword arguments are those of VideoSource.
+
+    Dispatch, in order: ``webcam``, ``webcam:N``, ``webcam:<name>`` and ``/dev/videoN`` are capture
+    devices; ``rtsp://``, ``rtsps://``, ``rtmp://``, ``rtmps://``, ``http(s)://``, ``udp://``,
+    ``tcp://`` and ``srt://`` are network streams; ``file://`` URLs and plain paths to an existing
+    folder are image folders (images sorted by name) and to an existing file are video files.
+    Anything else raises :class:`VideoSourceError` naming the input.
+    """
+    return VideoSource(uri, fps, **kw)  # type: ignore[arg-type]
