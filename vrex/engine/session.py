@@ -140,6 +140,29 @@ class StreamingSession:
             self._pending = torch.tensor([self.interval_id], device=self.model.device)
         return events
 
+    def fast_forward(self, times: list[float], frame_embeds: torch.Tensor, chunk: int = 32) -> None:
+        """Prefill many silent frames (``frame_embeds`` [N, tokens, d], already embedded) in chunks of
+        ``chunk`` frames per forward, in the exact LIVE layout. For building long contexts fast
+        (benchmarks, evaluation haystacks): no gate, no events; policies index each frame separately
+        but select once per chunk."""
+        interval = self.model.embed_text(torch.tensor([self.interval_id], device=self.model.device))
+        for lo in range(0, len(times), chunk):
+            parts, spans = [], []
+            for i in range(lo, min(lo + chunk, len(times))):
+                pending = self.model.embed_text(self._pending) if self._pending.numel() else interval[:0]
+                self._pending = torch.tensor([self.interval_id], device=self.model.device)
+                parts += [pending, frame_embeds[i]]
+                spans.append((pending.shape[0] + frame_embeds[i].shape[0], self.frames))
+                self.frames += 1
+                self.t = float(times[i])
+            self._forward(torch.cat(parts), "frame", frame_spans=spans)
+
+    def feed(self, ids: torch.Tensor, stage: Stage = "decode") -> torch.Tensor:
+        """Feed text token ids as one step (no gate); returns logits [T, V]. For benchmarks and evaluation."""
+        ids = torch.cat([self._pending, ids.to(self.model.device)])
+        self._pending = self._pending[:0]
+        return self._forward(self.model.embed_text(ids), stage)[0]
+
     def run(self, frames: Iterable[tuple[float, Image.Image]], questions: Iterable[tuple[float, str]] = ()) -> Iterator[Event]:
         """Drive the session from any iterable of (t, image); yields events as they happen."""
         for tq, q in questions:
@@ -209,11 +232,13 @@ class StreamingSession:
         return int(order[choice])
 
     @torch.no_grad()
-    def _forward(self, embeds: torch.Tensor, stage: Stage, frame_id: int | None = None) -> tuple[torch.Tensor, StepRecord]:
+    def _forward(
+        self, embeds: torch.Tensor, stage: Stage, frame_id: int | None = None, frame_spans: list[tuple[int, int | None]] | None = None
+    ) -> tuple[torch.Tensor, StepRecord]:
         """One prefill/decode step of ``embeds`` [T, d] at the next positions; returns logits [T, V]."""
         n = embeds.shape[0]
         positions = self._next_positions(n)
-        self.cache.begin_step(stage, frame_id)
+        self.cache.begin_step(stage, frame_id, frame_spans)
         out = self.model.lm(
             inputs_embeds=embeds[None], position_ids=positions[None].to(self.model.device), past_key_values=self.cache,
             use_cache=True, vrex_cache=self.cache,

@@ -97,11 +97,15 @@ class VrexCache(Cache):
         self._pending: dict[int, bool] = {}
         self.stage: Stage = "text"
         self.frame_id: int | None = None
+        self.frame_spans: list[tuple[int, int | None]] | None = None
         self.record: StepRecord | None = None
 
     # -- step bookkeeping (called by the engine around each forward) ------------------------
-    def begin_step(self, stage: Stage, frame_id: int | None = None) -> None:
+    def begin_step(self, stage: Stage, frame_id: int | None = None, frame_spans: list[tuple[int, int | None]] | None = None) -> None:
+        """Start a forward step. ``frame_spans`` ([(n_tokens, frame_id), ...]) splits a step that carries
+        several frames (bulk fast-forward) so policies index each frame separately."""
         self.stage, self.frame_id = stage, frame_id
+        self.frame_spans = frame_spans
         self.record = StepRecord(stage=stage, frame_id=frame_id, n_new=0)
 
     def end_step(self) -> StepRecord | None:
@@ -127,7 +131,13 @@ class VrexCache(Cache):
         t_fetch = time.perf_counter()
         out = _attention(q, key[0], value[0], k_past, v_past, valid, scaling)
         start = self.store.append(layer, key[0], value[0])
-        self.policy.on_append(layer, key[0], start, self.frame_id)
+        if self.frame_spans is None:
+            self.policy.on_append(layer, key[0], start, self.frame_id)
+        else:
+            offset = 0
+            for n_tokens, frame_id in self.frame_spans:
+                self.policy.on_append(layer, key[0][:, offset:offset + n_tokens], start + offset, frame_id)
+                offset += n_tokens
         if self.record is not None:
             self.record.n_new = n_new
             selected = n_past if indices is None else [int(i.numel()) for i in indices]
