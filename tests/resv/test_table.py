@@ -5,26 +5,7 @@ from hypothesis import given, settings, strategies as st
 from vrex.resv.hashing import hash_codes, make_hyperplanes
 from vrex.resv.table import HCTable
 
-
-def check_invariants(tab: HCTable, keys: torch.Tensor):
-    """keys: all keys added so far [H, N, D]."""
-    H, N, D = keys.shape
-    assert tab.n_tokens == N
-    mean, valid = tab.mean_keys()
-    cnt = tab.counts()
-    for h in range(H):
-        nc = int(tab.n_clusters[h])
-        tc = tab.token_cluster[h, :N]
-        # every token in exactly one cluster, ids in range, every cluster non-empty
-        assert int(tc.min()) >= 0 and int(tc.max()) < nc
-        assert torch.equal(torch.bincount(tc, minlength=nc), cnt[h, :nc])
-        assert int(cnt[h].sum()) == N
-        assert valid[h, :nc].all() and not valid[h, nc:].any()
-        for c in range(nc):
-            m = tab.members(h, c)
-            assert torch.allclose(mean[h, c], keys[h, m].mean(0), atol=1e-5)
-            # leader token is the first member
-            assert int(tab.leader_tok[h, c]) == int(m[0])
+from _resv_checks import check_invariants
 
 
 def correlated_frames(n_frames, H, T, D, noise, seed):
@@ -115,15 +96,23 @@ def test_temporal_clustering_grows_clusters_across_frames():
 def test_scope_window_limits_candidates():
     H, T, D = 1, 3, 8
     planes = make_hyperplanes(1, H, D, 32, seed=0)[0]
+    f = torch.randn(H, T, D, generator=torch.Generator().manual_seed(0))
+    other = -f  # every sign bit flips: distance 32 from every frame-1 code
     tab = HCTable(H, D, planes, scope_frames=1)
-    f = torch.randn(H, T, D)
     tab.add(f, 0)
-    tab.add(torch.randn(H, T, D) * 10, 3)  # unrelated frame: clusters of frame 1 untouched
+    tab.add(other, 3)  # frame 1's clusters are not touched
     tab.add(f, 6)  # frame 1's clusters are 2 ticks old -> out of scope -> new clusters
     assert tab.token_cluster[0, 6:9].min() >= tab.token_cluster[0, :6].max() + 1
     tab2 = HCTable(H, D, planes, scope_frames=None)
-    tab2.add(f, 0); tab2.add(torch.randn(H, T, D) * 10, 3); tab2.add(f, 6)
+    tab2.add(f, 0)
+    tab2.add(other, 3)
+    tab2.add(f, 6)
     assert torch.equal(tab2.token_cluster[0, 6:9], tab2.token_cluster[0, :3])
+    tab3 = HCTable(H, D, planes, scope_frames=2)
+    tab3.add(f, 0)
+    tab3.add(other, 3)
+    tab3.add(f, 6)
+    assert torch.equal(tab3.token_cluster[0, 6:9], tab3.token_cluster[0, :3])
 
 
 def test_block_order_is_cluster_contiguous_permutation():
