@@ -42,9 +42,13 @@ def test_table_invariants(seed, code_update, rule, intra, scope, maxc, noise):
         ids = tab.add(fr, start, is_frame=True)
         assert ids.shape == (H, T)
         allk.append(fr); start += T
-        if maxc is not None:
-            cid, cvalid = tab.candidates()
-            assert int(cvalid.sum(1).max()) <= maxc
+        cid, cvalid = tab.candidates()
+        for h in range(H):  # the active list equals the brute-force scope filter
+            nc = int(tab.n_clusters[h])
+            brute = [c for c in range(nc) if scope is None or tab.clock - int(tab.last[h, c]) <= scope]
+            if maxc is not None:
+                brute = sorted(sorted(brute, key=lambda c: (int(tab.last[h, c]), c), reverse=True)[:maxc])
+            assert cid[h][cvalid[h]].tolist() == brute
     keys = torch.cat(allk, 1)
     check_invariants(tab, keys)
     # codes follow the documented update rule

@@ -139,6 +139,16 @@ class _Ring:
         idx = self._idx(abs_slots).to(self.device)
         return self.k[h].index_select(0, idx), self.v[h].index_select(0, idx)
 
+    def read_head_into(self, h: int, abs_slots: Tensor, k_out: Tensor, v_out: Tensor) -> None:
+        """Copy one head's slots straight into contiguous ``k_out`` / ``v_out`` rows (one copy, no temporary)."""
+        idx = self._idx(abs_slots).to(self.device)
+        if k_out.device == self.device and k_out.dtype == self.dtype:
+            torch.index_select(self.k[h], 0, idx, out=k_out)
+            torch.index_select(self.v[h], 0, idx, out=v_out)
+        else:
+            k_out.copy_(self.k[h].index_select(0, idx))
+            v_out.copy_(self.v[h].index_select(0, idx))
+
     def write(self, abs_slots: Tensor, k: Tensor | None, v: Tensor | None, ids: Tensor | None) -> None:
         idx = self._idx(abs_slots)
         di = idx.to(self.device).unsqueeze(-1).expand(-1, -1, self.D)
@@ -208,6 +218,11 @@ class _Disk:
     def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
         s = abs_slots.numpy()
         return self._from_np(self.mm[0][s, h]), self._from_np(self.mm[1][s, h])
+
+    def read_head_into(self, h: int, abs_slots: Tensor, k_out: Tensor, v_out: Tensor) -> None:
+        k, v = self.read_head(h, abs_slots)
+        k_out.copy_(k)
+        v_out.copy_(v)
 
     def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ks, vs = zip(*(self.read_head(h, abs_slots[h]) for h in range(self.H)))
@@ -519,6 +534,8 @@ class KVStore:
                 if a + L.n <= L.dev.cap:
                     self._c["device_read_bytes"] += L.n * H * self.token_bytes
                     return L.dev.k[:, a : a + L.n], L.dev.v[:, a : a + L.n], None
+            if L.n_evicted == 0 and not L.permuted:
+                return self._gather_all_contiguous(L)
             ids = self._live_all(L)
             indices = [ids] * H
         if len(indices) != H:
@@ -533,33 +550,64 @@ class KVStore:
             parts.append(idx)
         lens = [int(p.numel()) for p in parts]
         lmax = max(lens) if lens else 0
-        k_out = torch.zeros(H, lmax, D, dtype=self.dtype, device=self.device)
-        v_out = torch.zeros_like(k_out)
+        k_out = torch.empty(H, lmax, D, dtype=self.dtype, device=self.device)
+        v_out = torch.empty_like(k_out)
+        bounds = torch.tensor([L.d_end, L.h_end])
         for h, idx in enumerate(parts):
+            if lens[h] < lmax:  # padding must be finite (masked attention still multiplies it by 0)
+                k_out[h, lens[h]:] = 0
+                v_out[h, lens[h]:] = 0
             if not idx.numel():
                 continue
-            cut = torch.searchsorted(idx, torch.tensor([L.d_end, L.h_end]))
-            segs = ((DISK, 0, int(cut[0])), (HOST, int(cut[0]), int(cut[1])), (DEVICE, int(cut[1]), idx.numel()))
+            cut = torch.searchsorted(idx, bounds).tolist()
+            segs = ((DISK, 0, cut[0]), (HOST, cut[0], cut[1]), (DEVICE, cut[1], idx.numel()))
             for tier, a, b in segs:
                 if b <= a:
                     continue
                 slots = L.pos[h].index_select(0, idx[a:b])
-                store = self._tier_of(L, tier)
-                k, v = store.read_head(h, slots)
-                k_out[h, a:b] = k.to(self.device)
-                v_out[h, a:b] = v.to(self.device)
+                self._tier_of(L, tier).read_head_into(h, slots, k_out[h, a:b], v_out[h, a:b])
                 n = b - a
                 if tier == DEVICE:
                     self._c["device_read_bytes"] += n * self.token_bytes
                 else:
-                    s = torch.sort(slots).values
-                    runs = 1 + int((s[1:] - s[:-1] != 1).sum())
+                    # slots grow with ids unless a block was reordered (set_block_order)
+                    srt = torch.sort(slots).values if L.permuted else slots
+                    runs = 1 + int((srt[1:] - srt[:-1] != 1).sum())
                     self._count("fetch_host" if tier == HOST else "fetch_disk", n, runs)
         valid = None
         if len(set(lens)) > 1:
             valid = torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
             valid = valid.to(self.device)
         return k_out, v_out, valid
+
+    def _gather_all_contiguous(self, L: _Layer) -> tuple[Tensor, Tensor, None]:
+        """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""
+        H, D = self.num_kv_heads, self.head_dim
+        k_out = torch.empty(H, L.n, D, dtype=self.dtype, device=self.device)
+        v_out = torch.empty_like(k_out)
+        for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
+            n = b - a
+            if n <= 0:
+                continue
+            p = int(L.pos[0, a])
+            store = self._tier_of(L, tier)
+            if tier == DISK:
+                for out, mm in ((k_out, store.mm[0]), (v_out, store.mm[1])):
+                    arr = torch.from_numpy(np.ascontiguousarray(mm[p : p + n])).view(self.dtype)  # [n, H, D]
+                    out[:, a:b] = arr.transpose(0, 1).to(self.device)
+            else:
+                i0 = p % store.cap
+                first = min(n, store.cap - i0)
+                k_out[:, a : a + first] = store.k[:, i0 : i0 + first]
+                v_out[:, a : a + first] = store.v[:, i0 : i0 + first]
+                if first < n:  # wrapped around the ring
+                    k_out[:, a + first : b] = store.k[:, : n - first]
+                    v_out[:, a + first : b] = store.v[:, : n - first]
+            if tier == DEVICE:
+                self._c["device_read_bytes"] += n * H * self.token_bytes
+            else:
+                self._count("fetch_host" if tier == HOST else "fetch_disk", n * H, H)
+        return k_out, v_out, None
 
     def keys(self, layer: int) -> Tensor:
         """All keys ``[H, N, D]`` in arrival order (N = ``length``; evicted tokens are zeros)."""

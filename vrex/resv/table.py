@@ -88,6 +88,8 @@ class HCTable:
         self.n_tokens = 0
         self.clock = 0
         self.last_comparisons = torch.zeros(H, dtype=torch.int64)
+        self.active = torch.zeros(H, 0, dtype=torch.int64)  # active list (scope window), see candidates()
+        self.active_ok = torch.zeros(H, 0, dtype=torch.bool)
 
     # ------------------------------------------------------------------ building
     def _ensure(self, n_clusters_max: int, n_tokens: int) -> None:
@@ -101,26 +103,49 @@ class HCTable:
         self.token_cluster = _grow(self.token_cluster, 1, n_tokens)
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """In-scope cluster ids ``int64 [H, A]`` (padded) and validity ``bool [H, A]``."""
-        nmax = int(self.n_clusters.max()) if self.H else 0
-        ids = torch.arange(nmax).expand(self.H, nmax)
-        ok = ids < self.n_clusters.unsqueeze(1)
-        if self.scope_frames is not None:
-            ok = ok & (self.clock - self.last[:, :nmax] <= self.scope_frames)
-        if self.max_candidates is not None:
-            # most recently touched first (ties: higher id); invalid last
-            prio = torch.where(ok, self.last[:, :nmax] * (nmax + 1) + ids, torch.full_like(ids, -1))
+        """In-scope cluster ids ``int64 [H, A]`` (padded, ascending id) and validity ``bool [H, A]``.
+
+        With a scope window the ids come from the *active list* (clusters touched within the window,
+        kept up to date by every commit), so the cost is bounded by ``scope_frames x tokens/frame``
+        rather than by the number of clusters ever created.
+        """
+        if self.scope_frames is None:
+            nmax = int(self.n_clusters.max()) if self.H else 0
+            ids = torch.arange(nmax).expand(self.H, nmax)
+            ok = ids < self.n_clusters.unsqueeze(1)
+        else:
+            ids = self.active
+            ok = self.active_ok & (self.clock - self.last.gather(1, ids) <= self.scope_frames)
+        if self.max_candidates is not None and ids.shape[1] > 0:
+            # keep the most recently touched (ties: higher id), then restore ascending-id order
+            big = int(ids.max()) + 1
+            prio = torch.where(ok, self.last.gather(1, ids) * (big + 1) + ids, torch.full_like(ids, -1))
             order = torch.argsort(prio, dim=1, descending=True, stable=True)
-            A = min(int(ok.sum(1).max()) if nmax else 0, self.max_candidates)
-            sel = order[:, :A]
-            sel_ok = ok.gather(1, sel)
-            # keep candidate order = increasing id (the clustering tie rule favours lower ids)
-            key = torch.where(sel_ok, sel, torch.full_like(sel, nmax + 1))
+            A = min(int(ok.sum(1).max()), self.max_candidates)
+            sel = ids.gather(1, order[:, :A])
+            sel_ok = ok.gather(1, order[:, :A])
+            key = torch.where(sel_ok, sel, torch.full_like(sel, big))
             key, _ = key.sort(dim=1)
-            return key.clamp(max=max(nmax - 1, 0)), key <= nmax - 1
-        A = int(ok.sum(1).max()) if nmax else 0
+            return key.clamp(max=big - 1), key < big
+        A = int(ok.sum(1).max()) if ids.shape[1] else 0
         order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :A]
-        return order, ok.gather(1, order)
+        return ids.gather(1, order), ok.gather(1, order)
+
+    def _update_active(self, touched: torch.Tensor) -> None:
+        """Merge the clusters touched by a commit into the active list; drop out-of-scope and duplicates."""
+        H = self.H
+        big = 1 << 62
+        keep_old = self.active_ok & (self.clock - self.last.gather(1, self.active) <= self.scope_frames)
+        comb = torch.cat([torch.where(keep_old, self.active, torch.full_like(self.active, big)), touched], 1)
+        srt, _ = comb.sort(dim=1)
+        dup = torch.zeros_like(srt, dtype=torch.bool)
+        dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        ok = ~dup & (srt < big)
+        A = int(ok.sum(1).max()) if srt.shape[1] else 0
+        order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :A]
+        ids = srt.gather(1, order)
+        self.active_ok = ok.gather(1, order)
+        self.active = torch.where(self.active_ok, ids, torch.zeros_like(ids)).reshape(H, A)
 
     def add(self, keys: torch.Tensor, start: int, *, is_frame: bool = True, codes: torch.Tensor | None = None) -> torch.Tensor:
         """Cluster tokens ``start .. start+T-1`` (keys ``[H, T, D]``); returns their cluster ids ``[H, T]``."""
@@ -184,6 +209,8 @@ class HCTable:
             self.codes.view(-1, self.B)[touched] = pack_bits(proj > 0)
         self.n_clusters += n_new
         self.token_cluster[:, start : start + T] = ids
+        if self.scope_frames is not None:
+            self._update_active(ids)
         self.n_tokens = start + T
 
     def rebuild(self, keys: torch.Tensor) -> None:
