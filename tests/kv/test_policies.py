@@ -9,18 +9,10 @@ from vrex.kv.policies import POLICIES, make_policy, policy_params
 from vrex.kv.policy import KVPolicy, Selection
 from vrex.kv.store import KVStore
 
+from _policy_cases import EVERYTHING
+
 L, HKV, HQ, D, T = 2, 2, 4, 16, 6
 
-# kwargs that make each policy read every past token; a new policy must add itself here
-EVERYTHING = {
-    "full": {},
-    "flexgen": {},
-    "infinigen": {"ratio": 1.0, "max_ratio": 1.0},
-    "rekv": {"ratio": 1.0, "max_ratio": 1.0},
-    "streamingllm": {"window": 10**9},
-    "resv": {"ratio": 1.0},
-    "resv-noclust": {"ratio": 1.0},
-}
 CONTENT_BASED = {"infinigen", "rekv", "resv", "resv-noclust"}
 NAMES = sorted(POLICIES)
 

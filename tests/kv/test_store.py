@@ -42,7 +42,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops, dev_tokens=st.sampled_from([None, 0, 3, 8]), host_tokens=st.sampled_from([None, 2, 6, 20]),
        seed=st.integers(0, 1000))
 def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, seed):

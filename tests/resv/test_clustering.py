@@ -12,7 +12,7 @@ def _codes(g, *shape, n_bytes=1, alphabet=None):
     return torch.tensor(alphabet, dtype=torch.uint8)[idx].unsqueeze(-1)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     seed=st.integers(0, 100_000),
     H=st.integers(1, 3),

@@ -18,7 +18,7 @@ def correlated_frames(n_frames, H, T, D, noise, seed):
     return frames
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 1000),
     code_update=st.sampled_from(["leader", "majority", "mean"]),

@@ -26,7 +26,7 @@ def _check(weights, counts, ratio, valid=None, sort_by="score", nb=None):
 floats = st.floats(-50, 50, allow_nan=False, width=32)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     data=st.data(),
     C=st.integers(1, 12),
