@@ -147,7 +147,7 @@ def test_roundtrip_exact_through_every_tier(tmp_path, dtype):
     kk, vv, _ = s.gather(0, None)
     assert torch.equal(kk.view(torch.int16), k.view(torch.int16)) if dtype != torch.float32 else torch.equal(kk, k)
     assert torch.equal(vv, v)
-    assert any(p.stat().st_size > 0 for p in tmp_path.iterdir())
+    assert any(p.stat().st_size > 0 for p in tmp_path.rglob("*.bin"))
     c = s.counters()
     e = 2 * D * torch.empty(0, dtype=dtype).element_size()
     assert c["offload_device_host_bytes"] == 16 * H * e and c["offload_host_disk_bytes"] == 12 * H * e
@@ -250,6 +250,10 @@ def test_disk_full_is_clear_and_leaves_store_consistent(tmp_path, monkeypatch):
         s.append(0, k[:, i : i + 1], k[:, i : i + 1])
     kk, _, _ = s.gather(0, None)
     assert torch.equal(kk, k)
+    sess = s.disk_dir
+    assert sess.parent == tmp_path and sess.exists()
+    s.close()
+    assert not sess.exists()
 
 
 def test_bad_shapes_and_orders():

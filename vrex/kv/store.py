@@ -11,7 +11,10 @@ Layout and movement
   logical ids (disk: oldest, then host, then device: the most recent).
 * Each tier is a buffer of **physical slots** per KV head (device/host: ring buffers,
   ``[H, capacity, D]``; disk: two ``numpy.memmap`` files per layer, ``[capacity, H, D]`` raw
-  bytes, in ``disk_dir``). A block occupies consecutive slots. ``set_block_order`` permutes the
+  bytes, in a fresh session directory ``disk_dir/vrex-kv-*`` that ``close()``, garbage
+  collection or interpreter exit removes). Disk space is reserved with ``posix_fallocate``
+  before any state changes, so a full disk raises :class:`KVStoreDiskError` (naming the
+  directory) from ``append`` and leaves the store as it was before that call. A block occupies consecutive slots. ``set_block_order`` permutes the
   block's slots per head (cluster-contiguous layout, e.g. ReSV's ``block_order``), and the
   permutation travels with the block to host and disk, so a cluster moves in one transfer.
 * **Budgets.** ``device_budget_bytes`` and ``host_budget_bytes`` are split evenly across layers
@@ -40,7 +43,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,10 +297,10 @@ class KVStore:
             raise ValueError("host_budget_bytes needs disk_dir: tokens beyond the host budget go to disk")
         self._dev_cap = None if device_budget_bytes is None else self._cap(device_budget_bytes)
         self._host_cap = None if host_budget_bytes is None else self._cap(host_budget_bytes)
-        self.disk_dir: Path | None = None
+        self.disk_dir: Path | None = None  # this store's own session directory inside ``disk_dir``
         if disk_dir is not None:
-            self.disk_dir = Path(disk_dir)
-            _check_dir(self.disk_dir)
+            self.disk_dir = _session_dir(Path(disk_dir))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.disk_dir), True)
         self._layers = [_Layer(self, i) for i in range(num_layers)]
         self._c = {k: 0 for k in (
             "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
@@ -666,24 +671,28 @@ class KVStore:
         for k in self._c:
             self._c[k] = 0
 
-    def close(self, remove_files: bool = False) -> None:
-        """Drop memory maps; optionally delete this store's disk files."""
+    def close(self, remove_files: bool = True) -> None:
+        """Drop memory maps and (by default) delete this store's session directory.
+
+        The session directory is also removed when the store is garbage-collected or at exit."""
         for L in self._layers:
             if L.disk is not None:
                 L.disk.mm = []
-                if remove_files:
-                    for p in L.disk.paths:
-                        p.unlink(missing_ok=True)
+        if remove_files and self.disk_dir is not None:
+            self._cleanup()
 
 
-def _check_dir(d: Path) -> None:
+def _session_dir(parent: Path) -> Path:
+    """A fresh ``vrex-kv-*`` directory inside ``parent`` (created if needed), probed for writing."""
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".vrex-probe-", dir=d)
+        parent.mkdir(parents=True, exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix="vrex-kv-", dir=parent))
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=d)
         os.close(fd)
         os.unlink(probe)
+        return d
     except OSError as e:
-        raise KVStoreDiskError(e.errno, f"KV disk tier directory '{d}' is not usable: {e.strerror or e}") from e
+        raise KVStoreDiskError(e.errno, f"KV disk tier directory '{parent}' is not usable: {e.strerror or e}") from e
 
 
 __all__ = ["KVStore", "KVStoreDiskError", "DEVICE", "HOST", "DISK"]

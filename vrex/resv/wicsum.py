@@ -13,7 +13,9 @@ Definition, per query row ``i`` (one query token of one query head), over ``C`` 
      attention mass of cluster ``j`` and the rule keeps clusters covering ``ratio`` of it.
    * ``"shift_min"``: ``w_ij = scale * (s_ij - min_j s_ij)`` (the lowest cluster gets weight 0).
    * ``"relu"``: ``w_ij = max(scale * s_ij, 0)``.
-   * ``"raw"``: ``w_ij = scale * s_ij`` (the literal paper rule; see the fallback in step 4).
+   * ``"raw"``: ``w_ij = scale * s_ij`` (the literal paper rule). Defined but degenerate with
+     negative logits: a negative ``Sum`` gives a negative ``Th`` that the first running sum may
+     already exceed (one cluster taken), and ``Sum = 0`` takes everything (step 4).
 
    Max/min run over valid clusters only; invalid (padded) clusters get weight 0.
 3. **Sort.** Valid clusters are sorted by a key in descending order, **stable** (ties: lower

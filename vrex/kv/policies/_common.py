@@ -55,11 +55,11 @@ class KeyBuffer:
             new = torch.zeros(H, max(2 * self.buf.shape[1], self.n + T), D)
             new[:, : self.n] = self.buf[:, : self.n]
             self.buf = new
-        self.buf[:, self.n : self.n + T] = keys.to(torch.float32)
+        self.buf[:, self.n : self.n + T] = keys.detach().to(torch.float32).cpu()
         self.n += T
 
     def replace(self, keys: Tensor) -> None:
-        self.buf = keys.to(torch.float32).clone()
+        self.buf = keys.detach().to(torch.float32).cpu().clone()
         self.n = keys.shape[1]
 
     def view(self, n: int | None = None) -> Tensor:

@@ -67,7 +67,7 @@ class InfiniGenPolicy(KVPolicy):
             return Selection(None, {"n_past": n_past, "selected": [n_past] * H})
         k = budget(n_past, self.ratio, self.budget, self.max_ratio)
         keys = self._keys[layer].view(n_past)
-        logits = torch.bmm(gqa_rows(queries.float(), H), keys.transpose(1, 2))  # [H, R, N]
+        logits = torch.bmm(gqa_rows(queries.detach().float().cpu(), H), keys.transpose(1, 2))  # [H, R, N]
         if self.aggregate == "softmax_sum":
             score = torch.softmax(logits / math.sqrt(self.head_dim), dim=-1).sum(1)
         else:

@@ -63,13 +63,13 @@ class ReKVPolicy(KVPolicy):
         self._blocks = [_Blocks(num_kv_heads, head_dim) for _ in range(num_layers)]
 
     def on_append(self, layer, keys, start, frame_id) -> None:
-        self._blocks[layer].add(keys.float().mean(1).reshape(-1), start, keys.shape[1])
+        self._blocks[layer].add(keys.detach().float().mean(1).reshape(-1).cpu(), start, keys.shape[1])
 
     def on_positions_changed(self, layer, keys) -> None:
         b = self._blocks[layer]
         for i in range(b.n):  # rare (position re-indexing): a loop over blocks is fine
             s, n = int(b.start[i]), int(b.length[i])
-            b.rep[i] = keys[:, s : s + n].float().mean(1).reshape(-1)
+            b.rep[i] = keys[:, s : s + n].detach().float().mean(1).reshape(-1).cpu()
 
     def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
         H = self.num_kv_heads
@@ -77,7 +77,7 @@ class ReKVPolicy(KVPolicy):
         nb = int(torch.searchsorted(b.start[: b.n], torch.tensor([n_past]))[0]) if b.n else 0  # blocks starting < n_past
         if n_past == 0 or nb == 0:
             return Selection([torch.zeros(0, dtype=torch.int64)] * H, {"n_past": n_past, "selected": [0] * H})
-        q = gqa_rows(queries.float(), H).mean(1).reshape(-1)  # [H*D]
+        q = gqa_rows(queries.detach().float().cpu(), H).mean(1).reshape(-1)  # [H*D]
         rep = b.rep[:nb]
         if self.similarity == "cosine":
             score = F.normalize(rep, dim=-1) @ F.normalize(q, dim=0)

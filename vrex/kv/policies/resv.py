@@ -119,6 +119,7 @@ class ReSVPolicy(KVPolicy):
 
     def on_append(self, layer, keys, start, frame_id) -> None:
         tab = self.tables[layer]
+        keys = keys.detach().float().cpu()  # the HC table lives in host memory (as in the paper)
         if not self.clustering:
             tab.add_singletons(keys, start, hash=False)
         elif frame_id is None and self.text_clustering == "singleton":
@@ -127,7 +128,7 @@ class ReSVPolicy(KVPolicy):
             tab.add(keys, start, is_frame=frame_id is not None)
 
     def on_positions_changed(self, layer, keys) -> None:
-        self.tables[layer].rebuild(keys)
+        self.tables[layer].rebuild(keys.detach().float().cpu())
 
     def block_order(self, layer: int, start: int, length: int) -> torch.Tensor:
         """Cluster-contiguous physical order ``[H_kv, T]`` of a just-appended block (for ``KVStore.set_block_order``)."""
@@ -151,7 +152,7 @@ class ReSVPolicy(KVPolicy):
             tail = tab.token_cluster[:, n_past : tab.n_tokens]
             counts = counts - torch.zeros_like(counts).scatter_add_(1, tail, torch.ones_like(tail))
             valid = counts > 0
-        rows = gqa_rows(queries.float(), H)  # [H, R, D]
+        rows = gqa_rows(queries.detach().float().cpu(), H)  # [H, R, D]
         R = rows.shape[1]
         scores = torch.bmm(rows, mean.transpose(1, 2))  # [H, R, C]
         scale = self.score_scale if self.score_scale is not None else 1.0 / math.sqrt(self.head_dim)
