@@ -109,7 +109,10 @@ class HFVisionEncoder(FrameEncoder):
                    "clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}
         if kind not in classes:
             raise ValueError(f"vision encoder '{spec}' is a '{kind}' model; vrex supports SigLIP and CLIP vision towers")
-        self.model = classes[kind].from_pretrained(spec, local_files_only=local).eval().requires_grad_(False)
+        # float32 whatever the checkpoint's storage dtype (transformers 5 would keep bf16/fp16: slow or
+        # unsupported on CPU, and it would change the numbers between checkpoints of one model)
+        self.model = classes[kind].from_pretrained(spec, local_files_only=local, dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
         self.processor = AutoImageProcessor.from_pretrained(spec, local_files_only=local, use_fast=False)
         vcfg = self.model.config
         self.has_cls = kind.startswith("clip")  # CLIP prepends a CLS token to the patch tokens

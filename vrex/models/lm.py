@@ -74,6 +74,12 @@ def load_lm(
     local = Path(path).is_dir()
     if not local and Path(path).exists():
         raise WeightsNotFound(f"LM '{spec}': {path} is a file; give a model directory or a repo id")
+    if local and not (Path(path) / "config.json").is_file():
+        raise WeightsNotFound(
+            f"LM '{spec}': the directory {path} has no config.json; an LM directory is a transformers causal LM "
+            f"(config.json with model_type {' or '.join(SUPPORTED_LM_TYPES)}, weights, tokenizer) as written by "
+            f"save_pretrained or `hf download`"
+        )
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local)
     except OSError as err:
@@ -88,5 +94,11 @@ def load_lm(
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    # transformers 5 silently builds an empty tokenizer when the files are missing
+    if not tokenizer("Hello, world", add_special_tokens=False)["input_ids"]:
+        raise WeightsNotFound(
+            f"LM '{spec}': {path} has no usable tokenizer (tokenizer.json, tokenizer.model or vocab.json + "
+            f"merges.txt); save it beside the weights (tokenizer.save_pretrained(DIR))"
+        )
     model.to(device).eval()
     return model, tokenizer

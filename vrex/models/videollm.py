@@ -130,9 +130,26 @@ def load_videollm(
     system: str = DEFAULT_SYSTEM,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    base_lm: str | None = None,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
-    ships for this encoder+LM, if any) or ``None`` (seeded untrained init)."""
+    ships for this encoder+LM, if any) or ``None`` (seeded untrained init).
+
+    ``lm`` may also name a VideoLLM-online checkpoint (directory or repo id; see
+    ``vrex.models.videollm_online``): its own vision tower, connector and text layout are used, unless
+    ``encoder`` (other than the default preset) / ``connector`` (a file) / ``system`` say otherwise;
+    ``base_lm`` replaces the base LM it names (e.g. a local copy of Meta-Llama-3-8B-Instruct).
+    """
+    from vrex.models import videollm_online  # imports this module
+
+    if videollm_online.is_videollm_online(lm):
+        return videollm_online.load_videollm_online(
+            lm, base_lm=base_lm, vision=None if encoder == EFFNET_PRESET else encoder,
+            connector=None if connector in ("auto", None) else connector,
+            system=None if system == DEFAULT_SYSTEM else system, device=device,
+        )
+    if base_lm is not None:
+        raise ValueError(f"base_lm applies to VideoLLM-online checkpoints only; '{lm}' is a plain LM")
     lm_model, tokenizer = load_lm(lm, device=device)
     enc = load_encoder(encoder, grid=grid).to(device)
     conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed).to(device)

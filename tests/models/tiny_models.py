@@ -1,0 +1,117 @@
+"""Tiny random-weight models saved in the layouts vrex loads (no hub: everything is built here).
+
+Each helper writes a directory exactly as ``save_pretrained`` / ``hf download`` would lay it out:
+Llama and Qwen2 causal LMs with a tokenizer beside them, SigLIP and CLIP vision towers with their
+image processors. Tokenizers are small byte-level BPEs trained here, with the special tokens of
+the chat formats vrex knows (ChatML for Qwen2, Llama 3 headers for Llama).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = (
+    "A multimodal AI assistant is helping users with some activities. Below is their conversation, "
+    "interleaved with the list of video frames received by the assistant.\nUser: What do you see?\n"
+    "Assistant: A bird on a branch, a cat, a horse, coffee, bricks and a camera.\n"
+    "You are a live video assistant. Frames of a video stream arrive over time. When the scene changes, "
+    "say in a few words what is shown. Answer the user's questions about the stream."
+) * 4
+CHATML = {"special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>", "bos": None}
+LLAMA3 = {"special": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+          "eos": "<|eot_id|>", "bos": "<|begin_of_text|>"}
+
+
+def make_tokenizer(style: dict):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=style["special"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=style["eos"], bos_token=style["bos"],
+                                   pad_token=style["eos"])
+
+
+def save_lm(path: Path, family: str, style: dict, *, seed: int = 0, tie: bool = False, hidden: int = 48,
+            layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = make_tokenizer(style)
+    kw = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))
+    with torch.no_grad():  # the default init (std 0.02) gives near-uniform logits; make them distinctive
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_vision(path: Path, kind: str, *, image: int = 32, patch: int = 8, hidden: int = 32, full: bool = False) -> Path:
+    """A SigLIP or CLIP vision tower (``full``: the whole two-tower model, as hub repos hold it)."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
+                              SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
+
+    vkw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+               image_size=image, patch_size=patch)
+    tkw = dict(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+               num_attention_heads=4, max_position_embeddings=16)
+    torch.manual_seed(1)
+    if kind == "siglip":
+        model = (SiglipModel(SiglipConfig(text_config=tkw, vision_config=vkw)) if full
+                 else SiglipVisionModel(SiglipVisionConfig(**vkw)))
+        processor = SiglipImageProcessor(size={"height": image, "width": image})
+    else:
+        model = (CLIPModel(CLIPConfig(text_config=tkw, vision_config=vkw, projection_dim=hidden)) if full
+                 else CLIPVisionModel(CLIPVisionConfig(**vkw)))
+        processor = CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+
+
+#: VideoLLM-online's LoRA targets (``arguments_live.py``): every attention/MLP projection + lm_head.
+LIVE_LORA_TARGETS = "model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head$"
+
+
+def save_live_checkpoint(path: Path, base_dir: Path, *, base_name: str, vision_dim: int = 32,
+                         live_config: dict | None = None, seed: int = 3):
+    """A VideoLLM-online-layout checkpoint: LoRA + connector (modules_to_save) over the LM in ``base_dir``.
+
+    Mirrors ``LiveLlamaForCausalLM`` (the LM plus a ``connector`` submodule) wrapped by peft as in
+    ``build_live``; ``base_name`` is written as ``base_model_name_or_path``; ``live_config`` (if given)
+    becomes the checkpoint's config.json. Returns the peft model (eval mode) for reference outputs.
+    """
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    d = lm.config.hidden_size
+    lm.connector = nn.Sequential(nn.Linear(vision_dim, d), nn.GELU(), nn.Linear(d, d))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=LIVE_LORA_TARGETS,
+                        modules_to_save=["connector"], task_type="CAUSAL_LM", init_lora_weights=False)
+    model = get_peft_model(lm, config)
+    with torch.no_grad():  # "training": the saved copy of the connector differs from the initial one
+        for p in model.base_model.model.connector.modules_to_save["default"].parameters():
+            p.normal_(0.0, 0.3)
+    model.peft_config["default"].base_model_name_or_path = base_name
+    model.save_pretrained(path)
+    if live_config is not None:
+        (path / "config.json").write_text(json.dumps({"model_type": "live_llama", **live_config}))
+    return model.eval()
