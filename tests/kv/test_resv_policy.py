@@ -144,3 +144,26 @@ def test_bad_config_is_clear():
         make_policy("resv", code_update="vote")
     with pytest.raises(ValueError, match="ratio"):
         make_policy("resv", ratio=-1)
+
+
+def test_row_chunking_does_not_change_results(monkeypatch):
+    import vrex.kv.policies.resv as resv_mod
+
+    pol = make_policy("resv")
+    keys = stream(pol)
+    n = keys.shape[1]
+    q = torch.randn(HQ, 7, D, generator=torch.Generator().manual_seed(4))
+    a = pol.select(0, q, n, "text")
+    monkeypatch.setattr(resv_mod, "_CHUNK_ELEMENTS", 1)  # one row per batch
+    b = pol.select(0, q, n, "text")
+    assert [x.tolist() for x in a.indices] == [x.tolist() for x in b.indices]
+    assert a.stats == b.stats
+
+
+def test_seed_changes_hyperplanes_not_determinism():
+    a, b, c = make_policy("resv", seed=0), make_policy("resv", seed=0), make_policy("resv", seed=1)
+    for p in (a, b, c):
+        stream(p)
+    assert torch.equal(a.tables[0].planes, b.tables[0].planes)
+    assert torch.equal(a.tables[0].token_cluster, b.tables[0].token_cluster)
+    assert not torch.equal(a.tables[0].planes, c.tables[0].planes)

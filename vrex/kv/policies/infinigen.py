@@ -67,11 +67,15 @@ class InfiniGenPolicy(KVPolicy):
             return Selection(None, {"n_past": n_past, "selected": [n_past] * H})
         k = budget(n_past, self.ratio, self.budget, self.max_ratio)
         keys = self._keys[layer].view(n_past)
-        logits = torch.bmm(gqa_rows(queries.detach().float().cpu(), H), keys.transpose(1, 2))  # [H, R, N]
-        if self.aggregate == "softmax_sum":
-            score = torch.softmax(logits / math.sqrt(self.head_dim), dim=-1).sum(1)
-        else:
-            score = logits.amax(1)
+        rows = gqa_rows(queries.detach().float().cpu(), H)
+        R = rows.shape[1]
+        step = max(1, (1 << 21) // max(1, H * n_past))  # row chunks: bounded memory for long prefills
+        score = torch.zeros(H, n_past) if self.aggregate == "softmax_sum" else torch.full((H, n_past), float("-inf"))
+        for r0 in range(0, R, step):
+            logits = torch.bmm(rows[:, r0 : r0 + step], keys.transpose(1, 2))  # [H, r, N]
+            if self.aggregate == "softmax_sum":
+                score += torch.softmax(logits / math.sqrt(self.head_dim), dim=-1).sum(1)
+            else:
+                score = torch.maximum(score, logits.amax(1))
         idx = topk_stable(score, k)
-        return Selection(list(idx.unbind(0)), {"n_past": n_past, "selected": [k] * H,
-                                               "dot_products": [int(logits.shape[1]) * n_past] * H})
+        return Selection(list(idx.unbind(0)), {"n_past": n_past, "selected": [k] * H, "dot_products": [R * n_past] * H})

@@ -56,6 +56,8 @@ from vrex.resv.wicsum import normalize_scores, wicsum_select
 
 from ._common import gqa_rows
 
+_CHUNK_ELEMENTS = 1 << 21  # scores per WiCSum batch (rows x clusters x heads); bounds memory only
+
 _CHOICES = {
     "hyperplane_sharing": ("per_head", "per_layer", "global"),
     "assign_rule": ("nearest", "first"),
@@ -154,18 +156,27 @@ class ReSVPolicy(KVPolicy):
             valid = counts > 0
         rows = gqa_rows(queries.detach().float().cpu(), H)  # [H, R, D]
         R = rows.shape[1]
-        scores = torch.bmm(rows, mean.transpose(1, 2))  # [H, R, C]
         scale = self.score_scale if self.score_scale is not None else 1.0 / math.sqrt(self.head_dim)
-        w = normalize_scores(scores, valid, mode=self.score_norm, scale=scale)
-        res = wicsum_select(w, counts, self.stage_ratio(stage), valid, sort_by=self.sort_by, num_buckets=self.num_buckets)
-        chosen = res.union() & valid  # [H, C]
+        ratio = self.stage_ratio(stage)
+        # rows are independent: process them in chunks so a long text prefill stays in bounded memory
+        step = max(1, _CHUNK_ELEMENTS // max(1, H * mean.shape[1]))
+        chosen = torch.zeros_like(valid)
+        scanned = torch.zeros(H, dtype=torch.int64)
+        sb = torch.zeros(H, dtype=torch.int64) if self.num_buckets else None
+        for r0 in range(0, R, step):
+            scores = torch.bmm(rows[:, r0 : r0 + step], mean.transpose(1, 2))  # [H, r, C]
+            w = normalize_scores(scores, valid, mode=self.score_norm, scale=scale)
+            res = wicsum_select(w, counts, ratio, valid, sort_by=self.sort_by, num_buckets=self.num_buckets)
+            chosen |= res.union()
+            scanned += res.taken.sum(1)
+            if sb is not None:
+                sb += res.scanned_bucketed.sum(1)
+        chosen &= valid  # [H, C]
         mask = tab.token_mask(chosen, n_past)  # [H, n_past]
         if self.selection_scope == "layer":
             mask = mask.any(0, keepdim=True).expand(H, n_past)
         indices = [torch.nonzero(mask[h]).flatten() for h in range(H)]
         n_cl = valid.sum(1)
-        scanned = res.taken.sum(1)
-        sb = res.scanned_bucketed.sum(1) if res.scanned_bucketed is not None else None
         denom = (n_cl * R).clamp(min=1).double()
         kv_bytes = 2 * n_past * H * self.head_dim * self.key_bytes
         hc_bytes = tab.nbytes(key_bytes=self.key_bytes)
