@@ -1,0 +1,296 @@
+"""``vrex eval live``: LIVE metrics on held-out media, trained vs untrained connector, side by side.
+
+Streams are built from the held-out media only (``split: heldout`` in ``media.json``) with a
+fixed seed, from the cached encoder features, and run through the real ``StreamingSession``
+(frames are fed as cached features through a pass-through encoder, so the session path is
+unchanged: pending text + frame tokens per step, the streaming-EOS gate at theta, greedy decoding).
+
+Metrics (as in VideoLLM-online, adapted; all on held-out media):
+
+* ``lm_ppl``: exp(mean cross-entropy) of the reference narration/answer tokens under teacher forcing.
+* ``fluency``: per narration turn, the teacher-forced predictions [gate decision of every silent
+  frame since the previous turn, the speak decision at the segment change, the narration tokens];
+  the fraction that is correct before the first error, averaged over turns. A gate decision is
+  correct when it agrees with the session's rule (P(interval) >= theta means silent).
+* ``timediff_s``: free-running session; per segment change, seconds from the change to the first
+  narration inside that segment; a segment without one counts its whole duration.
+* ``narration_acc``: free-running; a segment counts as correct when the first narration inside it
+  names the subject: one of the media's ``keywords`` occurs in it, case-insensitive, at the start
+  of a word (so "cat" matches "cats" but not "scat").
+* ``needle_acc@{m}min``: a haystack of one held-out subject (m minutes at 2 FPS), a 2-4 frame
+  needle of another held-out subject at a fixed relative position, the question
+  "What appeared briefly in the stream?" at the last frame; correct when the answer names the
+  needle (same keyword rule). Run with each ``--policy``.
+* ``responses_per_min`` (free-running): how talkative the model is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vrex.train.data import FPS, FeatureCache, build_feature_cache, load_catalog, split_names
+from vrex.train.layout import LM, STREAM, LayoutBuilder, embed_layout
+from vrex.train.streams import NEEDLE_QUESTION, Stream, StreamMaker
+from vrex.train.trainer import stream_features
+
+
+@dataclass
+class EvalConfig:
+    narration_streams: int = 10
+    minutes: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
+    needles_per_length: int = 4
+    seed: int = 0
+    threads: int = 1
+    theta: float | None = None  # None: the session default
+    max_response_tokens: int = 12
+    quick: bool = False
+
+    @staticmethod
+    def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
+        if quick:
+            return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=4, seed=seed, threads=threads, quick=True)
+        return EvalConfig(minutes=minutes or [1.0, 2.0, 5.0], seed=seed, threads=threads)
+
+
+def names_subject(text: str, keywords: tuple[str, ...]) -> bool:
+    """The narration-accuracy matching rule: a keyword occurs at the start of a word (case-insensitive)."""
+    low = text.lower()
+    return any(re.search(r"(?<![a-z])" + re.escape(k.lower()), low) for k in keywords)
+
+
+class _CachedFeatures(nn.Module):
+    """Pass-through 'encoder': the session hands it what was pushed as the image (cached features)."""
+
+    def __init__(self, like):
+        super().__init__()
+        self.dim, self.grid, self.name = like.dim, like.grid, like.name
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return 1 + self.grid * self.grid
+
+    def forward(self, images):
+        return torch.stack([im.float() for im in images])
+
+
+def feature_model(model, connector):
+    """A shallow copy of ``model`` that takes cached features as frames and uses ``connector``."""
+    return dataclasses.replace(model, encoder=_CachedFeatures(model.encoder), connector=connector)
+
+
+def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], dict[str, dict[float, list[Stream]]]]:
+    """Narration streams and needle streams, all from held-out media (fixed seed). Needle sets:
+    ``heldout`` (haystack and needle held out: the issue's metric) and, unless quick, ``seen``
+    (held-out haystack, needle from a *training* subject: retrieval without the recognition gap)."""
+    catalog = load_catalog()
+    held = StreamMaker(cache, catalog, split_names(catalog, "heldout"))
+    train_names = split_names(catalog, "train")
+    rng = random.Random(f"eval-{cfg.seed}")
+    narr = [held.narration_stream(rng, n_segments=(3, 4), seg_len=(4, 8), question_prob=0.5) for _ in range(cfg.narration_streams)]
+    needles: dict[str, dict[float, list[Stream]]] = {"heldout": {}} if cfg.quick else {"heldout": {}, "seen": {}}
+    names = held.names
+    for minutes in cfg.minutes:
+        for kind in needles:
+            out = []
+            for k in range(cfg.needles_per_length):
+                r = random.Random(f"needle-{cfg.seed}-{k}")  # same haystack/needle/position at every length
+                hay = names[k % len(names)]
+                pool = names if kind == "heldout" else train_names
+                needle = r.choice([n for n in pool if held.label(n) != held.label(hay)])
+                maker = held if kind == "heldout" else StreamMaker(cache, catalog, [hay, needle])
+                out.append(maker.needle_stream(r, int(minutes * 60 * FPS), haystack=hay, needle=needle,
+                                               position=r.uniform(0.15, 0.75), narrate=False))
+            needles[kind][minutes] = out
+    return narr, needles
+
+
+@torch.no_grad()
+def teacher_forced(model, builder: LayoutBuilder, cache: FeatureCache, streams: list[Stream], theta: float) -> dict[str, float]:
+    """LM-PPL and Fluency under teacher forcing."""
+    nll, count, fluencies = 0.0, 0, []
+    interval = builder.interval
+    for stream in streams:
+        layout = builder.build(stream.steps)
+        embeds = embed_layout(model, layout, stream_features(cache, stream))
+        hidden = model.lm.model(inputs_embeds=embeds[None]).last_hidden_state[0]
+        sup = (layout.kinds != 0).nonzero().flatten()
+        logits = model.lm.lm_head(hidden[sup]).float()
+        targets, kinds = layout.targets[sup], layout.kinds[sup]
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        lm = kinds == LM
+        nll += float(ce[lm].sum())
+        count += int(lm.sum())
+        p_int = logits.softmax(-1)[:, interval]
+        correct = torch.where(kinds == STREAM, torch.where(targets == interval, p_int >= theta, p_int < theta),
+                              logits.argmax(-1) == targets)
+        # split into turns: a turn ends with the stop-token target of a narration (not answers: they follow questions)
+        turn: list[bool] = []
+        in_narration = False
+        for c, k, tgt in zip(correct.tolist(), kinds.tolist(), targets.tolist()):
+            if k == STREAM:
+                if tgt != interval:
+                    in_narration = True
+                turn.append(c)
+            elif in_narration:
+                turn.append(c)
+                if tgt == builder.stop:
+                    first_err = turn.index(False) if False in turn else len(turn)
+                    fluencies.append(first_err / len(turn))
+                    turn, in_narration = [], False
+            # answer tokens (after questions) are not part of narration turns
+    return {"lm_ppl": math.exp(nll / max(1, count)), "fluency": sum(fluencies) / max(1, len(fluencies))}
+
+
+def _session(model, policy_name: str, cfg: EvalConfig):
+    from vrex.engine.session import SessionConfig, StreamingSession
+    from vrex.kv.policies import make_policy
+
+    scfg = SessionConfig(max_response_tokens=cfg.max_response_tokens)
+    if cfg.theta is not None:
+        scfg.theta = cfg.theta
+    return StreamingSession(model, make_policy(policy_name), scfg)
+
+
+def run_stream(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig):
+    """Free-run the session over the stream's frames; questions at their frames. Returns events."""
+    session = _session(fmodel, policy, cfg)
+    events = []
+    for step in stream.steps:
+        for turn in step.questions:  # queued for this frame's time: answered right after it
+            session.ask(turn.question, step.t)
+        events += session.push_frame(step.t, cache.features[step.media][step.frame])
+    return events
+
+
+@torch.no_grad()
+def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> str:
+    """Silent haystack via ``StreamingSession.fast_forward`` (no gate, chunked prefill: the layout of a
+    stream where the model stayed silent), then the last frame with the needle question due. Returns the answer."""
+    session = _session(fmodel, policy, cfg)
+    feats = stream_features(cache, stream)
+    conn = fmodel.connector
+    embeds = conn(feats.to(fmodel.device, dtype=conn.fc1.weight.dtype))
+    session.fast_forward([s.t for s in stream.steps[:-1]], embeds[:-1])
+    last = stream.steps[-1]
+    session.ask(NEEDLE_QUESTION, last.t)
+    events = session.push_frame(last.t, feats[-1])
+    answers = [e for e in events if e.kind == "answer"]
+    return answers[-1].text if answers else ""
+
+
+def narration_metrics(events, stream: Stream, catalog) -> tuple[list[float], list[bool], int]:
+    responses = [e for e in events if e.kind == "response"]
+    diffs, hits = [], []
+    for seg in stream.segments:
+        t0, t1 = seg.start / FPS, seg.end / FPS
+        # the session timestamps a response with its frame's t; the change frame is at t0
+        inside = [e for e in responses if t0 - 1e-6 <= e.t < t1 - 1e-6]
+        diffs.append(inside[0].t - t0 if inside else t1 - t0)
+        hits.append(bool(inside) and names_subject(inside[0].text, catalog[seg.media].keywords))
+    return diffs, hits, len(responses)
+
+
+def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("full",), progress: bool = True,
+             log=print) -> list[dict]:
+    """Rows {model, policy, metric, value} for the trained and the untrained connector."""
+    torch.set_num_threads(cfg.threads)
+    from vrex.models.connector import Connector
+    from vrex.models.videollm import load_videollm
+
+    base = load_videollm(connector=None)
+    cache = build_feature_cache(progress=progress)
+    catalog = load_catalog()
+    untrained = base.connector
+    models = {"untrained": untrained}
+    if connector is not None:
+        trained = load_connector(connector, base)
+        models = {"trained": trained, "untrained": untrained}
+    builder = LayoutBuilder.for_model(base)
+    narr, needles = eval_streams(cache, cfg)
+    from vrex.engine.session import DEFAULT_THETA
+
+    theta = cfg.theta if cfg.theta is not None else DEFAULT_THETA
+    rows: list[dict] = []
+
+    def add(model_name, policy, metric, value):
+        rows.append({"model": model_name, "policy": policy, "metric": metric, "value": round(float(value), 4)})
+        log(f"  {model_name:9s} {policy:12s} {metric:18s} {value:.4f}")
+
+    for model_name, conn in models.items():
+        fmodel = feature_model(base, conn)
+        t0 = time.time()
+        tf = teacher_forced(fmodel, builder, cache, narr, theta)
+        add(model_name, "-", "lm_ppl", tf["lm_ppl"])
+        add(model_name, "-", "fluency", tf["fluency"])
+        for policy in policies:
+            diffs, hits, n_resp, seconds = [], [], 0, 0.0
+            for stream in narr:
+                events = run_stream(fmodel, cache, stream, policy, cfg)
+                d, h, n = narration_metrics(events, stream, catalog)
+                diffs += d
+                hits += h
+                n_resp += n
+                seconds += stream.duration
+            add(model_name, policy, "timediff_s", sum(diffs) / len(diffs))
+            add(model_name, policy, "narration_acc", sum(hits) / len(hits))
+            add(model_name, policy, "responses_per_min", 60 * n_resp / seconds)
+            for kind, by_len in needles.items():
+                for minutes, streams in by_len.items():
+                    correct = 0
+                    for stream in streams:
+                        answer = run_needle(fmodel, cache, stream, policy, cfg)
+                        ok = names_subject(answer, catalog[stream.needle].keywords)
+                        correct += ok
+                        log(f"    needle[{kind}] {minutes:g} min {stream.segments[0].media}+{stream.needle}: {answer!r} {'OK' if ok else 'x'}")
+                    metric = f"needle_acc@{minutes:g}min" + ("" if kind == "heldout" else "_seen_needle")
+                    add(model_name, policy, metric, correct / len(streams))
+        log(f"  ({model_name}: {time.time() - t0:.0f} s)")
+    return rows
+
+
+def load_connector(path: Path, base):
+    """A connector from a safetensors file: exported weights, or a run's ``checkpoint.safetensors``."""
+    from safetensors.torch import load_file
+
+    from vrex.models.connector import Connector
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    state = load_file(str(path))
+    if any(k.startswith("connector.") for k in state):
+        state = {k[len("connector."):]: v for k, v in state.items() if k.startswith("connector.")}
+    conn = Connector(base.encoder.dim, base.lm.config.hidden_size)
+    conn.load_state_dict(state)
+    conn.trained, conn.source = True, str(path)
+    return conn
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    models = sorted({r["model"] for r in rows}, key=lambda m: m != "trained")
+    keys = []
+    for r in rows:
+        if (r["policy"], r["metric"]) not in keys:
+            keys.append((r["policy"], r["metric"]))
+    table = Table(title="vrex eval live (held-out media)")
+    table.add_column("policy")
+    table.add_column("metric")
+    for m in models:
+        table.add_column(m, justify="right")
+    val = {(r["model"], r["policy"], r["metric"]): r["value"] for r in rows}
+    for policy, metric in keys:
+        table.add_row(policy, metric, *[f"{val[(m, policy, metric)]:.3f}" if (m, policy, metric) in val else "-" for m in models])
+    Console().print(table)

@@ -1,0 +1,224 @@
+"""LIVE training of the connector (optionally LoRA on the LM) on cached encoder features, on CPU.
+
+Loss (VideoLLM-online): L = (1/N) sum_j [ l_j CE_j(response token) + w f_j CE_j(gate label) ] over
+the N supervised positions: response/answer tokens (``LM``) and each frame's last token (``STREAM``:
+the interval token on silent frames, the first token of ``respond`` where the model must speak).
+
+Every step draws one stream from an RNG seeded by ``(seed, step)``, so a resumed run sees exactly
+the streams an uninterrupted one would. Checkpoints (``<run>/checkpoint.safetensors`` +
+``<run>/state.pt``) hold the trainable weights, the optimizer and the loss history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from vrex.train.data import FeatureCache, build_feature_cache, load_catalog, split_names
+from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
+from vrex.train.streams import StreamMaker
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "connector-efficientnet-lite0-smollm2-135m.safetensors"
+
+
+@dataclass
+class Recipe:
+    steps: int = 600
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    stream_loss_weight: float = 1.0
+    needle_fraction: float = 0.4
+    silent_needle_fraction: float = 0.5  # of needle streams: silent haystack (fast_forward layout)
+    needle_frames: tuple[int, int] = (12, 40)
+    lora: bool = False
+    lora_rank: int = 8
+    seed: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    threads: int = 1
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def live_loss(model, layout: Layout, frame_feats: torch.Tensor, stream_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """LIVE loss for one stream; logits are only computed at supervised positions."""
+    embeds = embed_layout(model, layout, frame_feats)
+    hidden = model.lm.model(inputs_embeds=embeds[None]).last_hidden_state[0]
+    sup = layout.kinds != 0
+    logits = model.lm.lm_head(hidden[sup.to(hidden.device)]).float()
+    targets = layout.targets[sup].to(logits.device)
+    kinds = layout.kinds[sup].to(logits.device)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    w = torch.where(kinds == STREAM, torch.tensor(stream_loss_weight, device=ce.device), torch.tensor(1.0, device=ce.device))
+    loss = (w * ce).sum() / ce.numel()
+    lm, st = kinds == LM, kinds == STREAM
+    ce, logits = ce.detach(), logits.detach()
+    stats = {
+        "loss": loss.item(),
+        "lm_ce": float(ce[lm].mean()) if lm.any() else float("nan"),
+        "stream_ce": float(ce[st].mean()) if st.any() else float("nan"),
+        "stream_acc": float((logits[st].argmax(-1) == targets[st]).float().mean()) if st.any() else float("nan"),
+        "tokens": len(layout),
+    }
+    return loss, stats
+
+
+def stream_features(cache: FeatureCache, stream) -> torch.Tensor:
+    return torch.stack([cache.features[s.media][s.frame] for s in stream.steps]).float()
+
+
+def draw_stream(maker: StreamMaker, recipe: Recipe, step: int):
+    rng = random.Random(f"{recipe.seed}-{step}")
+    if rng.random() < recipe.needle_fraction:
+        return maker.needle_stream(rng, rng.randint(*recipe.needle_frames), narrate=rng.random() >= recipe.silent_needle_fraction)
+    return maker.narration_stream(rng)
+
+
+def trainable_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
+    state = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
+    if recipe.lora:
+        state.update({f"lm.{k}": v for k, v in model.lm.state_dict().items() if "lora_" in k})
+    return state
+
+
+def add_lora(model, rank: int) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    inject_adapter_in_model(cfg, model.lm)
+    for n, p in model.lm.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+
+def _lr(recipe: Recipe, step: int) -> float:
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_checkpoint(run: Path, model, recipe: Recipe, state: TrainState, optimizer) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, recipe).items()}
+    tmp = run / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"step": str(state.step)})
+    torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "recipe": recipe.to_json()}, run / "state.pt.tmp")
+    tmp.replace(run / "checkpoint.safetensors")
+    (run / "state.pt.tmp").replace(run / "state.pt")
+
+
+def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
+    tensors = load_file(str(run / "checkpoint.safetensors"))
+    extra = torch.load(run / "state.pt", weights_only=False)
+    saved = extra["recipe"]
+    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight"):
+        if saved.get(key) != getattr(recipe, key):
+            raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
+    model.connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
+    if recipe.lora:
+        model.lm.load_state_dict({k[len("lm."):]: v for k, v in tensors.items() if k.startswith("lm.")}, strict=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    return TrainState(**extra["state"])
+
+
+def export_connector(model, path: Path, recipe: Recipe, state: TrainState, command: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"trained_by": "vrex train", "step": str(state.step), "seed": str(recipe.seed), "command": command,
+            "recipe": json.dumps(recipe.to_json())}
+    model.connector.save(path, metadata=meta)
+
+
+def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume: bool = True, model=None,
+          cache: FeatureCache | None = None, progress: bool = True, command: str | None = None,
+          stop_after: int | None = None) -> TrainState:
+    """Train; returns the final state. ``stop_after``: stop (with a checkpoint) after that many
+    steps of this call, as an interruption would (used by tests)."""
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    from vrex.models.videollm import load_videollm
+
+    model = model or load_videollm(connector=None, seed=recipe.seed)
+    cache = cache or build_feature_cache(progress=progress)
+    catalog = load_catalog()
+    maker = StreamMaker(cache, catalog, split_names(catalog, "train"))
+    builder = LayoutBuilder.for_model(model)
+    model.lm.requires_grad_(False)
+    model.lm.eval()  # no dropout; the LM is frozen
+    if recipe.lora and not any("lora_" in n for n, _ in model.lm.named_parameters()):
+        add_lora(model, recipe.lora_rank)
+    model.connector.requires_grad_(True)
+    params = list(model.connector.parameters()) + [p for n, p in model.lm.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    state = TrainState()
+    if resume and (run / "checkpoint.safetensors").is_file():
+        state = load_checkpoint(run, model, recipe, optimizer)
+    command = command or " ".join(["vrex", "train"] + sys.argv[1:])
+    from tqdm import tqdm
+
+    bar = tqdm(total=recipe.steps, initial=state.step, desc="LIVE training", disable=not progress, dynamic_ncols=True)
+    done_here = 0
+    t0 = time.time()
+    while state.step < recipe.steps:
+        stream = draw_stream(maker, recipe, state.step)
+        layout = builder.build(stream.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(recipe, state.step)
+        loss, stats = live_loss(model, layout, stream_features(cache, stream), recipe.stream_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        state.step += 1
+        done_here += 1
+        state.history.append({"step": state.step, "kind": stream.kind, "lr": optimizer.param_groups[0]["lr"],
+                              **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()}})
+        recent = state.history[-50:]
+        bar.set_postfix(loss=f"{sum(h['loss'] for h in recent) / len(recent):.3f}", tok=stats["tokens"])
+        bar.update(1)
+        last = state.step == recipe.steps
+        if state.step % recipe.checkpoint_every == 0 or last or (stop_after and done_here >= stop_after):
+            save_checkpoint(run, model, recipe, state, optimizer)
+        if stop_after and done_here >= stop_after and not last:
+            bar.close()
+            return state
+    bar.close()
+    elapsed = time.time() - t0
+    if out is not None:
+        export_connector(model, out, recipe, state, command)
+        write_record(out.with_suffix(".json"), recipe, state, command, elapsed)
+    return state
+
+
+def write_record(path: Path, recipe: Recipe, state: TrainState, command: str, elapsed: float) -> None:
+    """The recipe, seed, exact command and a compact loss curve (means over 25-step windows)."""
+    hist = state.history
+    curve = []
+    for i in range(0, len(hist), 25):
+        w = hist[i:i + 25]
+        curve.append({"step": w[-1]["step"], "loss": round(sum(h["loss"] for h in w) / len(w), 4),
+                      "stream_acc": round(sum(h["stream_acc"] for h in w) / len(w), 4)})
+    import platform
+    import os
+
+    record = {"command": command, "recipe": recipe.to_json(), "steps_done": state.step,
+              "train_seconds_this_call": round(elapsed, 1), "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+              "loss_curve": curve}
+    path.write_text(json.dumps(record, indent=1) + "\n")
