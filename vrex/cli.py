@@ -70,7 +70,8 @@ def run(
     policy: Annotated[str, typer.Option(help="KV selection policy: full, flexgen, infinigen, rekv, streamingllm, resv, resv-noclust.")] = "full",
     theta: Annotated[float, typer.Option(help="Streaming-EOS threshold: after a frame the model speaks when P(interval token) < theta (VideoLLM-online demo: 0.725). 0 = never narrate, only answer.")] = 0.725,
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
-    lm: Annotated[str, typer.Option(help="Language model: preset 'smollm2-135m', a local directory, or a Hugging Face repo id (Llama/Qwen2 family).")] = "smollm2-135m",
+    lm: Annotated[str, typer.Option(help="Language model: preset 'smollm2-135m', a local directory or Hugging Face repo id of a Llama/Qwen2-family LM, or a VideoLLM-online checkpoint (LoRA adapter + connector, e.g. chenjoya/videollm-online-8b-v1plus).")] = "smollm2-135m",
+    base_lm: Annotated[Optional[str], typer.Option(help="For a VideoLLM-online checkpoint: local directory of its base LM (instead of the hub id it names).")] = None,
     encoder: Annotated[str, typer.Option(help="Frame encoder: 'efficientnet-lite0' or a SigLIP/CLIP directory or repo id.")] = "efficientnet-lite0",
     connector: Annotated[str, typer.Option(help="Connector weights (.safetensors), 'auto' (vrex's trained weights when shipped) or 'none' (untrained).")] = "auto",
     sample: Annotated[bool, typer.Option(help="Sample (temperature/top-p) instead of greedy decoding.")] = False,
@@ -87,6 +88,7 @@ def run(
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.io import VideoSourceError, open_source
     from vrex.kv.policies import make_policy
+    from vrex.kv.telemetry import TelemetryWriter
     from vrex.models.videollm import load_videollm
 
     questions = [parse_question(q) for q in ask or []]
@@ -95,11 +97,11 @@ def run(
     except VideoSourceError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector)
+    model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm)
     for note in model.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
     config = SessionConfig(theta=theta, sample=sample, positions=PositionConfig(mode=positions))
-    tracer = _trace_writer(trace) if trace else None
+    tracer = TelemetryWriter(trace) if trace else None
     session = StreamingSession(model, make_policy(policy), config, trace=tracer)
     frames = ((f.t, f.image) for f in src)
     header = {"kind": "start", "model": model.describe(), "policy": policy, "source": source, "fps": fps,
@@ -153,22 +155,6 @@ def _live_display(session, frames, questions, src, title: str) -> None:
                                        f"[green]{'':8} A:[/green] {event.text}")
 
 
-class _trace_writer:
-    """Telemetry sink: one JSON line per model step (see vrex.kv.telemetry for the record schema)."""
-
-    def __init__(self, path: Path):
-        from vrex.kv.telemetry import step_to_json
-
-        self._to_json = step_to_json
-        self.file = open(path, "w")
-
-    def __call__(self, record, extra) -> None:
-        self.file.write(json.dumps(self._to_json(record, extra)) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-
-
 @bench_app.command("engine")
 def bench_engine(
     sizes: Annotated[str, typer.Option(help="Cached-token sizes to measure at, comma-separated (k = 1024).")] = "1k,4k,8k,16k",
@@ -184,17 +170,27 @@ def bench_engine(
 
 
 def _parse_size(text: str) -> int:
-    text = text.strip().lower()
+    from vrex.bench import parse_size
+
     try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-    except ValueError:
-        raise typer.BadParameter(f"size '{text}' is not a number like 4096 or 4k")
+        return parse_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
 
 
+@bench_app.command("kv", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench_kv(ctx: typer.Context) -> None:
+    """All KV policies side by side (latency, selected ratios, fidelity to full, memory, bytes moved). `vrex bench kv --help` for options."""
+    from typer.main import get_command
+
+    from vrex.bench.kv import kv_command
+
+    sub = typer.Typer()
+    sub.command(name="kv", help=kv_command.__doc__)(kv_command)
+    get_command(sub).main(args=ctx.args, prog_name="vrex bench kv", standalone_mode=True)
 _mount_optional("vrex.hw.cli", "app", "hw")
 _mount_optional("vrex.train.cli", "train_app", "train")
 _mount_optional("vrex.train.cli", "eval_app", "eval")
-_mount_optional("vrex.bench.kv", "app", "kv-bench")
 
 if __name__ == "__main__":
     app(sys.argv[1:])

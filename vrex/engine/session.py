@@ -94,6 +94,7 @@ class StreamingSession:
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.frames = 0
         self.t = 0.0
+        self.spans: list[tuple[int, int, int | None]] = []  # (start, length, frame_id) of every step, to rebuild indexes
         # The system prompt is the sink: always attended, never evicted.
         self._forward(model.embed_text(model.tokenize(fmt.prefix)), "text")
         self.cache.keep.sink_tokens = self.cached_tokens
@@ -123,6 +124,7 @@ class StreamingSession:
         t_prefill = time.perf_counter()
         self.frames += 1
         self.t = float(t)
+        self.last_logits = logits[-1]
         p_interval = float(logits[-1].float().softmax(-1)[self.interval_id])
         stats = {
             "frame": self.frames - 1, "vision_ms": 1e3 * (t_vision - t0), "prefill_ms": 1e3 * (t_prefill - t_vision),
@@ -156,6 +158,36 @@ class StreamingSession:
                 self.frames += 1
                 self.t = float(times[i])
             self._forward(torch.cat(parts), "frame", frame_spans=spans)
+
+    def fork(self, policy: KVPolicy, config: SessionConfig | None = None) -> "StreamingSession":
+        """A new session at this exact stream state with another policy/config: same cached K/V (copied
+        into a new store, so tiers follow the new config), positions and pending text; the new policy
+        indexes the cached tokens frame by frame, as it would have while streaming. Benchmarks use it
+        to compare policies from one shared fill."""
+        new = object.__new__(StreamingSession)
+        new.model, new.policy, new.config, new.trace = self.model, policy, config or self.config, None
+        cfg = self.model.lm.config
+        new.store = KVStore(
+            self.store.num_layers, self.store.num_kv_heads, self.store.head_dim, dtype=self.store.dtype,
+            device=self.store.device, device_budget_bytes=new.config.device_budget_bytes,
+            host_budget_bytes=new.config.host_budget_bytes, disk_dir=new.config.disk_dir,
+        )
+        new.cache = VrexCache(new.store, policy, KeepConfig(self.cache.keep.sink_tokens, new.config.recent_tokens),
+                              num_q_heads=cfg.num_attention_heads)
+        for layer in range(self.store.num_layers):
+            keys, values = self.store.keys(layer), self.store.values(layer)
+            for start, length, fid in self.spans:
+                block = slice(start, start + length)
+                new.cache.index(layer, keys[:, block], new.store.append(layer, keys[:, block], values[:, block]), fid)
+            evict = policy.evictable(layer, new.store.length(layer))
+            if evict is not None and evict.numel():
+                new.store.evict(layer, evict)
+        for name in ("max_position", "interval_id", "stop_ids", "frames", "t"):
+            setattr(new, name, getattr(self, name))
+        new.positions, new.spans, new._pending = self.positions.clone(), list(self.spans), self._pending.clone()
+        new._questions, new._counter = list(self._questions), itertools.count(next(self._counter))
+        new._rng = torch.Generator().manual_seed(new.config.seed)
+        return new
 
     def feed(self, ids: torch.Tensor, stage: Stage = "decode") -> torch.Tensor:
         """Feed text token ids as one step (no gate); returns logits [T, V]. For benchmarks and evaluation."""
@@ -243,7 +275,11 @@ class StreamingSession:
             inputs_embeds=embeds[None], position_ids=positions[None].to(self.model.device), past_key_values=self.cache,
             use_cache=True, vrex_cache=self.cache,
         )
+        start = self.cached_tokens
         self.positions = torch.cat([self.positions, positions])
+        for length, fid in frame_spans or [(n, frame_id)]:
+            self.spans.append((start, length, fid))
+            start += length
         record = self.cache.end_step()
         if self.trace is not None:
             self.trace(record, {"t": self.t, "cached_tokens": self.cached_tokens, **self.store.counters()})

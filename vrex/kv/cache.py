@@ -130,14 +130,12 @@ class VrexCache(Cache):
         k_past, v_past, valid = self.store.gather(layer, indices) if n_past else (None, None, None)
         t_fetch = time.perf_counter()
         out = _attention(q, key[0], value[0], k_past, v_past, valid, scaling)
-        start = self.store.append(layer, key[0], value[0])
-        if self.frame_spans is None:
-            self.policy.on_append(layer, key[0], start, self.frame_id)
-        else:
-            offset = 0
-            for n_tokens, frame_id in self.frame_spans:
-                self.policy.on_append(layer, key[0][:, offset:offset + n_tokens], start + offset, frame_id)
-                offset += n_tokens
+        offset = 0
+        for n_tokens, frame_id in self.frame_spans or [(n_new, self.frame_id)]:
+            # One store block per frame, so a frame's cluster-contiguous layout applies to its own block.
+            keys, values = key[0][:, offset:offset + n_tokens], value[0][:, offset:offset + n_tokens]
+            self.index(layer, keys, self.store.append(layer, keys, values), frame_id)
+            offset += n_tokens
         if self.record is not None:
             self.record.n_new = n_new
             selected = n_past if indices is None else [int(i.numel()) for i in indices]
@@ -149,6 +147,13 @@ class VrexCache(Cache):
         if evict is not None and evict.numel():
             self.store.evict(layer, evict)
         return out.transpose(0, 1).unsqueeze(0)
+
+    def index(self, layer: int, keys: torch.Tensor, start: int, frame_id: int | None) -> None:
+        """Let the policy index stored tokens; apply its cluster-contiguous layout if it has one (ReSV)."""
+        self.policy.on_append(layer, keys, start, frame_id)
+        block_order = getattr(self.policy, "block_order", None)
+        if block_order is not None and keys.shape[1] > 1:
+            self.store.set_block_order(layer, start, block_order(layer, start, keys.shape[1]))
 
     def _with_always_kept(self, indices: list[torch.Tensor] | None, n_past: int) -> list[torch.Tensor] | None:
         if indices is None:
