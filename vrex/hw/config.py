@@ -1,0 +1,163 @@
+"""Loading the simulator's data files (``vrex/hw/configs``): hardware, methods, systems, constants.
+
+A value written ``fitted:<name>`` is looked up in ``configs/fitted.yaml``, the only file the fitting
+script (:mod:`vrex.hw.fit`) writes; everything else is a datasheet/paper value or a documented
+assumption (see the comments in each file and ``docs/hw.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+FITTED_PATH = CONFIG_DIR / "fitted.yaml"
+
+
+def read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_fitted(path: Path | None = None) -> dict[str, float]:
+    """The fitted constants (``{name: value}``); empty when the fit has not been run."""
+    p = path or FITTED_PATH
+    if not p.exists():
+        return {}
+    data = read_yaml(p) or {}
+    return {k: float(v["value"]) for k, v in data.get("constants", {}).items()}
+
+
+def resolve(value: Any, fitted: dict[str, float]) -> Any:
+    """Replace ``fitted:<name>`` by its value."""
+    if isinstance(value, str) and value.startswith("fitted:"):
+        key = value.split(":", 1)[1]
+        if key not in fitted:
+            raise KeyError(f"fitted constant {key!r} missing: run `python -m vrex.hw.fit` to create {FITTED_PATH.name}")
+        return fitted[key]
+    return value
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One platform of Table I plus its efficiency constants."""
+
+    name: str
+    label: str
+    kind: Literal["gpu", "vrex"]
+    peak_flops: float  # FLOP/s
+    dram_kind: str
+    dram_bw: float  # B/s
+    dram_bytes: float
+    link_kind: str
+    link_bw: float  # B/s
+    lanes: int
+    offload: Literal["ssd", "host"]
+    power_w: float
+    mem_eff: float
+    compute_util: float
+    op_overhead_s: float
+    link_eff: float
+    cores: int = 0
+    freq_hz: float = 0.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """A KV retrieval method (see ``configs/methods.yaml``)."""
+
+    name: str
+    label: str
+    predictor: Literal["none", "resv", "infinigen", "rekv"]
+    frame_ratio: float
+    text_ratio: float
+    granule: Literal["all", "token", "frame", "cluster"]
+    on_dre: bool = False
+    kvmu: bool = False
+    adaptive: bool = False
+    predict_frames: bool = True
+    ops_per_layer: int = 0
+    partial_dim_frac: float = 1.0
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    hw: Hardware
+    method: Method
+
+    @property
+    def label(self) -> str:
+        return f"{self.hw.label} + {self.method.label}" if self.hw.kind == "gpu" else f"{self.hw.label} ({self.method.label})"
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Global constants (``configs/constants.yaml``), storage tiers and Table III."""
+
+    values: dict[str, float]
+    storage: dict[str, dict[str, float]] = field(default_factory=dict)
+    area_power: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, k: str) -> float:
+        return self.values[k]
+
+
+def load_hardware(name: str, fitted: dict[str, float] | None = None) -> Hardware:
+    fitted = load_fitted() if fitted is None else fitted
+    path = CONFIG_DIR / "hardware" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_DIR / "hardware").glob("*.yaml"))
+        raise KeyError(f"unknown hardware {name!r}; known: {known}")
+    d = read_yaml(path)
+    return Hardware(
+        name=d["name"], label=d["label"], kind=d["kind"],
+        peak_flops=float(d["peak_tflops"]) * 1e12,
+        dram_kind=d["dram"]["kind"], dram_bw=float(d["dram"]["gbps"]) * 1e9, dram_bytes=float(d["dram"]["gb"]) * 1e9,
+        link_kind=d["link"]["kind"], link_bw=float(d["link"]["gbps"]) * 1e9, lanes=int(d["link"]["lanes"]),
+        offload=d["offload"], power_w=float(d["power_w"]),
+        mem_eff=float(resolve(d["mem_eff"], fitted)), compute_util=float(resolve(d["compute_util"], fitted)),
+        op_overhead_s=float(d.get("op_overhead_us", 0.0)) * 1e-6, link_eff=float(resolve(d["link_eff"], fitted)),
+        cores=int(d.get("cores", 0)), freq_hz=float(d.get("freq_mhz", 0.0)) * 1e6,
+    )
+
+
+@lru_cache(maxsize=None)
+def _methods() -> dict[str, dict]:
+    return read_yaml(CONFIG_DIR / "methods.yaml")
+
+
+def load_method(name: str) -> Method:
+    m = _methods()
+    if name not in m:
+        raise KeyError(f"unknown method {name!r}; known: {sorted(m)}")
+    return Method(name=name, **m[name])
+
+
+def system_names() -> list[str]:
+    return list(read_yaml(CONFIG_DIR / "systems.yaml"))
+
+
+def load_system(name: str, fitted: dict[str, float] | None = None) -> System:
+    systems = read_yaml(CONFIG_DIR / "systems.yaml")
+    if name not in systems:
+        raise KeyError(f"unknown system {name!r}; known: {sorted(systems)}")
+    s = systems[name]
+    return System(name, load_hardware(s["hardware"], fitted), load_method(s["method"]))
+
+
+def load_constants(fitted: dict[str, float] | None = None, overrides: dict[str, float] | None = None) -> Constants:
+    fitted = load_fitted() if fitted is None else fitted
+    raw = read_yaml(CONFIG_DIR / "constants.yaml")
+    vals = {k: float(resolve(v, fitted)) for k, v in raw.items()}
+    vals.update(overrides or {})
+    return Constants(vals, read_yaml(CONFIG_DIR / "storage.yaml"), read_yaml(CONFIG_DIR / "area_power.yaml"))
+
+
+__all__ = [
+    "CONFIG_DIR", "FITTED_PATH", "Hardware", "Method", "System", "Constants",
+    "load_fitted", "load_hardware", "load_method", "load_system", "load_constants", "system_names", "resolve",
+]

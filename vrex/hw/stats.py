@@ -1,0 +1,154 @@
+"""Retrieval statistics that drive the simulator: the paper's ratios, or a trace from our engine.
+
+A trace is the engine's telemetry, JSON lines of schema ``vrex.kv.step/1`` (``vrex/kv/telemetry.py``:
+one record per frame step, text prefill or decoded token, with per-layer/per-head numbers, a
+``summary`` of means, cumulative ``io`` counters of the tiered store and their per-step deltas
+``moved``). :data:`FIELD_MAP` says which record field feeds which statistic (dotted paths, first
+present wins); it is the one place to edit if the schema changes.
+
+* ``frame_ratio`` = mean ``ratio`` over ``frame`` records; ``text_ratio`` = mean over ``text`` and
+  ``decode`` records (the paper's "text stage"). The ratio is the policy's own choice
+  (``policy_selected_ratio``: before the always-kept sink/recent tokens, which are on the device
+  anyway), falling back to ``selected_ratio``.
+* ``cluster_size``, ``scan_fraction``, ``hc_overhead``: means over the records reporting them.
+* ``ref_kv``: mean past tokens of the records that gave a ratio (the KV size the ratios belong to).
+* ``run_tokens`` (mean contiguous run per fetch): fetched bytes / fetch transfers (summed over the
+  steps' ``moved`` deltas, host and disk), divided by the bytes of one token of one KV head, which
+  is resident bytes / (cached tokens x layers x KV heads) of the last record giving all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+#: statistic -> dotted paths into a ``vrex.kv.step/1`` record (first present wins)
+FIELD_MAP: dict[str, tuple[str, ...]] = {
+    "stage": ("stage",),
+    "ratio": ("summary.policy_selected_ratio", "summary.selected_ratio"),
+    "n_past": ("layers.0.n_past",),
+    "cluster_size": ("summary.mean_cluster_size",),
+    "scan_fraction": ("summary.scan_fraction",),
+    "hc_overhead": ("summary.hc_ratio",),
+    "fetch_disk_bytes": ("moved.fetch_disk_bytes",),
+    "fetch_disk_transfers": ("moved.fetch_disk_transfers",),
+    "fetch_host_bytes": ("moved.fetch_host_bytes",),
+    "fetch_host_transfers": ("moved.fetch_host_transfers",),
+    "cached_tokens": ("cached_tokens",),
+    "resident_device": ("resident.device",),
+    "resident_host": ("resident.host",),
+    "resident_disk": ("resident.disk",),
+    "kv_heads": ("layers.0.selected",),  # a list per KV head: its length
+    "layers": ("layers",),  # a list per layer: its length
+}
+STAGE_ALIASES = {"frame": "frame", "text": "text", "decode": "decode"}
+
+
+@dataclass(frozen=True)
+class RetrievalStats:
+    """Per-stage retrieval ratios and ReSV's structural statistics.
+
+    ``frame_ratio``/``text_ratio`` of ``None`` keep each method's own (paper) ratio; set, they
+    override the ReSV methods' ratios (a trace measures our ReSV). ``ref_kv`` is the KV size the
+    ratios were measured at (``None``: the paper's COIN length, ``ratio_ref_kv``). ``run_tokens``:
+    measured mean contiguous run per fetch (``None``: the simulator's layout model).
+    """
+
+    frame_ratio: float | None = None
+    text_ratio: float | None = None
+    cluster_size: float = 32.0  # paper: clusters average 32 tokens
+    scan_fraction: float = 0.16  # paper: early exit after 16% of a row
+    hc_overhead: float = 0.0167  # paper: HC table = 1.67% of the full KV
+    ref_kv: float | None = None
+    run_tokens: float | None = None
+    source: str = "paper"
+
+
+PAPER = RetrievalStats()
+
+
+def get(rec: dict, stat: str) -> Any:
+    """The first present field of ``FIELD_MAP[stat]`` in a record (``None`` if none)."""
+    for path in FIELD_MAP[stat]:
+        cur: Any = rec
+        for part in path.split("."):
+            if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+                cur = cur[int(part)]
+            elif isinstance(cur, dict) and part in cur:
+                cur = cur[part]
+            else:
+                cur = None
+                break
+        if cur is not None:
+            return cur
+    return None
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _mean(v: list[float]) -> float | None:
+    return sum(v) / len(v) if v else None
+
+
+def stats_from_records(records: Iterable[dict], base: RetrievalStats = PAPER) -> RetrievalStats:
+    """Statistics from telemetry records (see the module doc for every rule)."""
+    ratios: dict[str, list[float]] = {"frame": [], "text": []}
+    n_past: list[float] = []
+    other: dict[str, list[float]] = {"cluster_size": [], "scan_fraction": [], "hc_overhead": []}
+    fetched = transfers = 0.0
+    head_token_bytes: float | None = None
+    n = 0
+    for rec in records:
+        n += 1
+        stage = STAGE_ALIASES.get(str(get(rec, "stage")))
+        r, past = _num(get(rec, "ratio")), _num(get(rec, "n_past"))
+        if stage and r is not None and past:
+            ratios["frame" if stage == "frame" else "text"].append(r)
+            n_past.append(past)
+        for k in other:
+            v = _num(get(rec, k))
+            if v is not None:
+                other[k].append(v)
+        for tier in ("disk", "host"):
+            fetched += _num(get(rec, f"fetch_{tier}_bytes")) or 0.0
+            transfers += _num(get(rec, f"fetch_{tier}_transfers")) or 0.0
+        res = [_num(get(rec, f"resident_{t}")) for t in ("device", "host", "disk")]
+        tok, heads, layers = _num(get(rec, "cached_tokens")), get(rec, "kv_heads"), get(rec, "layers")
+        if tok and isinstance(heads, list) and heads and isinstance(layers, list) and layers and any(res):
+            head_token_bytes = sum(x or 0.0 for x in res) / (tok * len(layers) * len(heads))
+    if n == 0:
+        raise ValueError("no telemetry records")
+    run = fetched / transfers / head_token_bytes if transfers and head_token_bytes else None
+    return replace(
+        base,
+        frame_ratio=_mean(ratios["frame"]) if ratios["frame"] else base.frame_ratio,
+        text_ratio=_mean(ratios["text"]) if ratios["text"] else base.text_ratio,
+        cluster_size=_mean(other["cluster_size"]) or base.cluster_size,
+        scan_fraction=_mean(other["scan_fraction"]) or base.scan_fraction,
+        hc_overhead=_mean(other["hc_overhead"]) or base.hc_overhead,
+        ref_kv=_mean(n_past) or base.ref_kv,
+        run_tokens=run or base.run_tokens,
+        source="trace",
+    )
+
+
+def load_trace(path: str | Path, base: RetrievalStats = PAPER) -> RetrievalStats:
+    """Statistics from a JSONL telemetry file (blank lines are skipped)."""
+    recs = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    if not recs:
+        raise ValueError(f"{path}: no telemetry records")
+    return stats_from_records(recs, base)
+
+
+__all__ = ["FIELD_MAP", "RetrievalStats", "PAPER", "get", "stats_from_records", "load_trace"]
