@@ -123,14 +123,11 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
     console = Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
     model = load_videollm()
-    lm_cfg = model.lm.config
     sizes = sorted(sizes)
     tpf = model.tokens_per_frame + 1
     stream = long_stream(sizes[-1] // tpf + frames * len(sizes) + 8)
     embeds, _ = embed_all(model, stream)
     base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0))
-    head_dim = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
-    token_bytes = 2 * head_dim * lm_cfg.num_key_value_heads * lm_cfg.num_hidden_layers * model.lm.dtype.itemsize
     questions = list(QUESTIONS[:n_questions])
     rows, heat, cursor = [], {}, 0
     for size in sizes:
@@ -141,8 +138,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
         ref_trace = None
         for name in ["full"] + [p for p in policies if p != "full"]:
             policy = make_policy(name)
-            budget = device_tokens * token_bytes if policy.offloads else None
-            config = SessionConfig(theta=0.0, recent_tokens=recent_tokens, device_budget_bytes=budget)
+            config = SessionConfig(theta=0.0, recent_tokens=recent_tokens, device_tokens=device_tokens)
             t0 = time.perf_counter()
             session = base.fork(policy, config)
             index_s = time.perf_counter() - t0

@@ -54,7 +54,10 @@ class SessionConfig:
     seed: int = 0
     recent_tokens: int = 0  # always-kept recent window on top of the policy's selection
     positions: PositionConfig = field(default_factory=PositionConfig)
+    #: Device-tier budget. None: ``device_tokens`` tokens (all layers) for offloading policies
+    #: (flexgen, infinigen, rekv, resv...), unbounded for resident ones (full, streamingllm).
     device_budget_bytes: int | None = None
+    device_tokens: int = 2048
     host_budget_bytes: int | None = None
     disk_dir: str | None = None
 
@@ -75,11 +78,7 @@ class StreamingSession:
         lm.set_attn_implementation("vrex")
         cfg = lm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.store = KVStore(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype=lm.dtype, device=lm.device,
-            device_budget_bytes=self.config.device_budget_bytes, host_budget_bytes=self.config.host_budget_bytes,
-            disk_dir=self.config.disk_dir,
-        )
+        self.store = _make_store(cfg, head_dim, lm.dtype, lm.device, policy, self.config)
         self.cache = VrexCache(self.store, policy, KeepConfig(recent_tokens=self.config.recent_tokens),
                                num_q_heads=cfg.num_attention_heads)
         self.max_position = self.config.positions.max_position or cfg.max_position_embeddings
@@ -167,11 +166,7 @@ class StreamingSession:
         new = object.__new__(StreamingSession)
         new.model, new.policy, new.config, new.trace = self.model, policy, config or self.config, None
         cfg = self.model.lm.config
-        new.store = KVStore(
-            self.store.num_layers, self.store.num_kv_heads, self.store.head_dim, dtype=self.store.dtype,
-            device=self.store.device, device_budget_bytes=new.config.device_budget_bytes,
-            host_budget_bytes=new.config.host_budget_bytes, disk_dir=new.config.disk_dir,
-        )
+        new.store = _make_store(cfg, self.store.head_dim, self.store.dtype, self.store.device, policy, new.config)
         new.cache = VrexCache(new.store, policy, KeepConfig(self.cache.keep.sink_tokens, new.config.recent_tokens),
                               num_q_heads=cfg.num_attention_heads)
         for layer in range(self.store.num_layers):
@@ -304,6 +299,15 @@ class StreamingSession:
             self.policy.on_positions_changed(layer, keys)
         self.positions = new
         return int(new[-1]) + 1
+
+
+def _make_store(cfg, head_dim: int, dtype: torch.dtype, device, policy: KVPolicy, config: SessionConfig) -> KVStore:
+    budget = config.device_budget_bytes
+    if budget is None and policy.offloads:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        budget = config.device_tokens * 2 * head_dim * cfg.num_key_value_heads * cfg.num_hidden_layers * itemsize
+    return KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype=dtype, device=device,
+                   device_budget_bytes=budget, host_budget_bytes=config.host_budget_bytes, disk_dir=config.disk_dir)
 
 
 def _selection_summary(*records: StepRecord) -> dict[str, Any]:

@@ -127,15 +127,19 @@ class VrexCache(Cache):
         q = query[0]
         selection = self.policy.select(layer, q, n_past, self.stage) if n_past else Selection.everything()
         indices = self._with_always_kept(selection.indices, n_past)
-        k_past, v_past, valid = self.store.gather(layer, indices) if n_past else (None, None, None)
+        if indices is None:
+            # Read everything: store the new tokens first and attend over the store's own buffer
+            # (a view when it is all on the device tier), so no copy of the whole cache is made.
+            self._store_and_index(layer, key[0], value[0])
+            k, v, _ = self.store.gather(layer, None)
+            valid = None
+        else:
+            k_past, v_past, valid = self.store.gather(layer, indices)
+            k = torch.cat([k_past.to(key.dtype), key[0]], dim=1)
+            v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
+            self._store_and_index(layer, key[0], value[0])
         t_fetch = time.perf_counter()
-        out = _attention(q, key[0], value[0], k_past, v_past, valid, scaling)
-        offset = 0
-        for n_tokens, frame_id in self.frame_spans or [(n_new, self.frame_id)]:
-            # One store block per frame, so a frame's cluster-contiguous layout applies to its own block.
-            keys, values = key[0][:, offset:offset + n_tokens], value[0][:, offset:offset + n_tokens]
-            self.index(layer, keys, self.store.append(layer, keys, values), frame_id)
-            offset += n_tokens
+        out = _attention(q, k, v, n_new, valid, scaling)
         if self.record is not None:
             self.record.n_new = n_new
             selected = n_past if indices is None else [int(i.numel()) for i in indices]
@@ -147,6 +151,14 @@ class VrexCache(Cache):
         if evict is not None and evict.numel():
             self.store.evict(layer, evict)
         return out.transpose(0, 1).unsqueeze(0)
+
+    def _store_and_index(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        offset = 0
+        for n_tokens, frame_id in self.frame_spans or [(key.shape[1], self.frame_id)]:
+            # One store block per frame, so a frame's cluster-contiguous layout applies to its own block.
+            keys, values = key[:, offset:offset + n_tokens], value[:, offset:offset + n_tokens]
+            self.index(layer, keys, self.store.append(layer, keys, values), frame_id)
+            offset += n_tokens
 
     def index(self, layer: int, keys: torch.Tensor, start: int, frame_id: int | None) -> None:
         """Let the policy index stored tokens; apply its cluster-contiguous layout if it has one (ReSV)."""
@@ -167,38 +179,29 @@ class VrexCache(Cache):
 
 
 def _attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_past: torch.Tensor | None,
-    v_past: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    scaling: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_new: int, valid: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """Scaled dot-product attention for one stream, GQA-aware.
 
-    ``q`` [H_q, T, D]; ``k_new``/``v_new`` [H_kv, T, D]; ``k_past``/``v_past`` [H_kv, L, D] with an
-    optional per-head ``valid`` mask [H_kv, L] for padded selections. Returns [H_q, T, D].
+    ``q`` [H_q, T, D]; ``k``/``v`` [H_kv, L + T, D]: the attended past followed by the step's own
+    ``n_new`` = T tokens, attended causally. ``valid`` [H_kv, L] masks padding in per-head
+    selections. Returns [H_q, T, D].
     """
     h_q, t, _ = q.shape
-    h_kv = k_new.shape[0]
+    h_kv, n_ctx = k.shape[0], k.shape[1]
     groups = h_q // h_kv
-    if k_past is not None:
-        k = torch.cat([k_past.to(k_new.dtype), k_new], dim=1)
-        v = torch.cat([v_past.to(v_new.dtype), v_new], dim=1)
-    else:
-        k, v = k_new, v_new
-    n_ctx = k.shape[1]
-    n_past = n_ctx - t
+    n_past = n_ctx - n_new
     mask = None
     if t > 1 or valid is not None:
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         past = torch.ones(h_kv, t, n_past, dtype=torch.bool, device=q.device)
         if valid is not None:
             past = past & valid.to(q.device)[:, None, :]
-        mask = torch.cat([past, causal.expand(h_kv, t, t)], dim=2)
-        mask = mask.repeat_interleave(groups, dim=0)
+        mask = torch.cat([past, causal.expand(h_kv, t, t)], dim=2).repeat_interleave(groups, dim=0)
     if groups > 1:
-        k = k.repeat_interleave(groups, dim=0)
-        v = v.repeat_interleave(groups, dim=0)
+        # sdpa's enable_gqa avoids materialising repeated K/V; fall back where a mask shape forbids it.
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        except RuntimeError:
+            k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)

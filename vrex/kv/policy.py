@@ -8,8 +8,8 @@ current step's own tokens) are added by the cache, so a policy never has to retu
 Lifecycle, per layer::
 
     policy.setup(num_layers, num_kv_heads, num_q_heads, head_dim)      # once per session
-    policy.on_append(layer, keys, start, frame_id)   # every step, after the new K/V are stored
-    sel = policy.select(layer, queries, n_past, stage)  # every step, before attention
+    sel = policy.select(layer, queries, n_past, stage)  # every step: the past before this step
+    policy.on_append(layer, keys, start, frame_id)   # every step, after attention, once per frame block
     dropped = policy.evictable(layer, n_total)        # optional: tokens the store may drop for good
 
 Shapes: ``keys`` is ``[H_kv, T_new, D]`` (post-RoPE, as stored), ``queries`` is ``[H_q, T_q, D]``
