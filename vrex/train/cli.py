@@ -57,6 +57,7 @@ def eval_live(
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
+    only: Optional[str] = typer.Option(None, help="Evaluate only 'trained' or 'untrained' (e.g. to run the two halves in parallel)."),
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
@@ -64,7 +65,7 @@ def eval_live(
 
     cfg = EvalConfig.make(quick=quick, seed=seed, threads=threads,
                           minutes=[float(x) for x in minutes.split(",")] if minutes else None)
-    rows = run_eval(cfg, connector=connector or DEFAULT_WEIGHTS, policies=policy)
+    rows = run_eval(cfg, connector=connector or DEFAULT_WEIGHTS, policies=policy, only=only)
     print_table(rows)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

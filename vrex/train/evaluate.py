@@ -21,6 +21,8 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
   needle of another held-out subject at a fixed relative position, the question
   "What appeared briefly in the stream?" at the last frame; correct when the answer names the
   needle (same keyword rule). Run with each ``--policy``.
+* ``qa_acc`` (free-running): the present/past/occurrence questions inside the narration streams;
+  Yes/No answers must start with the right word, the others must name the expected subject.
 * ``responses_per_min`` (free-running): how talkative the model is.
 """
 
@@ -53,12 +55,14 @@ class EvalConfig:
     threads: int = 1
     theta: float | None = None  # None: the session default
     max_response_tokens: int = 12
+    max_answer_tokens: int = 16
     quick: bool = False
+    direct_full: bool = True  # needle streams under `full`: one SDPA prefill instead of the session (same layout)
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
         if quick:
-            return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=4, seed=seed, threads=threads, quick=True)
+            return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=3, seed=seed, threads=threads, quick=True)
         return EvalConfig(minutes=minutes or [1.0, 2.0, 5.0], seed=seed, threads=threads)
 
 
@@ -155,7 +159,7 @@ def _session(model, policy_name: str, cfg: EvalConfig):
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.kv.policies import make_policy
 
-    scfg = SessionConfig(max_response_tokens=cfg.max_response_tokens)
+    scfg = SessionConfig(max_response_tokens=cfg.max_response_tokens, max_answer_tokens=cfg.max_answer_tokens)
     if cfg.theta is not None:
         scfg.theta = cfg.theta
     return StreamingSession(model, make_policy(policy_name), scfg)
@@ -188,6 +192,50 @@ def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: Ev
     return answers[-1].text if answers else ""
 
 
+def qa_results(events, stream: Stream, catalog) -> list[bool]:
+    """Questions inside narration streams: Yes/No answers must start with the right word; the
+    others must name the expected subject (keyword rule)."""
+    from vrex.train.streams import sentence
+
+    keywords = {}
+    for m in catalog.values():
+        keywords.setdefault(sentence(m.label or ""), set()).update(m.keywords)
+    expected = {t.question: t.text for s in stream.steps for t in s.questions}
+    out = []
+    for e in events:
+        if e.kind != "answer" or e.stats.get("question") not in expected:
+            continue
+        want = expected[e.stats["question"]]
+        if want in ("Yes.", "No."):
+            out.append(e.text.strip().lower().startswith(want[:-1].lower()))
+        else:
+            out.append(names_subject(e.text, tuple(keywords.get(want, ()))))
+    return out
+
+
+@torch.no_grad()
+def run_needle_direct(fmodel, builder: LayoutBuilder, cache: FeatureCache, stream: Stream, cfg: EvalConfig) -> str:
+    """The ``full`` policy without the session machinery: the identical token layout (tested against
+    the session in tests/train) prefilled in one SDPA forward, then greedy decoding with the LM's own
+    KV cache. Reads every past token, as ``full`` does; ~6x faster on a 5-minute haystack."""
+    from vrex.train.layout import Step
+
+    steps = list(stream.steps[:-1]) + [Step(stream.steps[-1].media, stream.steps[-1].frame, stream.steps[-1].t, gate=False)]
+    layout = builder.build(steps)
+    lm = fmodel.lm
+    embeds = embed_layout(fmodel, layout, stream_features(cache, stream))
+    prompt = fmodel.tokenize(fmodel.fmt.question.format(question=NEEDLE_QUESTION))
+    embeds = torch.cat([embeds, fmodel.embed_text(prompt)])
+    out = lm(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
+    past, tokens = out.past_key_values, []
+    nxt = int(out.logits[0, -1].argmax())
+    while nxt != builder.stop and nxt != fmodel.tokenizer.eos_token_id and len(tokens) < cfg.max_answer_tokens:
+        tokens.append(nxt)
+        out = lm(input_ids=torch.tensor([[nxt]], device=fmodel.device), past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+    return fmodel.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
 def narration_metrics(events, stream: Stream, catalog) -> tuple[list[float], list[bool], int]:
     responses = [e for e in events if e.kind == "response"]
     diffs, hits = [], []
@@ -201,7 +249,7 @@ def narration_metrics(events, stream: Stream, catalog) -> tuple[list[float], lis
 
 
 def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("full",), progress: bool = True,
-             log=print) -> list[dict]:
+             log=print, only: str | None = None) -> list[dict]:
     """Rows {model, policy, metric, value} for the trained and the untrained connector."""
     torch.set_num_threads(cfg.threads)
     from vrex.models.connector import Connector
@@ -215,6 +263,8 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
     if connector is not None:
         trained = load_connector(connector, base)
         models = {"trained": trained, "untrained": untrained}
+    if only:
+        models = {only: models[only]}
     builder = LayoutBuilder.for_model(base)
     narr, needles = eval_streams(cache, cfg)
     from vrex.engine.session import DEFAULT_THETA
@@ -233,10 +283,11 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
         add(model_name, "-", "lm_ppl", tf["lm_ppl"])
         add(model_name, "-", "fluency", tf["fluency"])
         for policy in policies:
-            diffs, hits, n_resp, seconds = [], [], 0, 0.0
+            diffs, hits, n_resp, seconds, qa = [], [], 0, 0.0, []
             for stream in narr:
                 events = run_stream(fmodel, cache, stream, policy, cfg)
                 d, h, n = narration_metrics(events, stream, catalog)
+                qa += qa_results(events, stream, catalog)
                 diffs += d
                 hits += h
                 n_resp += n
@@ -244,11 +295,18 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
             add(model_name, policy, "timediff_s", sum(diffs) / len(diffs))
             add(model_name, policy, "narration_acc", sum(hits) / len(hits))
             add(model_name, policy, "responses_per_min", 60 * n_resp / seconds)
+            if qa:
+                add(model_name, policy, "qa_acc", sum(qa) / len(qa))
             for kind, by_len in needles.items():
+                if kind == "seen" and model_name == "untrained":
+                    continue  # diagnostic for the trained model only (the untrained one names nothing)
                 for minutes, streams in by_len.items():
                     correct = 0
                     for stream in streams:
-                        answer = run_needle(fmodel, cache, stream, policy, cfg)
+                        if policy == "full" and cfg.direct_full:
+                            answer = run_needle_direct(fmodel, builder, cache, stream, cfg)
+                        else:
+                            answer = run_needle(fmodel, cache, stream, policy, cfg)
                         ok = names_subject(answer, catalog[stream.needle].keywords)
                         correct += ok
                         log(f"    needle[{kind}] {minutes:g} min {stream.segments[0].media}+{stream.needle}: {answer!r} {'OK' if ok else 'x'}")
