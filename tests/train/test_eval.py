@@ -1,0 +1,43 @@
+"""Scoring rules of `vrex eval live` and the evaluation streams (held-out media only)."""
+
+from __future__ import annotations
+
+from vrex.engine.session import Event
+from vrex.train.data import split_names
+from vrex.train.evaluate import EvalConfig, eval_streams, names_subject, narration_metrics
+from vrex.train.layout import Step
+from vrex.train.streams import Segment, Stream
+
+
+def test_names_subject_rule():
+    assert names_subject("Two cats on a sofa.", ("cat",))
+    assert not names_subject("A scattered pile.", ("cat",))
+    assert names_subject("A HOT DOG.", ("hot dog",))
+    assert not names_subject("", ("cat",))
+
+
+def test_narration_metrics(catalog):
+    steps = [Step("cat", i, i / 2) for i in range(4)] + [Step("bird", i, (4 + i) / 2) for i in range(4)]
+    stream = Stream(steps, [Segment("cat", 0, 4), Segment("bird", 4, 8)], "narration")
+    events = [Event(0.0, "response", "A cat."), Event(3.0, "response", "A dog."), Event(3.5, "response", "A bird.")]
+    diffs, hits, n = narration_metrics(events, stream, catalog)
+    assert diffs == [0.0, 1.0] and hits == [True, False] and n == 3  # first narration in a segment counts
+    diffs, hits, _ = narration_metrics([], stream, catalog)
+    assert diffs == [2.0, 2.0] and hits == [False, False]
+
+
+def test_eval_streams_use_heldout_media_only(cache, catalog):
+    held = set(split_names(catalog, "heldout"))
+    cfg = EvalConfig(narration_streams=3, minutes=[1.0, 5.0], needles_per_length=2)
+    narr, needles = eval_streams(cache, cfg)
+    for s in narr:
+        assert {x.media for x in s.steps} <= held
+    for kind, by_len in needles.items():
+        for minutes, streams in by_len.items():
+            for s in streams:
+                assert len(s.steps) == int(minutes * 120)
+                assert s.segments[0].media in held
+                assert (s.needle in held) == (kind == "heldout")
+                assert all(not x.gate for x in s.steps)
+    # the same haystack/needle at every length
+    assert [s.needle for s in needles["heldout"][1.0]] == [s.needle for s in needles["heldout"][5.0]]
