@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from vrex.kv.policy import KVPolicy, Selection, Stage
@@ -186,22 +185,25 @@ def _attention(
     ``q`` [H_q, T, D]; ``k``/``v`` [H_kv, L + T, D]: the attended past followed by the step's own
     ``n_new`` = T tokens, attended causally. ``valid`` [H_kv, L] masks padding in per-head
     selections. Returns [H_q, T, D].
+
+    The query heads that share a KV head are folded into the row dimension ([H_kv, G*T, D]), so K/V
+    are never repeated per query head. On CPU this is several times faster than
+    ``scaled_dot_product_attention`` on 3-D inputs for one decode row over a long cache.
     """
-    h_q, t, _ = q.shape
+    h_q, t, d = q.shape
     h_kv, n_ctx = k.shape[0], k.shape[1]
     groups = h_q // h_kv
     n_past = n_ctx - n_new
-    mask = None
+    scores = torch.matmul(q.reshape(h_kv, groups * t, d), k.transpose(1, 2)) * scaling  # [H_kv, G*T, N]
     if t > 1 or valid is not None:
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        past = torch.ones(h_kv, t, n_past, dtype=torch.bool, device=q.device)
+        cols = torch.arange(n_ctx, device=q.device)
+        rows = torch.arange(t, device=q.device)
+        allowed = (cols[None, :] < n_past) | (cols[None, :] - n_past <= rows[:, None])  # [T, N] causal
+        allowed = allowed[None, None].expand(h_kv, groups, t, n_ctx)
         if valid is not None:
-            past = past & valid.to(q.device)[:, None, :]
-        mask = torch.cat([past, causal.expand(h_kv, t, t)], dim=2).repeat_interleave(groups, dim=0)
-    if groups > 1:
-        # sdpa's enable_gqa avoids materialising repeated K/V; fall back where a mask shape forbids it.
-        try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        except RuntimeError:
-            k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+            pad = torch.ones(h_kv, n_ctx, dtype=torch.bool, device=q.device)
+            pad[:, :n_past] = valid.to(q.device)
+            allowed = allowed & pad[:, None, None, :]
+        scores = scores.masked_fill(~allowed.reshape(h_kv, groups * t, n_ctx), float("-inf"))
+    out = torch.matmul(scores.float().softmax(-1).to(v.dtype), v)  # [H_kv, G*T, D]
+    return out.reshape(h_q, t, d)
