@@ -17,11 +17,3 @@ def photos() -> list[Image.Image]:
         pytest.skip("shared test media not found (set VREX_ASSETS to the assets folder)")
     names = ["astronaut.png", "chelsea.png", "coffee.png", "horse.png", "camera.png", "parrot.jpg", "owl.jpg"]
     return [Image.open(Path(root) / "images" / n).convert("RGB") for n in names]
-
-
-@pytest.fixture(scope="session")
-def videollm():
-    from vrex.models.videollm import load_videollm
-
-    # The untrained connector keeps these tests independent of the shipped trained weights.
-    return load_videollm(connector=None)

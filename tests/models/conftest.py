@@ -7,7 +7,6 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-import torch
 from PIL import Image
 
 from tiny_models import CHATML, LLAMA3, save_lm, save_vision
@@ -20,16 +19,6 @@ def _offline(monkeypatch):
     """No hub here: fail fast (instead of retrying for ~25 s) when a repo id is not in the local cache."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread during these tests: the models are tiny, and with `pytest -n 2` on two shared
-    cores, two threads per worker oversubscribe the CPU (EfficientNet went from 0.06 s to 5 s a frame)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
