@@ -13,7 +13,7 @@ from vrex.io import list_demo_clips
 
 def test_fidelity_of_identical_and_different_traces():
     logits = [torch.randn(50) for _ in range(6)]
-    ref = Trace(logits=logits, tokens=[[1, 2, 3]], frame_ms=[1.0, 1.0, 1.0])
+    ref = Trace(logits=logits, tokens=[[1, 2, 3]], frame_ms=[1.0, 1.0, 1.0], stop=99)
     same = fidelity(ref, Trace(logits=[x.clone() for x in logits], frame_ms=[1.0] * 3))
     assert same == {"top1_agreement": 1.0, "kl": pytest.approx(0.0, abs=1e-6), "answer_agreement": 1.0}
     flipped = [x.clone() for x in logits]
@@ -40,3 +40,12 @@ def test_kv_bench_tiny_run(tmp_path):
                 "answer_agreement", "resident_bytes"):
         assert key in saved["rows"][0]
     assert (tmp_path / "kv_latency.png").stat().st_size > 0
+
+
+def test_answer_agreement_stops_at_the_stop_token():
+    logits = [torch.randn(50) for _ in range(6)]
+    ref = Trace(logits=logits, tokens=[[1, 99, 3]], frame_ms=[1.0] * 3, stop=99)
+    changed = [x.clone() for x in logits]
+    changed[5] = -changed[5]  # only the position after the stop token differs
+    got = fidelity(ref, Trace(logits=changed, frame_ms=[1.0] * 3))
+    assert got["answer_agreement"] == 1.0 and got["top1_agreement"] == pytest.approx(5 / 6)

@@ -19,6 +19,7 @@ always-kept sink and recent tokens included, averaged over layers and KV heads.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -74,24 +75,26 @@ class Trace:
     tokens: list[list[int]] = field(default_factory=list)  # full's greedy answer per question
     frame_ms: list[float] = field(default_factory=list)
     token_ms: list[float] = field(default_factory=list)
+    stop: int = -1  # the stop token id (end of an answer)
 
 
 def measured_steps(session: StreamingSession, frames, questions: list[str], answer_tokens: int, forced: list[list[int]] | None) -> Trace:
-    model, trace = session.model, Trace()
+    model = session.model
+    trace = Trace(stop=model.token_id(model.fmt.stop))
     for t, image in frames:
         stats = session.push_frame(t, image)[0].stats
         trace.frame_ms.append(stats["total_ms"])
         trace.logits.append(session.last_logits.float())
-    stop = model.token_id(model.fmt.stop)
     for qi, question in enumerate(questions):
         logits = session.feed(model.tokenize(model.fmt.question.format(question=question)), "text")[-1]
         trace.logits.append(logits.float())
         answer: list[int] = []
-        limit = len(forced[qi]) if forced is not None else answer_tokens
-        while True:
-            nxt = forced[qi][len(answer)] if forced is not None else int(logits.argmax())
+        # Always decode `answer_tokens` tokens (greedy for full, full's tokens for the others), past
+        # a stop token too, so decode latency and ratios are measured at every size.
+        for step in range(answer_tokens):
+            nxt = forced[qi][step] if forced is not None else int(logits.argmax())
             answer.append(nxt)
-            if nxt == stop or len(answer) == limit:
+            if step == answer_tokens - 1:
                 break
             t0 = time.perf_counter()
             logits = session.feed(torch.tensor([nxt]), "decode")[-1]
@@ -111,8 +114,9 @@ def fidelity(ref: Trace, got: Trace) -> dict[str, float]:
     n_frames = len(ref.frame_ms)
     idx, answers_ok = n_frames, []
     for answer in ref.tokens:
-        span = agree[idx: idx + len(answer)]
-        answers_ok.append(bool(span.all()))
+        # The answer is full's greedy output up to its first stop token (decoding went on past it).
+        length = answer.index(ref.stop) + 1 if ref.stop in answer else len(answer)
+        answers_ok.append(bool(agree[idx: idx + length].all()))
         idx += len(answer)
     return {"top1_agreement": float(agree.float().mean()), "kl": float(kl.mean()),
             "answer_agreement": statistics.fmean(answers_ok) if answers_ok else float("nan")}
@@ -120,7 +124,7 @@ def fidelity(ref: Trace, got: Trace) -> dict[str, float]:
 
 def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questions: int, answer_tokens: int,
                  device_tokens: int, recent_tokens: int, out: Path) -> list[dict]:
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=160)
     out.mkdir(parents=True, exist_ok=True)
     model = load_videollm()
     sizes = sorted(sizes)
@@ -137,7 +141,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
         steps = stream[cursor:cursor + frames]
         ref_trace = None
         for name in ["full"] + [p for p in policies if p != "full"]:
-            policy = make_policy(name)
+            policy = policy_from_spec(name)
             config = SessionConfig(theta=0.0, recent_tokens=recent_tokens, device_tokens=device_tokens)
             t0 = time.perf_counter()
             session = base.fork(policy, config)
@@ -176,6 +180,26 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
     _table(rows, console)
     console.print(f"wrote {out / 'kv.json'}, {out / 'kv_latency.png'}, {out / 'kv_heat.png'}")
     return rows
+
+
+def policy_from_spec(spec: str):
+    """``"resv"`` or ``"resv[ratio=0.6,score_norm=shift_min]"`` -> a policy (values parsed as Python literals)."""
+    import ast
+
+    name, _, rest = spec.partition("[")
+    kwargs = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"policy spec '{spec}': expected NAME[key=value,...]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"policy spec '{spec}': '{item}' is not key=value")
+            try:
+                kwargs[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                kwargs[key.strip()] = value.strip()
+    return make_policy(name.strip(), **kwargs)
 
 
 def _pct(x: float | None) -> str:
@@ -227,11 +251,11 @@ def _plots(rows: list[dict], heat: dict, out: Path) -> None:
 
 
 def kv_command(
-    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}).")] = "all",
+    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}). Parameters in brackets: 'resv[ratio=0.6,score_norm=shift_min],rekv[ratio=0.25]'.")] = "all",
     sizes: Annotated[str, typer.Option(help="Cached-token sizes (k = 1024). The LM's trained context is 8k: 16k runs beyond it with re-indexed positions.")] = "1k,4k,8k,16k",
     frames: Annotated[int, typer.Option(help="Real frame steps measured per policy and size.")] = 4,
     questions: Annotated[int, typer.Option(help=f"Questions per policy and size (at most {len(QUESTIONS)}).")] = 2,
-    answer_tokens: Annotated[int, typer.Option(help="Max tokens of each reference (full) greedy answer.")] = 12,
+    answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per question (full's greedy tokens, teacher-forced for the others; decoding goes on past a stop token so latency is always measured).")] = 12,
     device_tokens: Annotated[int, typer.Option(help="Device-tier budget for offloading policies, in tokens (all layers).")] = 1024,
     recent_tokens: Annotated[int, typer.Option(help="Always-kept recent window, in tokens, for every policy.")] = 22,
     quick: Annotated[bool, typer.Option(help="Smaller sweep (all policies, 1k/2k/4k, 3 frames, 1 question): about 5 minutes.")] = False,
@@ -239,10 +263,12 @@ def kv_command(
 ) -> None:
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
     ratios (frame prefill and decoding), fidelity to `full` (top-1, KL, answers), memory per tier, bytes moved."""
-    names = list(POLICIES) if policies == "all" else [p.strip() for p in policies.split(",")]
+    names = list(POLICIES) if policies == "all" else [p.strip() for p in re.split(r",(?![^\[]*\])", policies)]
     for n in names:
-        if n not in POLICIES:
-            raise typer.BadParameter(f"unknown policy '{n}'; valid: {', '.join(POLICIES)}")
+        try:
+            policy_from_spec(n)
+        except ValueError as e:
+            raise typer.BadParameter(str(e))
     size_list = [1024, 2048, 4096] if quick else [parse_size(s) for s in sizes.split(",")]
     if quick:
         frames, questions = min(frames, 3), 1
