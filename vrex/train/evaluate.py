@@ -50,7 +50,7 @@ from vrex.train.trainer import stream_features
 class EvalConfig:
     narration_streams: int = 10
     minutes: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
-    needles_per_length: int = 4
+    needles_per_length: int = 8  # held-out needles: every held-out subject once; seen-needle diagnostic: 4
     seed: int = 0
     threads: int = 1
     theta: float | None = None  # None: the session default
@@ -106,11 +106,16 @@ def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], di
     for minutes in cfg.minutes:
         for kind in needles:
             out = []
-            for k in range(cfg.needles_per_length):
+            count = cfg.needles_per_length if kind == "heldout" else min(4, cfg.needles_per_length)
+            for k in range(count):
                 r = random.Random(f"needle-{cfg.seed}-{k}")  # same haystack/needle/position at every length
-                hay = names[k % len(names)]
-                pool = names if kind == "heldout" else train_names
-                needle = r.choice([n for n in pool if held.label(n) != held.label(hay)])
+                if kind == "heldout":  # every held-out subject is the needle once (k < len(names))
+                    needle = names[k % len(names)]
+                    hay = next(names[(k + j) % len(names)] for j in range(1, len(names))
+                               if held.label(names[(k + j) % len(names)]) != held.label(needle))
+                else:
+                    hay = names[k % len(names)]
+                    needle = r.choice([n for n in train_names if held.label(n) != held.label(hay)])
                 maker = held if kind == "heldout" else StreamMaker(cache, catalog, [hay, needle])
                 out.append(maker.needle_stream(r, int(minutes * 60 * FPS), haystack=hay, needle=needle,
                                                position=r.uniform(0.15, 0.75), narrate=False))

@@ -213,8 +213,10 @@ def write_record(path: Path, recipe: Recipe, state: TrainState, command: str, el
     curve = []
     for i in range(0, len(hist), 25):
         w = hist[i:i + 25]
+        acc = [h["stream_acc"] for h in w if not math.isnan(h["stream_acc"])]  # silent needles have no gate label
+        lm = [h["lm_ce"] for h in w if not math.isnan(h["lm_ce"])]
         curve.append({"step": w[-1]["step"], "loss": round(sum(h["loss"] for h in w) / len(w), 4),
-                      "stream_acc": round(sum(h["stream_acc"] for h in w) / len(w), 4)})
+                      "lm_ce": round(sum(lm) / max(1, len(lm)), 4), "stream_acc": round(sum(acc) / max(1, len(acc)), 4)})
     import platform
     import os
 
