@@ -29,6 +29,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench import parse_size
@@ -168,7 +169,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
             rows.append(row)
             if name in ("resv", "rekv", "infinigen"):
                 heat[f"{name}@{size}"] = {"frame": collector.heat("frame"), "decode": collector.heat("decode")}
-            console.print(f"{size:>6} {name:<13} frame {row['frame_ms']:7.1f} ms  token {row['token_ms'] or 0:6.1f} ms  "
+            console.print(f"{size:>6} {escape(name):<13} frame {row['frame_ms']:7.1f} ms  token {row['token_ms'] or 0:6.1f} ms  "
                           f"ratio {_pct(row['frame_ratio'])}/{_pct(row['decode_ratio'])}  top1 {row['top1_agreement']:.3f}  KL {row['kl']:.4f}")
             del session
         base.fast_forward([t for t, _ in steps], embeds[cursor:cursor + frames])
@@ -211,7 +212,7 @@ def _table(rows: list[dict], console: Console) -> None:
     for col in ("tokens", "policy", "frame ms", "token ms", "frame ratio", "decode ratio", "top-1", "KL", "answers", "resident MB", "moved MB"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["cached_tokens"]), r["policy"], f"{r['frame_ms']:.1f}", f"{r['token_ms'] or 0:.1f}", _pct(r["frame_ratio"]),
+        table.add_row(str(r["cached_tokens"]), escape(r["policy"]), f"{r['frame_ms']:.1f}", f"{r['token_ms'] or 0:.1f}", _pct(r["frame_ratio"]),
                       _pct(r["decode_ratio"]), f"{r['top1_agreement']:.3f}", f"{r['kl']:.4f}", f"{r['answer_agreement']:.2f}",
                       f"{r['resident_bytes'] / 2**20:.0f}", f"{r['bytes_moved'] / 2**20:.1f}")
     console.print(table)
@@ -251,7 +252,7 @@ def _plots(rows: list[dict], heat: dict, out: Path) -> None:
 
 
 def kv_command(
-    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}). Parameters in brackets: 'resv[ratio=0.6,score_norm=shift_min],rekv[ratio=0.25]'.")] = "all",
+    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}). Parameters in brackets: 'all,resv[ratio=0.6,score_norm=softmax],rekv[ratio=0.25]'.")] = "all",
     sizes: Annotated[str, typer.Option(help="Cached-token sizes (k = 1024). The LM's trained context is 8k: 16k runs beyond it with re-indexed positions.")] = "1k,4k,8k,16k",
     frames: Annotated[int, typer.Option(help="Real frame steps measured per policy and size.")] = 4,
     questions: Annotated[int, typer.Option(help=f"Questions per policy and size (at most {len(QUESTIONS)}).")] = 2,
@@ -263,7 +264,9 @@ def kv_command(
 ) -> None:
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
     ratios (frame prefill and decoding), fidelity to `full` (top-1, KL, answers), memory per tier, bytes moved."""
-    names = list(POLICIES) if policies == "all" else [p.strip() for p in re.split(r",(?![^\[]*\])", policies)]
+    names = []
+    for spec in (p.strip() for p in re.split(r",(?![^\[]*\])", policies)):
+        names += list(POLICIES) if spec == "all" else [spec]
     for n in names:
         try:
             policy_from_spec(n)

@@ -18,9 +18,15 @@ Parameters (paper defaults first; [U] = unstated in the paper, documented choice
   (see :mod:`vrex.resv.clustering`).
 * ``code_update`` ``"leader"`` | ``"majority"`` | ``"mean"`` [U]; ``scope_frames`` 32 (None = all)
   and ``max_candidates`` (None) [U] (see :mod:`vrex.resv.table`).
-* ``score_norm`` ``"softmax"`` | ``"shift_min"`` | ``"relu"`` | ``"raw"`` and ``score_scale``
+* ``score_norm`` ``"shift_min"`` | ``"softmax"`` | ``"relu"`` | ``"raw"`` and ``score_scale``
   (None = ``1/sqrt(head_dim)``) [U]; ``sort_by`` ``"score"`` | ``"weighted"`` [U]
-  (see :mod:`vrex.resv.wicsum`).
+  (see :mod:`vrex.resv.wicsum`). Default ``shift_min``: the paper's rule on raw scores
+  (q . Key_cluster), made well defined for negative logits by subtracting the row minimum, so
+  ``ratio`` keeps the paper's meaning (a share of the weighted score sum; on SmolLM2 at 2K-4K
+  tokens ratio 0.3 reads ~40-45% of frame tokens at top-1 1.0 vs full). With ``softmax`` the
+  ratio becomes a share of attention mass: 0.3 keeps only ~10% of tokens and loses fidelity
+  (top-1 0.74), while ``softmax`` + ``ratio`` 0.95 + ``hamming_threshold`` 4 reads ~20% / 10%
+  (frame / decode) at better fidelity than ReKV at 50% (``vrex bench kv``, README).
 * ``selection_scope`` ``"head"`` (each KV head its own tokens) | ``"layer"`` (union over heads) [U].
 * ``num_buckets`` 16: bucket count of the WTU scan metric (not the selection) [U].
 * ``text_clustering`` ``"cluster"`` (text/decode steps are clustered like frames, without
@@ -87,7 +93,7 @@ class ReSVPolicy(KVPolicy):
     code_update: str = "leader"
     scope_frames: int | None = 32
     max_candidates: int | None = None
-    score_norm: str = "softmax"
+    score_norm: str = "shift_min"
     score_scale: float | None = None
     sort_by: str = "score"
     selection_scope: str = "head"
