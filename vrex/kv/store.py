@@ -626,12 +626,7 @@ class KVStore:
         L = self._layers[layer]
         H, D = self.num_kv_heads, self.head_dim
         out = torch.zeros(H, L.n, D, dtype=self.dtype, device=self.device)
-        ids = self._live_all(L)
-        for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
-            sel = ids[(ids >= a) & (ids < b)]
-            if not sel.numel():
-                continue
-            store = self._tier_of(L, tier)
+        for store, sel in self._live_by_tier(L):
             slots = L.pos[:, sel]
             for h in range(H):
                 k, v = store.read_head(h, slots[h])
@@ -643,13 +638,16 @@ class KVStore:
         L = self._layers[layer]
         if tuple(keys.shape) != (self.num_kv_heads, L.n, self.head_dim):
             raise ValueError(f"set_keys expects [{self.num_kv_heads}, {L.n}, {self.head_dim}], got {tuple(keys.shape)}")
+        for store, sel in self._live_by_tier(L):
+            store.write(L.pos[:, sel].contiguous(), keys[:, sel.to(keys.device)], None, None)
+
+    def _live_by_tier(self, L: _Layer):
+        """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""
         ids = self._live_all(L)
         for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
             sel = ids[(ids >= a) & (ids < b)]
-            if not sel.numel():
-                continue
-            store = self._tier_of(L, tier)
-            store.write(L.pos[:, sel].contiguous(), keys[:, sel.to(keys.device)], None, None)
+            if sel.numel():
+                yield self._tier_of(L, tier), sel
 
     # ------------------------------------------------------------------ accounting
     def resident_bytes(self) -> dict[str, int]:
