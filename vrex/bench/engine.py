@@ -26,8 +26,19 @@ from vrex.kv.policies import make_policy
 from vrex.models.videollm import load_videollm
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": psutil.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,
             "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
