@@ -69,6 +69,7 @@ def run(
     fps: Annotated[float, typer.Option(help="Frames per second fed to the model (resampled from the source with real timestamps).")] = 2.0,
     policy: Annotated[str, typer.Option(help="KV selection policy: full, flexgen, infinigen, rekv, streamingllm, resv, resv-noclust.")] = "full",
     theta: Annotated[float, typer.Option(help="Streaming-EOS threshold: after a frame the model speaks when P(interval token) < theta (VideoLLM-online demo: 0.725). 0 = never narrate, only answer.")] = 0.725,
+    min_gap: Annotated[float, typer.Option(help="Seconds after a narration during which the model stays silent (questions are still answered). 0 = the gate alone decides, as in VideoLLM-online.")] = 0.0,
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
     lm: Annotated[str, typer.Option(help="Language model: preset 'smollm2-135m', a local directory or Hugging Face repo id of a Llama/Qwen2-family LM, or a VideoLLM-online checkpoint (LoRA adapter + connector, e.g. chenjoya/videollm-online-8b-v1plus).")] = "smollm2-135m",
     base_lm: Annotated[Optional[str], typer.Option(help="For a VideoLLM-online checkpoint: local directory of its base LM (instead of the hub id it names).")] = None,
@@ -100,7 +101,7 @@ def run(
     model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm)
     for note in model.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
-    config = SessionConfig(theta=theta, sample=sample, positions=PositionConfig(mode=positions))
+    config = SessionConfig(theta=theta, min_response_gap=min_gap, sample=sample, positions=PositionConfig(mode=positions))
     tracer = TelemetryWriter(trace) if trace else None
     session = StreamingSession(model, make_policy(policy), config, trace=tracer)
     frames = ((f.t, f.image) for f in src)

@@ -124,3 +124,11 @@ def test_gate_speaks_when_interval_probability_is_below_theta(videollm, photos):
     session = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=1.01, max_response_tokens=4))
     kinds = [e.kind for i, im in enumerate(photos[:3]) for e in session.push_frame(float(i), im)]
     assert kinds == ["frame", "response"] * 3
+
+
+def test_min_response_gap_keeps_the_gate_closed_after_a_narration(videollm, photos):
+    """theta > 1 wants to speak after every frame; a 1 s gap allows one narration per second of stream."""
+    config = SessionConfig(theta=1.01, max_response_tokens=2, min_response_gap=1.0)
+    session = StreamingSession(videollm, make_policy("full"), config)
+    events = [e for i, im in enumerate(photos[:5]) for e in session.push_frame(0.5 * i, im)]
+    assert [e.t for e in events if e.kind == "response"] == [0.0, 1.0, 2.0]

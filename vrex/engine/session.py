@@ -46,6 +46,9 @@ class Event:
 @dataclass
 class SessionConfig:
     theta: float = DEFAULT_THETA
+    #: Seconds after a narration during which the gate stays closed (questions are still answered).
+    #: 0 = VideoLLM-online's behaviour (the gate alone decides).
+    min_response_gap: float = 0.0
     max_response_tokens: int = 48
     max_answer_tokens: int = 64
     sample: bool = False  # False: greedy
@@ -93,6 +96,7 @@ class StreamingSession:
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.frames = 0
         self.t = 0.0
+        self._last_response_t = float("-inf")
         self.spans: list[tuple[int, int, int | None]] = []  # (start, length, frame_id) of every step, to rebuild indexes
         # The system prompt is the sink: always attended, never evicted.
         self._forward(model.embed_text(model.tokenize(fmt.prefix)), "text")
@@ -134,9 +138,10 @@ class StreamingSession:
         answers = self._answer_due()
         if answers:
             events += answers
-        elif p_interval < self.config.theta:
+        elif p_interval < self.config.theta and self.t - self._last_response_t >= self.config.min_response_gap:
             text, gen_stats = self._generate(self.model.fmt.respond, self.config.max_response_tokens)
             events.append(Event(self.t, "response", text, gen_stats))
+            self._last_response_t = self.t
         else:
             self._pending = torch.tensor([self.interval_id], device=self.model.device)
         return events
@@ -177,7 +182,7 @@ class StreamingSession:
             evict = policy.evictable(layer, new.store.length(layer))
             if evict is not None and evict.numel():
                 new.store.evict(layer, evict)
-        for name in ("max_position", "interval_id", "stop_ids", "frames", "t"):
+        for name in ("max_position", "interval_id", "stop_ids", "frames", "t", "_last_response_t"):
             setattr(new, name, getattr(self, name))
         new.positions, new.spans, new._pending = self.positions.clone(), list(self.spans), self._pending.clone()
         new._questions, new._counter = list(self._questions), itertools.count(next(self._counter))
