@@ -244,7 +244,8 @@ def _plots(rows: list[dict], heat: dict, out: Path) -> None:
         fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 6))
         for ax, (key, stage, matrix) in zip(axes if len(maps) > 1 else [axes], maps):
             im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=max(max(r) for r in matrix))
-            ax.set(title=f"{key} {stage}: selected ratio", xlabel="KV head", ylabel="layer")
+            ax.set(title=f"{key} {stage}: selected ratio", xlabel="KV head", ylabel="layer",
+                   xticks=range(len(matrix[0])))
             fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(out / "kv_heat.png", dpi=120)
