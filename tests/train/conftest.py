@@ -1,5 +1,5 @@
 """Fixtures for the LIVE-training tests: the real default model (untrained connector) and the
-feature cache of the real media (built once, ~1.5 min, then read from ~/.cache/vrex/train)."""
+feature cache of the real media (built once, ~1.5 min, then read from $VREX_CACHE/train, default ~/.cache/vrex/train)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ import torch
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     torch.set_num_threads(1)  # the CI box is 2 shared cores
-
-
-@pytest.fixture(scope="session")
-def videollm():
-    from vrex.models.videollm import load_videollm
-
-    return load_videollm(connector=None)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def train_cmd(
     threads: int = typer.Option(Recipe.threads, help="torch threads. 1 is fastest when other jobs share the cores."),
     checkpoint_every: int = typer.Option(Recipe.checkpoint_every, help="Save a checkpoint every N steps."),
 ) -> None:
-    """Train the connector with the LIVE objective on real media (features cached once in ~/.cache/vrex/train)."""
+    """Train the connector with the LIVE objective on real media (features cached once in $VREX_CACHE/train, default ~/.cache/vrex/train)."""
     from vrex.train.trainer import train
 
     recipe = Recipe(steps=steps, lr=lr, lora=lora, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from vrex.models.weights import cache_dir
 
 CATALOG = Path(__file__).resolve().parent / "media.json"
 FPS = 2.0
@@ -122,7 +125,7 @@ def catalog_hash(catalog: dict[str, Media]) -> str:
 
 
 def default_cache_path(encoder: str = "efficientnet-lite0") -> Path:
-    return Path.home() / ".cache" / "vrex" / "train" / f"features-{encoder}-{catalog_hash(load_catalog())}.pt"
+    return cache_dir() / "train" / f"features-{encoder}-{catalog_hash(load_catalog())}.pt"
 
 
 def build_feature_cache(encoder=None, path: Path | None = None, progress: bool = True) -> FeatureCache:
@@ -152,5 +155,8 @@ def build_feature_cache(encoder=None, path: Path | None = None, progress: bool =
         feats[name], probs[name] = torch.cat(f), torch.cat(p)
     cache = FeatureCache(feats, probs, encoder.name, catalog_hash(catalog))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"features": feats, "probs": probs, "encoder": encoder.name, "catalog_hash": cache.catalog_hash}, path)
+    # Write then rename: parallel builders (test workers) never read a half-written file.
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"features": feats, "probs": probs, "encoder": encoder.name, "catalog_hash": cache.catalog_hash}, tmp)
+    os.replace(tmp, path)
     return cache
