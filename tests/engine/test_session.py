@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vrex.engine.positions import PositionConfig, compressed_positions, rerotate
@@ -132,3 +133,12 @@ def test_min_response_gap_keeps_the_gate_closed_after_a_narration(videollm, phot
     session = StreamingSession(videollm, make_policy("full"), config)
     events = [e for i, im in enumerate(photos[:5]) for e in session.push_frame(0.5 * i, im)]
     assert [e.t for e in events if e.kind == "response"] == [0.0, 1.0, 2.0]
+
+
+def test_out_of_order_frame_and_empty_question_are_refused(videollm, photos):
+    session = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=0.0))
+    session.push_frame(1.0, photos[0])
+    with pytest.raises(ValueError, match="before the previous frame"):
+        session.push_frame(0.5, photos[1])
+    with pytest.raises(ValueError, match="empty"):
+        session.ask("   ")

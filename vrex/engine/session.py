@@ -110,14 +110,19 @@ class StreamingSession:
 
     def ask(self, text: str, t: float | None = None) -> list[Event]:
         """Queue a question for time ``t`` (default: now). Answered at once if ``t`` is not in the future."""
+        t = self._queue(text, self.t if t is None else t)
+        return self._answer_due() if self.frames and t <= self.t else []
+
+    def _queue(self, text: str, t: float) -> float:
         if not text.strip():
             raise ValueError("question text is empty")
-        t = self.t if t is None else float(t)
-        heapq.heappush(self._questions, (t, next(self._counter), text))
-        return self._answer_due() if self.frames and t <= self.t else []
+        heapq.heappush(self._questions, (float(t), next(self._counter), text))
+        return float(t)
 
     def push_frame(self, t: float, image: Image.Image) -> list[Event]:
         """Prefill one frame; return the events it caused (frame stats, maybe a response or answers)."""
+        if self.frames and t < self.t:
+            raise ValueError(f"frame time {t} s is before the previous frame's {self.t} s: frames must arrive in time order")
         t0 = time.perf_counter()
         frame_embeds = self.model.embed_frames([image])[0]
         t_vision = time.perf_counter()
@@ -168,6 +173,8 @@ class StreamingSession:
         into a new store, so tiers follow the new config), positions and pending text; the new policy
         indexes the cached tokens frame by frame, as it would have while streaming. Benchmarks use it
         to compare policies from one shared fill."""
+        if any(bool(self.store.is_evicted(layer).any()) for layer in range(self.store.num_layers)):
+            raise ValueError("fork needs a session whose policy keeps every token (e.g. full); this one evicted tokens")
         new = object.__new__(StreamingSession)
         new.model, new.policy, new.config, new.trace = self.model, policy, config or self.config, None
         cfg = self.model.lm.config
@@ -198,7 +205,7 @@ class StreamingSession:
     def run(self, frames: Iterable[tuple[float, Image.Image]], questions: Iterable[tuple[float, str]] = ()) -> Iterator[Event]:
         """Drive the session from any iterable of (t, image); yields events as they happen."""
         for tq, q in questions:
-            self.ask(q, tq) if self.frames else heapq.heappush(self._questions, (float(tq), next(self._counter), q))
+            self._queue(q, tq)  # due once a frame at or past its time arrives
         for t, image in frames:
             yield from self.push_frame(t, image)
         # Questions after the last frame are answered at the end of the stream.
