@@ -170,11 +170,17 @@ class VrexCache(Cache):
         if indices is None:
             return None
         sink = min(self.keep.sink_tokens, n_past)
-        recent = min(self.keep.recent_tokens, n_past)
-        kept = torch.cat([torch.arange(sink), torch.arange(n_past - recent, n_past)])
-        if kept.numel() == 0:
+        middle_end = max(sink, n_past - self.keep.recent_tokens)
+        if sink == 0 and middle_end == n_past:
             return indices
-        return [torch.unique(torch.cat([kept, idx.cpu()])) for idx in indices]
+        # Policies return sorted unique ids, so the union with the two kept ranges stays sorted and
+        # unique by splicing: [0, sink) + selected ids in between + [middle_end, n_past). No sort.
+        head, tail = torch.arange(sink), torch.arange(middle_end, n_past)
+        out = []
+        for idx in indices:
+            idx = idx.cpu()
+            out.append(torch.cat([head, idx[(idx >= sink) & (idx < middle_end)], tail]))
+        return out
 
 
 def _attention(
