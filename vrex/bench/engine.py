@@ -43,15 +43,12 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
 
-def embed_all(model, frames, batch: int = 16) -> tuple[torch.Tensor, float]:
-    """Embed every frame once; returns [N, tokens, d] and the median vision ms per frame."""
-    out, per_frame = [], []
+def embed_all(model, frames, batch: int = 16) -> torch.Tensor:
+    """Embed every frame once: [N, tokens, d]."""
+    out = []
     for lo in tqdm(range(0, len(frames), batch), desc="encoding frames", unit="batch", leave=False):
-        images = [im for _, im in frames[lo:lo + batch]]
-        t0 = time.perf_counter()
-        out.append(model.embed_frames(images))
-        per_frame.append(1e3 * (time.perf_counter() - t0) / len(images))
-    return torch.cat(out), statistics.median(per_frame)
+        out.append(model.embed_frames([im for _, im in frames[lo:lo + batch]]))
+    return torch.cat(out)
 
 
 def run_engine_bench(sizes: list[int], *, frames: int = 8, tokens: int = 16, out: Path = Path("bench-out/engine"),
@@ -63,7 +60,7 @@ def run_engine_bench(sizes: list[int], *, frames: int = 8, tokens: int = 16, out
     tpf = model.tokens_per_frame + 1  # frame tokens + interval token
     n_total = sizes[-1] // tpf + (frames + 2) * len(sizes) + 8
     stream = long_stream(n_total)
-    embeds, _ = embed_all(model, stream)
+    embeds = embed_all(model, stream)
     session = StreamingSession(model, make_policy(policy), SessionConfig(theta=0.0))
     rows, cursor = [], 0
     for size in sizes:

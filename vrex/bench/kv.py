@@ -131,7 +131,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
     sizes = sorted(sizes)
     tpf = model.tokens_per_frame + 1
     stream = long_stream(sizes[-1] // tpf + frames * len(sizes) + 8)
-    embeds, _ = embed_all(model, stream)
+    embeds = embed_all(model, stream)
     base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0))
     questions = list(QUESTIONS[:n_questions])
     rows, heat, cursor = [], {}, 0

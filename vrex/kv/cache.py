@@ -70,7 +70,7 @@ class VrexCacheLayer(CacheLayerMixin):
                 "attn_implementation='vrex' and pass vrex_cache=<the cache> to its forward."
             )
         # Stored after attention (in VrexCache.attend), so the store holds exactly the past during selection.
-        self.cache._pending[self.layer_idx] = True
+        self.cache._pending.add(self.layer_idx)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -78,7 +78,6 @@ class VrexCacheLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.cache.store.length(self.layer_idx)
-
 
     def get_max_length(self) -> int:
         return -1
@@ -93,7 +92,7 @@ class VrexCache(Cache):
         layers = [VrexCacheLayer(self, i) for i in range(store.num_layers)]
         super().__init__(layers=layers)
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
-        self._pending: dict[int, bool] = {}
+        self._pending: set[int] = set()  # layers whose step keys await VrexCache.attend
         self.stage: Stage = "text"
         self.frame_id: int | None = None
         self.frame_spans: list[tuple[int, int | None]] | None = None
@@ -120,7 +119,7 @@ class VrexCache(Cache):
         Returns ``[1, T, H_q, D]`` as transformers' attention functions do.
         """
         t0 = time.perf_counter()
-        self._pending.pop(layer, None)
+        self._pending.discard(layer)
         n_new = key.shape[-2]
         n_past = self.store.length(layer)
         q = query[0]
