@@ -29,10 +29,11 @@ def _one_shot(model, session: StreamingSession, frames, position_ids=None) -> tu
     """One forward over the whole interleaved LIVE sequence (no cache); returns logits and frame-end indices."""
     parts = [model.embed_text(model.tokenize(model.fmt.prefix))]
     ends = []
+    frame_embeds = model.embed_frames(list(frames))  # one batch of consecutive frames (temporal connector)
     for i, image in enumerate(frames):
         if i:
             parts.append(model.embed_text(torch.tensor([session.interval_id])))
-        parts.append(model.embed_frames([image])[0])
+        parts.append(frame_embeds[i])
         ends.append(sum(p.shape[0] for p in parts) - 1)
     embeds = torch.cat(parts)[None]
     with torch.no_grad():
@@ -97,7 +98,7 @@ def test_stream_past_trained_context_reindexes_keys(videollm, photos):
     reference = DynamicCache()
     for layer in range(session.store.num_layers):
         reference.update(session.store.keys(layer)[None, :, :n_before], session.store.values(layer)[None, :, :n_before], layer)
-    embeds = torch.cat([pending, videollm.embed_frames([photos[5]])[0]])[None]
+    embeds = torch.cat([pending, videollm.embed_frames([photos[5]], previous=videollm.encode_frames([photos[4]])[0])[0]])[None]
     with torch.no_grad():
         logits = videollm.lm(inputs_embeds=embeds, position_ids=new_positions[None], past_key_values=reference).logits[0]
     torch.testing.assert_close(captured[-1], logits[-1], atol=2e-4, rtol=1e-4)
@@ -142,3 +143,21 @@ def test_out_of_order_frame_and_empty_question_are_refused(videollm, photos):
         session.push_frame(0.5, photos[1])
     with pytest.raises(ValueError, match="empty"):
         session.ask("   ")
+
+
+def test_fast_forward_then_frames_equals_frame_by_frame(videollm, photos):
+    """fast_forward (encoder features, chunked) leaves the session exactly where pushing the same frames
+    one by one does, including the temporal connector's memory of the last frame."""
+    stepped = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=0.0))
+    for i, image in enumerate(photos):
+        stepped.push_frame(0.5 * i, image)
+    fast = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=0.0))
+    fast.fast_forward([0.5 * i for i in range(5)], videollm.encode_frames(photos[:5]), chunk=2)
+    for i in (5, 6):
+        fast.push_frame(0.5 * i, photos[i])
+    assert fast.cached_tokens == stepped.cached_tokens and fast.frames == stepped.frames
+    torch.testing.assert_close(fast.last_logits, stepped.last_logits, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="3 times for 2 frames"):
+        fast.fast_forward([4.0, 4.5, 5.0], videollm.encode_frames(photos[:2]))
+    with pytest.raises(ValueError, match="time order"):
+        fast.fast_forward([1.0], videollm.encode_frames(photos[:1]))

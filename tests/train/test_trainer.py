@@ -47,7 +47,7 @@ def tiny_videollm(videollm):
     torch.manual_seed(0)
     model = copy.copy(videollm)
     model.lm = LlamaForCausalLM(cfg).eval()
-    model.connector = Connector(videollm.encoder.dim, 32, seed=0)
+    model.connector = Connector(videollm.encoder.dim, 32, seed=0, temporal=True)
     return model
 
 

@@ -43,11 +43,11 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
 
-def embed_all(model, frames, batch: int = 16) -> torch.Tensor:
-    """Embed every frame once: [N, tokens, d]."""
+def encode_all(model, frames, batch: int = 16) -> torch.Tensor:
+    """Encode every frame once: [N, tokens, d_vis] encoder features (``StreamingSession.fast_forward`` input)."""
     out = []
     for lo in tqdm(range(0, len(frames), batch), desc="encoding frames", unit="batch", leave=False):
-        out.append(model.embed_frames([im for _, im in frames[lo:lo + batch]]))
+        out.append(model.encode_frames([im for _, im in frames[lo:lo + batch]]))
     return torch.cat(out)
 
 
@@ -60,13 +60,13 @@ def run_engine_bench(sizes: list[int], *, frames: int = 8, tokens: int = 16, out
     tpf = model.tokens_per_frame + 1  # frame tokens + interval token
     n_total = sizes[-1] // tpf + (frames + 2) * len(sizes) + 8
     stream = long_stream(n_total)
-    embeds = embed_all(model, stream)
+    features = encode_all(model, stream)
     session = StreamingSession(model, make_policy(policy), SessionConfig(theta=0.0))
     rows, cursor = [], 0
     for size in sizes:
         need = max(0, (size - session.cached_tokens) // tpf)
         if need:
-            session.fast_forward([t for t, _ in stream[cursor:cursor + need]], embeds[cursor:cursor + need])
+            session.fast_forward([t for t, _ in stream[cursor:cursor + need]], features[cursor:cursor + need])
             cursor += need
         vision, prefill, total = [], [], []
         for t, image in stream[cursor:cursor + frames]:

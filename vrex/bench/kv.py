@@ -33,7 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench import parse_size
-from vrex.bench.engine import embed_all, machine
+from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import POLICIES, make_policy
@@ -131,13 +131,13 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
     sizes = sorted(sizes)
     tpf = model.tokens_per_frame + 1
     stream = long_stream(sizes[-1] // tpf + frames * len(sizes) + 8)
-    embeds = embed_all(model, stream)
+    features = encode_all(model, stream)
     base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0))
     questions = list(QUESTIONS[:n_questions])
     rows, heat, cursor = [], {}, 0
     for size in sizes:
         need = max(0, (size - base.cached_tokens) // tpf)
-        base.fast_forward([t for t, _ in stream[cursor:cursor + need]], embeds[cursor:cursor + need])
+        base.fast_forward([t for t, _ in stream[cursor:cursor + need]], features[cursor:cursor + need])
         cursor += need
         steps = stream[cursor:cursor + frames]
         ref_trace = None
@@ -172,7 +172,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
             console.print(f"{size:>6} {escape(name):<13} frame {row['frame_ms']:7.1f} ms  token {row['token_ms'] or 0:6.1f} ms  "
                           f"ratio {_pct(row['frame_ratio'])}/{_pct(row['decode_ratio'])}  top1 {row['top1_agreement']:.3f}  KL {row['kl']:.4f}")
             del session
-        base.fast_forward([t for t, _ in steps], embeds[cursor:cursor + frames])
+        base.fast_forward([t for t, _ in steps], features[cursor:cursor + frames])
         cursor += frames
     result = {"bench": "kv", "machine": machine(), "model": model.describe(), "frames": frames, "questions": questions,
               "answer_tokens": answer_tokens, "device_tokens": device_tokens, "recent_tokens": recent_tokens, "rows": rows, "heat": heat}

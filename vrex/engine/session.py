@@ -102,6 +102,7 @@ class StreamingSession:
         self._forward(model.embed_text(model.tokenize(fmt.prefix)), "text")
         self.cache.keep.sink_tokens = self.cached_tokens
         self._pending = torch.empty(0, dtype=torch.long, device=model.device)
+        self._last_features: torch.Tensor | None = None  # encoder features of the last frame (temporal connectors)
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -124,7 +125,9 @@ class StreamingSession:
         if self.frames and t < self.t:
             raise ValueError(f"frame time {t} s is before the previous frame's {self.t} s: frames must arrive in time order")
         t0 = time.perf_counter()
-        frame_embeds = self.model.embed_frames([image])[0]
+        features = self.model.encode_frames([image])
+        frame_embeds = self.model.connect(features, self._last_features)[0]
+        self._last_features = features[0]
         t_vision = time.perf_counter()
         embeds = torch.cat([self.model.embed_text(self._pending), frame_embeds], dim=0)
         self._pending = self._pending[:0]
@@ -151,11 +154,19 @@ class StreamingSession:
             self._pending = torch.tensor([self.interval_id], device=self.model.device)
         return events
 
-    def fast_forward(self, times: list[float], frame_embeds: torch.Tensor, chunk: int = 32) -> None:
-        """Prefill many silent frames (``frame_embeds`` [N, tokens, d], already embedded) in chunks of
-        ``chunk`` frames per forward, in the exact LIVE layout. For building long contexts fast
-        (benchmarks, evaluation haystacks): no gate, no events; policies index each frame separately
-        but select once per chunk."""
+    def fast_forward(self, times: list[float], frame_features: torch.Tensor, chunk: int = 32) -> None:
+        """Prefill many silent frames (``frame_features`` [N, tokens, d_vis], already encoded, e.g. with
+        ``model.encode_frames``) in chunks of ``chunk`` frames per forward, in the exact LIVE layout.
+        For building long contexts fast (benchmarks, evaluation haystacks): no gate, no events;
+        policies index each frame separately but select once per chunk."""
+        if len(times) != len(frame_features):
+            raise ValueError(f"fast_forward got {len(times)} times for {len(frame_features)} frames")
+        if not len(times):
+            return
+        if self.frames and times[0] < self.t:
+            raise ValueError(f"frame time {times[0]} s is before the previous frame's {self.t} s: frames must arrive in time order")
+        frame_embeds = self.model.connect(frame_features, self._last_features)
+        self._last_features = frame_features[-1].to(self.model.device)
         interval = self.model.embed_text(torch.tensor([self.interval_id], device=self.model.device))
         for lo in range(0, len(times), chunk):
             parts, spans = [], []
@@ -189,7 +200,7 @@ class StreamingSession:
             evict = policy.evictable(layer, new.store.length(layer))
             if evict is not None and evict.numel():
                 new.store.evict(layer, evict)
-        for name in ("max_position", "interval_id", "stop_ids", "frames", "t", "_last_response_t"):
+        for name in ("max_position", "interval_id", "stop_ids", "frames", "t", "_last_response_t", "_last_features"):
             setattr(new, name, getattr(self, name))
         new.positions, new.spans, new._pending = self.positions.clone(), list(self.spans), self._pending.clone()
         new._questions, new._counter = list(self._questions), itertools.count(next(self._counter))

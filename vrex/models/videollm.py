@@ -106,10 +106,20 @@ class VideoLLM:
         return self.lm.get_input_embeddings()(ids)
 
     @torch.no_grad()
-    def embed_frames(self, images: list[Image.Image]) -> torch.Tensor:
-        """[B, tokens_per_frame, d_lm] for a batch of frames."""
-        feats = self.encoder(images)
-        return self.connector(feats.to(self.device, dtype=self.connector.fc1.weight.dtype))
+    def encode_frames(self, images: list[Image.Image]) -> torch.Tensor:
+        """[B, tokens_per_frame, d_vis]: the frozen encoder's features of a batch of frames."""
+        return self.encoder(images).to(self.device, dtype=self.connector.fc1.weight.dtype)
+
+    @torch.no_grad()
+    def connect(self, features: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, tokens_per_frame, d_lm] from the features of B consecutive frames; ``previous``: the
+        features of the frame before them (None: a stream starts; read by temporal connectors only)."""
+        dtype = self.connector.fc1.weight.dtype
+        return self.connector(features.to(self.device, dtype=dtype), None if previous is None else previous.to(self.device, dtype=dtype))
+
+    def embed_frames(self, images: list[Image.Image], previous: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, tokens_per_frame, d_lm] for a batch of consecutive frames (see ``connect``)."""
+        return self.connect(self.encode_frames(images), previous)
 
     def describe(self) -> str:
         return (f"{self.name}: encoder={self.encoder.name} ({self.tokens_per_frame} tokens/frame), "
@@ -131,6 +141,7 @@ def load_videollm(
     seed: int = 0,
     device: str | torch.device = "cpu",
     base_lm: str | None = None,
+    temporal: bool = True,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
     ships for this encoder+LM, if any) or ``None`` (seeded untrained init).
@@ -139,6 +150,8 @@ def load_videollm(
     ``vrex.models.videollm_online``): its own vision tower, connector and text layout are used, unless
     ``encoder`` (other than the default preset) / ``connector`` (a file) / ``system`` say otherwise;
     ``base_lm`` replaces the base LM it names (e.g. a local copy of Meta-Llama-3-8B-Instruct).
+    ``temporal``: the architecture of an *untrained* connector (see ``vrex.models.connector``); a
+    weights file carries its own.
     """
     from vrex.models import videollm_online  # imports this module
 
@@ -152,7 +165,7 @@ def load_videollm(
         raise ValueError(f"base_lm applies to VideoLLM-online checkpoints only; '{lm}' is a plain LM")
     lm_model, tokenizer = load_lm(lm, device=device)
     enc = load_encoder(encoder, grid=grid).to(device)
-    conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed).to(device)
+    conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed, temporal=temporal).to(device)
     if connector == "auto":
         connector = shipped_connector(enc.name, lm) if Path(lm).name == lm else None
     if connector is not None:

@@ -20,7 +20,14 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
 * ``needle_acc@{m}min``: a haystack of one held-out subject (m minutes at 2 FPS), a 2-4 frame
   needle of another held-out subject at a fixed relative position, the question
   "What appeared briefly in the stream?" at the last frame; correct when the answer names the
-  needle (same keyword rule). Run with each ``--policy``.
+  needle (same keyword rule). The stream runs as a user runs it: the live loop over every frame
+  (the model narrates when its gate fires, and may answer from its own narrations);
+  ``needle_narrations@{m}min`` is how many narrations it made per stream. Run with each ``--policy``.
+* ``needle_acc_silent@{m}min``: the same streams with the haystack fed silent
+  (``StreamingSession.fast_forward``: no gate, no narration), so the answer must come from the
+  frames' tokens alone.
+* ``..._seen_needle``: held-out haystack, needle from a *training* subject (its frames were trained
+  on): separates remembering from recognising a subject never seen named.
 * ``qa_acc`` (free-running): the present/past/occurrence questions inside the narration streams;
   Yes/No answers must start with the right word, the others must name the expected subject.
 * ``responses_per_min`` (free-running): how talkative the model is.
@@ -57,7 +64,10 @@ class EvalConfig:
     max_response_tokens: int = 12
     max_answer_tokens: int = 16
     quick: bool = False
-    direct_full: bool = True  # needle streams under `full`: one SDPA prefill instead of the session (same layout)
+    direct_full: bool = True  # under `full`: speculative LIVE loop / one SDPA prefill instead of the session (same results, tested)
+    #: live needle runs of the untrained connector only up to this length: it speaks at ~every frame, so a
+    #: 5-minute stream is ~600 decoded responses
+    untrained_live_max_minutes: float = 1.0
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
@@ -170,8 +180,20 @@ def _session(model, policy_name: str, cfg: EvalConfig):
     return StreamingSession(model, make_policy(policy_name), scfg)
 
 
-def run_stream(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig):
-    """Free-run the session over the stream's frames; questions at their frames. Returns events."""
+def run_stream(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> list:
+    """Free-run the LIVE loop over the stream's frames, questions at their frames; returns the
+    session's events. Under ``full`` (and ``cfg.direct_full``) the speculative loop of
+    ``vrex.train.speculative`` gives the same events (tested) in a fraction of the forwards."""
+    from vrex.engine.session import DEFAULT_THETA, Event
+
+    if policy == "full" and cfg.direct_full:
+        from vrex.train.speculative import SpeculativeLive
+
+        live = SpeculativeLive(fmodel, cfg.theta if cfg.theta is not None else DEFAULT_THETA,
+                               cfg.max_response_tokens, cfg.max_answer_tokens)
+        questions = {k: [t.question for t in s.questions] for k, s in enumerate(stream.steps) if s.questions}
+        return [Event(stream.steps[e.frame].t, e.kind, e.text, {"question": e.question} if e.question else {})
+                for e in live.run(stream_features(cache, stream).to(fmodel.device), questions)]
     session = _session(fmodel, policy, cfg)
     events = []
     for step in stream.steps:
@@ -181,15 +203,25 @@ def run_stream(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: Ev
     return events
 
 
+def run_needle_live(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> tuple[str, int]:
+    """The needle stream as a user would run it: the live loop (gate, narrations) over every frame,
+    the needle question at the last one. Returns the answer and the number of narrations."""
+    from vrex.train.layout import Step, Turn
+
+    steps = list(stream.steps[:-1]) + [Step(stream.steps[-1].media, stream.steps[-1].frame, stream.steps[-1].t,
+                                            [Turn("", NEEDLE_QUESTION)])]
+    events = run_stream(fmodel, cache, Stream(steps, stream.segments, stream.kind, stream.needle), policy, cfg)
+    answers = [e for e in events if e.kind == "answer"]
+    return (answers[-1].text if answers else ""), sum(e.kind == "response" for e in events)
+
+
 @torch.no_grad()
 def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> str:
     """Silent haystack via ``StreamingSession.fast_forward`` (no gate, chunked prefill: the layout of a
     stream where the model stayed silent), then the last frame with the needle question due. Returns the answer."""
     session = _session(fmodel, policy, cfg)
     feats = stream_features(cache, stream)
-    conn = fmodel.connector
-    embeds = conn(feats.to(fmodel.device, dtype=conn.fc1.weight.dtype))
-    session.fast_forward([s.t for s in stream.steps[:-1]], embeds[:-1])
+    session.fast_forward([s.t for s in stream.steps[:-1]], feats[:-1])
     last = stream.steps[-1]
     session.ask(NEEDLE_QUESTION, last.t)
     events = session.push_frame(last.t, feats[-1])
@@ -257,7 +289,6 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
              log=print, only: str | None = None) -> list[dict]:
     """Rows {model, policy, metric, value} for the trained and the untrained connector."""
     torch.set_num_threads(cfg.threads)
-    from vrex.models.connector import Connector
     from vrex.models.videollm import load_videollm
 
     base = load_videollm(connector=None)
@@ -306,37 +337,38 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
                 if kind == "seen" and model_name == "untrained":
                     continue  # diagnostic for the trained model only (the untrained one names nothing)
                 for minutes, streams in by_len.items():
-                    correct = 0
-                    for stream in streams:
-                        if policy == "full" and cfg.direct_full:
-                            answer = run_needle_direct(fmodel, builder, cache, stream, cfg)
-                        else:
-                            answer = run_needle(fmodel, cache, stream, policy, cfg)
-                        ok = names_subject(answer, catalog[stream.needle].keywords)
-                        correct += ok
-                        log(f"    needle[{kind}] {minutes:g} min {stream.segments[0].media}+{stream.needle}: {answer!r} {'OK' if ok else 'x'}")
-                    metric = f"needle_acc@{minutes:g}min" + ("" if kind == "heldout" else "_seen_needle")
-                    add(model_name, policy, metric, correct / len(streams))
+                    for mode in ("live", "silent"):
+                        if mode == "live" and model_name == "untrained" and minutes > cfg.untrained_live_max_minutes:
+                            continue  # it speaks at ~every frame: minutes of decoding per stream (see EvalConfig)
+                        correct, narrations = 0, 0
+                        for stream in streams:
+                            if mode == "live":
+                                answer, n = run_needle_live(fmodel, cache, stream, policy, cfg)
+                                narrations += n
+                            elif policy == "full" and cfg.direct_full:
+                                answer = run_needle_direct(fmodel, builder, cache, stream, cfg)
+                            else:
+                                answer = run_needle(fmodel, cache, stream, policy, cfg)
+                            ok = names_subject(answer, catalog[stream.needle].keywords)
+                            correct += ok
+                            log(f"    needle[{kind},{mode}] {minutes:g} min {stream.segments[0].media}+{stream.needle}: "
+                                f"{answer!r} {'OK' if ok else 'x'}" + (f" ({n} narrations)" if mode == "live" else ""))
+                        metric = "needle_acc" + ("" if mode == "live" else "_silent") + f"@{minutes:g}min" + ("" if kind == "heldout" else "_seen_needle")
+                        add(model_name, policy, metric, correct / len(streams))
+                        if mode == "live":
+                            add(model_name, policy, metric.replace("needle_acc", "needle_narrations"), narrations / len(streams))
         log(f"  ({model_name}: {time.time() - t0:.0f} s)")
     return rows
 
 
 def load_connector(path: Path, base):
     """A connector from a safetensors file: exported weights, or a run's ``checkpoint.safetensors``."""
-    from safetensors.torch import load_file
-
     from vrex.models.connector import Connector
 
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.safetensors"
-    state = load_file(str(path))
-    if any(k.startswith("connector.") for k in state):
-        state = {k[len("connector."):]: v for k, v in state.items() if k.startswith("connector.")}
-    conn = Connector(base.encoder.dim, base.lm.config.hidden_size)
-    conn.load_state_dict(state)
-    conn.trained, conn.source = True, str(path)
-    return conn
+    return Connector(base.encoder.dim, base.lm.config.hidden_size).load(path)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -32,16 +32,17 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "connecto
 
 @dataclass
 class Recipe:
-    steps: int = 600
+    steps: int = 900
     lr: float = 1e-3
     warmup: int = 20
     weight_decay: float = 0.0
     stream_loss_weight: float = 1.0
     needle_fraction: float = 0.4
-    silent_needle_fraction: float = 0.5  # of needle streams: silent haystack (fast_forward layout)
-    needle_frames: tuple[int, int] = (12, 40)
+    silent_needle_fraction: float = 0.3  # of needle streams: silent haystack (fast_forward layout)
+    needle_frames: tuple[int, int] = (12, 64)
     lora: bool = False
     lora_rank: int = 8
+    temporal: bool = True  # connector sees each frame's change since the previous one (vrex.models.connector)
     seed: int = 0
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -129,8 +130,8 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     tensors = load_file(str(run / "checkpoint.safetensors"))
     extra = torch.load(run / "state.pt", weights_only=False)
     saved = extra["recipe"]
-    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight"):
-        if saved.get(key) != getattr(recipe, key):
+    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight", "temporal"):
+        if saved.get(key, False if key == "temporal" else None) != getattr(recipe, key):
             raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
     model.connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
     if recipe.lora:
@@ -155,7 +156,7 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     torch.manual_seed(recipe.seed)
     from vrex.models.videollm import load_videollm
 
-    model = model or load_videollm(connector=None, seed=recipe.seed)
+    model = model or load_videollm(connector=None, seed=recipe.seed, temporal=recipe.temporal)
     cache = cache or build_feature_cache(progress=progress)
     catalog = load_catalog()
     maker = StreamMaker(cache, catalog, split_names(catalog, "train"))
