@@ -4,6 +4,7 @@ held-out media never reach training."""
 from __future__ import annotations
 
 import copy
+import json
 import random
 
 import pytest
@@ -96,3 +97,23 @@ def test_heldout_media_never_trained_on(catalog, maker):
     assert not (seen & held), seen & held
     # held-out labels may appear as *words* ("Did you see a cat?" negatives) but never as frames
     assert len(seen) >= len(train_names) - 2
+
+
+def test_second_stage_starts_from_init_weights(tiny_videollm, cache, tmp_path):
+    """--init: a second stage starts from the given connector (not the seeded init) and is itself resumable."""
+    first = train(Recipe(steps=3, checkpoint_every=100, lr=3e-3, warmup=1, seed=1), tmp_path / "s1", out=tmp_path / "s1.safetensors",
+                  resume=False, model=_fresh(tiny_videollm), cache=cache, progress=False)
+    assert first.step == 3
+    stage2 = Recipe(steps=1, lr=1e-12, warmup=1, seed=5, init=str(tmp_path / "s1.safetensors"), needle_frames=(20, 30))
+    train(stage2, tmp_path / "s2", out=tmp_path / "s2.safetensors", resume=False, model=_fresh(tiny_videollm), cache=cache, progress=False)
+    s1, s2 = load_file(str(tmp_path / "s1.safetensors")), load_file(str(tmp_path / "s2.safetensors"))
+    fresh = _fresh(tiny_videollm).connector.state_dict()
+    for k in s1:  # a learning rate of 1e-12 barely moves it: it started from stage 1, not from the seeded init
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-6, rtol=0)
+        assert not torch.allclose(s1[k], fresh[k]) or "bias" in k
+    record = json.loads((tmp_path / "s2.json").read_text())
+    assert record["recipe"]["init"] == str(tmp_path / "s1.safetensors")
+    assert record["init_record"]["recipe"]["steps"] == 3  # the stage it started from is on record
+    with pytest.raises(ValueError, match="init"):
+        train(Recipe(steps=1, seed=5, lr=1e-12, needle_frames=(20, 30)), tmp_path / "s2", out=None, model=_fresh(tiny_videollm),
+              cache=cache, progress=False)

@@ -29,6 +29,10 @@ def train_cmd(
     stream_loss_weight: float = typer.Option(Recipe.stream_loss_weight, help="Weight w of the streaming-EOS term "
                                              "(cross-entropy of the interval / speak label at each frame's last token)."),
     needle_fraction: float = typer.Option(Recipe.needle_fraction, help="Fraction of training streams that are needle streams."),
+    needle_frames: str = typer.Option(",".join(map(str, Recipe.needle_frames)), help="Needle-stream length range in frames (2 FPS), 'MIN,MAX'."),
+    silent_needle_fraction: float = typer.Option(Recipe.silent_needle_fraction, help="Fraction of needle streams with a silent haystack "
+                                                 "(no narration: the answer must come from the frames)."),
+    init: Optional[Path] = typer.Option(None, help="Start from these connector weights (a second training stage) instead of the seeded init."),
     out: Path = typer.Option(DEFAULT_WEIGHTS, help="Where the trained connector (safetensors) and its record (.json) are written."),
     run: Path = typer.Option(Path("runs/live-default"), help="Run directory for checkpoints (checkpoint.safetensors + state.pt)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the run directory's last checkpoint if there is one "
@@ -40,7 +44,16 @@ def train_cmd(
     """Train the connector with the LIVE objective on real media (features cached once in $VREX_CACHE/train, default ~/.cache/vrex/train)."""
     from vrex.train.trainer import train
 
+    try:
+        lo, hi = (int(x) for x in needle_frames.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"'{needle_frames}' is not MIN,MAX (two integers)", param_hint="--needle-frames")
+    if not 8 <= lo <= hi:
+        raise typer.BadParameter(f"needle streams need 8 <= MIN <= MAX frames, got {lo},{hi}", param_hint="--needle-frames")
+    if init is not None and not init.is_file():
+        raise typer.BadParameter(f"{init} is not a file", param_hint="--init")
     recipe = Recipe(steps=steps, lr=lr, lora=lora, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
+                    needle_frames=(lo, hi), silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
                     seed=seed, threads=threads, checkpoint_every=checkpoint_every)
     command = "vrex train " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "train")
     state = train(recipe, run, out=out, resume=resume, command=command.strip())

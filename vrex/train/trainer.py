@@ -43,6 +43,7 @@ class Recipe:
     lora: bool = False
     lora_rank: int = 8
     temporal: bool = True  # connector sees each frame's change since the previous one (vrex.models.connector)
+    init: str | None = None  # start from these connector weights (a second stage of training) instead of the seeded init
     seed: int = 0
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -130,14 +131,18 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     tensors = load_file(str(run / "checkpoint.safetensors"))
     extra = torch.load(run / "state.pt", weights_only=False)
     saved = extra["recipe"]
-    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight", "temporal"):
-        if saved.get(key, False if key == "temporal" else None) != getattr(recipe, key):
+    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames"):
+        if _jsonable(saved.get(key, False if key == "temporal" else None)) != _jsonable(getattr(recipe, key)):
             raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
     model.connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
     if recipe.lora:
         model.lm.load_state_dict({k[len("lm."):]: v for k, v in tensors.items() if k.startswith("lm.")}, strict=False)
     optimizer.load_state_dict(extra["optimizer"])
     return TrainState(**extra["state"])
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def export_connector(model, path: Path, recipe: Recipe, state: TrainState, command: str) -> None:
@@ -165,6 +170,8 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     model.lm.eval()  # no dropout; the LM is frozen
     if recipe.lora and not any("lora_" in n for n, _ in model.lm.named_parameters()):
         add_lora(model, recipe.lora_rank)
+    if recipe.init:
+        model.connector.load(recipe.init)
     model.connector.requires_grad_(True)
     params = list(model.connector.parameters()) + [p for n, p in model.lm.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -224,4 +231,7 @@ def write_record(path: Path, recipe: Recipe, state: TrainState, command: str, el
     record = {"command": command, "recipe": recipe.to_json(), "steps_done": state.step,
               "train_seconds_this_call": round(elapsed, 1), "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
               "loss_curve": curve}
+    if recipe.init:  # a second stage: keep the record of the stage it started from (written next to its weights)
+        earlier = Path(recipe.init).with_suffix(".json")
+        record["init_record"] = json.loads(earlier.read_text()) if earlier.is_file() else f"{earlier} not found"
     path.write_text(json.dumps(record, indent=1) + "\n")
