@@ -23,7 +23,7 @@ $(STAMP): requirements.lock requirements-weights.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/vrex run $(DEMO_CLIP) --min-gap 4 --ask "3:What do you see?" --ask "10:What is the bird doing?"
+	$(BIN)/vrex run $(DEMO_CLIP) --ask "3:What do you see?" --ask "10:What is the bird doing?"
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)

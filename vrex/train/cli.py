@@ -21,8 +21,8 @@ eval_app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 
 @train_app.callback(invoke_without_command=True)
 def train_cmd(
-    steps: int = typer.Option(Recipe.steps, help="Optimizer steps; one stream (~330 tokens, 12-40 frames) per step. "
-                              "The default recipe takes ~40 min on 2 contended CPU cores."),
+    steps: int = typer.Option(Recipe.steps, help="Optimizer steps; one stream (~400 tokens: 3-28 frames of narration, or a 12-64 frame needle stream) per step. "
+                              "The default recipe (stage 1 in docs/train.md) takes ~40 min on one CPU core."),
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
                               "The shipped default model is connector-only."),
