@@ -70,14 +70,19 @@ def eval_live(
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
+    recent_tokens: int = typer.Option(0, help="Always-kept window of the newest tokens on top of each policy's selection "
+                                      "(SessionConfig.recent_tokens); rows are labelled policy+recentN."),
     only: Optional[str] = typer.Option(None, help="Evaluate only 'trained' or 'untrained' (e.g. to run the two halves in parallel)."),
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
     from vrex.train.evaluate import EvalConfig, print_table, run_eval
 
+    if recent_tokens < 0:
+        raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
     cfg = EvalConfig.make(quick=quick, seed=seed, threads=threads,
                           minutes=[float(x) for x in minutes.split(",")] if minutes else None)
+    cfg.recent_tokens = recent_tokens
     rows = run_eval(cfg, connector=connector or DEFAULT_WEIGHTS, policies=policy, only=only)
     print_table(rows)
     if json_path:

@@ -68,6 +68,7 @@ class EvalConfig:
     #: live needle runs of the untrained connector only up to this length: it speaks at ~every frame, so a
     #: 5-minute stream is ~600 decoded responses
     untrained_live_max_minutes: float = 1.0
+    recent_tokens: int = 0  # SessionConfig.recent_tokens for the session runs (an always-kept recent window)
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
@@ -174,7 +175,8 @@ def _session(model, policy_name: str, cfg: EvalConfig):
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.kv.policies import make_policy
 
-    scfg = SessionConfig(max_response_tokens=cfg.max_response_tokens, max_answer_tokens=cfg.max_answer_tokens)
+    scfg = SessionConfig(max_response_tokens=cfg.max_response_tokens, max_answer_tokens=cfg.max_answer_tokens,
+                         recent_tokens=cfg.recent_tokens)
     if cfg.theta is not None:
         scfg.theta = cfg.theta
     return StreamingSession(model, make_policy(policy_name), scfg)
@@ -309,6 +311,8 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
     rows: list[dict] = []
 
     def add(model_name, policy, metric, value):
+        if cfg.recent_tokens and policy not in ("-", "full"):  # full reads everything: a recent window changes nothing
+            policy = f"{policy}+recent{cfg.recent_tokens}"
         rows.append({"model": model_name, "policy": policy, "metric": metric, "value": round(float(value), 4)})
         log(f"  {model_name:9s} {policy:12s} {metric:18s} {value:.4f}")
 

@@ -1,0 +1,21 @@
+"""`vrex train` / `vrex eval live` refuse bad arguments with a message naming the option, before any work."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from vrex.train.cli import app
+
+
+@pytest.mark.parametrize("args, option, why", [
+    (["train", "--needle-frames", "40"], "--needle-frames", "not MIN,MAX"),
+    (["train", "--needle-frames", "60,20"], "--needle-frames", "8 <= MIN <= MAX"),
+    (["train", "--init", "no/such/connector.safetensors"], "--init", "is not a file"),
+    (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens", "must be >= 0"),
+])
+def test_bad_arguments_are_named(args, option, why, tmp_path):
+    result = CliRunner().invoke(app, args + (["--run", str(tmp_path / "run")] if args[0] == "train" else []))
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # rich may wrap the message inside its box
+    assert option in text and why in text
