@@ -70,10 +70,11 @@ class SpeculativeLive:
                 k += 1
                 continue
             stop_at = min(n, k + size, min((j for j in questions if j > k), default=n))
-            parts, ends = [], []
+            parts, ends, end = [], [], self.length
             for j in range(k, stop_at):
                 parts.append(self._frame_input(pending if j == k else [self.interval], embeds[j]))
-                ends.append(self.length + sum(p.shape[0] for p in parts) - 1)
+                end += parts[-1].shape[0]
+                ends.append(end - 1)  # position of the frame's last token, where the gate is read
             start = self.length
             hidden = self._forward(torch.cat(parts), hidden_only=True)
             logits = model.lm.lm_head(hidden[[e - start for e in ends]]).float()
