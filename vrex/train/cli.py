@@ -19,6 +19,16 @@ train_app = typer.Typer(help="LIVE training of the connector (issue #5).", no_ar
 eval_app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 
 
+def _frame_range(text: str, option: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not MIN,MAX (two integers)", param_hint=option)
+    if not 8 <= lo <= hi:
+        raise typer.BadParameter(f"needle streams need 8 <= MIN <= MAX frames, got {lo},{hi}", param_hint=option)
+    return lo, hi
+
+
 @train_app.callback(invoke_without_command=True)
 def train_cmd(
     steps: int = typer.Option(Recipe.steps, help="Optimizer steps; one stream (~400 tokens: 3-28 frames of narration, or a 12-64 frame needle stream) per step. "
@@ -32,6 +42,15 @@ def train_cmd(
     needle_frames: str = typer.Option(",".join(map(str, Recipe.needle_frames)), help="Needle-stream length range in frames (2 FPS), 'MIN,MAX'."),
     silent_needle_fraction: float = typer.Option(Recipe.silent_needle_fraction, help="Fraction of needle streams with a silent haystack "
                                                  "(no narration: the answer must come from the frames)."),
+    long_fraction: float = typer.Option(Recipe.long_fraction, help="Fraction of steps that are long needles: a 2-4 frame needle in a "
+                                        "silent haystack of --long-frames, trained over a detached haystack memory (Transformer-XL style; "
+                                        "vrex/train/long_context.py): minutes of context for the cost of a short stream."),
+    long_frames: str = typer.Option(",".join(map(str, Recipe.long_frames)), help="Long-needle stream length range in frames, 'MIN,MAX' "
+                                    "(600 = 5 min at 2 FPS, ~6.6K tokens: MAX must fit the LM's positions)."),
+    long_narrate_fraction: float = typer.Option(Recipe.long_narrate_fraction, help="Fraction of long needles that are narrated "
+                                                "(gate and narration trained at the needle) rather than silent."),
+    memory_refresh: int = typer.Option(Recipe.memory_refresh, help="Rebuild the haystack memory (a new subject, the current connector) every N steps; "
+                                       "a prefill of MAX frames, ~40 s at 600 frames on one core."),
     init: Optional[Path] = typer.Option(None, help="Start from these connector weights (a second training stage) instead of the seeded init."),
     out: Path = typer.Option(DEFAULT_WEIGHTS, help="Where the trained connector (safetensors) and its record (.json) are written."),
     run: Path = typer.Option(Path("runs/live-default"), help="Run directory for checkpoints (checkpoint.safetensors + state.pt)."),
@@ -44,16 +63,18 @@ def train_cmd(
     """Train the connector with the LIVE objective on real media (features cached once in $VREX_CACHE/train, default ~/.cache/vrex/train)."""
     from vrex.train.trainer import train
 
-    try:
-        lo, hi = (int(x) for x in needle_frames.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"'{needle_frames}' is not MIN,MAX (two integers)", param_hint="--needle-frames")
-    if not 8 <= lo <= hi:
-        raise typer.BadParameter(f"needle streams need 8 <= MIN <= MAX frames, got {lo},{hi}", param_hint="--needle-frames")
+    lo, hi = _frame_range(needle_frames, "--needle-frames")
+    lo_long, hi_long = _frame_range(long_frames, "--long-frames")
+    if long_fraction and checkpoint_every % memory_refresh:
+        raise typer.BadParameter(f"--checkpoint-every ({checkpoint_every}) must be a multiple of --memory-refresh ({memory_refresh}) "
+                                 "so that a resumed run rebuilds the same haystack memory", param_hint="--memory-refresh")
+    if not 0.0 <= long_fraction <= 1.0:
+        raise typer.BadParameter(f"{long_fraction} is not a fraction in [0, 1]", param_hint="--long-fraction")
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"{init} is not a file", param_hint="--init")
     recipe = Recipe(steps=steps, lr=lr, lora=lora, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
-                    needle_frames=(lo, hi), silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
+                    needle_frames=(lo, hi), long_fraction=long_fraction, long_frames=(lo_long, hi_long),
+                    long_narrate_fraction=long_narrate_fraction, memory_refresh=memory_refresh, silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
                     seed=seed, threads=threads, checkpoint_every=checkpoint_every)
     command = "vrex train " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "train")
     state = train(recipe, run, out=out, resume=resume, command=command.strip())

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vrex.train.data import FeatureCache, build_feature_cache, load_catalog, split_names
 from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
+from vrex.train.long_context import build_memory, long_needle_loss
 from vrex.train.streams import StreamMaker
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "connector-efficientnet-lite0-smollm2-135m.safetensors"
@@ -40,6 +41,12 @@ class Recipe:
     needle_fraction: float = 0.4
     silent_needle_fraction: float = 0.3  # of needle streams: silent haystack (fast_forward layout)
     needle_frames: tuple[int, int] = (12, 64)
+    #: long needles (vrex.train.long_context): this fraction of steps is a needle in a detached haystack
+    #: memory of up to long_frames[1] frames, rebuilt every memory_refresh steps
+    long_fraction: float = 0.0
+    long_frames: tuple[int, int] = (120, 600)
+    long_narrate_fraction: float = 0.5
+    memory_refresh: int = 25
     lora: bool = False
     lora_rank: int = 8
     temporal: bool = True  # connector sees each frame's change since the previous one (vrex.models.connector)
@@ -131,14 +138,18 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     tensors = load_file(str(run / "checkpoint.safetensors"))
     extra = torch.load(run / "state.pt", weights_only=False)
     saved = extra["recipe"]
-    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames"):
-        if _jsonable(saved.get(key, False if key == "temporal" else None)) != _jsonable(getattr(recipe, key)):
+    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames",
+                "long_fraction", "long_frames", "memory_refresh"):
+        if _jsonable(saved.get(key, _OLD_DEFAULTS.get(key))) != _jsonable(getattr(recipe, key)):
             raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
     model.connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
     if recipe.lora:
         model.lm.load_state_dict({k[len("lm."):]: v for k, v in tensors.items() if k.startswith("lm.")}, strict=False)
     optimizer.load_state_dict(extra["optimizer"])
     return TrainState(**extra["state"])
+
+
+_OLD_DEFAULTS = {"temporal": False, "long_fraction": 0.0, "long_frames": [120, 600], "memory_refresh": 25}  # runs saved before the key existed
 
 
 def _jsonable(value):
@@ -157,6 +168,9 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
           stop_after: int | None = None) -> TrainState:
     """Train; returns the final state. ``stop_after``: stop (with a checkpoint) after that many
     steps of this call, as an interruption would (used by tests)."""
+    if recipe.long_fraction and recipe.checkpoint_every % recipe.memory_refresh:
+        # a resumed run rebuilds the haystack memory of its block: equal to the uninterrupted run's only at block starts
+        raise ValueError(f"checkpoint_every ({recipe.checkpoint_every}) must be a multiple of memory_refresh ({recipe.memory_refresh})")
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     from vrex.models.videollm import load_videollm
@@ -184,19 +198,33 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     bar = tqdm(total=recipe.steps, initial=state.step, desc="LIVE training", disable=not progress, dynamic_ncols=True)
     done_here = 0
     t0 = time.time()
+    memory = None
     while state.step < recipe.steps:
-        stream = draw_stream(maker, recipe, state.step)
-        layout = builder.build(stream.steps)
         for group in optimizer.param_groups:
             group["lr"] = _lr(recipe, state.step)
-        loss, stats = live_loss(model, layout, stream_features(cache, stream), recipe.stream_loss_weight)
+        if recipe.long_fraction and random.Random(f"{recipe.seed}-{state.step}-long").random() < recipe.long_fraction:
+            # one memory per block of memory_refresh steps, built at the block's first long step from a
+            # block-seeded RNG: a run resumed at a checkpoint rebuilds exactly what it would have had
+            block = state.step // recipe.memory_refresh
+            if memory is None or memory.block != block:
+                memory = None
+                bar.set_postfix_str("building haystack memory")
+                memory = build_memory(model, builder, cache, maker, random.Random(f"{recipe.seed}-memory-{block}"), recipe.long_frames[1])
+                memory.block = block
+            loss, stats = long_needle_loss(model, builder, cache, maker, memory, random.Random(f"{recipe.seed}-{state.step}"),
+                                           recipe.long_frames, recipe.long_narrate_fraction, recipe.stream_loss_weight)
+            kind = stats.pop("kind")
+        else:
+            stream = draw_stream(maker, recipe, state.step)
+            loss, stats = live_loss(model, builder.build(stream.steps), stream_features(cache, stream), recipe.stream_loss_weight)
+            kind = stream.kind
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
         state.step += 1
         done_here += 1
-        state.history.append({"step": state.step, "kind": stream.kind, "lr": optimizer.param_groups[0]["lr"],
+        state.history.append({"step": state.step, "kind": kind, "lr": optimizer.param_groups[0]["lr"],
                               **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()}})
         recent = state.history[-50:]
         bar.set_postfix(loss=f"{sum(h['loss'] for h in recent) / len(recent):.3f}", tok=stats["tokens"])
