@@ -77,10 +77,20 @@ def test_resume_equals_uninterrupted(tiny_videollm, cache, tmp_path):
 
 
 def test_lora_flag_trains_adapters(tiny_videollm, cache, tmp_path):
-    recipe = Recipe(steps=2, lora=True, lora_rank=2, checkpoint_every=100)
-    train(recipe, tmp_path / "r", out=None, resume=False, model=_fresh(tiny_videollm), cache=cache, progress=False)
+    from vrex.models.lora import load_lora
+
+    recipe = Recipe(steps=2, lora=True, lora_rank=2, checkpoint_every=100, lr=3e-2, warmup=1)
+    model = _fresh(tiny_videollm)
+    train(recipe, tmp_path / "r", out=tmp_path / "w.safetensors", resume=False, model=model, cache=cache, progress=False)
     ckpt = load_file(str(tmp_path / "r" / "checkpoint.safetensors"))
     assert any("lora_A" in k for k in ckpt) and any(k.startswith("connector.") for k in ckpt)
+    # the exported file carries the adapters too, and they load into a fresh LM (what load_videollm does)
+    fresh = _fresh(tiny_videollm)
+    assert load_lora(fresh.lm, tmp_path / "w.safetensors")
+    trained = dict(model.lm.named_parameters())
+    for name, p in fresh.lm.named_parameters():
+        if "lora_B" in name:
+            assert torch.equal(p, trained[name]) and p.abs().sum() > 0, name
 
 
 def test_heldout_media_never_trained_on(catalog, maker):

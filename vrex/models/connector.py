@@ -50,18 +50,22 @@ class Connector(nn.Module):
             visual_tokens = torch.cat([visual_tokens, visual_tokens - before], dim=-1)
         return self.fc2(self.act(self.fc1(visual_tokens)))
 
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """``extra``: more tensors for the same file (the LM's LoRA adapters, ``lm.``-prefixed)."""
         meta = {**(metadata or {}), "temporal": "1" if self.temporal else "0"}
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+        save_file(tensors, str(path), metadata=meta)
 
     def load(self, path: str | Path) -> "Connector":
         """Load weights from a safetensors file (``fc1.weight`` ...; a training checkpoint's
-        ``connector.``-prefixed keys work too). The file decides temporal or not: fc1 reads
+        ``connector.``-prefixed keys work too; ``lm.`` keys, LoRA adapters, are
+        left to ``vrex.models.lora.load_lora``). The file decides temporal or not: fc1 reads
         ``d_vis`` features, or ``2 d_vis`` (features and their change)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"connector weights {path} do not exist")
-        state = load_file(str(path))
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("lm.")}  # lm.*: LoRA (vrex.models.lora)
         if any(k.startswith("connector.") for k in state):
             state = {k[len("connector."):]: v for k, v in state.items() if k.startswith("connector.")}
         fc1 = state.get("fc1.weight")

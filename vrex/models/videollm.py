@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from vrex.models.connector import Connector
 from vrex.models.encoders import EFFNET_PRESET, FrameEncoder, load_encoder
 from vrex.models.lm import SMOLLM2_PRESET, load_lm
+from vrex.models.lora import load_lora
 
 DEFAULT_SYSTEM = (
     "You are a live video assistant. Frames of a video stream arrive over time. "
@@ -144,7 +145,8 @@ def load_videollm(
     temporal: bool = True,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
-    ships for this encoder+LM, if any) or ``None`` (seeded untrained init).
+    ships for this encoder+LM, if any) or ``None`` (seeded untrained init). A weights file with LoRA adapters (``vrex train --lora``) also
+    loads them into the LM (``vrex.models.lora``).
 
     ``lm`` may also name a VideoLLM-online checkpoint (directory or repo id; see
     ``vrex.models.videollm_online``): its own vision tower, connector and text layout are used, unless
@@ -168,9 +170,13 @@ def load_videollm(
     conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed, temporal=temporal).to(device)
     if connector == "auto":
         connector = shipped_connector(enc.name, lm) if Path(lm).name == lm else None
+    lora = False
     if connector is not None:
         conn.load(connector)
+        lora = load_lora(lm_model, connector)  # the file may carry LoRA adapters for the LM too
     model = VideoLLM(enc, conn, lm_model, tokenizer, LiveFormat.for_tokenizer(tokenizer, system), name=f"{encoder}+{lm}")
     if not conn.trained:
         model.notes.append("connector is UNTRAINED (seeded random init): narration and answers do not reflect the frames")
+    if lora:
+        model.notes.append(f"LM has LoRA adapters from {connector}")
     return model

@@ -296,11 +296,9 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
     base = load_videollm(connector=None)
     cache = build_feature_cache(progress=progress)
     catalog = load_catalog()
-    untrained = base.connector
-    models = {"untrained": untrained}
+    models = {"untrained": base}
     if connector is not None:
-        trained = load_connector(connector, base)
-        models = {"trained": trained, "untrained": untrained}
+        models = {"trained": load_trained(connector, base), "untrained": base}
     if only:
         models = {only: models[only]}
     builder = LayoutBuilder.for_model(base)
@@ -316,8 +314,8 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
         rows.append({"model": model_name, "policy": policy, "metric": metric, "value": round(float(value), 4)})
         log(f"  {model_name:9s} {policy:12s} {metric:18s} {value:.4f}")
 
-    for model_name, conn in models.items():
-        fmodel = feature_model(base, conn)
+    for model_name, model in models.items():
+        fmodel = feature_model(model, model.connector)
         t0 = time.time()
         tf = teacher_forced(fmodel, builder, cache, narr, theta)
         add(model_name, "-", "lm_ppl", tf["lm_ppl"])
@@ -373,6 +371,25 @@ def load_connector(path: Path, base):
     if path.is_dir():
         path = path / "checkpoint.safetensors"
     return Connector(base.encoder.dim, base.lm.config.hidden_size).load(path)
+
+
+def load_trained(path: Path, base):
+    """The trained model of a weights file (or a run directory's checkpoint): ``base`` with the file's
+    connector; when the file also carries LoRA adapters, a second copy of the LM with them loaded
+    (the untrained baseline keeps the plain LM)."""
+    import copy
+
+    from vrex.models.lora import file_has_lora, load_lora
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    model = copy.copy(base)
+    model.connector = load_connector(path, base)
+    if file_has_lora(path):
+        model.lm = copy.deepcopy(base.lm)
+        load_lora(model.lm, path)
+    return model
 
 
 def print_table(rows: list[dict]) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vrex.train.data import FeatureCache, build_feature_cache, load_catalog, split_names
 from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
+from vrex.models.lora import add_lora, has_lora, lora_metadata, lora_state
 from vrex.train.long_context import build_memory, long_needle_loss
 from vrex.train.streams import StreamMaker
 
@@ -103,18 +104,8 @@ def draw_stream(maker: StreamMaker, recipe: Recipe, step: int):
 def trainable_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
     state = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
     if recipe.lora:
-        state.update({f"lm.{k}": v for k, v in model.lm.state_dict().items() if "lora_" in k})
+        state.update(lora_state(model.lm))
     return state
-
-
-def add_lora(model, rank: int) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    inject_adapter_in_model(cfg, model.lm)
-    for n, p in model.lm.named_parameters():
-        p.requires_grad_("lora_" in n)
 
 
 def _lr(recipe: Recipe, step: int) -> float:
@@ -160,7 +151,9 @@ def export_connector(model, path: Path, recipe: Recipe, state: TrainState, comma
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"trained_by": "vrex train", "step": str(state.step), "seed": str(recipe.seed), "command": command,
             "recipe": json.dumps(recipe.to_json())}
-    model.connector.save(path, metadata=meta)
+    if recipe.lora:  # one file: connector + the LM's adapters (vrex.models.lora)
+        meta.update(lora_metadata(recipe.lora_rank))
+    model.connector.save(path, metadata=meta, extra=lora_state(model.lm) if recipe.lora else None)
 
 
 def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume: bool = True, model=None,
@@ -182,8 +175,8 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     builder = LayoutBuilder.for_model(model)
     model.lm.requires_grad_(False)
     model.lm.eval()  # no dropout; the LM is frozen
-    if recipe.lora and not any("lora_" in n for n, _ in model.lm.named_parameters()):
-        add_lora(model, recipe.lora_rank)
+    if recipe.lora and not has_lora(model.lm):
+        add_lora(model.lm, recipe.lora_rank)
     if recipe.init:
         model.connector.load(recipe.init)
     model.connector.requires_grad_(True)

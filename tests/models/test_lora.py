@@ -1,0 +1,79 @@
+"""LoRA adapters ride in the connector's weight file and load back into a fresh LM exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vrex.models.connector import Connector
+from vrex.models.lora import add_lora, file_has_lora, load_lora, lora_metadata, lora_state
+
+
+def _tiny_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_adapters_round_trip_through_the_connector_file(tmp_path):
+    lm = _tiny_lm()
+    ids = torch.arange(10)[None]
+    plain = lm(ids).logits
+    add_lora(lm, 4)
+    torch.testing.assert_close(lm(ids).logits, plain)  # B = 0: unchanged until trained
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapted = lm(ids).logits
+    assert not torch.allclose(adapted, plain)
+    conn = Connector(8, 32, seed=1, temporal=True)
+    path = tmp_path / "weights.safetensors"
+    conn.save(path, metadata=lora_metadata(4), extra=lora_state(lm))
+    fresh = _tiny_lm()
+    assert file_has_lora(path) and load_lora(fresh, path)
+    torch.testing.assert_close(fresh(ids).logits, adapted)
+    loaded = Connector(8, 32, seed=2).load(path)  # the lm.* tensors are not the connector's
+    assert loaded.temporal and torch.equal(loaded.fc1.weight, conn.fc1.weight)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        load_lora(fresh, path)
+
+
+def test_connector_only_file_has_no_adapters(tmp_path):
+    path = tmp_path / "c.safetensors"
+    Connector(8, 32).save(path)
+    lm = _tiny_lm()
+    assert not file_has_lora(path) and not load_lora(lm, path)
+    assert not any("lora_" in n for n, _ in lm.named_parameters())
+
+
+def test_adapters_without_rank_are_refused(tmp_path):
+    lm = _tiny_lm()
+    add_lora(lm, 2)
+    path = tmp_path / "bad.safetensors"
+    Connector(8, 32).save(path, extra=lora_state(lm))
+    with pytest.raises(ValueError, match="lora_rank"):
+        load_lora(_tiny_lm(), path)
+
+
+def test_load_videollm_loads_the_adapters_of_its_weight_file(videollm, tmp_path):
+    import copy
+
+    from vrex.models.videollm import load_videollm
+
+    lm = copy.deepcopy(videollm.lm)
+    add_lora(lm, 2, ("q_proj", "v_proj"))
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "with-lora.safetensors"
+    videollm.connector.save(path, metadata=lora_metadata(2, ("q_proj", "v_proj")), extra=lora_state(lm))
+    model = load_videollm(connector=path)
+    ids = videollm.tokenize("A cockatoo on a branch.")[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm(ids).logits, lm(ids).logits)
+        assert not torch.allclose(model.lm(ids).logits, videollm.lm(ids).logits)
+    assert any("LoRA" in n for n in model.notes)
