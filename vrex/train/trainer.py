@@ -119,7 +119,8 @@ def save_checkpoint(run: Path, model, recipe: Recipe, state: TrainState, optimiz
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, recipe).items()}
     tmp = run / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"step": str(state.step)})
+    meta = {"step": str(state.step), **(lora_metadata(recipe.lora_rank) if recipe.lora else {})}
+    save_file(tensors, str(tmp), metadata=meta)  # loadable as weights too (eval live --connector RUN_DIR)
     torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "recipe": recipe.to_json()}, run / "state.pt.tmp")
     tmp.replace(run / "checkpoint.safetensors")
     (run / "state.pt.tmp").replace(run / "state.pt")
