@@ -74,7 +74,7 @@ def run(
     lm: Annotated[str, typer.Option(help="Language model: preset 'smollm2-135m', a local directory or Hugging Face repo id of a Llama/Qwen2-family LM, or a VideoLLM-online checkpoint (LoRA adapter + connector, e.g. chenjoya/videollm-online-8b-v1plus).")] = "smollm2-135m",
     base_lm: Annotated[Optional[str], typer.Option(help="For a VideoLLM-online checkpoint: local directory of its base LM (instead of the hub id it names).")] = None,
     encoder: Annotated[str, typer.Option(help="Frame encoder: 'efficientnet-lite0' or a SigLIP/CLIP directory or repo id.")] = "efficientnet-lite0",
-    connector: Annotated[str, typer.Option(help="Connector weights (.safetensors), 'auto' (vrex's trained weights when shipped) or 'none' (untrained).")] = "auto",
+    connector: Annotated[str, typer.Option(help="Connector weights (.safetensors), 'auto' (vrex's trained weights when shipped), 'long' (the shipped long-context variant: connector + LoRA trained on 2-5 minute needle streams; recalls more of a long stream, answers short-range questions worse: docs/train.md) or 'none' (untrained).")] = "auto",
     sample: Annotated[bool, typer.Option(help="Sample (temperature/top-p) instead of greedy decoding.")] = False,
     positions: Annotated[str, typer.Option(help="Position strategy past the LM's trained context: 'compress' (re-index old tokens) or 'absolute'.")] = "compress",
     realtime: Annotated[bool, typer.Option(help="Pace a file at its real speed, as if it were live.")] = False,

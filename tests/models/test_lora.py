@@ -77,3 +77,17 @@ def test_load_videollm_loads_the_adapters_of_its_weight_file(videollm, tmp_path)
         torch.testing.assert_close(model.lm(ids).logits, lm(ids).logits)
         assert not torch.allclose(model.lm(ids).logits, videollm.lm(ids).logits)
     assert any("LoRA" in n for n in model.notes)
+
+
+def test_shipped_long_variant_loads_connector_and_adapters(videollm):
+    from vrex.models.videollm import load_videollm, shipped_connector
+
+    path = shipped_connector(videollm.encoder.name, "smollm2-135m", "-long")
+    if path is None:
+        pytest.skip("the long-context weights are not shipped in this checkout")
+    model = load_videollm(connector="long")
+    assert model.connector.trained and model.connector.source == str(path)
+    assert any("lora_B" in n for n, _ in model.lm.named_parameters()) and any("LoRA" in n for n in model.notes)
+    ids = videollm.tokenize("What appeared briefly in the stream?")[None]
+    with torch.no_grad():  # the adapters change the LM
+        assert not torch.allclose(model.lm(ids).logits, videollm.lm(ids).logits)

@@ -127,8 +127,12 @@ class VideoLLM:
                 f"LM={getattr(self.lm.config, '_name_or_path', '?')}, connector={self.connector.source}")
 
 
-def shipped_connector(encoder_name: str, lm_name: str) -> Path | None:
-    path = SHIPPED_CONNECTORS / f"connector-{encoder_name}-{lm_name}.safetensors"
+#: shipped weight variants besides the default ("auto"): name -> file suffix
+SHIPPED_VARIANTS = {"long": "-long"}
+
+
+def shipped_connector(encoder_name: str, lm_name: str, variant: str = "") -> Path | None:
+    path = SHIPPED_CONNECTORS / f"connector-{encoder_name}-{lm_name}{variant}.safetensors"
     return path if path.is_file() else None
 
 
@@ -145,7 +149,8 @@ def load_videollm(
     temporal: bool = True,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
-    ships for this encoder+LM, if any) or ``None`` (seeded untrained init). A weights file with LoRA adapters (``vrex train --lora``) also
+    ships for this encoder+LM, if any) or ``None`` (seeded untrained init), or ``"long"`` (the shipped long-context variant: connector + LoRA
+    trained on minutes-long needle streams, see docs/train.md). A weights file with LoRA adapters (``vrex train --lora``) also
     loads them into the LM (``vrex.models.lora``).
 
     ``lm`` may also name a VideoLLM-online checkpoint (directory or repo id; see
@@ -170,6 +175,11 @@ def load_videollm(
     conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed, temporal=temporal).to(device)
     if connector == "auto":
         connector = shipped_connector(enc.name, lm) if Path(lm).name == lm else None
+    elif connector in SHIPPED_VARIANTS:
+        name = connector
+        connector = shipped_connector(enc.name, lm, SHIPPED_VARIANTS[name])
+        if connector is None:
+            raise FileNotFoundError(f"connector '{name}': vrex ships no such weights for encoder {enc.name} + LM {lm}")
     lora = False
     if connector is not None:
         conn.load(connector)
