@@ -36,6 +36,8 @@ def train_cmd(
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
                               "The shipped default model is connector-only."),
+    lora_targets: str = typer.Option(",".join(Recipe.lora_targets), help="With --lora: comma-separated names of the LM's linear "
+                                     "layers that get adapters (e.g. q_proj,k_proj,v_proj,o_proj for attention only)."),
     stream_loss_weight: float = typer.Option(Recipe.stream_loss_weight, help="Weight w of the streaming-EOS term "
                                              "(cross-entropy of the interval / speak label at each frame's last token)."),
     needle_fraction: float = typer.Option(Recipe.needle_fraction, help="Fraction of training streams that are needle streams."),
@@ -72,7 +74,12 @@ def train_cmd(
         raise typer.BadParameter(f"{long_fraction} is not a fraction in [0, 1]", param_hint="--long-fraction")
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"{init} is not a file", param_hint="--init")
-    recipe = Recipe(steps=steps, lr=lr, lora=lora, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    unknown = [t for t in targets if t not in Recipe.lora_targets]
+    if not targets or unknown:
+        raise typer.BadParameter(f"'{lora_targets}': unknown layer(s) {unknown}; choose from {','.join(Recipe.lora_targets)}",
+                                 param_hint="--lora-targets")
+    recipe = Recipe(steps=steps, lr=lr, lora=lora, lora_targets=targets, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
                     needle_frames=(lo, hi), long_fraction=long_fraction, long_frames=(lo_long, hi_long),
                     long_narrate_fraction=long_narrate_fraction, memory_refresh=memory_refresh, silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
                     seed=seed, threads=threads, checkpoint_every=checkpoint_every)

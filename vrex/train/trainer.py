@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vrex.train.data import FeatureCache, build_feature_cache, load_catalog, split_names
 from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
+from vrex.models.lora import TARGETS as LORA_TARGETS
 from vrex.models.lora import add_lora, has_lora, lora_metadata, lora_state
 from vrex.train.long_context import build_memory, long_needle_loss
 from vrex.train.streams import StreamMaker
@@ -50,6 +51,7 @@ class Recipe:
     memory_refresh: int = 25
     lora: bool = False
     lora_rank: int = 8
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # the LM's linear layers that get adapters
     temporal: bool = True  # connector sees each frame's change since the previous one (vrex.models.connector)
     init: str | None = None  # start from these connector weights (a second stage of training) instead of the seeded init
     seed: int = 0
@@ -119,7 +121,7 @@ def save_checkpoint(run: Path, model, recipe: Recipe, state: TrainState, optimiz
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, recipe).items()}
     tmp = run / "checkpoint.safetensors.tmp"
-    meta = {"step": str(state.step), **(lora_metadata(recipe.lora_rank) if recipe.lora else {})}
+    meta = {"step": str(state.step), **(lora_metadata(recipe.lora_rank, recipe.lora_targets) if recipe.lora else {})}
     save_file(tensors, str(tmp), metadata=meta)  # loadable as weights too (eval live --connector RUN_DIR)
     torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "recipe": recipe.to_json()}, run / "state.pt.tmp")
     tmp.replace(run / "checkpoint.safetensors")
@@ -130,7 +132,7 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     tensors = load_file(str(run / "checkpoint.safetensors"))
     extra = torch.load(run / "state.pt", weights_only=False)
     saved = extra["recipe"]
-    for key in ("seed", "lora", "lora_rank", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames",
+    for key in ("seed", "lora", "lora_rank", "lora_targets", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames",
                 "long_fraction", "long_frames", "memory_refresh"):
         if _jsonable(saved.get(key, _OLD_DEFAULTS.get(key))) != _jsonable(getattr(recipe, key)):
             raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
@@ -141,7 +143,7 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     return TrainState(**extra["state"])
 
 
-_OLD_DEFAULTS = {"temporal": False, "long_fraction": 0.0, "long_frames": [120, 600], "memory_refresh": 25}  # runs saved before the key existed
+_OLD_DEFAULTS = {"lora_targets": list(LORA_TARGETS), "temporal": False, "long_fraction": 0.0, "long_frames": [120, 600], "memory_refresh": 25}  # runs saved before the key existed
 
 
 def _jsonable(value):
@@ -153,7 +155,7 @@ def export_connector(model, path: Path, recipe: Recipe, state: TrainState, comma
     meta = {"trained_by": "vrex train", "step": str(state.step), "seed": str(recipe.seed), "command": command,
             "recipe": json.dumps(recipe.to_json())}
     if recipe.lora:  # one file: connector + the LM's adapters (vrex.models.lora)
-        meta.update(lora_metadata(recipe.lora_rank))
+        meta.update(lora_metadata(recipe.lora_rank, recipe.lora_targets))
     model.connector.save(path, metadata=meta, extra=lora_state(model.lm) if recipe.lora else None)
 
 
@@ -177,7 +179,7 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     model.lm.requires_grad_(False)
     model.lm.eval()  # no dropout; the LM is frozen
     if recipe.lora and not has_lora(model.lm):
-        add_lora(model.lm, recipe.lora_rank)
+        add_lora(model.lm, recipe.lora_rank, tuple(recipe.lora_targets))
     if recipe.init:
         model.connector.load(recipe.init)
     model.connector.requires_grad_(True)
