@@ -22,3 +22,9 @@ def test_bad_arguments_are_named(args, option, why, tmp_path):
     assert result.exit_code == 2
     text = " ".join(result.output.replace("│", " ").split())  # rich may wrap the message inside its box
     assert option in text and why in text
+
+
+def test_unknown_lora_target_is_named(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--lora", "--lora-targets", "q_proj,attn", "--run", str(tmp_path / "run")])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "--lora-targets" in text and "attn" in text
