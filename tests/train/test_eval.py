@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from vrex.engine.session import Event
 from vrex.train.data import split_names
-from vrex.train.evaluate import EvalConfig, eval_streams, names_subject, narration_metrics
-from vrex.train.layout import Step
+import pytest
+
+from vrex.train.evaluate import EvalConfig, eval_streams, names_subject, narration_metrics, qa_results
+from vrex.train.layout import Step, Turn
 from vrex.train.streams import Segment, Stream
 
 
@@ -24,6 +26,24 @@ def test_narration_metrics(catalog):
     assert diffs == [0.0, 1.0] and hits == [True, False] and n == 3  # first narration in a segment counts
     diffs, hits, _ = narration_metrics([], stream, catalog)
     assert diffs == [2.0, 2.0] and hits == [False, False]
+
+
+def test_qa_results_pair_answers_with_questions_in_order(catalog):
+    # the same question twice, expecting two different subjects: each answer is judged against its own
+    steps = [Step("cat", i, i / 2) for i in range(4)] + [Step("bird", i, (4 + i) / 2) for i in range(4)]
+    steps[1].turns.append(Turn("A cat.", "What is shown now?"))
+    steps[5].turns.append(Turn("A small bird.", "What is shown now?"))
+    steps[6].turns.append(Turn("Yes.", "Did you see a cat?"))
+    stream = Stream(steps, [Segment("cat", 0, 4), Segment("bird", 4, 8)], "narration")
+
+    def answers(*texts):
+        questions = ["What is shown now?", "What is shown now?", "Did you see a cat?"]
+        return [Event(0.5, "response", "A cat.")] + [Event(1.0, "answer", x, {"question": q}) for x, q in zip(texts, questions)]
+
+    assert qa_results(answers("A cat.", "A bird.", "Yes, I did."), stream, catalog) == [True, True, True]
+    assert qa_results(answers("A bird.", "A cat.", "No."), stream, catalog) == [False, False, False]
+    with pytest.raises(ValueError, match="in order"):
+        qa_results(answers("A cat.", "A bird."), stream, catalog)
 
 
 def test_eval_streams_use_heldout_media_only(cache, catalog):

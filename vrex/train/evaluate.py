@@ -232,23 +232,26 @@ def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: Ev
 
 
 def qa_results(events, stream: Stream, catalog) -> list[bool]:
-    """Questions inside narration streams: Yes/No answers must start with the right word; the
-    others must name the expected subject (keyword rule)."""
+    """Questions inside narration streams, one result per question: Yes/No answers must start with
+    the right word; the others must name the expected subject (keyword rule). Answers come in the
+    order the questions were asked, so they are paired by order, not by text: a stream may ask
+    "What is shown now?" twice and expect two different subjects."""
     from vrex.train.streams import sentence
 
     keywords = {}
     for m in catalog.values():
         keywords.setdefault(sentence(m.label or ""), set()).update(m.keywords)
-    expected = {t.question: t.text for s in stream.steps for t in s.questions}
+    asked = [t for s in stream.steps for t in s.questions]
+    answers = [e for e in events if e.kind == "answer"]
+    if [e.stats.get("question") for e in answers] != [t.question for t in asked]:
+        raise ValueError(f"answers do not match the stream's questions in order: asked {[t.question for t in asked]}, "
+                         f"answered {[e.stats.get('question') for e in answers]}")
     out = []
-    for e in events:
-        if e.kind != "answer" or e.stats.get("question") not in expected:
-            continue
-        want = expected[e.stats["question"]]
-        if want in ("Yes.", "No."):
-            out.append(e.text.strip().lower().startswith(want[:-1].lower()))
+    for turn, e in zip(asked, answers):
+        if turn.text in ("Yes.", "No."):
+            out.append(e.text.strip().lower().startswith(turn.text[:-1].lower()))
         else:
-            out.append(names_subject(e.text, tuple(keywords.get(want, ()))))
+            out.append(names_subject(e.text, tuple(keywords.get(turn.text, ()))))
     return out
 
 
