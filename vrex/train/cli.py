@@ -35,7 +35,8 @@ def train_cmd(
                               "The default recipe (stage 1 in docs/train.md) takes ~40 min on one CPU core."),
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
-                              "The shipped default model is connector-only."),
+                              "The shipped default model is connector-only; the shipped 'long' model "
+                              "(vrex run --connector long) is connector + LoRA, see docs/train.md."),
     lora_targets: str = typer.Option(",".join(Recipe.lora_targets), help="With --lora: comma-separated names of the LM's linear "
                                      "layers that get adapters (e.g. q_proj,k_proj,v_proj,o_proj for attention only)."),
     stream_loss_weight: float = typer.Option(Recipe.stream_loss_weight, help="Weight w of the streaming-EOS term "
