@@ -31,6 +31,9 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
 * ``qa_acc`` (free-running): the present/past/occurrence questions inside the narration streams;
   Yes/No answers must start with the right word, the others must name the expected subject.
 * ``responses_per_min`` (free-running): how talkative the model is.
+* ``narration_segments``, ``qa_questions``: the denominators of ``narration_acc`` and ``qa_acc``.
+  The streams are drawn with a fixed seed from the feature cache, so they depend on the number of
+  frames the decoder yields per clip: compare rows measured from the same cache.
 """
 
 from __future__ import annotations
@@ -335,9 +338,11 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
                 seconds += stream.duration
             add(model_name, policy, "timediff_s", sum(diffs) / len(diffs))
             add(model_name, policy, "narration_acc", sum(hits) / len(hits))
+            add(model_name, policy, "narration_segments", len(hits))  # the denominators: one item moves a rate by 1/n
             add(model_name, policy, "responses_per_min", 60 * n_resp / seconds)
             if qa:
                 add(model_name, policy, "qa_acc", sum(qa) / len(qa))
+                add(model_name, policy, "qa_questions", len(qa))
             for kind, by_len in needles.items():
                 if kind == "seen" and model_name == "untrained":
                     continue  # diagnostic for the trained model only (the untrained one names nothing)
