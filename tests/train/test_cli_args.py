@@ -16,6 +16,7 @@ from vrex.train.cli import app
     (["train", "--long-fraction", "1.5"], "--long-fraction", "not a fraction"),
     (["train", "--init", "no/such/connector.safetensors"], "--init", "is not a file"),
     (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens", "must be >= 0"),
+    (["eval", "live", "--connector", "no/such.safetensors"], "--connector", "neither a weights file"),
 ])
 def test_bad_arguments_are_named(args, option, why, tmp_path):
     result = CliRunner().invoke(app, args + (["--run", str(tmp_path / "run")] if args[0] == "train" else []))
@@ -28,3 +29,12 @@ def test_unknown_lora_target_is_named(tmp_path):
     result = CliRunner().invoke(app, ["train", "--lora", "--lora-targets", "q_proj,attn", "--run", str(tmp_path / "run")])
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "--lora-targets" in text and "attn" in text
+
+
+def test_eval_connector_names_shipped_variants():
+    from vrex.train.cli import resolve_eval_connector
+    from vrex.train.trainer import DEFAULT_WEIGHTS
+
+    assert resolve_eval_connector(None) == DEFAULT_WEIGHTS
+    long = resolve_eval_connector("long")
+    assert long != DEFAULT_WEIGHTS and long.is_file() and long.parent == DEFAULT_WEIGHTS.parent

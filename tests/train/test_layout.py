@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from vrex.train.layout import FRAME, IGNORE, LM, STREAM, LayoutBuilder, Step, Turn, embed_layout

@@ -89,13 +89,31 @@ def train_cmd(
     typer.echo(f"trained {state.step} steps; connector written to {out}")
 
 
+def resolve_eval_connector(connector: str | None) -> Path:
+    """The weights behind ``vrex eval live --connector``: the shipped default, a shipped variant by
+    name ('long'), a weights file or a run directory."""
+    from vrex.models.videollm import SHIPPED_VARIANTS
+
+    if connector is None:
+        return DEFAULT_WEIGHTS
+    if connector in SHIPPED_VARIANTS:
+        path = DEFAULT_WEIGHTS.with_name(DEFAULT_WEIGHTS.stem + SHIPPED_VARIANTS[connector] + DEFAULT_WEIGHTS.suffix)
+    else:
+        path = Path(connector)
+    if not (path.is_file() or (path / "checkpoint.safetensors").is_file()):
+        raise typer.BadParameter(f"'{connector}' is neither a weights file, a run directory with checkpoint.safetensors, "
+                                 f"nor a shipped variant ({', '.join(SHIPPED_VARIANTS)}) whose file exists", param_hint="--connector")
+    return path
+
+
 @eval_app.command("live")
 def eval_live(
     quick: bool = typer.Option(False, "--quick", help="A small subset (~5 min on 2 cores): fewer streams, needle at 1 and 2 minutes only."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write rows {model, policy, metric, value} to this file."),
     policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs (repeatable); "
                                      "needle accuracy is reported per policy on the same streams."),
-    connector: Optional[Path] = typer.Option(None, "--connector", help="Trained connector to evaluate (default: the shipped one)."),
+    connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
+                                            "run directory), or 'long' for the shipped long-context model (default: the shipped default)."),
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
@@ -109,10 +127,11 @@ def eval_live(
 
     if recent_tokens < 0:
         raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
+    weights = resolve_eval_connector(connector)
     cfg = EvalConfig.make(quick=quick, seed=seed, threads=threads,
                           minutes=[float(x) for x in minutes.split(",")] if minutes else None)
     cfg.recent_tokens = recent_tokens
-    rows = run_eval(cfg, connector=connector or DEFAULT_WEIGHTS, policies=policy, only=only)
+    rows = run_eval(cfg, connector=weights, policies=policy, only=only)
     print_table(rows)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
