@@ -16,6 +16,8 @@ from vrex.train.cli import app
     (["train", "--long-fraction", "1.5"], "--long-fraction", "not a fraction"),
     (["train", "--init", "no/such/connector.safetensors"], "--init", "is not a file"),
     (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens", "must be >= 0"),
+    (["eval", "live", "--only", "both"], "--only", "'trained' or 'untrained'"),
+    (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),
     (["eval", "live", "--connector", "no/such.safetensors"], "--connector", "neither a weights file"),
 ])
 def test_bad_arguments_are_named(args, option, why, tmp_path):

@@ -61,3 +61,23 @@ def test_eval_streams_use_heldout_media_only(cache, catalog):
                 assert all(not x.gate for x in s.steps)
     # the same haystack/needle at every length
     assert [s.needle for s in needles["heldout"][1.0]] == [s.needle for s in needles["heldout"][5.0]]
+
+
+def test_run_eval_rows_and_denominators(cache, catalog):
+    """The real eval loop, shipped weights, one narration stream and no needles: every rate comes
+    with its denominator, and the denominators are the stream's own segments and questions."""
+    from vrex.train.evaluate import run_eval
+    from vrex.train.trainer import DEFAULT_WEIGHTS
+
+    cfg = EvalConfig(narration_streams=2, minutes=[], seed=3)
+    narr, needles = eval_streams(cache, cfg)
+    assert all(not by_len for by_len in needles.values())
+    rows = run_eval(cfg, DEFAULT_WEIGHTS, progress=False, log=lambda *_: None, only="trained")
+    value = {r["metric"]: r["value"] for r in rows}
+    assert {r["model"] for r in rows} == {"trained"}
+    assert value["narration_segments"] == sum(len(s.segments) for s in narr)
+    n_questions = sum(len(st.questions) for s in narr for st in s.steps)
+    assert n_questions > 0 and value["qa_questions"] == n_questions
+    for metric in ("narration_acc", "qa_acc", "fluency"):
+        assert 0.0 <= value[metric] <= 1.0
+    assert value["lm_ppl"] > 1.0 and not any(m.startswith("needle") for m in value)

@@ -120,6 +120,9 @@ def eval_live(
     recent_tokens: int = typer.Option(0, help="Always-kept window of the newest tokens on top of each policy's selection "
                                       "(SessionConfig.recent_tokens); rows are labelled policy+recentN."),
     only: Optional[str] = typer.Option(None, help="Evaluate only 'trained' or 'untrained' (e.g. to run the two halves in parallel)."),
+    narration_streams: Optional[int] = typer.Option(None, help="Number of narration streams (narration, TimeDiff, QA metrics; "
+                                                    "default 10, quick 3). With other --seed values, more items for those rates."),
+    needles: bool = typer.Option(True, "--needles/--no-needles", help="--no-needles: narration streams only (no needle streams)."),
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
@@ -127,10 +130,18 @@ def eval_live(
 
     if recent_tokens < 0:
         raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
+    if only not in (None, "trained", "untrained"):
+        raise typer.BadParameter(f"must be 'trained' or 'untrained', got '{only}'", param_hint="--only")
     weights = resolve_eval_connector(connector)
     cfg = EvalConfig.make(quick=quick, seed=seed, threads=threads,
                           minutes=[float(x) for x in minutes.split(",")] if minutes else None)
     cfg.recent_tokens = recent_tokens
+    if narration_streams is not None:
+        if narration_streams < 1:
+            raise typer.BadParameter(f"must be >= 1, got {narration_streams}", param_hint="--narration-streams")
+        cfg.narration_streams = narration_streams
+    if not needles:
+        cfg.minutes = []
     rows = run_eval(cfg, connector=weights, policies=policy, only=only)
     print_table(rows)
     if json_path:
