@@ -149,6 +149,50 @@ def eval_live(
         json_path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def load_eval_rows(path: Path) -> list[dict]:
+    """Rows of a ``vrex eval live --json`` file (a list), or the ``rows`` of a results file such as
+    vrex/weights/eval-live.json."""
+    if not path.is_file():
+        raise typer.BadParameter(f"'{path}' is not a file", param_hint="FILES")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"'{path}' is not JSON ({e})", param_hint="FILES") from e
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"model", "policy", "metric", "value"} <= set(r) for r in rows):
+        raise typer.BadParameter(f"'{path}' holds no rows of {{model, policy, metric, value}} (write them with vrex eval live --json)",
+                                 param_hint="FILES")
+    return rows
+
+
+@eval_app.command("plot")
+def eval_plot(
+    files: list[Path] = typer.Argument(..., help="Rows written by `vrex eval live --json` (one file per model or run)."),
+    label: list[str] = typer.Option([], "--label", help="Legend name per file, in order (default: the file names)."),
+    out: Path = typer.Option(Path("needle_accuracy.png"), "--out", help="PNG to write."),
+) -> None:
+    """Needle accuracy against haystack length (live and silent, held-out and seen needles), several
+    evaluation files in one figure, e.g. the default and the long-context model:
+
+        vrex eval live --only trained --json default.json
+        vrex eval live --only trained --connector long --json long.json
+        vrex eval plot default.json long.json --label default --label long --out needles.png
+    """
+    from vrex.train.plots import plot_needles
+
+    if label and len(label) != len(files):
+        raise typer.BadParameter(f"{len(label)} labels for {len(files)} files", param_hint="--label")
+    names = label or [f.stem for f in files]
+    if len(set(names)) != len(names):
+        raise typer.BadParameter(f"labels must differ, got {names}", param_hint="--label")
+    runs = {name: load_eval_rows(f) for name, f in zip(names, files)}
+    try:
+        plot_needles(runs, out)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="FILES") from e
+    typer.echo(f"wrote {out}")
+
+
 app = typer.Typer(no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
