@@ -92,15 +92,17 @@ def train_cmd(
 def resolve_eval_connector(connector: str | None) -> Path:
     """The weights behind ``vrex eval live --connector``: the shipped default, a shipped variant by
     name ('long'), a weights file or a run directory."""
-    from vrex.models.videollm import SHIPPED_VARIANTS
+    from vrex.models.encoders import EFFNET_PRESET
+    from vrex.models.lm import SMOLLM2_PRESET
+    from vrex.models.videollm import SHIPPED_VARIANTS, shipped_connector
 
     if connector is None:
         return DEFAULT_WEIGHTS
-    if connector in SHIPPED_VARIANTS:
-        path = DEFAULT_WEIGHTS.with_name(DEFAULT_WEIGHTS.stem + SHIPPED_VARIANTS[connector] + DEFAULT_WEIGHTS.suffix)
+    if connector in SHIPPED_VARIANTS:  # the training setup's encoder and LM, as DEFAULT_WEIGHTS
+        path = shipped_connector(EFFNET_PRESET, SMOLLM2_PRESET, SHIPPED_VARIANTS[connector])
     else:
         path = Path(connector)
-    if not (path.is_file() or (path / "checkpoint.safetensors").is_file()):
+    if path is None or not (path.is_file() or (path / "checkpoint.safetensors").is_file()):
         raise typer.BadParameter(f"'{connector}' is neither a weights file, a run directory with checkpoint.safetensors, "
                                  f"nor a shipped variant ({', '.join(SHIPPED_VARIANTS)}) whose file exists", param_hint="--connector")
     return path
