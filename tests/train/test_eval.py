@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from vrex.engine.session import Event
-from vrex.train.data import split_names
 import pytest
 
+from vrex.engine.session import Event
+from vrex.train.data import split_names
 from vrex.train.evaluate import EvalConfig, eval_streams, names_subject, narration_metrics, qa_results
 from vrex.train.layout import Step, Turn
 from vrex.train.streams import Segment, Stream
@@ -64,7 +64,7 @@ def test_eval_streams_use_heldout_media_only(cache, catalog):
 
 
 def test_run_eval_rows_and_denominators(cache, catalog):
-    """The real eval loop, shipped weights, one narration stream and no needles: every rate comes
+    """The real eval loop, shipped weights, two narration streams and no needles: every rate comes
     with its denominator, and the denominators are the stream's own segments and questions."""
     from vrex.train.evaluate import run_eval
     from vrex.train.trainer import DEFAULT_WEIGHTS
