@@ -15,6 +15,9 @@ from vrex.train.cli import app
     (["train", "--long-fraction", "0.5", "--memory-refresh", "30"], "--memory-refresh", "multiple of --memory-refresh"),
     (["train", "--long-fraction", "1.5"], "--long-fraction", "not a fraction"),
     (["train", "--init", "no/such/connector.safetensors"], "--init", "is not a file"),
+    (["train", "--tag-label-fraction", "0.5"], "--tag-label-fraction", "add --tag-tokens"),
+    (["train", "--tag-tokens", "3", "--tag-min-prob", "1.5"], "--tag-min-prob", "not a probability"),
+    (["train", "--tag-tokens", "-1"], "--tag-tokens", "must be >= 0"),
     (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens", "must be >= 0"),
     (["eval", "live", "--only", "both"], "--only", "'trained' or 'untrained'"),
     (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),
@@ -40,3 +43,11 @@ def test_eval_connector_names_shipped_variants():
     assert resolve_eval_connector(None) == DEFAULT_WEIGHTS
     long = resolve_eval_connector("long")
     assert long != DEFAULT_WEIGHTS and long.is_file() and long.parent == DEFAULT_WEIGHTS.parent
+
+
+def test_eval_connector_maps_a_run_directory_to_its_checkpoint(tmp_path):
+    from vrex.train.cli import resolve_eval_connector
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"")
+    assert resolve_eval_connector(str(tmp_path)) == tmp_path / "checkpoint.safetensors"
+    assert resolve_eval_connector(str(tmp_path / "checkpoint.safetensors")) == tmp_path / "checkpoint.safetensors"

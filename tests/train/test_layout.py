@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from vrex.train.layout import FRAME, IGNORE, LM, STREAM, LayoutBuilder, Step, Turn, embed_layout
@@ -35,14 +37,23 @@ def test_layout_by_hand(videollm):
     assert layout.ids.tolist() == expected
 
 
-def test_layout_matches_streaming_session(videollm, cache, monkeypatch):
+@pytest.mark.parametrize("tag_tokens", [0, 3])
+def test_layout_matches_streaming_session(videollm, cache, monkeypatch, tag_tokens):
     """Run the real StreamingSession on the same frames with the same decisions (forced through the
-    logits) and compare everything it prefills with the training layout's input embeddings."""
+    logits) and compare everything it prefills with the training layout's input embeddings (also
+    with ImageNet tag tokens after each frame's visual tokens)."""
     from vrex.engine import session as session_mod
     from vrex.kv.policies import make_policy
+    from vrex.models.tags import equip_tags
     from vrex.train.evaluate import feature_model
 
-    model = feature_model(videollm, videollm.connector)
+    base = copy.copy(videollm)
+    base.connector = copy.deepcopy(videollm.connector)
+    if tag_tokens:
+        equip_tags(base, tag_tokens, min_prob=0.3)
+        base.connector.tag_pad.data.normal_()
+    model = feature_model(base, base.connector)
+    assert model.tokens_per_frame == videollm.tokens_per_frame + tag_tokens
     builder = LayoutBuilder.for_model(model)
     steps = scripted_steps()
     layout = builder.build(steps)

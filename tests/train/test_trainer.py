@@ -36,22 +36,6 @@ def test_few_steps_reduce_loss(videollm, maker, cache):
     assert stats["tokens"] == len(layout)
 
 
-@pytest.fixture()
-def tiny_videollm(videollm):
-    """The real tokenizer/format/encoder dims with a 2-layer LM, so training steps take milliseconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from vrex.models.connector import Connector
-
-    cfg = LlamaConfig(vocab_size=videollm.lm.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = copy.copy(videollm)
-    model.lm = LlamaForCausalLM(cfg).eval()
-    model.connector = Connector(videollm.encoder.dim, 32, seed=0, temporal=True)
-    return model
-
-
 def _fresh(model):
     m = copy.copy(model)
     m.lm = copy.deepcopy(model.lm)

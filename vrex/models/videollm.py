@@ -17,6 +17,7 @@ from vrex.models.connector import Connector
 from vrex.models.encoders import EFFNET_PRESET, FrameEncoder, load_encoder
 from vrex.models.lm import SMOLLM2_PRESET, load_lm
 from vrex.models.lora import load_lora
+from vrex.models.tags import equip_tags
 
 DEFAULT_SYSTEM = (
     "You are a live video assistant. Frames of a video stream arrive over time. "
@@ -91,7 +92,8 @@ class VideoLLM:
 
     @property
     def tokens_per_frame(self) -> int:
-        return self.encoder.tokens_per_frame
+        """Visual tokens plus the connector's ImageNet tag tokens (``vrex.models.tags``)."""
+        return self.encoder.tokens_per_frame + self.connector.tag_tokens
 
     def tokenize(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -185,6 +187,8 @@ def load_videollm(
         conn.load(connector)
         lora = load_lora(lm_model, connector)  # the file may carry LoRA adapters for the LM too
     model = VideoLLM(enc, conn, lm_model, tokenizer, LiveFormat.for_tokenizer(tokenizer, system), name=f"{encoder}+{lm}")
+    if conn.tag_tokens:  # the file's connector appends ImageNet tag tokens: rebuild their frozen head
+        equip_tags(model, conn.tag_tokens)
     if not conn.trained:
         model.notes.append("connector is UNTRAINED (seeded random init): narration and answers do not reflect the frames")
     if lora:

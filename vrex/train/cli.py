@@ -54,7 +54,21 @@ def train_cmd(
                                                 "(gate and narration trained at the needle) rather than silent."),
     memory_refresh: int = typer.Option(Recipe.memory_refresh, help="Rebuild the haystack memory (a new subject, the current connector) every N steps; "
                                        "a prefill of MAX frames, ~40 s at 600 frames on one core."),
-    init: Optional[Path] = typer.Option(None, help="Start from these connector weights (a second training stage) instead of the seeded init."),
+    tag_tokens: int = typer.Option(Recipe.tag_tokens, help="ImageNet tag tokens per frame: the encoder's top-1 class name as k LM "
+                                   "token embeddings after the visual tokens (vrex/models/tags.py), so the LM can name subjects it "
+                                   "was never trained on. 0: none. 2 holds 7 of 10 class names whole (3: 9 of 10) and keeps 5 minutes "
+                                   "(600 frames) within SmolLM2's 8192 positions."),
+    tag_label_fraction: float = typer.Option(Recipe.tag_label_fraction, help="Fraction of steps whose subjects are named by their "
+                                             "ImageNet top-1 ('A chickadee.', the name the tags carry) instead of media.json's labels: "
+                                             "what teaches the LM to read the tags."),
+    tag_min_prob: float = typer.Option(Recipe.tag_min_prob, help="A frame shows its tag only when the encoder's top-1 probability "
+                                       "reaches this (below: pad vectors, 'no tag'); ImageNet-named streams name a subject by its "
+                                       "top-1 only when its smoothed probability reaches it too."),
+    random_tag_prob: float = typer.Option(Recipe.random_tag_prob, help="In ImageNet-named streams, the fraction of segments whose tag "
+                                          "tokens show a random ImageNet class and whose label is that class: the name can only "
+                                          "be copied from the tag, so the LM learns to read tags rather than memorise names."),
+    init: Optional[Path] = typer.Option(None, help="Start from these weights (a further training stage) instead of the seeded init: the "
+                                        "connector, and with --lora the file's LoRA adapters if it has any."),
     out: Path = typer.Option(DEFAULT_WEIGHTS, help="Where the trained connector (safetensors) and its record (.json) are written."),
     run: Path = typer.Option(Path("runs/live-default"), help="Run directory for checkpoints (checkpoint.safetensors + state.pt)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the run directory's last checkpoint if there is one "
@@ -73,6 +87,15 @@ def train_cmd(
                                  "so that a resumed run rebuilds the same haystack memory", param_hint="--memory-refresh")
     if not 0.0 <= long_fraction <= 1.0:
         raise typer.BadParameter(f"{long_fraction} is not a fraction in [0, 1]", param_hint="--long-fraction")
+    if not 0.0 <= tag_label_fraction <= 1.0:
+        raise typer.BadParameter(f"{tag_label_fraction} is not a fraction in [0, 1]", param_hint="--tag-label-fraction")
+    if tag_label_fraction and not tag_tokens:
+        raise typer.BadParameter("ImageNet-named streams teach the tag tokens; add --tag-tokens K", param_hint="--tag-label-fraction")
+    for value, hint in ((tag_min_prob, "--tag-min-prob"), (random_tag_prob, "--random-tag-prob")):
+        if not 0.0 <= value <= 1.0:
+            raise typer.BadParameter(f"{value} is not a probability in [0, 1]", param_hint=hint)
+    if tag_tokens < 0:
+        raise typer.BadParameter(f"must be >= 0, got {tag_tokens}", param_hint="--tag-tokens")
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"{init} is not a file", param_hint="--init")
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
@@ -83,15 +106,17 @@ def train_cmd(
     recipe = Recipe(steps=steps, lr=lr, lora=lora, lora_targets=targets, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
                     needle_frames=(lo, hi), long_fraction=long_fraction, long_frames=(lo_long, hi_long),
                     long_narrate_fraction=long_narrate_fraction, memory_refresh=memory_refresh, silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
-                    seed=seed, threads=threads, checkpoint_every=checkpoint_every)
+                    seed=seed, threads=threads, checkpoint_every=checkpoint_every,
+                    tag_tokens=tag_tokens, tag_label_fraction=tag_label_fraction, tag_min_prob=tag_min_prob,
+                    random_tag_prob=random_tag_prob)
     command = "vrex train " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "train")
     state = train(recipe, run, out=out, resume=resume, command=command.strip())
     typer.echo(f"trained {state.step} steps; connector written to {out}")
 
 
 def resolve_eval_connector(connector: str | None) -> Path:
-    """The weights behind ``vrex eval live --connector``: the shipped default, a shipped variant by
-    name ('long'), a weights file or a run directory."""
+    """The weights file behind ``vrex eval live --connector``: the shipped default, a shipped variant
+    by name ('long'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
     from vrex.models.encoders import EFFNET_PRESET
     from vrex.models.lm import SMOLLM2_PRESET
     from vrex.models.videollm import SHIPPED_VARIANTS, shipped_connector
@@ -105,7 +130,7 @@ def resolve_eval_connector(connector: str | None) -> Path:
     if path is None or not (path.is_file() or (path / "checkpoint.safetensors").is_file()):
         raise typer.BadParameter(f"'{connector}' is neither a weights file, a run directory with checkpoint.safetensors, "
                                  f"nor a shipped variant ({', '.join(SHIPPED_VARIANTS)}) whose file exists", param_hint="--connector")
-    return path
+    return path if path.is_file() else path / "checkpoint.safetensors"
 
 
 @eval_app.command("live")

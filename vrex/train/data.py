@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vrex.models.tags import imagenet_names
 from vrex.models.weights import cache_dir
 
 CATALOG = Path(__file__).resolve().parent / "media.json"
@@ -27,7 +28,6 @@ STILL_TRAJECTORIES = 2
 STILL_VIEWS = 12
 #: frames darker than this mean luminance (0-255) are dropped (Big Buck Bunny's black opening)
 DARK_LUMA = 16.0
-IMAGENET_LABELS = "images/imagenet_labels.txt"
 CACHE_VERSION = 1
 
 
@@ -98,12 +98,6 @@ def media_frames(media: Media) -> list[Image.Image]:
     return kept or frames
 
 
-def imagenet_names() -> list[str]:
-    """The 1000 ImageNet class names, first synonym only (labels file has 'background' first)."""
-    lines = (_assets() / IMAGENET_LABELS).read_text().splitlines()
-    return [line.split(",")[0].strip() for line in lines[1:1001]]
-
-
 @dataclass
 class FeatureCache:
     """``features[name]``: [n_frames, tokens_per_frame, dim] (fp16); ``probs[name]``: [n_frames, 1000] ImageNet probs."""
@@ -115,8 +109,12 @@ class FeatureCache:
 
     def smoothed_label(self, name: str, frames: slice | list[int] | None = None) -> str:
         """Self-distillation label: ImageNet top-1 of the probabilities averaged over the frames."""
-        p = self.probs[name] if frames is None else self.probs[name][frames]
-        return imagenet_names()[int(p.float().mean(0).argmax())]
+        return self.smoothed_top1(name, frames)[0]
+
+    def smoothed_top1(self, name: str, frames: slice | list[int] | None = None) -> tuple[str, float]:
+        """The ImageNet top-1 class name of the probabilities averaged over the frames, and its probability."""
+        p = (self.probs[name] if frames is None else self.probs[name][frames]).float().mean(0)
+        return imagenet_names()[int(p.argmax())], float(p.max())
 
 
 def catalog_hash(catalog: dict[str, Media]) -> str:

@@ -374,24 +374,23 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
 def load_connector(path: Path, base):
     """A connector from a safetensors file: exported weights, or a run's ``checkpoint.safetensors``."""
     from vrex.models.connector import Connector
+    from vrex.models.tags import build_imagenet_tags
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.safetensors"
-    return Connector(base.encoder.dim, base.lm.config.hidden_size).load(path)
+    connector = Connector(base.encoder.dim, base.lm.config.hidden_size).load(path)
+    if connector.tag_tokens:  # its frozen ImageNet tag head, from the base model's encoder and LM
+        connector.tags = build_imagenet_tags(base.encoder, base.lm, base.tokenizer, connector.tag_tokens)
+    return connector
 
 
 def load_trained(path: Path, base):
-    """The trained model of a weights file (or a run directory's checkpoint): ``base`` with the file's
+    """The trained model of a weights file (exported weights or a run's ``checkpoint.safetensors``;
+    ``vrex.train.cli.resolve_eval_connector`` maps a run directory to it): ``base`` with the file's
     connector; when the file also carries LoRA adapters, a second copy of the LM with them loaded
     (the untrained baseline keeps the plain LM)."""
     import copy
 
     from vrex.models.lora import file_has_lora, load_lora
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.safetensors"
     model = copy.copy(base)
     model.connector = load_connector(path, base)
     if file_has_lora(path):

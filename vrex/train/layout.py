@@ -49,6 +49,9 @@ class Step:
     #: False: no gate label on this frame (it is fed like a silent frame, but the loss ignores the
     #: decision; used for haystacks fed with ``StreamingSession.fast_forward``, which skips the gate)
     gate: bool = True
+    #: ImageNet class shown by this frame's tag tokens instead of the encoder's top-1 (training
+    #: augmentation that teaches copying a name, ``vrex.models.tags``); None: the encoder's own
+    tag: int | None = None
 
     @property
     def questions(self) -> list[Turn]:
@@ -138,15 +141,16 @@ class LayoutBuilder:
         return Layout(torch.tensor(ids), torch.tensor(targets), torch.tensor(kinds, dtype=torch.uint8), frame_starts, self.tpf)
 
 
-def embed_layout(model, layout: Layout, frame_feats: torch.Tensor) -> torch.Tensor:
+def embed_layout(model, layout: Layout, frame_feats: torch.Tensor, tag_classes: torch.Tensor | None = None) -> torch.Tensor:
     """[T, d] input embeddings: token embeddings, frame positions replaced by ``connector(features)``.
 
-    ``frame_feats``: [n_frames, tokens_per_frame, dim] encoder features, one per step, in order."""
+    ``frame_feats``: [n_frames, tokens_per_frame, dim] encoder features, one per step, in order;
+    ``tag_classes``: [n_frames] forced tag classes (-1: the encoder's own), see ``Step.tag``."""
     mask = layout.frame_mask
     ids = layout.ids.clamp(min=0).to(model.device)
     text = model.embed_text(ids)
     conn = model.connector
-    vis = conn(frame_feats.to(model.device, dtype=conn.fc1.weight.dtype)).reshape(-1, text.shape[-1])
+    vis = conn(frame_feats.to(model.device, dtype=conn.fc1.weight.dtype), tag_classes=tag_classes).reshape(-1, text.shape[-1])
     if vis.shape[0] != int(mask.sum()):
         raise ValueError(f"{vis.shape[0]} frame tokens for {int(mask.sum())} frame positions")
     out = text.clone()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from vrex.models.tags import imagenet_names, imagenet_phrase
 from vrex.train.data import FPS, FeatureCache, Media
 from vrex.train.layout import Step, Turn
 
@@ -33,6 +34,7 @@ class Segment:
     media: str
     start: int  # first step index
     end: int  # one past the last step index
+    label: str | None = None  # what the dialogue calls it (None: the maker's label of the media)
 
 
 @dataclass
@@ -50,15 +52,29 @@ class Stream:
 class StreamMaker:
     """Draws streams from the cached media of one split (train or heldout)."""
 
-    def __init__(self, cache: FeatureCache, catalog: dict[str, Media], names: list[str]):
-        self.cache, self.catalog, self.names = cache, catalog, sorted(names)
+    def __init__(self, cache: FeatureCache, catalog: dict[str, Media], names: list[str], labels: str = "hand",
+                 tag_min_prob: float = 0.5, random_tag_prob: float = 0.0):
+        """``labels``: "hand" (media.json's label; ImageNet top-1 where it has none) or "imagenet":
+        streams that teach a model with tag tokens (``vrex.models.tags``) to read them. A subject
+        whose smoothed ImageNet top-1 reaches ``tag_min_prob`` (the probability at which its frames
+        show the tag) is named by it ("A macaw."), the others keep their hand label; and a
+        ``random_tag_prob`` fraction of segments shows a random ImageNet class in its tag tokens and
+        is named by it, so the name can only come from copying the tag."""
+        if labels not in ("hand", "imagenet"):
+            raise ValueError(f"labels must be 'hand' or 'imagenet', got {labels!r}")
+        self.cache, self.catalog, self.names, self.labels = cache, catalog, sorted(names), labels
+        self.tag_min_prob, self.random_tag_prob = tag_min_prob, random_tag_prob
         if len(self.names) < 2:
             raise ValueError("need at least two media items to build streams")
         self.all_labels = sorted({self.label(n) for n in catalog})
 
     def label(self, name: str) -> str:
         media = self.catalog[name]
-        return media.label if media.label else self.cache.smoothed_label(name)
+        if self.labels == "imagenet" or not media.label:
+            top1, prob = self.cache.smoothed_top1(name)
+            if prob >= self.tag_min_prob or not media.label:
+                return imagenet_phrase(top1)
+        return media.label
 
     def segment_frames(self, rng: random.Random, name: str, n: int) -> list[int]:
         """``n`` consecutive frame indices of a media item (ping-pong when it is shorter than ``n``).
@@ -82,13 +98,18 @@ class StreamMaker:
         choices = [n for n in self.names if self.label(n) not in exclude_labels]
         return rng.choice(choices)
 
-    def _append(self, steps: list[Step], segments: list[Segment], rng: random.Random, name: str, n: int, narrate: bool = True) -> None:
+    def _append(self, steps: list[Step], segments: list[Segment], rng: random.Random, name: str, n: int, narrate: bool = True,
+                random_tag: bool = True) -> None:
         start = len(steps)
+        label, tag = self.label(name), None
+        if random_tag and self.random_tag_prob and rng.random() < self.random_tag_prob:
+            tag = rng.randrange(len(imagenet_names()))
+            label = imagenet_phrase(imagenet_names()[tag])
         for i, f in enumerate(self.segment_frames(rng, name, n)):
-            steps.append(Step(name, f, (start + i) / FPS))
+            steps.append(Step(name, f, (start + i) / FPS, tag=tag))
         if narrate:
-            steps[start].turns.append(Turn(sentence(self.label(name))))
-        segments.append(Segment(name, start, len(steps)))
+            steps[start].turns.append(Turn(sentence(label)))
+        segments.append(Segment(name, start, len(steps), label))
 
     def narration_stream(self, rng: random.Random, n_segments: tuple[int, int] = (2, 4), seg_len: tuple[int, int] = (3, 7),
                          max_questions: int = 3, question_prob: float = 0.6) -> Stream:
@@ -115,7 +136,7 @@ class StreamMaker:
             return
         i = rng.choice(free)
         k = seg_of[i]
-        seen = [self.label(stream.segments[j].media) for j in range(k + 1)]
+        seen = [stream.segments[j].label or self.label(stream.segments[j].media) for j in range(k + 1)]
         kind = rng.choice(["present", "before", "seen"]) if k > 0 else rng.choice(["present", "seen"])
         if kind == "present":
             turn = Turn(sentence(seen[-1]), rng.choice(PRESENT_QUESTIONS))
@@ -147,11 +168,11 @@ class StreamMaker:
         before = max(1, min(n_frames - k - 2, int(round(pos * (n_frames - k)))))
         steps: list[Step] = []
         segments: list[Segment] = []
-        self._append(steps, segments, rng, haystack, before, narrate)
+        self._append(steps, segments, rng, haystack, before, narrate, random_tag=False)
         self._append(steps, segments, rng, needle, k, narrate)
-        self._append(steps, segments, rng, haystack, n_frames - k - before, narrate)
+        self._append(steps, segments, rng, haystack, n_frames - k - before, narrate, random_tag=False)
         if not narrate:
             for s in steps:
                 s.gate = False
-        steps[-1].turns = [Turn(sentence(self.label(needle)), NEEDLE_QUESTION)]
+        steps[-1].turns = [Turn(sentence(segments[1].label or self.label(needle)), NEEDLE_QUESTION)]
         return Stream(steps, segments, "needle" if narrate else "needle-silent", needle=needle)

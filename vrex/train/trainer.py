@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from vrex.train.data import FeatureCache, build_feature_cache, load_catalog, split_names
 from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
 from vrex.models.lora import TARGETS as LORA_TARGETS
-from vrex.models.lora import add_lora, has_lora, lora_metadata, lora_state
+from vrex.models.lora import add_lora, file_has_lora, has_lora, load_lora, lora_metadata, lora_state
+from vrex.models.tags import equip_tags
 from vrex.train.long_context import build_memory, long_needle_loss
 from vrex.train.streams import StreamMaker
 
@@ -53,7 +54,13 @@ class Recipe:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = LORA_TARGETS  # the LM's linear layers that get adapters
     temporal: bool = True  # connector sees each frame's change since the previous one (vrex.models.connector)
-    init: str | None = None  # start from these connector weights (a second stage of training) instead of the seeded init
+    init: str | None = None  # start from these weights (connector, and LoRA adapters if the file has them and lora is on)
+    #: ImageNet tag tokens per frame (vrex.models.tags; 0: none), and the fraction of streams whose
+    #: subjects are named by their ImageNet top-1 (the tags' names) instead of media.json's labels
+    tag_tokens: int = 0
+    tag_label_fraction: float = 0.0
+    tag_min_prob: float = 0.5  # a frame shows its tag when the top-1 probability reaches this
+    random_tag_prob: float = 0.3  # of segments in ImageNet-named streams: a random class in the tag, named by it
     seed: int = 0
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -69,9 +76,10 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def live_loss(model, layout: Layout, frame_feats: torch.Tensor, stream_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def live_loss(model, layout: Layout, frame_feats: torch.Tensor, stream_loss_weight: float = 1.0,
+              tag_classes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """LIVE loss for one stream; logits are only computed at supervised positions."""
-    embeds = embed_layout(model, layout, frame_feats)
+    embeds = embed_layout(model, layout, frame_feats, tag_classes)
     hidden = model.lm.model(inputs_embeds=embeds[None]).last_hidden_state[0]
     sup = layout.kinds != 0
     logits = model.lm.lm_head(hidden[sup.to(hidden.device)]).float()
@@ -96,6 +104,21 @@ def stream_features(cache: FeatureCache, stream) -> torch.Tensor:
     return torch.stack([cache.features[s.media][s.frame] for s in stream.steps]).float()
 
 
+def stream_tags(stream) -> torch.Tensor | None:
+    """[n_frames] forced tag classes (-1: the encoder's own), or None when no step forces one."""
+    if all(s.tag is None for s in stream.steps):
+        return None
+    return torch.tensor([-1 if s.tag is None else s.tag for s in stream.steps])
+
+
+def pick_maker(makers: dict[str, StreamMaker], recipe: Recipe, step: int) -> StreamMaker:
+    """The stream maker of this step: ImageNet-named subjects for a ``tag_label_fraction`` of steps.
+    Its own RNG, so recipes without tag labels draw the streams they always drew."""
+    if recipe.tag_label_fraction and random.Random(f"{recipe.seed}-{step}-labels").random() < recipe.tag_label_fraction:
+        return makers["imagenet"]
+    return makers["hand"]
+
+
 def draw_stream(maker: StreamMaker, recipe: Recipe, step: int):
     rng = random.Random(f"{recipe.seed}-{step}")
     if rng.random() < recipe.needle_fraction:
@@ -110,6 +133,15 @@ def trainable_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_lora_matches(lm, recipe: Recipe) -> None:
+    """The adapters loaded from ``--init`` must be the ones the recipe trains (rank and layers)."""
+    ranks = {m.r["default"] for m in lm.modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
+    layers = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
+    if ranks != {recipe.lora_rank} or layers != set(recipe.lora_targets):
+        raise ValueError(f"--init {recipe.init} has LoRA rank {sorted(ranks)} on {sorted(layers)}; the recipe asks for rank "
+                         f"{recipe.lora_rank} on {sorted(recipe.lora_targets)}")
+
+
 def _lr(recipe: Recipe, step: int) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
@@ -121,7 +153,8 @@ def save_checkpoint(run: Path, model, recipe: Recipe, state: TrainState, optimiz
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, recipe).items()}
     tmp = run / "checkpoint.safetensors.tmp"
-    meta = {"step": str(state.step), **(lora_metadata(recipe.lora_rank, recipe.lora_targets) if recipe.lora else {})}
+    meta = {"step": str(state.step), "tag_tokens": str(recipe.tag_tokens),
+            **(lora_metadata(recipe.lora_rank, recipe.lora_targets) if recipe.lora else {})}
     save_file(tensors, str(tmp), metadata=meta)  # loadable as weights too (eval live --connector RUN_DIR)
     torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "recipe": recipe.to_json()}, run / "state.pt.tmp")
     tmp.replace(run / "checkpoint.safetensors")
@@ -133,7 +166,8 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     extra = torch.load(run / "state.pt", weights_only=False)
     saved = extra["recipe"]
     for key in ("seed", "lora", "lora_rank", "lora_targets", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames",
-                "long_fraction", "long_frames", "memory_refresh"):
+                "long_fraction", "long_frames", "memory_refresh", "tag_tokens", "tag_label_fraction",
+                "tag_min_prob", "random_tag_prob"):
         if _jsonable(saved.get(key, _OLD_DEFAULTS.get(key))) != _jsonable(getattr(recipe, key)):
             raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
     model.connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
@@ -143,7 +177,8 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     return TrainState(**extra["state"])
 
 
-_OLD_DEFAULTS = {"lora_targets": list(LORA_TARGETS), "temporal": False, "long_fraction": 0.0, "long_frames": [120, 600], "memory_refresh": 25}  # runs saved before the key existed
+_OLD_DEFAULTS = {"lora_targets": list(LORA_TARGETS), "temporal": False, "long_fraction": 0.0, "long_frames": [120, 600], "memory_refresh": 25,
+                 "tag_tokens": 0, "tag_label_fraction": 0.0, "tag_min_prob": 0.5, "random_tag_prob": 0.3}  # runs saved before the key existed
 
 
 def _jsonable(value):
@@ -174,14 +209,32 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     model = model or load_videollm(connector=None, seed=recipe.seed, temporal=recipe.temporal)
     cache = cache or build_feature_cache(progress=progress)
     catalog = load_catalog()
-    maker = StreamMaker(cache, catalog, split_names(catalog, "train"))
-    builder = LayoutBuilder.for_model(model)
+    train_names = split_names(catalog, "train")
+    makers = {"hand": StreamMaker(cache, catalog, train_names),
+              "imagenet": StreamMaker(cache, catalog, train_names, labels="imagenet", tag_min_prob=recipe.tag_min_prob,
+                                      random_tag_prob=recipe.random_tag_prob)}
     model.lm.requires_grad_(False)
     model.lm.eval()  # no dropout; the LM is frozen
-    if recipe.lora and not has_lora(model.lm):
-        add_lora(model.lm, recipe.lora_rank, tuple(recipe.lora_targets))
     if recipe.init:
         model.connector.load(recipe.init)
+        if recipe.lora and file_has_lora(recipe.init) and not has_lora(model.lm):
+            load_lora(model.lm, recipe.init)  # continue the file's adapters
+            check_lora_matches(model.lm, recipe)
+        if model.connector.tag_tokens not in (0, recipe.tag_tokens):
+            raise ValueError(f"--init {recipe.init} has {model.connector.tag_tokens} tag tokens per frame; "
+                             f"pass --tag-tokens {model.connector.tag_tokens} to continue it")
+    if recipe.lora and not has_lora(model.lm):
+        add_lora(model.lm, recipe.lora_rank, tuple(recipe.lora_targets))
+    for name, p in model.lm.named_parameters():
+        p.requires_grad_(recipe.lora and "lora_" in name)
+    if recipe.tag_tokens:
+        equip_tags(model, recipe.tag_tokens, recipe.tag_min_prob)
+    builder = LayoutBuilder.for_model(model)  # after the tags: they change the tokens per frame
+    limit = model.lm.config.max_position_embeddings
+    if recipe.long_fraction and len(builder.prefix) + recipe.long_frames[1] * (builder.tpf + 1) + 64 > limit:
+        # fail before training, not at the first long step minutes later
+        raise ValueError(f"long needles of {recipe.long_frames[1]} frames at {builder.tpf} + 1 tokens per frame need more than the "
+                         f"LM's {limit} positions: lower --long-frames MAX or --tag-tokens")
     model.connector.requires_grad_(True)
     params = list(model.connector.parameters()) + [p for n, p in model.lm.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -205,14 +258,15 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
             if memory is None or memory.block != block:
                 memory = None
                 bar.set_postfix_str("building haystack memory")
-                memory = build_memory(model, builder, cache, maker, random.Random(f"{recipe.seed}-memory-{block}"), recipe.long_frames[1])
+                memory = build_memory(model, builder, cache, makers["hand"], random.Random(f"{recipe.seed}-memory-{block}"), recipe.long_frames[1])
                 memory.block = block
-            loss, stats = long_needle_loss(model, builder, cache, maker, memory, random.Random(f"{recipe.seed}-{state.step}"),
+            loss, stats = long_needle_loss(model, builder, cache, pick_maker(makers, recipe, state.step), memory, random.Random(f"{recipe.seed}-{state.step}"),
                                            recipe.long_frames, recipe.long_narrate_fraction, recipe.stream_loss_weight)
             kind = stats.pop("kind")
         else:
-            stream = draw_stream(maker, recipe, state.step)
-            loss, stats = live_loss(model, builder.build(stream.steps), stream_features(cache, stream), recipe.stream_loss_weight)
+            stream = draw_stream(pick_maker(makers, recipe, state.step), recipe, state.step)
+            loss, stats = live_loss(model, builder.build(stream.steps), stream_features(cache, stream), recipe.stream_loss_weight,
+                                    stream_tags(stream))
             kind = stream.kind
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
