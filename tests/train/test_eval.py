@@ -81,3 +81,22 @@ def test_run_eval_rows_and_denominators(cache, catalog):
     for metric in ("narration_acc", "qa_acc", "fluency"):
         assert 0.0 <= value[metric] <= 1.0
     assert value["lm_ppl"] > 1.0 and not any(m.startswith("needle") for m in value)
+
+
+def test_run_eval_takes_a_connector_with_tag_tokens(cache, videollm, tmp_path):
+    """A weights file whose connector appends ImageNet tag tokens runs through the whole loop
+    (teacher forcing, the live session and a needle): its layouts carry the extra tokens per frame."""
+    import copy
+
+    from vrex.models.tags import equip_tags
+    from vrex.train.evaluate import run_eval
+
+    tagged = copy.copy(videollm)
+    tagged.connector = copy.deepcopy(videollm.connector)
+    equip_tags(tagged, 2)
+    tagged.connector.save(tmp_path / "tagged.safetensors")
+    # the gate never opens (theta 0) and answers stop after 2 tokens: the loop runs, cheaply
+    cfg = EvalConfig(narration_streams=1, minutes=[0.1], needles_per_length=1, seed=3, theta=0.0, max_answer_tokens=2)
+    rows = run_eval(cfg, tmp_path / "tagged.safetensors", progress=False, log=lambda *_: None, only="trained")
+    value = {r["metric"]: r["value"] for r in rows}
+    assert value["lm_ppl"] > 1.0 and "needle_acc_silent@0.1min" in value

@@ -307,7 +307,6 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
         models = {"trained": load_trained(connector, base), "untrained": base}
     if only:
         models = {only: models[only]}
-    builder = LayoutBuilder.for_model(base)
     narr, needles = eval_streams(cache, cfg)
     from vrex.engine.session import DEFAULT_THETA
 
@@ -322,6 +321,7 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
 
     for model_name, model in models.items():
         fmodel = feature_model(model, model.connector)
+        builder = LayoutBuilder.for_model(fmodel)  # per model: tag tokens change the tokens per frame
         t0 = time.time()
         tf = teacher_forced(fmodel, builder, cache, narr, theta)
         add(model_name, "-", "lm_ppl", tf["lm_ppl"])
