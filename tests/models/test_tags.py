@@ -103,3 +103,27 @@ def test_session_feeds_tag_tokens(videollm, bird):
     session.push_frame(0.0, bird)
     session.push_frame(0.5, bird)
     assert session.cached_tokens - start == 2 * model.tokens_per_frame + 1  # interval owed by the last frame is pending
+
+
+def test_shipped_tags_model_names_a_subject_it_was_never_taught(videollm, bird):
+    """The shipped 'tags' variant (connector + tag tokens + LoRA), asked about a held-out photo whose
+    subject no training label names: it answers with the tag's ImageNet name (chickadee)."""
+    from vrex.engine.session import SessionConfig, StreamingSession
+    from vrex.kv.policies import make_policy
+    from vrex.models.videollm import load_videollm, shipped_connector
+    from vrex.train.data import still_views
+
+    if shipped_connector(videollm.encoder.name, "smollm2-135m", "-tags") is None:
+        pytest.skip("the tags weights are not shipped in this checkout")
+    model = load_videollm(connector="tags")
+    assert model.connector.tag_tokens == 2 and model.tokens_per_frame == videollm.tokens_per_frame + 2
+    assert any("lora_B" in n for n, _ in model.lm.named_parameters())
+    session = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0))  # silent: only the question speaks
+    for i, view in enumerate(still_views(bird)[:6]):
+        session.push_frame(i / 2, view)
+    answers = [e.text for e in session.ask("What is shown now?") if e.kind == "answer"]
+    assert answers and "chickadee" in answers[0].lower(), answers
+    plain = StreamingSession(load_videollm(connector="long"), make_policy("full"), SessionConfig(theta=0.0))
+    for i, view in enumerate(still_views(bird)[:6]):
+        plain.push_frame(i / 2, view)
+    assert "chickadee" not in " ".join(e.text for e in plain.ask("What is shown now?")).lower()  # without tags it cannot

@@ -130,7 +130,7 @@ class VideoLLM:
 
 
 #: shipped weight variants besides the default ("auto"): name -> file suffix
-SHIPPED_VARIANTS = {"long": "-long"}
+SHIPPED_VARIANTS = {"long": "-long", "tags": "-tags"}
 
 
 def shipped_connector(encoder_name: str, lm_name: str, variant: str = "") -> Path | None:
@@ -151,9 +151,11 @@ def load_videollm(
     temporal: bool = True,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
-    ships for this encoder+LM, if any) or ``None`` (seeded untrained init), or ``"long"`` (the shipped long-context variant: connector + LoRA
-    trained on minutes-long needle streams, see docs/train.md). A weights file with LoRA adapters (``vrex train --lora``) also
-    loads them into the LM (``vrex.models.lora``).
+    ships for this encoder+LM, if any) or ``None`` (seeded untrained init), or a shipped variant (docs/train.md):
+    ``"long"`` (connector + LoRA trained on minutes-long needle streams: recalls a brief event from minutes back) or
+    ``"tags"`` (connector with ImageNet tag tokens + LoRA, ``vrex.models.tags``: names subjects it was never trained on,
+    narrates and answers best). A weights file with LoRA adapters (``vrex train --lora``) also loads them into the LM
+    (``vrex.models.lora``), and one with tag tokens rebuilds their frozen head.
 
     ``lm`` may also name a VideoLLM-online checkpoint (directory or repo id; see
     ``vrex.models.videollm_online``): its own vision tower, connector and text layout are used, unless

@@ -35,8 +35,8 @@ def train_cmd(
                               "The default recipe (stage 1 in docs/train.md) takes ~40 min on one CPU core."),
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
-                              "The shipped default model is connector-only; the shipped 'long' model "
-                              "(vrex run --connector long) is connector + LoRA, see docs/train.md."),
+                              "The shipped default model is connector-only; the shipped 'long' and 'tags' models "
+                              "(vrex run --connector long|tags) are connector + LoRA, see docs/train.md."),
     lora_targets: str = typer.Option(",".join(Recipe.lora_targets), help="With --lora: comma-separated names of the LM's linear "
                                      "layers that get adapters (e.g. q_proj,k_proj,v_proj,o_proj for attention only)."),
     stream_loss_weight: float = typer.Option(Recipe.stream_loss_weight, help="Weight w of the streaming-EOS term "
@@ -116,7 +116,7 @@ def train_cmd(
 
 def resolve_eval_connector(connector: str | None) -> Path:
     """The weights file behind ``vrex eval live --connector``: the shipped default, a shipped variant
-    by name ('long'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
+    by name ('long', 'tags'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
     from vrex.models.encoders import EFFNET_PRESET
     from vrex.models.lm import SMOLLM2_PRESET
     from vrex.models.videollm import SHIPPED_VARIANTS, shipped_connector
@@ -140,7 +140,7 @@ def eval_live(
     policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs (repeatable); "
                                      "needle accuracy is reported per policy on the same streams."),
     connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
-                                            "run directory), or 'long' for the shipped long-context model (default: the shipped default)."),
+                                            "run directory), or a shipped variant: 'long' (long-context) or 'tags' (ImageNet tag tokens) (default: the shipped default)."),
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
