@@ -125,7 +125,8 @@ class VideoLLM:
         return self.connect(self.encode_frames(images), previous)
 
     def describe(self) -> str:
-        return (f"{self.name}: encoder={self.encoder.name} ({self.tokens_per_frame} tokens/frame), "
+        tags = f" + {self.connector.tag_tokens} ImageNet tag tokens" if self.connector.tag_tokens else ""
+        return (f"{self.name}: encoder={self.encoder.name} ({self.encoder.tokens_per_frame} tokens/frame{tags}), "
                 f"LM={getattr(self.lm.config, '_name_or_path', '?')}, connector={self.connector.source}")
 
 
