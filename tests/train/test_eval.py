@@ -100,3 +100,19 @@ def test_run_eval_takes_a_connector_with_tag_tokens(cache, videollm, tmp_path):
     rows = run_eval(cfg, tmp_path / "tagged.safetensors", progress=False, log=lambda *_: None, only="trained")
     value = {r["metric"]: r["value"] for r in rows}
     assert value["lm_ppl"] > 1.0 and "needle_acc_silent@0.1min" in value
+
+
+def test_load_trained_keeps_the_files_tag_threshold(videollm, tmp_path):
+    """The evaluated model's tag head uses the file's min_prob, as load_videollm's does."""
+    import copy
+
+    from vrex.models.tags import equip_tags
+    from vrex.train.evaluate import load_trained
+
+    tagged = copy.copy(videollm)
+    tagged.connector = copy.deepcopy(videollm.connector)
+    equip_tags(tagged, 2, min_prob=0.8)
+    tagged.connector.save(tmp_path / "t.safetensors")
+    model = load_trained(tmp_path / "t.safetensors", videollm)
+    assert model.connector.tag_min_prob == 0.8 and model.connector.tags.min_prob == 0.8
+    assert model.tokens_per_frame == videollm.tokens_per_frame + 2

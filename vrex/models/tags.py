@@ -20,6 +20,7 @@ synonym of each class).
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -28,10 +29,11 @@ from torch import nn
 LABELS_FILE = Path(__file__).with_name("imagenet_labels.txt")
 
 
-def imagenet_names() -> list[str]:
+@cache  # read once: stream drawing asks for names on every label
+def imagenet_names() -> tuple[str, ...]:
     """The 1000 ImageNet class names, first synonym only (the file starts with 'background')."""
     lines = LABELS_FILE.read_text().splitlines()
-    return [line.split(",")[0].strip() for line in lines[1:1001]]
+    return tuple(line.split(",")[0].strip() for line in lines[1:1001])
 
 
 def imagenet_phrase(name: str) -> str:

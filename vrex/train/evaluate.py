@@ -374,12 +374,8 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
 def load_connector(path: Path, base):
     """A connector from a safetensors file: exported weights, or a run's ``checkpoint.safetensors``."""
     from vrex.models.connector import Connector
-    from vrex.models.tags import build_imagenet_tags
 
-    connector = Connector(base.encoder.dim, base.lm.config.hidden_size).load(path)
-    if connector.tag_tokens:  # its frozen ImageNet tag head, from the base model's encoder and LM
-        connector.tags = build_imagenet_tags(base.encoder, base.lm, base.tokenizer, connector.tag_tokens)
-    return connector
+    return Connector(base.encoder.dim, base.lm.config.hidden_size).load(path)
 
 
 def load_trained(path: Path, base):
@@ -390,12 +386,15 @@ def load_trained(path: Path, base):
     import copy
 
     from vrex.models.lora import file_has_lora, load_lora
+    from vrex.models.tags import equip_tags
 
     model = copy.copy(base)
     model.connector = load_connector(path, base)
     if file_has_lora(path):
         model.lm = copy.deepcopy(base.lm)
         load_lora(model.lm, path)
+    if model.connector.tag_tokens:  # rebuild the frozen tag head with the file's k and min_prob, as load_videollm does
+        equip_tags(model, model.connector.tag_tokens)
     return model
 
 

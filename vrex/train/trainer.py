@@ -135,8 +135,9 @@ def trainable_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
 
 def check_lora_matches(lm, recipe: Recipe) -> None:
     """The adapters loaded from ``--init`` must be the ones the recipe trains (rank and layers)."""
-    ranks = {m.r["default"] for m in lm.modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
-    layers = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
+    adapted = [(n, m) for n, m in lm.named_modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)]
+    ranks = {m.r["default"] for _, m in adapted}
+    layers = {n.rsplit(".", 1)[-1] for n, _ in adapted}
     if ranks != {recipe.lora_rank} or layers != set(recipe.lora_targets):
         raise ValueError(f"--init {recipe.init} has LoRA rank {sorted(ranks)} on {sorted(layers)}; the recipe asks for rank "
                          f"{recipe.lora_rank} on {sorted(recipe.lora_targets)}")
