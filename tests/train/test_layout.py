@@ -138,3 +138,11 @@ def test_generated_streams_are_consistent(maker, videollm):
             for seg in stream.segments:
                 first = stream.steps[seg.start]
                 assert first.narration is not None or first.questions
+
+
+@pytest.mark.parametrize("n_frames", [0, 1, 2, 7])
+def test_silent_length_is_the_built_length(videollm, n_frames):
+    """The position count the long-needle checks use equals the layout the session would feed."""
+    builder = LayoutBuilder.for_model(videollm)
+    steps = [Step("cockatoo", i, i / 2, gate=False) for i in range(n_frames)]
+    assert builder.silent_length(n_frames) == len(builder.build(steps))

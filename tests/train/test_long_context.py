@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vrex.train.layout import LayoutBuilder, Step, Turn
-from vrex.train.long_context import build_memory, frame_features, long_needle_loss, needle_steps, spliced_loss
+from vrex.train.long_context import QUESTION_MARGIN, build_memory, frame_features, long_needle_loss, needle_steps, spliced_loss
 from vrex.train.streams import NEEDLE_QUESTION
 from vrex.train.trainer import live_loss
 
@@ -60,3 +60,12 @@ def test_long_needle_sample_and_bad_span(videollm, cache, maker, memory):
     steps = needle_steps(memory, maker, random.Random(2), 20, 15, "parrot", 3, narrate=False)
     with pytest.raises(ValueError, match="does not fit"):
         spliced_loss(videollm, builder, memory, steps, frame_features(cache, steps), 17, 3)
+
+
+def test_haystack_past_the_lm_positions_is_refused(videollm, cache, maker):
+    builder = LayoutBuilder.for_model(videollm)
+    limit = videollm.lm.config.max_position_embeddings
+    fits = next(n for n in range(limit, 0, -1) if builder.silent_length(n) + QUESTION_MARGIN <= limit)
+    build_memory(videollm, builder, cache, maker, random.Random(0), 4)  # small ones are built
+    with pytest.raises(ValueError, match=f"{fits + 1}-frame haystack .* the LM has {limit}"):
+        build_memory(videollm, builder, cache, maker, random.Random(0), fits + 1)

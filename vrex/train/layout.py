@@ -96,6 +96,11 @@ class LayoutBuilder:
     def for_model(cls, model) -> "LayoutBuilder":
         return cls(lambda s: model.tokenize(s).tolist(), model.fmt, model.tokens_per_frame)
 
+    def silent_length(self, n_frames: int) -> int:
+        """``len(self.build(steps))`` for ``n_frames`` silent steps, without building them: the prefix,
+        each frame's tokens and the interval owed to every frame but the first."""
+        return len(self.prefix) + n_frames * self.tpf + max(0, n_frames - 1)
+
     def build(self, steps: list[Step]) -> Layout:
         ids: list[int] = list(self.prefix)
         targets: list[int] = [IGNORE] * len(ids)

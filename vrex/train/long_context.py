@@ -55,18 +55,31 @@ def frame_features(cache: FeatureCache, steps: list[Step]) -> torch.Tensor:
     return torch.stack([cache.features[s.media][s.frame] for s in steps]).float()
 
 
+#: positions kept free after a haystack: the needle, the question and its answer
+QUESTION_MARGIN = 64
+
+
+def check_haystack_fits(model, builder: LayoutBuilder, n_frames: int, hint: str = "") -> None:
+    """Refuse a silent ``n_frames`` haystack that, with ``QUESTION_MARGIN``, exceeds the LM's positions
+    (past them RoPE angles were never trained). One rule for the trainer's check before training
+    and ``build_memory``'s at each long step."""
+    limit = model.lm.config.max_position_embeddings
+    need = builder.silent_length(n_frames) + QUESTION_MARGIN
+    if need > limit:
+        raise ValueError(f"a {n_frames}-frame haystack at {builder.tpf} + 1 tokens per frame needs {need} positions "
+                         f"({QUESTION_MARGIN} of them for the question), the LM has {limit}{hint}")
+
+
 @torch.no_grad()
 def build_memory(model, builder: LayoutBuilder, cache: FeatureCache, maker: StreamMaker, rng: random.Random,
                  n_frames: int, haystack: str | None = None) -> HaystackMemory:
     """Prefill a silent ``n_frames`` haystack of one subject (drawn from ``maker``) and keep its KV."""
     haystack = haystack or rng.choice(maker.names)
     steps = [Step(haystack, f, i / FPS, gate=False) for i, f in enumerate(maker.segment_frames(rng, haystack, n_frames))]
+    check_haystack_fits(model, builder, n_frames)
     layout = builder.build(steps)
     feats = frame_features(cache, steps)
     embeds = embed_layout(model, layout, feats)
-    limit = model.lm.config.max_position_embeddings
-    if len(layout) + 64 > limit:
-        raise ValueError(f"a {n_frames}-frame haystack needs {len(layout)} positions, the LM has {limit}")
     out = model.lm.model(inputs_embeds=embeds[None], use_cache=True)
     kv = out.past_key_values
     return HaystackMemory(steps, layout, feats, [layer.keys.detach() for layer in kv.layers],

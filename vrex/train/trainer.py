@@ -28,7 +28,7 @@ from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
 from vrex.models.lora import TARGETS as LORA_TARGETS
 from vrex.models.lora import add_lora, file_has_lora, has_lora, load_lora, lora_metadata, lora_state
 from vrex.models.tags import equip_tags
-from vrex.train.long_context import build_memory, long_needle_loss
+from vrex.train.long_context import build_memory, check_haystack_fits, long_needle_loss
 from vrex.train.streams import StreamMaker
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "connector-efficientnet-lite0-smollm2-135m.safetensors"
@@ -231,11 +231,8 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     if recipe.tag_tokens:
         equip_tags(model, recipe.tag_tokens, recipe.tag_min_prob)
     builder = LayoutBuilder.for_model(model)  # after the tags: they change the tokens per frame
-    limit = model.lm.config.max_position_embeddings
-    if recipe.long_fraction and len(builder.prefix) + recipe.long_frames[1] * (builder.tpf + 1) + 64 > limit:
-        # fail before training, not at the first long step minutes later
-        raise ValueError(f"long needles of {recipe.long_frames[1]} frames at {builder.tpf} + 1 tokens per frame need more than the "
-                         f"LM's {limit} positions: lower --long-frames MAX or --tag-tokens")
+    if recipe.long_fraction:  # fail before training, not at the first long step minutes later
+        check_haystack_fits(model, builder, recipe.long_frames[1], hint=": lower --long-frames MAX or --tag-tokens")
     model.connector.requires_grad_(True)
     params = list(model.connector.parameters()) + [p for n, p in model.lm.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
