@@ -76,6 +76,7 @@ def run(
     encoder: Annotated[str, typer.Option(help="Frame encoder: 'efficientnet-lite0' or a SigLIP/CLIP directory or repo id.")] = "efficientnet-lite0",
     connector: Annotated[str, typer.Option(help="Connector weights (.safetensors), 'auto' (vrex's trained weights when shipped), 'long' (shipped variant: connector + LoRA trained on 1-5 minute needle streams; recalls a brief event from minutes back), 'tags' (shipped variant: ImageNet tag tokens + LoRA; names subjects it was never trained on, narrates and answers short-range questions best; 12 tokens per frame) or 'none' (untrained). Measured side by side in docs/train.md.")] = "auto",
     sample: Annotated[bool, typer.Option(help="Sample (temperature/top-p) instead of greedy decoding.")] = False,
+    recent_tokens: Annotated[Optional[int], typer.Option(help="Always-kept window of the newest tokens on top of the policy's selection (retrieval policies need the frames just seen to narrate). Default: the last two frames; 0: the policy alone.")] = None,
     positions: Annotated[str, typer.Option(help="Position strategy past the LM's trained context: 'compress' (re-index old tokens) or 'absolute'.")] = "compress",
     realtime: Annotated[bool, typer.Option(help="Pace a file at its real speed, as if it were live.")] = False,
     trace: Annotated[Optional[Path], typer.Option(help="Write per-step KV telemetry (JSON lines) to this file.")] = None,
@@ -93,6 +94,8 @@ def run(
     from vrex.models.videollm import load_videollm
 
     questions = [parse_question(q) for q in ask or []]
+    if recent_tokens is not None and recent_tokens < 0:
+        raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
     try:
         src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime)
     except VideoSourceError as e:
@@ -101,7 +104,8 @@ def run(
     model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm)
     for note in model.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
-    config = SessionConfig(theta=theta, min_response_gap=min_gap, sample=sample, positions=PositionConfig(mode=positions))
+    config = SessionConfig(theta=theta, min_response_gap=min_gap, sample=sample, recent_tokens=recent_tokens,
+                           positions=PositionConfig(mode=positions))
     tracer = TelemetryWriter(trace) if trace else None
     session = StreamingSession(model, make_policy(policy), config, trace=tracer)
     frames = ((f.t, f.image) for f in src)

@@ -47,3 +47,9 @@ def test_run_missing_file_names_it(tmp_path):
     proc = _vrex("run", str(missing), "--json")
     assert proc.returncode == 2
     assert str(missing) in proc.stderr
+
+
+def test_run_negative_recent_window_is_refused():
+    proc = _vrex("run", "webcam", "--recent-tokens", "-3")
+    assert proc.returncode == 2
+    assert "--recent-tokens" in proc.stderr and "-3" in proc.stderr

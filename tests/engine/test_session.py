@@ -161,3 +161,19 @@ def test_fast_forward_then_frames_equals_frame_by_frame(videollm, photos):
         fast.fast_forward([4.0, 4.5, 5.0], videollm.encode_frames(photos[:2]))
     with pytest.raises(ValueError, match="time order"):
         fast.fast_forward([1.0], videollm.encode_frames(photos[:1]))
+
+
+@pytest.mark.parametrize("recent, frames", [(None, 2), (0, 0), (7, None)])
+def test_recent_window_default_is_two_frames(videollm, recent, frames):
+    """Unless told otherwise, every step reads the newest two frames (tokens + interval) whatever the
+    policy selects; 0 leaves the policy alone; a number is taken as tokens."""
+    session = StreamingSession(videollm, make_policy("rekv"), SessionConfig(theta=0.0, recent_tokens=recent))
+    window = 7 if frames is None else frames * (videollm.tokens_per_frame + 1)
+    n_past, sink = 400, session.cache.keep.sink_tokens
+    kept = session.cache._with_always_kept([torch.tensor([sink + 5])], n_past)[0].tolist()
+    assert kept == list(range(sink)) + [sink + 5] + list(range(n_past - window, n_past))
+
+
+def test_negative_recent_window_is_refused(videollm):
+    with pytest.raises(ValueError, match="recent_tokens must be >= 0"):
+        StreamingSession(videollm, make_policy("rekv"), SessionConfig(recent_tokens=-1))

@@ -144,8 +144,9 @@ def eval_live(
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
-    recent_tokens: int = typer.Option(0, help="Always-kept window of the newest tokens on top of each policy's selection "
-                                      "(SessionConfig.recent_tokens); rows are labelled policy+recentN."),
+    recent_tokens: Optional[int] = typer.Option(None, help="Always-kept window of the newest tokens on top of each policy's selection "
+                                                "(SessionConfig.recent_tokens; default: the session's two frames, 0: each policy bare); "
+                                                "rows are labelled policy+recentN."),
     only: Optional[str] = typer.Option(None, help="Evaluate only 'trained' or 'untrained' (e.g. to run the two halves in parallel)."),
     narration_streams: Optional[int] = typer.Option(None, help="Number of narration streams (narration, TimeDiff, QA metrics; "
                                                     "default 10, quick 3). With other --seed values, more items for those rates."),
@@ -155,7 +156,7 @@ def eval_live(
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
     from vrex.train.evaluate import EvalConfig, print_table, run_eval
 
-    if recent_tokens < 0:
+    if recent_tokens is not None and recent_tokens < 0:
         raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
     if only not in (None, "trained", "untrained"):
         raise typer.BadParameter(f"must be 'trained' or 'untrained', got '{only}'", param_hint="--only")

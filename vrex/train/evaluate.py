@@ -71,7 +71,9 @@ class EvalConfig:
     #: live needle runs of the untrained connector only up to this length: it speaks at ~every frame, so a
     #: 5-minute stream is ~600 decoded responses
     untrained_live_max_minutes: float = 1.0
-    recent_tokens: int = 0  # SessionConfig.recent_tokens for the session runs (an always-kept recent window)
+    #: SessionConfig.recent_tokens for the session runs (an always-kept recent window); None: the
+    #: session default (two frames), 0: each policy bare
+    recent_tokens: int | None = None
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
@@ -308,20 +310,23 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
     if only:
         models = {only: models[only]}
     narr, needles = eval_streams(cache, cfg)
-    from vrex.engine.session import DEFAULT_THETA
+    from vrex.engine.session import DEFAULT_THETA, SessionConfig, recent_window
 
     theta = cfg.theta if cfg.theta is not None else DEFAULT_THETA
     rows: list[dict] = []
 
     def add(model_name, policy, metric, value):
-        if cfg.recent_tokens and policy not in ("-", "full"):  # full reads everything: a recent window changes nothing
-            policy = f"{policy}+recent{cfg.recent_tokens}"
+        # window: the current model's recent window (set in the loop below). full reads everything:
+        # a recent window changes nothing there
+        if window and policy not in ("-", "full"):
+            policy = f"{policy}+recent{window}"
         rows.append({"model": model_name, "policy": policy, "metric": metric, "value": round(float(value), 4)})
         log(f"  {model_name:9s} {policy:12s} {metric:18s} {value:.4f}")
 
     for model_name, model in models.items():
         fmodel = feature_model(model, model.connector)
         builder = LayoutBuilder.for_model(fmodel)  # per model: tag tokens change the tokens per frame
+        window = recent_window(SessionConfig(recent_tokens=cfg.recent_tokens), fmodel.tokens_per_frame)
         t0 = time.time()
         tf = teacher_forced(fmodel, builder, cache, narr, theta)
         add(model_name, "-", "lm_ppl", tf["lm_ppl"])
