@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vrex.models.connector import Connector
-from vrex.models.lora import add_lora, file_has_lora, load_lora, lora_metadata, lora_state
+from vrex.models.lora import add_lora, file_has_lora, has_lora, load_lora, lora_metadata, lora_state, merge_lora
 
 
 def _tiny_lm(seed: int = 0) -> LlamaForCausalLM:
@@ -74,8 +74,10 @@ def test_load_videollm_loads_the_adapters_of_its_weight_file(videollm, tmp_path)
     model = load_videollm(connector=path)
     ids = videollm.tokenize("A cockatoo on a branch.")[None]
     with torch.no_grad():
-        torch.testing.assert_close(model.lm(ids).logits, lm(ids).logits)
+        # merged on load (W + scale B A): equal up to float summation order
+        torch.testing.assert_close(model.lm(ids).logits, lm(ids).logits, rtol=1e-4, atol=2e-4)
         assert not torch.allclose(model.lm(ids).logits, videollm.lm(ids).logits)
+    assert not has_lora(model.lm)
     assert any("LoRA" in n for n in model.notes)
 
 
@@ -87,7 +89,22 @@ def test_shipped_long_variant_loads_connector_and_adapters(videollm):
         pytest.skip("the long-context weights are not shipped in this checkout")
     model = load_videollm(connector="long")
     assert model.connector.trained and model.connector.source == str(path)
-    assert any("lora_B" in n for n, _ in model.lm.named_parameters()) and any("LoRA" in n for n in model.notes)
+    assert not has_lora(model.lm) and any("LoRA" in n and "merged" in n for n in model.notes)  # merged on load
     ids = videollm.tokenize("What appeared briefly in the stream?")[None]
     with torch.no_grad():  # the adapters change the LM
         assert not torch.allclose(model.lm(ids).logits, videollm.lm(ids).logits)
+
+
+def test_merged_adapters_give_the_same_logits_from_plain_layers():
+    lm = _tiny_lm()
+    ids = torch.arange(12)[None]
+    add_lora(lm, 4)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapted = lm(ids).logits
+    assert merge_lora(lm) == 2 * 7  # every target module of both layers
+    assert not has_lora(lm)
+    assert all(type(m) is torch.nn.Linear for n, m in lm.named_modules() if n.endswith(("q_proj", "down_proj")))
+    torch.testing.assert_close(lm(ids).logits, adapted, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,23 @@ def add_lora(lm: nn.Module, rank: int, targets: tuple[str, ...] = TARGETS) -> No
         p.requires_grad_("lora_" in name)
 
 
+def merge_lora(lm: nn.Module) -> int:
+    """Fold every adapter into its base weight (W + scale * B @ A) and put the plain base layer back,
+    for inference: the LM then runs exactly the code and cost of the untouched model (no extra
+    low-rank matmuls and wrapper calls per linear, per token). Returns the number of merged layers.
+    Not for training: the adapters are gone afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent_name) if parent_name else lm, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
 def has_lora(lm: nn.Module) -> bool:
     return any("lora_" in n for n, _ in lm.named_parameters())
 

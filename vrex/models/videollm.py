@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from vrex.models.connector import Connector
 from vrex.models.encoders import EFFNET_PRESET, FrameEncoder, load_encoder
 from vrex.models.lm import SMOLLM2_PRESET, load_lm
-from vrex.models.lora import load_lora
+from vrex.models.lora import load_lora, merge_lora
 from vrex.models.tags import equip_tags
 
 DEFAULT_SYSTEM = (
@@ -156,7 +156,8 @@ def load_videollm(
     ``"long"`` (connector + LoRA trained on minutes-long needle streams: recalls a brief event from minutes back) or
     ``"tags"`` (connector with ImageNet tag tokens + LoRA, ``vrex.models.tags``: names subjects it was never trained on,
     narrates and answers best). A weights file with LoRA adapters (``vrex train --lora``) also loads them into the LM
-    (``vrex.models.lora``), and one with tag tokens rebuilds their frozen head.
+    (``vrex.models.lora``), merged into its weights (inference: the plain LM's cost), and one with tag tokens
+    rebuilds their frozen head.
 
     ``lm`` may also name a VideoLLM-online checkpoint (directory or repo id; see
     ``vrex.models.videollm_online``): its own vision tower, connector and text layout are used, unless
@@ -189,11 +190,13 @@ def load_videollm(
     if connector is not None:
         conn.load(connector)
         lora = load_lora(lm_model, connector)  # the file may carry LoRA adapters for the LM too
+        if lora:
+            merge_lora(lm_model)  # inference only: the plain LM's speed, same outputs
     model = VideoLLM(enc, conn, lm_model, tokenizer, LiveFormat.for_tokenizer(tokenizer, system), name=f"{encoder}+{lm}")
     if conn.tag_tokens:  # the file's connector appends ImageNet tag tokens: rebuild their frozen head
         equip_tags(model, conn.tag_tokens)
     if not conn.trained:
         model.notes.append("connector is UNTRAINED (seeded random init): narration and answers do not reflect the frames")
     if lora:
-        model.notes.append(f"LM has LoRA adapters from {connector}")
+        model.notes.append(f"LM has LoRA adapters from {connector} (merged into its weights)")
     return model
