@@ -99,7 +99,7 @@ def test_run_eval_takes_a_connector_with_tag_tokens(cache, videollm, tmp_path):
     cfg = EvalConfig(narration_streams=1, minutes=[0.1], needles_per_length=1, seed=3, theta=0.0, max_answer_tokens=2)
     rows = run_eval(cfg, tmp_path / "tagged.safetensors", progress=False, log=lambda *_: None, only="trained")
     value = {r["metric"]: r["value"] for r in rows}
-    assert value["lm_ppl"] > 1.0 and "needle_acc_silent@0.1min" in value
+    assert value["lm_ppl"] > 1.0 and "needle_acc_silent@0.1min" in value and 0.0 <= value["needle_recognized"] <= 1.0
 
 
 def test_load_trained_keeps_the_files_tag_threshold(videollm, tmp_path):
@@ -116,3 +116,26 @@ def test_load_trained_keeps_the_files_tag_threshold(videollm, tmp_path):
     model = load_trained(tmp_path / "t.safetensors", videollm)
     assert model.connector.tag_min_prob == 0.8 and model.connector.tags.min_prob == 0.8
     assert model.tokens_per_frame == videollm.tokens_per_frame + 2
+
+
+@pytest.mark.parametrize("recognition", [False, True])
+def test_direct_needle_answers_equal_the_session(cache, recognition):
+    """The fast ``full`` path (one SDPA prefill + the LM's own cache) gives the session's answers on
+    real needle streams, for the needle question at the end and for the recognition question right
+    after the needle."""
+    from vrex.models.videollm import load_videollm
+    from vrex.train.evaluate import RECOGNITION_QUESTION, feature_model, run_needle, run_needle_direct
+    from vrex.train.layout import LayoutBuilder
+
+    model = load_videollm(connector="long")
+    fmodel = feature_model(model, model.connector)
+    builder = LayoutBuilder.for_model(fmodel)
+    cfg = EvalConfig(minutes=[0.3], needles_per_length=3, seed=1)
+    streams = eval_streams(cache, cfg)[1]["heldout"][0.3]
+    answers = []
+    for stream in streams:
+        kw = dict(question=RECOGNITION_QUESTION, upto=stream.segments[1].end) if recognition else {}
+        direct = run_needle_direct(fmodel, builder, cache, stream, cfg, **kw)
+        assert direct and direct == run_needle(fmodel, cache, stream, "full", cfg, **kw)
+        answers.append(direct)
+    assert len(set(answers)) > 1  # the answers depend on the stream

@@ -26,6 +26,10 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
 * ``needle_acc_silent@{m}min``: the same streams with the haystack fed silent
   (``StreamingSession.fast_forward``: no gate, no narration), so the answer must come from the
   frames' tokens alone.
+* ``needle_recognized``: the same needles, asked "What is shown now?" right after the needle's
+  last frame (silent haystack before it, shortest length): recognition without retrieval, the
+  ceiling of ``needle_acc_silent`` (a needle the model cannot name when it sees it cannot be
+  recalled by name minutes later).
 * ``..._seen_needle``: held-out haystack, needle from a *training* subject (its frames were trained
   on): separates remembering from recognising a subject never seen named.
 * ``qa_acc`` (free-running): the present/past/occurrence questions inside the narration streams;
@@ -52,7 +56,7 @@ from torch import nn
 
 from vrex.train.data import FPS, FeatureCache, build_feature_cache, load_catalog, split_names
 from vrex.train.layout import LM, STREAM, LayoutBuilder, embed_layout
-from vrex.train.streams import NEEDLE_QUESTION, Stream, StreamMaker
+from vrex.train.streams import NEEDLE_QUESTION, PRESENT_QUESTIONS, Stream, StreamMaker
 from vrex.train.trainer import stream_features
 
 
@@ -80,6 +84,9 @@ class EvalConfig:
         if quick:
             return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=3, seed=seed, threads=threads, quick=True)
         return EvalConfig(minutes=minutes or [1.0, 2.0, 5.0], seed=seed, threads=threads)
+
+
+RECOGNITION_QUESTION = PRESENT_QUESTIONS[0]  # "What is shown now?", asked by needle_recognized
 
 
 def names_subject(text: str, keywords: tuple[str, ...]) -> bool:
@@ -222,15 +229,23 @@ def run_needle_live(fmodel, cache: FeatureCache, stream: Stream, policy: str, cf
     return (answers[-1].text if answers else ""), sum(e.kind == "response" for e in events)
 
 
+def _until(stream: Stream, upto: int | None) -> Stream:
+    """The stream's first ``upto`` steps (all when None): a question asked earlier in the stream."""
+    return stream if upto is None else Stream(stream.steps[:upto], stream.segments, stream.kind, stream.needle)
+
+
 @torch.no_grad()
-def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> str:
+def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig,
+               question: str = NEEDLE_QUESTION, upto: int | None = None) -> str:
     """Silent haystack via ``StreamingSession.fast_forward`` (no gate, chunked prefill: the layout of a
-    stream where the model stayed silent), then the last frame with the needle question due. Returns the answer."""
+    stream where the model stayed silent), then the last frame with ``question`` due. ``upto``: ask
+    after the first ``upto`` steps instead of the last one. Returns the answer."""
+    stream = _until(stream, upto)
     session = _session(fmodel, policy, cfg)
     feats = stream_features(cache, stream)
     session.fast_forward([s.t for s in stream.steps[:-1]], feats[:-1])
     last = stream.steps[-1]
-    session.ask(NEEDLE_QUESTION, last.t)
+    session.ask(question, last.t)
     events = session.push_frame(last.t, feats[-1])
     answers = [e for e in events if e.kind == "answer"]
     return answers[-1].text if answers else ""
@@ -261,17 +276,19 @@ def qa_results(events, stream: Stream, catalog) -> list[bool]:
 
 
 @torch.no_grad()
-def run_needle_direct(fmodel, builder: LayoutBuilder, cache: FeatureCache, stream: Stream, cfg: EvalConfig) -> str:
-    """The ``full`` policy without the session machinery: the identical token layout (tested against
-    the session in tests/train) prefilled in one SDPA forward, then greedy decoding with the LM's own
-    KV cache. Reads every past token, as ``full`` does; ~6x faster on a 5-minute haystack."""
+def run_needle_direct(fmodel, builder: LayoutBuilder, cache: FeatureCache, stream: Stream, cfg: EvalConfig,
+                      question: str = NEEDLE_QUESTION, upto: int | None = None) -> str:
+    """``run_needle`` under ``full`` without the session machinery: the identical token layout
+    prefilled in one SDPA forward, then greedy decoding with the LM's own KV cache (the same answers,
+    tests/train/test_eval.py). Reads every past token, as ``full`` does; ~6x faster on a 5-minute haystack."""
     from vrex.train.layout import Step
 
+    stream = _until(stream, upto)
     steps = list(stream.steps[:-1]) + [Step(stream.steps[-1].media, stream.steps[-1].frame, stream.steps[-1].t, gate=False)]
     layout = builder.build(steps)
     lm = fmodel.lm
     embeds = embed_layout(fmodel, layout, stream_features(cache, stream))
-    prompt = fmodel.tokenize(fmodel.fmt.question.format(question=NEEDLE_QUESTION))
+    prompt = fmodel.tokenize(fmodel.fmt.question.format(question=question))
     embeds = torch.cat([embeds, fmodel.embed_text(prompt)])
     out = lm(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
     past, tokens = out.past_key_values, []
@@ -351,6 +368,18 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
             for kind, by_len in needles.items():
                 if kind == "seen" and model_name == "untrained":
                     continue  # diagnostic for the trained model only (the untrained one names nothing)
+                if by_len:  # recognition alone: the present question right after the needle, shortest haystack
+                    streams = by_len[min(by_len)]
+                    named = []
+                    for stream in streams:
+                        upto = stream.segments[1].end  # the needle's last frame
+                        if policy == "full" and cfg.direct_full:
+                            answer = run_needle_direct(fmodel, builder, cache, stream, cfg, RECOGNITION_QUESTION, upto)
+                        else:
+                            answer = run_needle(fmodel, cache, stream, policy, cfg, RECOGNITION_QUESTION, upto)
+                        named.append(names_subject(answer, catalog[stream.needle].keywords))
+                        log(f"    needle[{kind},recognized] {stream.segments[0].media}+{stream.needle}: {answer!r} {'OK' if named[-1] else 'x'}")
+                    add(model_name, policy, "needle_recognized" + ("" if kind == "heldout" else "_seen_needle"), sum(named) / len(named))
                 for minutes, streams in by_len.items():
                     for mode in ("live", "silent"):
                         if mode == "live" and model_name == "untrained" and minutes > cfg.untrained_live_max_minutes:
