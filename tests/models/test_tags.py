@@ -106,7 +106,7 @@ def test_session_feeds_tag_tokens(videollm, bird):
 
 
 def test_shipped_tags_model_names_a_subject_it_was_never_taught(videollm, bird):
-    """The shipped 'tags' variant (connector + tag tokens + LoRA), asked about a held-out photo whose
+    """The shipped 'tags' variant (connector + tag tokens + LoRA), the default model, asked about a held-out photo whose
     subject no training label names: it answers with the tag's ImageNet name (chickadee)."""
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.kv.policies import make_policy
@@ -116,6 +116,7 @@ def test_shipped_tags_model_names_a_subject_it_was_never_taught(videollm, bird):
     if shipped_connector(videollm.encoder.name, "smollm2-135m", "-tags") is None:
         pytest.skip("the tags weights are not shipped in this checkout")
     model = load_videollm(connector="tags")
+    assert load_videollm().connector.source == model.connector.source  # "auto", vrex run's default, is this model
     assert model.connector.tag_tokens == 2 and model.tokens_per_frame == videollm.tokens_per_frame + 2
     assert "10 tokens/frame + 2 ImageNet tag tokens" in model.describe()
     assert any("LoRA" in n for n in model.notes)  # adapters loaded (and merged)

@@ -130,8 +130,11 @@ class VideoLLM:
                 f"LM={getattr(self.lm.config, '_name_or_path', '?')}, connector={self.connector.source}")
 
 
-#: shipped weight variants besides the default ("auto"): name -> file suffix
-SHIPPED_VARIANTS = {"long": "-long", "tags": "-tags"}
+#: shipped weight files by name -> file suffix (docs/train.md measures them side by side)
+SHIPPED_VARIANTS = {"plain": "", "long": "-long", "tags": "-tags"}
+#: the shipped model behind ``"auto"`` (``vrex run``'s default): long-context recall, ImageNet tag tokens and
+#: the best narration in one model; ``"plain"`` (connector only, 10 tokens per frame) is the lightest
+DEFAULT_VARIANT = "tags"
 
 
 def shipped_connector(encoder_name: str, lm_name: str, variant: str = "") -> Path | None:
@@ -152,10 +155,11 @@ def load_videollm(
     temporal: bool = True,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
-    ships for this encoder+LM, if any) or ``None`` (seeded untrained init), or a shipped variant (docs/train.md):
-    ``"long"`` (connector + LoRA trained on minutes-long needle streams: recalls a brief event from minutes back) or
-    ``"tags"`` (connector with ImageNet tag tokens + LoRA, ``vrex.models.tags``: names subjects it was never trained on,
-    narrates and answers best). A weights file with LoRA adapters (``vrex train --lora``) also loads them into the LM
+    ships for this encoder+LM, if any: ``DEFAULT_VARIANT``) or ``None`` (seeded untrained init), or a shipped
+    variant (docs/train.md): ``"tags"`` (the default: connector with ImageNet tag tokens + LoRA, ``vrex.models.tags``,
+    trained on minutes-long needle streams; names subjects it was never trained on, narrates best), ``"long"``
+    (connector + LoRA, the long-context training without tags) or ``"plain"`` (connector only, no LoRA: the
+    lightest, 10 tokens per frame). A weights file with LoRA adapters (``vrex train --lora``) also loads them into the LM
     (``vrex.models.lora``), merged into its weights (inference: the plain LM's cost), and one with tag tokens
     rebuilds their frozen head.
 
@@ -180,7 +184,7 @@ def load_videollm(
     enc = load_encoder(encoder, grid=grid).to(device)
     conn = Connector(enc.dim, lm_model.config.hidden_size, seed=seed, temporal=temporal).to(device)
     if connector == "auto":
-        connector = shipped_connector(enc.name, lm) if Path(lm).name == lm else None
+        connector = shipped_connector(enc.name, lm, SHIPPED_VARIANTS[DEFAULT_VARIANT]) if Path(lm).name == lm else None
     elif connector in SHIPPED_VARIANTS:
         name = connector
         connector = shipped_connector(enc.name, lm, SHIPPED_VARIANTS[name])

@@ -35,7 +35,7 @@ def train_cmd(
                               "The default recipe (stage 1 in docs/train.md) takes ~40 min on one CPU core."),
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
-                              "The shipped default model is connector-only; the shipped 'long' and 'tags' models "
+                              "The shipped 'plain' model is connector-only; the shipped 'long' and 'tags' (the default) models "
                               "(vrex run --connector long|tags) are connector + LoRA, see docs/train.md."),
     lora_targets: str = typer.Option(",".join(Recipe.lora_targets), help="With --lora: comma-separated names of the LM's linear "
                                      "layers that get adapters (e.g. q_proj,k_proj,v_proj,o_proj for attention only)."),
@@ -69,7 +69,8 @@ def train_cmd(
                                           "be copied from the tag, so the LM learns to read tags rather than memorise names."),
     init: Optional[Path] = typer.Option(None, help="Start from these weights (a further training stage) instead of the seeded init: the "
                                         "connector, and with --lora the file's LoRA adapters if it has any."),
-    out: Path = typer.Option(DEFAULT_WEIGHTS, help="Where the trained connector (safetensors) and its record (.json) are written."),
+    out: Path = typer.Option(DEFAULT_WEIGHTS, help="Where the trained connector (safetensors) and its record (.json) are written "
+                          "(default: the shipped 'plain' model's file, which the default recipe reproduces)."),
     run: Path = typer.Option(Path("runs/live-default"), help="Run directory for checkpoints (checkpoint.safetensors + state.pt)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the run directory's last checkpoint if there is one "
                                 "(same seed and recipe => the same result as an uninterrupted run)."),
@@ -115,14 +116,13 @@ def train_cmd(
 
 
 def resolve_eval_connector(connector: str | None) -> Path:
-    """The weights file behind ``vrex eval live --connector``: the shipped default, a shipped variant
-    by name ('long', 'tags'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
+    """The weights file behind ``vrex eval live --connector``: the shipped default (``DEFAULT_VARIANT``), a
+    shipped variant by name ('plain', 'long', 'tags'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
     from vrex.models.encoders import EFFNET_PRESET
     from vrex.models.lm import SMOLLM2_PRESET
-    from vrex.models.videollm import SHIPPED_VARIANTS, shipped_connector
+    from vrex.models.videollm import DEFAULT_VARIANT, SHIPPED_VARIANTS, shipped_connector
 
-    if connector is None:
-        return DEFAULT_WEIGHTS
+    connector = DEFAULT_VARIANT if connector is None else connector
     if connector in SHIPPED_VARIANTS:  # the training setup's encoder and LM, as DEFAULT_WEIGHTS
         path = shipped_connector(EFFNET_PRESET, SMOLLM2_PRESET, SHIPPED_VARIANTS[connector])
     else:
@@ -140,7 +140,8 @@ def eval_live(
     policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs (repeatable); "
                                      "needle accuracy is reported per policy on the same streams."),
     connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
-                                            "run directory), or a shipped variant: 'long' (long-context) or 'tags' (ImageNet tag tokens) (default: the shipped default)."),
+                                            "run directory), or a shipped model: 'tags' (the default: ImageNet tag tokens + long context), 'long' "
+                                            "(long context, no tags) or 'plain' (connector only)."),
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
