@@ -22,6 +22,8 @@ from vrex.train.cli import app
     (["eval", "live", "--only", "both"], "--only", "'trained' or 'untrained'"),
     (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),
     (["eval", "live", "--connector", "no/such.safetensors"], "--connector", "neither a weights file"),
+    (["eval", "tags", "--thresholds", "0.5,1.5"], "--thresholds", "in [0, 1]"),
+    (["eval", "tags", "--thresholds", "half"], "--thresholds", "comma-separated probabilities"),
 ])
 def test_bad_arguments_are_named(args, option, why, tmp_path):
     result = CliRunner().invoke(app, args + (["--run", str(tmp_path / "run")] if args[0] == "train" else []))
