@@ -48,7 +48,11 @@ def parse_question(spec: str) -> tuple[float, str]:
 
 
 @app.command()
-def setup() -> None:
+def setup(
+    training_media: Annotated[bool, typer.Option("--training-media", help="Also fetch the extra training media of "
+                                                 "`vrex train --extra-media vrex/train/media-opencv-doc.json` (Debian's opencv-doc "
+                                                 "examples, apt-get download, ~96 MB, once).")] = False,
+) -> None:
     """Prepare the default model: convert SmolLM2-135M-Instruct's GGUF to a safetensors cache (once, ~20 s),
     check the EfficientNet-Lite0 weights, and list the demo clips found."""
     from vrex.io import list_demo_clips
@@ -60,6 +64,14 @@ def setup() -> None:
     err.print(f"encoder: {efficientnet_lite0_checkpoint()}")
     clips = list_demo_clips()
     err.print(f"demo clips: {len(clips)} ({', '.join(sorted(clips)[:6])}{', ...' if len(clips) > 6 else ''})")
+    if training_media:
+        from vrex.train.debian_media import opencv_doc_examples
+
+        try:
+            err.print(f"extra training media: {opencv_doc_examples()}")
+        except FileNotFoundError as e:
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2)
 
 
 @app.command()

@@ -18,6 +18,8 @@ from vrex.train.cli import app
     (["train", "--tag-label-fraction", "0.5"], "--tag-label-fraction", "add --tag-tokens"),
     (["train", "--tag-tokens", "3", "--tag-min-prob", "1.5"], "--tag-min-prob", "not a probability"),
     (["train", "--tag-tokens", "-1"], "--tag-tokens", "must be >= 0"),
+    (["train", "--extra-media", "no/such/media.json"], "--extra-media", "is not a file"),
+    (["train", "--extra-media", "vrex/train/media.json"], "--extra-media", "names already in the catalog"),
     (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens", "must be >= 0"),
     (["eval", "live", "--only", "both"], "--only", "'trained' or 'untrained'"),
     (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),

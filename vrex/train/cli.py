@@ -67,6 +67,9 @@ def train_cmd(
     random_tag_prob: float = typer.Option(Recipe.random_tag_prob, help="In ImageNet-named streams, the fraction of segments whose tag "
                                           "tokens show a random ImageNet class and whose label is that class: the name can only "
                                           "be copied from the tag, so the LM learns to read tags rather than memorise names."),
+    extra_media: list[Path] = typer.Option([], "--extra-media", help="More training media: a catalog in media.json's format whose "
+                                           "entries are all split 'train' (repeatable), e.g. vrex/train/media-opencv-doc.json (38 photos and "
+                                           "clips of Debian's opencv-doc, fetched once with apt-get). The evaluation media do not change."),
     init: Optional[Path] = typer.Option(None, help="Start from these weights (a further training stage) instead of the seeded init: the "
                                         "connector, and with --lora the file's LoRA adapters if it has any."),
     out: Path = typer.Option(DEFAULT_WEIGHTS, help="Where the trained connector (safetensors) and its record (.json) are written "
@@ -99,6 +102,15 @@ def train_cmd(
         raise typer.BadParameter(f"must be >= 0, got {tag_tokens}", param_hint="--tag-tokens")
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"{init} is not a file", param_hint="--init")
+    for path in extra_media:
+        from vrex.train.data import training_catalog
+
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} is not a file", param_hint="--extra-media")
+        try:
+            training_catalog((path,))
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--extra-media") from e
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     unknown = [t for t in targets if t not in Recipe.lora_targets]
     if not targets or unknown:
@@ -109,7 +121,7 @@ def train_cmd(
                     long_narrate_fraction=long_narrate_fraction, memory_refresh=memory_refresh, silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
                     seed=seed, threads=threads, checkpoint_every=checkpoint_every,
                     tag_tokens=tag_tokens, tag_label_fraction=tag_label_fraction, tag_min_prob=tag_min_prob,
-                    random_tag_prob=random_tag_prob)
+                    random_tag_prob=random_tag_prob, extra_media=tuple(str(p) for p in extra_media))
     command = "vrex train " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "train")
     state = train(recipe, run, out=out, resume=resume, command=command.strip())
     typer.echo(f"trained {state.step} steps; connector written to {out}")

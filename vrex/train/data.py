@@ -39,16 +39,45 @@ class Media:
     label: str | None
     keywords: tuple[str, ...]
     split: str  # "train" or "heldout"
+    #: where ``file`` lives: "shared" (../shared/assets, or a clip name of vrex.io.list_demo_clips()) or
+    #: "opencv-doc" (a path under Debian's opencv-doc examples folder, vrex.train.debian_media)
+    source: str = "shared"
+
+
+SOURCES = ("shared", "opencv-doc")
 
 
 def load_catalog(path: Path = CATALOG) -> dict[str, Media]:
-    raw = json.loads(Path(path).read_text())["media"]
+    try:
+        raw = json.loads(Path(path).read_text())["media"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"media catalog {path}: not a JSON file with a 'media' object ({e})") from e
     out = {}
     for name, m in raw.items():
-        if m["split"] not in ("train", "heldout") or m["kind"] not in ("image", "clip"):
-            raise ValueError(f"media.json: bad entry {name}: {m}")
-        out[name] = Media(name, m["kind"], m["file"], m.get("label"), tuple(k.lower() for k in m["keywords"]), m["split"])
+        if (not isinstance(m, dict) or m.get("split") not in ("train", "heldout") or m.get("kind") not in ("image", "clip")
+                or m.get("source", "shared") not in SOURCES or not m.get("file") or not m.get("keywords")):
+            raise ValueError(f"media catalog {Path(path).name}: bad entry {name}: {m} (split train|heldout, kind image|clip, "
+                             f"source {'|'.join(SOURCES)}, a file and keywords)")
+        out[name] = Media(name, m["kind"], m["file"], m.get("label"), tuple(k.lower() for k in m["keywords"]), m["split"],
+                          m.get("source", "shared"))
     return out
+
+
+def training_catalog(extra: tuple[str | Path, ...] = ()) -> dict[str, Media]:
+    """The catalog ``vrex train`` draws from: media.json plus extra catalogs of *training* media
+    (``vrex train --extra-media``). The evaluation keeps media.json alone, so its streams do not
+    change when training media are added."""
+    catalog = load_catalog()
+    for path in extra:
+        more = load_catalog(Path(path))
+        clash = sorted(set(more) & set(catalog))
+        if clash:
+            raise ValueError(f"extra media {path}: names already in the catalog: {clash}")
+        held = sorted(n for n, m in more.items() if m.split != "train")
+        if held:
+            raise ValueError(f"extra media {path}: only training media can be added, {held} are not split 'train'")
+        catalog.update(more)
+    return catalog
 
 
 def split_names(catalog: dict[str, Media], split: str) -> list[str]:
@@ -83,16 +112,33 @@ def still_views(image: Image.Image, trajectories: int = STILL_TRAJECTORIES, view
     return out
 
 
+def media_path(media: Media) -> Path:
+    """The file of a media item: under the shared assets, a demo clip by name, or under opencv-doc."""
+    if media.source == "opencv-doc":
+        from vrex.train.debian_media import opencv_doc_examples
+
+        path = opencv_doc_examples() / media.file
+    elif media.kind == "image":
+        path = _assets() / media.file
+    else:
+        from vrex.io import list_demo_clips
+
+        clips = list_demo_clips()
+        if media.file not in clips:
+            raise FileNotFoundError(f"clip '{media.file}' not available (vrex.io.list_demo_clips())")
+        path = clips[media.file]
+    if not path.is_file():
+        raise FileNotFoundError(f"media '{media.name}': {path} does not exist")
+    return path
+
+
 def media_frames(media: Media) -> list[Image.Image]:
     """All frames of one media item at 2 FPS (clips) or its pan/zoom views (stills)."""
     if media.kind == "image":
-        return still_views(Image.open(_assets() / media.file))
-    from vrex.io import list_demo_clips, open_source
+        return still_views(Image.open(media_path(media)))
+    from vrex.io import open_source
 
-    clips = list_demo_clips()
-    if media.file not in clips:
-        raise FileNotFoundError(f"clip '{media.file}' not available (vrex.io.list_demo_clips())")
-    with open_source(str(clips[media.file]), fps=FPS) as src:
+    with open_source(str(media_path(media)), fps=FPS) as src:
         frames = [f.image for f in src]
     kept = [im for im in frames if np.asarray(im.convert("L"), dtype=np.float32).mean() >= DARK_LUMA]
     return kept or frames
@@ -118,18 +164,22 @@ class FeatureCache:
 
 
 def catalog_hash(catalog: dict[str, Media]) -> str:
-    key = json.dumps({n: [m.kind, m.file] for n, m in sorted(catalog.items())}) + f"v{CACHE_VERSION}-{STILL_TRAJECTORIES}x{STILL_VIEWS}-{FPS}"
+    # the source joins the key only when it is not the default, so media.json's hash (and cache) stay as they were
+    key = json.dumps({n: [m.kind, m.file] + ([m.source] if m.source != "shared" else []) for n, m in sorted(catalog.items())})
+    key += f"v{CACHE_VERSION}-{STILL_TRAJECTORIES}x{STILL_VIEWS}-{FPS}"
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def default_cache_path(encoder: str = "efficientnet-lite0") -> Path:
-    return cache_dir() / "train" / f"features-{encoder}-{catalog_hash(load_catalog())}.pt"
+def default_cache_path(encoder: str = "efficientnet-lite0", catalog: dict[str, Media] | None = None) -> Path:
+    return cache_dir() / "train" / f"features-{encoder}-{catalog_hash(catalog or load_catalog())}.pt"
 
 
-def build_feature_cache(encoder=None, path: Path | None = None, progress: bool = True) -> FeatureCache:
-    """Encode every media item once with the frozen encoder and save the cache (or load it if present)."""
-    catalog = load_catalog()
-    path = Path(path) if path else default_cache_path()
+def build_feature_cache(encoder=None, path: Path | None = None, progress: bool = True,
+                        catalog: dict[str, Media] | None = None) -> FeatureCache:
+    """Encode every media item of ``catalog`` (default: media.json) once with the frozen encoder and
+    save the cache (or load it if present)."""
+    catalog = catalog or load_catalog()
+    path = Path(path) if path else default_cache_path(catalog=catalog)
     if path.is_file():
         data = torch.load(path, weights_only=False)
         if data.get("catalog_hash") == catalog_hash(catalog):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from vrex.train.data import FeatureCache, build_feature_cache, load_catalog, split_names
+from vrex.train.data import FeatureCache, build_feature_cache, split_names, training_catalog
 from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
 from vrex.models.lora import TARGETS as LORA_TARGETS
 from vrex.models.lora import add_lora, file_has_lora, has_lora, load_lora, lora_metadata, lora_state
@@ -61,6 +61,8 @@ class Recipe:
     tag_label_fraction: float = 0.0
     tag_min_prob: float = 0.5  # a frame shows its tag when the top-1 probability reaches this
     random_tag_prob: float = 0.3  # of segments in ImageNet-named streams: a random class in the tag, named by it
+    #: catalogs of extra training media on top of media.json (vrex.train.data.training_catalog)
+    extra_media: tuple[str, ...] = ()
     seed: int = 0
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -208,8 +210,11 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     from vrex.models.videollm import load_videollm
 
     model = model or load_videollm(connector=None, seed=recipe.seed, temporal=recipe.temporal)
-    cache = cache or build_feature_cache(progress=progress)
-    catalog = load_catalog()
+    catalog = training_catalog(recipe.extra_media)
+    cache = cache or build_feature_cache(progress=progress, catalog=catalog)
+    missing = sorted(set(catalog) - set(cache.features))
+    if missing:
+        raise ValueError(f"the feature cache has no frames of {missing}: build it for this catalog")
     train_names = split_names(catalog, "train")
     makers = {"hand": StreamMaker(cache, catalog, train_names),
               "imagenet": StreamMaker(cache, catalog, train_names, labels="imagenet", tag_min_prob=recipe.tag_min_prob,
