@@ -24,6 +24,7 @@ from vrex.train.cli import app
     (["eval", "live", "--only", "both"], "--only", "'trained' or 'untrained'"),
     (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),
     (["eval", "live", "--connector", "no/such.safetensors"], "--connector", "neither a weights file"),
+    (["eval", "live", "--needle-sets", "heldout,unseen"], "--needle-sets", "'heldout' and/or 'seen'"),
     (["eval", "tags", "--thresholds", "0.5,1.5"], "--thresholds", "in [0, 1]"),
     (["eval", "tags", "--thresholds", "half"], "--thresholds", "comma-separated probabilities"),
 ])

@@ -61,6 +61,14 @@ def test_eval_streams_use_heldout_media_only(cache, catalog):
                 assert all(not x.gate for x in s.steps)
     # the same haystack/needle at every length
     assert [s.needle for s in needles["heldout"][1.0]] == [s.needle for s in needles["heldout"][5.0]]
+    # one set alone: the same streams as in the run of both
+    seen_only = eval_streams(cache, EvalConfig(narration_streams=3, minutes=[1.0, 5.0], needles_per_length=2, needle_sets=("seen",)))[1]
+    assert set(seen_only) == {"seen"}
+    for minutes in (1.0, 5.0):
+        assert [(s.segments[0].media, s.needle, [(x.media, x.frame) for x in s.steps]) for s in seen_only["seen"][minutes]] == \
+               [(s.segments[0].media, s.needle, [(x.media, x.frame) for x in s.steps]) for s in needles["seen"][minutes]]
+    with pytest.raises(ValueError, match="needle sets"):
+        eval_streams(cache, EvalConfig(minutes=[1.0], needle_sets=("unseen",)))
 
 
 def test_run_eval_rows_and_denominators(cache, catalog):

@@ -164,6 +164,10 @@ def eval_live(
     narration_streams: Optional[int] = typer.Option(None, help="Number of narration streams (narration, TimeDiff, QA metrics; "
                                                     "default 10, quick 3). With other --seed values, more items for those rates."),
     needles: bool = typer.Option(True, "--needles/--no-needles", help="--no-needles: narration streams only (no needle streams)."),
+    needle_sets: Optional[str] = typer.Option(None, "--needle-sets", help="Comma-separated needle sets: 'heldout' (held-out needle "
+                                              "subjects, the goal's metric) and/or 'seen' (needles of training subjects: retrieval "
+                                              "without the recognition gap). Default both (quick: heldout); the streams of a set "
+                                              "are the same whether or not the other is run."),
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
@@ -181,6 +185,11 @@ def eval_live(
         if narration_streams < 1:
             raise typer.BadParameter(f"must be >= 1, got {narration_streams}", param_hint="--narration-streams")
         cfg.narration_streams = narration_streams
+    if needle_sets is not None:
+        sets = tuple(dict.fromkeys(x.strip() for x in needle_sets.split(",") if x.strip()))
+        if not sets or any(x not in ("heldout", "seen") for x in sets):
+            raise typer.BadParameter(f"'heldout' and/or 'seen' expected, got '{needle_sets}'", param_hint="--needle-sets")
+        cfg.needle_sets = sets
     if not needles:
         cfg.minutes = []
     rows = run_eval(cfg, connector=weights, policies=policy, only=only)

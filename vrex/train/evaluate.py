@@ -78,11 +78,15 @@ class EvalConfig:
     #: SessionConfig.recent_tokens for the session runs (an always-kept recent window); None: the
     #: session default (two frames), 0: each policy bare
     recent_tokens: int | None = None
+    #: needle sets: "heldout" (the issue's metric) and "seen" (training-subject needles, a diagnostic);
+    #: each stream depends only on its own set, seed and index, so a run of one set has the other run's streams
+    needle_sets: tuple[str, ...] = ("heldout", "seen")
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
         if quick:
-            return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=3, seed=seed, threads=threads, quick=True)
+            return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=3, seed=seed, threads=threads, quick=True,
+                              needle_sets=("heldout",))
         return EvalConfig(minutes=minutes or [1.0, 2.0, 5.0], seed=seed, threads=threads)
 
 
@@ -124,7 +128,10 @@ def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], di
     train_names = split_names(catalog, "train")
     rng = random.Random(f"eval-{cfg.seed}")
     narr = [held.narration_stream(rng, n_segments=(3, 4), seg_len=(4, 8), question_prob=0.5) for _ in range(cfg.narration_streams)]
-    needles: dict[str, dict[float, list[Stream]]] = {"heldout": {}} if cfg.quick else {"heldout": {}, "seen": {}}
+    unknown = [k for k in cfg.needle_sets if k not in ("heldout", "seen")]
+    if unknown:
+        raise ValueError(f"needle sets are 'heldout' and 'seen', got {unknown}")
+    needles: dict[str, dict[float, list[Stream]]] = {kind: {} for kind in cfg.needle_sets}
     names = held.names
     for minutes in cfg.minutes:
         for kind in needles:
