@@ -102,13 +102,14 @@ def train_cmd(
         raise typer.BadParameter(f"must be >= 0, got {tag_tokens}", param_hint="--tag-tokens")
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"{init} is not a file", param_hint="--init")
-    for path in extra_media:
+    missing = [str(p) for p in extra_media if not p.is_file()]
+    if missing:
+        raise typer.BadParameter(f"{', '.join(missing)} is not a file", param_hint="--extra-media")
+    if extra_media:
         from vrex.train.data import training_catalog
 
-        if not path.is_file():
-            raise typer.BadParameter(f"{path} is not a file", param_hint="--extra-media")
-        try:
-            training_catalog((path,))
+        try:  # all together: names must not clash with media.json nor with each other
+            training_catalog(tuple(extra_media))
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--extra-media") from e
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
@@ -171,7 +172,7 @@ def eval_live(
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
-    from vrex.train.evaluate import EvalConfig, print_table, run_eval
+    from vrex.train.evaluate import NEEDLE_SETS, EvalConfig, print_table, run_eval
 
     if recent_tokens is not None and recent_tokens < 0:
         raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
@@ -187,7 +188,7 @@ def eval_live(
         cfg.narration_streams = narration_streams
     if needle_sets is not None:
         sets = tuple(dict.fromkeys(x.strip() for x in needle_sets.split(",") if x.strip()))
-        if not sets or any(x not in ("heldout", "seen") for x in sets):
+        if not sets or any(x not in NEEDLE_SETS for x in sets):
             raise typer.BadParameter(f"'heldout' and/or 'seen' expected, got '{needle_sets}'", param_hint="--needle-sets")
         cfg.needle_sets = sets
     if not needles:

@@ -60,6 +60,11 @@ from vrex.train.streams import NEEDLE_QUESTION, PRESENT_QUESTIONS, Stream, Strea
 from vrex.train.trainer import stream_features
 
 
+#: "heldout": needle subjects held out from training (the issue's metric); "seen": needles of training
+#: subjects (retrieval without the recognition gap, a diagnostic)
+NEEDLE_SETS = ("heldout", "seen")
+
+
 @dataclass
 class EvalConfig:
     narration_streams: int = 10
@@ -78,9 +83,9 @@ class EvalConfig:
     #: SessionConfig.recent_tokens for the session runs (an always-kept recent window); None: the
     #: session default (two frames), 0: each policy bare
     recent_tokens: int | None = None
-    #: needle sets: "heldout" (the issue's metric) and "seen" (training-subject needles, a diagnostic);
-    #: each stream depends only on its own set, seed and index, so a run of one set has the other run's streams
-    needle_sets: tuple[str, ...] = ("heldout", "seen")
+    #: which of NEEDLE_SETS to run; each stream depends only on its own set, seed and index, so a run of
+    #: one set has the streams of a run of both
+    needle_sets: tuple[str, ...] = NEEDLE_SETS
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
@@ -128,9 +133,9 @@ def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], di
     train_names = split_names(catalog, "train")
     rng = random.Random(f"eval-{cfg.seed}")
     narr = [held.narration_stream(rng, n_segments=(3, 4), seg_len=(4, 8), question_prob=0.5) for _ in range(cfg.narration_streams)]
-    unknown = [k for k in cfg.needle_sets if k not in ("heldout", "seen")]
+    unknown = [k for k in cfg.needle_sets if k not in NEEDLE_SETS]
     if unknown:
-        raise ValueError(f"needle sets are 'heldout' and 'seen', got {unknown}")
+        raise ValueError(f"needle sets are {NEEDLE_SETS}, got {unknown}")
     needles: dict[str, dict[float, list[Stream]]] = {kind: {} for kind in cfg.needle_sets}
     names = held.names
     for minutes in cfg.minutes:
