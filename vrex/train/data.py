@@ -153,6 +153,12 @@ class FeatureCache:
     encoder: str
     catalog_hash: str
 
+    def check_covers(self, names) -> None:
+        """Raise when any of ``names`` has no frames here (a cache built for another catalog)."""
+        missing = sorted(set(names) - set(self.features))
+        if missing:
+            raise ValueError(f"the feature cache has no frames of {missing}: build it for this catalog")
+
     def smoothed_label(self, name: str, frames: slice | list[int] | None = None) -> str:
         """Self-distillation label: ImageNet top-1 of the probabilities averaged over the frames."""
         return self.smoothed_top1(name, frames)[0]

@@ -22,14 +22,12 @@ PACKAGE = "opencv-doc"
 EXAMPLES = Path("usr/share/doc/opencv-doc/examples")
 
 
-def opencv_doc_examples(fetch: bool = True) -> Path:
+def opencv_doc_examples() -> Path:
     """The opencv-doc examples folder in vrex's cache, downloaded and unpacked on first use."""
     root = cache_dir() / "debian" / PACKAGE
     done = root / ".complete"
     if done.is_file():
         return root / EXAMPLES
-    if not fetch:
-        raise FileNotFoundError(f"Debian's {PACKAGE} examples are not in {root}: run vrex setup --training-media")
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"the extra training media come from Debian's {PACKAGE} package, and '{tool}' is not "

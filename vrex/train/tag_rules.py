@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vrex.models.tags import imagenet_names
-from vrex.train.data import FeatureCache, Media
+from vrex.train.data import FeatureCache, Media, split_names
 
 RULES = ("global", "region")
 
@@ -75,12 +75,10 @@ def tag_rule_table(cache: FeatureCache, catalog: dict[str, Media], weight: torch
     names = imagenet_names()
     rows = []
     for split in splits:
-        media = [n for n, m in catalog.items() if m.split == split]
+        media = split_names(catalog, split)
         if not media:
             raise ValueError(f"no media in split '{split}' of the catalog")
-        missing = [n for n in media if n not in cache.features]
-        if missing:
-            raise ValueError(f"the feature cache has no frames of {missing}: rebuild it for this catalog")
+        cache.check_covers(media)
         for rule in rules:
             picks = {n: tag_choice(cache.features[n], weight, bias, rule) for n in media}
             for th in thresholds:

@@ -212,9 +212,7 @@ def train(recipe: Recipe, run: Path, out: Path | None = DEFAULT_WEIGHTS, resume:
     model = model or load_videollm(connector=None, seed=recipe.seed, temporal=recipe.temporal)
     catalog = training_catalog(recipe.extra_media)
     cache = cache or build_feature_cache(progress=progress, catalog=catalog)
-    missing = sorted(set(catalog) - set(cache.features))
-    if missing:
-        raise ValueError(f"the feature cache has no frames of {missing}: build it for this catalog")
+    cache.check_covers(catalog)
     train_names = split_names(catalog, "train")
     makers = {"hand": StreamMaker(cache, catalog, train_names),
               "imagenet": StreamMaker(cache, catalog, train_names, labels="imagenet", tag_min_prob=recipe.tag_min_prob,
