@@ -19,7 +19,6 @@ always-kept sink and recent tokens included, averaged over layers and KV heads.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ from vrex.bench import parse_size
 from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
 from vrex.engine.session import SessionConfig, StreamingSession
-from vrex.kv.policies import POLICIES, make_policy
+from vrex.kv.policies import POLICIES, PolicySpecError, make_policy
+from vrex.kv.policies.spec import split_spec_list
 from vrex.kv.telemetry import step_to_json
 from vrex.models.videollm import load_videollm
 
@@ -142,7 +142,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
         steps = stream[cursor:cursor + frames]
         ref_trace = None
         for name in ["full"] + [p for p in policies if p != "full"]:
-            policy = policy_from_spec(name)
+            policy = make_policy(name)  # a spec, checked by kv_command before the model loaded
             config = SessionConfig(theta=0.0, recent_tokens=recent_tokens, device_tokens=device_tokens)
             t0 = time.perf_counter()
             session = base.fork(policy, config)
@@ -181,26 +181,6 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
     _table(rows, console)
     console.print(f"wrote {out / 'kv.json'}, {out / 'kv_latency.png'}, {out / 'kv_heat.png'}")
     return rows
-
-
-def policy_from_spec(spec: str):
-    """``"resv"`` or ``"resv[ratio=0.6,score_norm=shift_min]"`` -> a policy (values parsed as Python literals)."""
-    import ast
-
-    name, _, rest = spec.partition("[")
-    kwargs = {}
-    if rest:
-        if not rest.endswith("]"):
-            raise ValueError(f"policy spec '{spec}': expected NAME[key=value,...]")
-        for item in filter(None, rest[:-1].split(",")):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ValueError(f"policy spec '{spec}': '{item}' is not key=value")
-            try:
-                kwargs[key.strip()] = ast.literal_eval(value.strip())
-            except (ValueError, SyntaxError):
-                kwargs[key.strip()] = value.strip()
-    return make_policy(name.strip(), **kwargs)
 
 
 def _pct(x: float | None) -> str:
@@ -253,7 +233,7 @@ def _plots(rows: list[dict], heat: dict, out: Path) -> None:
 
 
 def kv_command(
-    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}). Parameters in brackets: 'all,resv[ratio=0.6,score_norm=softmax],rekv[ratio=0.25]'.")] = "all",
+    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}). Parameters in brackets: 'all,resv\\[ratio=0.6,score_norm=softmax],rekv\\[ratio=0.25]' (`vrex policies` lists them).")] = "all",
     sizes: Annotated[str, typer.Option(help="Cached-token sizes (k = 1024). The LM's trained context is 8k: 16k runs beyond it with re-indexed positions.")] = "1k,4k,8k,16k",
     frames: Annotated[int, typer.Option(help="Real frame steps measured per policy and size.")] = 4,
     questions: Annotated[int, typer.Option(help=f"Questions per policy and size (at most {len(QUESTIONS)}).")] = 2,
@@ -266,13 +246,17 @@ def kv_command(
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
     ratios (frame prefill and decoding), fidelity to `full` (top-1, KL, answers), memory per tier, bytes moved."""
     names = []
-    for spec in (p.strip() for p in re.split(r",(?![^\[]*\])", policies)):
+    try:
+        specs = split_spec_list(policies)
+    except PolicySpecError as e:
+        raise typer.BadParameter(str(e), param_hint="--policies")
+    for spec in specs:
         names += list(POLICIES) if spec == "all" else [spec]
     for n in names:
         try:
-            policy_from_spec(n)
-        except ValueError as e:
-            raise typer.BadParameter(str(e))
+            make_policy(n)  # no model needed: name, parameters, types and ranges
+        except PolicySpecError as e:
+            raise typer.BadParameter(str(e), param_hint="--policies")
     size_list = [1024, 2048, 4096] if quick else [parse_size(s) for s in sizes.split(",")]
     if quick:
         frames, questions = min(frames, 3), 1

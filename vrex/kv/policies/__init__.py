@@ -15,11 +15,11 @@ name               what it reads                                         offload
 >>> from vrex.kv.policies import make_policy
 >>> make_policy("resv", ratio=0.2).ratio
 0.2
+>>> make_policy("resv[ratio=0.2,score_norm=softmax]").score_norm
+'softmax'
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from vrex.kv.policy import KVPolicy
 
@@ -29,6 +29,7 @@ from .infinigen import InfiniGenPolicy
 from .rekv import ReKVPolicy
 from .resv import ReSVPolicy
 from .resv_noclust import ReSVNoClustPolicy
+from .spec import PolicySpecError, build_policy, check_params, parse_policy_spec, policy_params
 from .streamingllm import StreamingLLMPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
@@ -37,36 +38,19 @@ POLICIES: dict[str, type[KVPolicy]] = {
 }
 
 
-def policy_params(name: str) -> dict[str, object]:
-    """The keyword arguments a policy accepts, with their defaults."""
-    cls = _lookup(name)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.init:
-            out[f.name] = f.default if f.default is not dataclasses.MISSING else None
-    return out
-
-
-def _lookup(name: str) -> type[KVPolicy]:
-    key = name.strip().lower().replace("_", "-")
-    if key not in POLICIES:
-        raise ValueError(f"unknown KV policy {name!r}; valid policies: {', '.join(POLICIES)}")
-    return POLICIES[key]
-
-
-def make_policy(name: str, **kwargs) -> KVPolicy:
-    """Build a policy by registry name; unknown names or keyword arguments raise ``ValueError``
-    listing the valid ones."""
-    cls = _lookup(name)
-    valid = policy_params(cls.name)
-    bad = [k for k in kwargs if k not in valid]
-    if bad:
-        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "(none)"
-        raise ValueError(f"KV policy {cls.name!r} got unknown argument(s) {', '.join(bad)}; valid: {listed}")
-    return cls(**kwargs)
+def make_policy(spec: str, **kwargs) -> KVPolicy:
+    """Build a policy from a registry name or a spec, ``make_policy("resv", ratio=0.2)`` or
+    ``make_policy("resv[ratio=0.2]")`` (:mod:`vrex.kv.policies.spec`). An unknown name or
+    parameter, a wrong type or an out-of-range value raises :class:`PolicySpecError` (a
+    ``ValueError``) naming it and listing what is allowed; no model is needed to find out."""
+    name, params = parse_policy_spec(spec)
+    both = sorted(set(params) & set(kwargs))
+    if both:
+        raise PolicySpecError(f"policy spec '{spec}' and the keyword arguments both set {', '.join(both)}")
+    return build_policy(name, {**params, **check_params(name, kwargs)})
 
 
 __all__ = [
-    "POLICIES", "make_policy", "policy_params",
+    "POLICIES", "make_policy", "policy_params", "parse_policy_spec", "PolicySpecError",
     "FullPolicy", "FlexGenPolicy", "InfiniGenPolicy", "ReKVPolicy", "StreamingLLMPolicy", "ReSVPolicy", "ReSVNoClustPolicy",
 ]

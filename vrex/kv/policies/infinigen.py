@@ -30,6 +30,7 @@ import torch
 from vrex.kv.policy import KVPolicy, Selection, Stage
 
 from ._common import KeyBuffer, budget, gqa_rows, topk_stable
+from .spec import check, integer_at_least, number_in
 
 
 @dataclass
@@ -44,10 +45,10 @@ class InfiniGenPolicy(KVPolicy):
     _keys: list[KeyBuffer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0 or not 0.0 < self.max_ratio <= 1.0:
-            raise ValueError(f"ratio and max_ratio must be in (0, 1], got {self.ratio}, {self.max_ratio}")
-        if self.aggregate not in ("softmax_sum", "max_logit"):
-            raise ValueError(f"aggregate must be 'softmax_sum' or 'max_logit', got {self.aggregate!r}")
+        check(self.name, "ratio", self.ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
+        check(self.name, "max_ratio", self.max_ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
+        check(self.name, "budget", self.budget, integer_at_least(1, none_ok=True), "None (use ratio) or an integer >= 1 (tokens per KV head)")
+        check(self.name, "aggregate", self.aggregate, lambda v: v in ("softmax_sum", "max_logit"), "'softmax_sum' or 'max_logit'")
 
     def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:
         super().setup(num_layers, num_kv_heads, num_q_heads, head_dim)

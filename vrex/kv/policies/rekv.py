@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from vrex.kv.policy import KVPolicy, Selection, Stage
 
 from ._common import budget, gqa_rows, topk_stable
+from .spec import check, integer_at_least, number_in
 
 
 class _Blocks:
@@ -53,10 +54,10 @@ class ReKVPolicy(KVPolicy):
     _blocks: list[_Blocks] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0 or not 0.0 < self.max_ratio <= 1.0:
-            raise ValueError(f"ratio and max_ratio must be in (0, 1], got {self.ratio}, {self.max_ratio}")
-        if self.similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
+        check(self.name, "ratio", self.ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
+        check(self.name, "max_ratio", self.max_ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
+        check(self.name, "top_frames", self.top_frames, integer_at_least(1, none_ok=True), "None (use ratio) or an integer >= 1 (blocks read)")
+        check(self.name, "similarity", self.similarity, lambda v: v in ("dot", "cosine"), "'dot' or 'cosine'")
 
     def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:
         super().setup(num_layers, num_kv_heads, num_q_heads, head_dim)

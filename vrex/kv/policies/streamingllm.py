@@ -16,6 +16,8 @@ import torch
 
 from vrex.kv.policy import KVPolicy, Selection, Stage
 
+from .spec import check, integer_at_least
+
 
 @dataclass
 class StreamingLLMPolicy(KVPolicy):
@@ -26,8 +28,8 @@ class StreamingLLMPolicy(KVPolicy):
     _frontier: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.sink < 0 or self.window < 0:
-            raise ValueError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
+        for param in ("sink", "window"):
+            check(self.name, param, getattr(self, param), integer_at_least(0), "an integer >= 0 (tokens)")
 
     def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:
         super().setup(num_layers, num_kv_heads, num_q_heads, head_dim)
