@@ -5,17 +5,43 @@ Thin commands over the library; nothing in vrex imports this module.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+from vrex.cli_options import POLICY_NAMES
+
+
+class _Commands(TyperGroup):
+    """The root group. Command groups of other packages are imported when used (or listed by
+    --help), not at start-up: `vrex run` checks its options before torch is imported. An import
+    error in them surfaces as a traceback instead of a vanished command."""
+
+    lazy = {"hw": ("vrex.hw.cli", "app"), "train": ("vrex.train.cli", "train_app"), "eval": ("vrex.train.cli", "eval_app")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *self.lazy]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        module, attr = self.lazy[name]
+        group = typer.main.get_group(getattr(importlib.import_module(module), attr))
+        group.name = name
+        return group
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="vrex: a streaming video LLM with bounded memory (VideoLLM-online's LIVE loop + V-Rex's ReSV KV retrieval).",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -24,15 +50,6 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
-
-
-def _mount_optional(module: str, attr: str, name: str) -> None:
-    """Sub-apps living in other packages (hardware models, training) mount themselves when present."""
-    try:
-        sub = getattr(__import__(module, fromlist=[attr]), attr)
-    except (ImportError, AttributeError):
-        return
-    app.add_typer(sub, name=name)
 
 
 _QUESTION = re.compile(r"^\s*(?:(\d+):)?(\d+(?:\.\d+)?)\s*:\s*(.+)$", re.S)
@@ -74,52 +91,88 @@ def setup(
             raise typer.Exit(2)
 
 
+_TIERS = ("KV tiers (all layers together; a tier that is full passes its oldest tokens down: device -> host -> disk; "
+          "attention fetches only what the policy selects from the lower tiers). SIZE: bytes with an optional unit, "
+          "e.g. 512MB, 2GiB, 1.5G (KB/MB/GB = powers of 1000; KiB/MiB/GiB and K/M/G = powers of 1024).")
+
+
 @app.command()
 def run(
     source: Annotated[str, typer.Argument(help="Video file (mp4/webm/avi/gif...), image folder, stream URL (rtsp://, http://...), or webcam ('webcam', 'webcam:0', '/dev/video0').")],
     ask: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="Question at a stream time, 'SECONDS:text' or 'MM:SS:text'. Repeatable. Answered after the first frame at or past that time.")] = None,
-    fps: Annotated[float, typer.Option(help="Frames per second fed to the model (resampled from the source with real timestamps).")] = 2.0,
-    policy: Annotated[str, typer.Option(help="KV selection policy: full, flexgen, infinigen, rekv, streamingllm, resv, resv-noclust.")] = "full",
-    theta: Annotated[float, typer.Option(help="Streaming-EOS threshold: after a frame the model speaks when P(interval token) < theta (VideoLLM-online demo: 0.725). 0 = never narrate, only answer.")] = 0.725,
-    min_gap: Annotated[float, typer.Option(help="Seconds after a narration during which the model stays silent (questions are still answered). 0 = the gate alone decides, as in VideoLLM-online.")] = 0.0,
-    max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
-    lm: Annotated[str, typer.Option(help="Language model: preset 'smollm2-135m', a local directory or Hugging Face repo id of a Llama/Qwen2-family LM, or a VideoLLM-online checkpoint (LoRA adapter + connector, e.g. chenjoya/videollm-online-8b-v1plus).")] = "smollm2-135m",
-    base_lm: Annotated[Optional[str], typer.Option(help="For a VideoLLM-online checkpoint: local directory of its base LM (instead of the hub id it names).")] = None,
-    encoder: Annotated[str, typer.Option(help="Frame encoder: 'efficientnet-lite0' or a SigLIP/CLIP directory or repo id.")] = "efficientnet-lite0",
-    connector: Annotated[str, typer.Option(help="Connector weights (.safetensors), 'auto' (vrex's default trained weights when shipped: 'tags'), 'tags' (connector + ImageNet tag tokens + LoRA, trained on 1-5 minute streams: names subjects it was never trained on, recalls a brief event from minutes back, narrates best; 12 tokens per frame), 'long' (connector + LoRA, the same long-context training without tags), 'plain' (connector only, no LoRA: the lightest, 10 tokens per frame) or 'none' (untrained). Measured side by side in docs/train.md.")] = "auto",
+    fps: Annotated[float, typer.Option(help="Frames per second fed to the model (resampled from the source with real timestamps). 0 = every frame at the source's native rate.")] = 2.0,
+    policy: Annotated[str, typer.Option(help=f"KV selection policy, NAME or NAME\\[key=value,...]: {', '.join(POLICY_NAMES)}. "
+                                        "Example: --policy 'resv\\[ratio=0.2,hamming_threshold=4]' (values are Python literals; a bare word is a string, "
+                                        "e.g. score_norm=softmax). `vrex policies` lists each policy's parameters and defaults.")] = "full",
+    theta: Annotated[float, typer.Option(help="Streaming-EOS threshold in [0, 1]: after a frame the model speaks when P(interval token) < theta (VideoLLM-online demo: 0.725). 0 = never narrate, only answer.")] = 0.725,
+    min_gap: Annotated[float, typer.Option(help="Seconds (>= 0) after a narration during which the model stays silent (questions are still answered). 0 = the gate alone decides, as in VideoLLM-online.")] = 0.0,
+    max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames (>= 1).")] = None,
+    lm: Annotated[str, typer.Option(help="Language model: preset 'smollm2-135m', a local directory or Hugging Face repo id (owner/name) of a Llama/Qwen2-family LM, or a VideoLLM-online checkpoint (LoRA adapter + connector, e.g. chenjoya/videollm-online-8b-v1plus).")] = "smollm2-135m",
+    base_lm: Annotated[Optional[str], typer.Option(help="For a VideoLLM-online checkpoint: local directory (or repo id) of its base LM, instead of the hub id it names.")] = None,
+    encoder: Annotated[str, typer.Option(help="Frame encoder: 'efficientnet-lite0' or a SigLIP/CLIP directory or repo id (owner/name).")] = "efficientnet-lite0",
+    connector: Annotated[str, typer.Option(help="Connector weights (.safetensors), 'auto' (vrex's default trained weights when shipped: 'tags'), 'tags' (connector + ImageNet tag tokens + LoRA, trained on 1-5 minute streams: names subjects it was never trained on, recalls a brief event from minutes back, narrates best; 12 tokens per frame), 'long' (connector + LoRA, the same long-context training without tags), 'plain' (connector only, no LoRA: the lightest, 10 tokens per frame) or 'none' (untrained). Compared in docs/train.md.")] = "auto",
     sample: Annotated[bool, typer.Option(help="Sample (temperature/top-p) instead of greedy decoding.")] = False,
     recent_tokens: Annotated[Optional[int], typer.Option(help="Always-kept window of the newest tokens on top of the policy's selection (retrieval policies need the frames just seen to narrate). Default: the last two frames; 0: the policy alone.")] = None,
     positions: Annotated[str, typer.Option(help="Position strategy past the LM's trained context: 'compress' (re-index old tokens) or 'absolute'.")] = "compress",
     realtime: Annotated[bool, typer.Option(help="Pace a file at its real speed, as if it were live.")] = False,
-    trace: Annotated[Optional[Path], typer.Option(help="Write per-step KV telemetry (JSON lines) to this file.")] = None,
+    trace: Annotated[Optional[Path], typer.Option(help="Write per-step KV telemetry (JSON lines) to this file (its directory must exist).")] = None,
+    device_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Device tier: the KV kept where attention runs (the accelerator's memory; on a CPU a budgeted region of RAM with the same accounting). Default: 2048 tokens' worth for offloading policies (flexgen, infinigen, rekv, resv, resv-noclust), unbounded for full and streamingllm. " + _TIERS)] = None,
+    host_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Host tier: the KV kept in RAM below the device tier; what exceeds it goes to --disk-dir (required with this option). Default: unbounded.")] = None,
+    disk_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Disk tier: memory-mapped KV files in a fresh vrex-kv-* directory inside DIR (created if needed, removed at exit). Needed by --host-budget; without a host budget nothing reaches disk.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (frame, response, answer) on stdout instead of the live display.")] = False,
 ) -> None:
     """Watch SOURCE frame by frame, narrate it, and answer questions at their timestamps.
 
     Example: [bold]vrex run clip.mp4 --ask "3:What do you see?" --ask "1:10:What happened before?"[/bold]
-    """
-    from vrex.engine.positions import PositionConfig
-    from vrex.engine.session import SessionConfig, StreamingSession
-    from vrex.io import VideoSourceError, open_source
-    from vrex.kv.policies import make_policy
-    from vrex.kv.telemetry import TelemetryWriter
-    from vrex.models.videollm import load_videollm
 
-    questions = [parse_question(q) for q in ask or []]
-    if recent_tokens is not None and recent_tokens < 0:
-        raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
+    Every option is checked before anything loads: a bad value exits with code 2 and a line naming it.
+    """
+    from vrex.cli_options import run_option_errors
+    from vrex.io import VideoSourceError, open_source
+    from vrex.sizes import parse_bytes
+
+    errors = run_option_errors(dict(
+        fps=fps, max_frames=max_frames, theta=theta, min_gap=min_gap, recent_tokens=recent_tokens, positions=positions,
+        policy=policy, lm=lm, base_lm=base_lm, encoder=encoder, connector=connector, trace=trace,
+        device_budget=device_budget, host_budget=host_budget, disk_dir=disk_dir))
+    questions = []
+    for q in ask or []:
+        try:
+            questions.append(parse_question(q))
+        except typer.BadParameter as e:
+            errors.append(e.message)
+    if errors:
+        for line in errors:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2)
     try:
         src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime)
     except VideoSourceError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
-    model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm)
+        _fail(str(e))
+
+    from vrex.engine.positions import PositionConfig
+    from vrex.engine.session import SessionConfig, StreamingSession
+    from vrex.kv.policies import make_policy
+    from vrex.kv.store import KVStoreDiskError
+    from vrex.kv.telemetry import TelemetryWriter
+    from vrex.models.videollm import load_videollm
+
+    try:
+        model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm)
+    except (FileNotFoundError, ValueError) as e:  # weights a download or a path could not provide, an unsupported model
+        _fail(str(e))
     for note in model.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
     config = SessionConfig(theta=theta, min_response_gap=min_gap, sample=sample, recent_tokens=recent_tokens,
-                           positions=PositionConfig(mode=positions))
+                           positions=PositionConfig(mode=positions),
+                           device_budget_bytes=None if device_budget is None else parse_bytes(device_budget),
+                           host_budget_bytes=None if host_budget is None else parse_bytes(host_budget),
+                           disk_dir=None if disk_dir is None else str(disk_dir))
     tracer = TelemetryWriter(trace) if trace else None
-    session = StreamingSession(model, make_policy(policy), config, trace=tracer)
+    try:  # the session prefills the system prompt: the first store and trace writes happen here
+        session = StreamingSession(model, make_policy(policy), config, trace=tracer and _TraceSink(tracer, trace))
+    except (KVStoreDiskError, TraceWriteError) as e:
+        _fail(str(e))
     frames = ((f.t, f.image) for f in src)
     header = {"kind": "start", "model": model.describe(), "policy": policy, "source": source, "fps": fps,
               "connector_trained": model.connector.trained, "notes": model.notes}
@@ -131,14 +184,55 @@ def run(
                     print(json.dumps(event.to_dict()), flush=True)
             else:
                 _live_display(session, frames, questions, src, model.describe())
-    except VideoSourceError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+    except (VideoSourceError, KVStoreDiskError, TraceWriteError) as e:
+        _fail(str(e))
     finally:
         if tracer:
-            tracer.close()
+            try:
+                tracer.close()
+            except OSError:
+                pass  # already reported: the disk refused the writes
     if src.stats.skipped_corrupt:
         err.print(f"[yellow]warning:[/yellow] {src.stats.skipped_corrupt} corrupt frame(s) were skipped")
+
+
+class TraceWriteError(Exception):
+    """The --trace file could not be written (full disk, I/O error): the run stops with one line."""
+
+
+class _TraceSink:
+    """The session's telemetry sink: the writer, with write failures named after the --trace file."""
+
+    def __init__(self, writer, path: Path):
+        self.writer, self.path = writer, path
+
+    def __call__(self, record, extra=None):
+        try:
+            return self.writer(record, extra)
+        except OSError as e:
+            raise TraceWriteError(f"--trace '{self.path}': writing failed: {e.strerror or e}") from e
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def policies() -> None:
+    """List the KV policies: what each reads, and its parameters with their types and defaults, for
+    [bold]--policy 'NAME\\[key=value,...]'[/bold] (vrex run, vrex eval live, vrex bench kv)."""
+    from vrex.kv.policies import POLICIES
+    from vrex.kv.policies.spec import describe, param_table
+
+    for name, cls in POLICIES.items():
+        typer.echo(f"{name}: {describe(name)}")
+        rows = [(p, repr(d), kind) for p, d, kind in param_table(name)] or [("(no parameters)", "", "")]
+        w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+        for param, default, kind in rows:
+            typer.echo(f"    {param:<{w0}} {'=' if default else ' '} {default:<{w1}}  {kind}".rstrip())
+        typer.echo(f"    meanings and ranges: {cls.__module__.replace('.', '/')}.py\n")
+    typer.echo("Example: vrex run clip.mp4 --policy 'resv[ratio=0.2,hamming_threshold=4]'")
 
 
 def _live_display(session, frames, questions, src, title: str) -> None:
@@ -187,10 +281,10 @@ def bench_engine(
 
 
 def _parse_size(text: str) -> int:
-    from vrex.bench import parse_size
+    from vrex.sizes import parse_count
 
     try:
-        return parse_size(text)
+        return parse_count(text)
     except ValueError as e:
         raise typer.BadParameter(str(e))
 
@@ -205,9 +299,7 @@ def bench_kv(ctx: typer.Context) -> None:
     sub = typer.Typer()
     sub.command(name="kv", help=kv_command.__doc__)(kv_command)
     get_command(sub).main(args=ctx.args, prog_name="vrex bench kv", standalone_mode=True)
-_mount_optional("vrex.hw.cli", "app", "hw")
-_mount_optional("vrex.train.cli", "train_app", "train")
-_mount_optional("vrex.train.cli", "eval_app", "eval")
+
 
 if __name__ == "__main__":
     app(sys.argv[1:])

@@ -53,3 +53,200 @@ def test_run_negative_recent_window_is_refused():
     proc = _vrex("run", "webcam", "--recent-tokens", "-3")
     assert proc.returncode == 2
     assert "--recent-tokens" in proc.stderr and "-3" in proc.stderr
+
+
+# --- every option checked before anything loads (issue 18 item 4), policy specs (issue 16 item 1), tiers ----------
+
+import os  # noqa: E402
+import time  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from vrex.cli import app  # noqa: E402
+from vrex.sizes import parse_bytes, parse_count  # noqa: E402
+
+
+def _clip() -> str:
+    clip = list_demo_clips().get("cockatoo")
+    if clip is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("cockatoo.mp4 (shared test media) is missing")
+        pytest.skip("cockatoo.mp4 not available")
+    return str(clip)
+
+
+@pytest.fixture
+def bad_paths(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    return {"file": str(f), "dir": str(tmp_path), "missing_parent": str(tmp_path / "no" / "trace.jsonl")}
+
+
+# (options, the option named, a fragment of what is allowed)
+BAD_OPTIONS = [
+    (["--fps", "inf"], "--fps inf", ">= 0"),
+    (["--fps", "nan"], "--fps nan", ">= 0"),
+    (["--fps", "-1"], "--fps -1", "0 = every frame"),
+    (["--max-frames", "-1"], "--max-frames -1", ">= 1"),
+    (["--max-frames", "0"], "--max-frames 0", ">= 1"),
+    (["--theta", "nan"], "--theta nan", "[0, 1]"),
+    (["--theta", "-1"], "--theta -1", "[0, 1]"),
+    (["--theta", "2"], "--theta 2", "[0, 1]"),
+    (["--min-gap", "-0.5"], "--min-gap -0.5", ">= 0"),
+    (["--min-gap", "nan"], "--min-gap nan", ">= 0"),
+    (["--recent-tokens", "-3"], "--recent-tokens -3", ">= 0"),
+    (["--positions", "relative"], "--positions 'relative'", "compress, absolute"),
+    (["--policy", "bogus"], "--policy 'bogus'", "resv-noclust"),
+    (["--policy", "resv[nonsense=1]"], "'nonsense'", "hamming_threshold=7"),
+    (["--policy", "rekv[ratio=2]"], "ratio=2.0", "(0, 1]"),
+    (["--policy", "resv[ratio=abc]"], "ratio='abc'", "a number"),
+    (["--connector", "bogus"], "--connector 'bogus'", "tags"),
+    (["--encoder", "bogus"], "--encoder 'bogus'", "efficientnet-lite0"),
+    (["--lm", "/nonexistent"], "--lm '/nonexistent'", "smollm2-135m"),
+    (["--lm", "./x"], "--lm './x'", "repo id"),
+    (["--lm", "smollm2-135m", "--base-lm", "owner/base"], "--base-lm 'owner/base'", "VideoLLM-online"),
+    (["--device-budget", "lots"], "--device-budget 'lots'", "2GiB"),
+    (["--host-budget", "1GB"], "--host-budget 1GB", "--disk-dir"),
+    (["--ask", "what is shown"], "--ask 'what is shown'", "TIME:QUESTION"),
+]
+
+
+@pytest.mark.parametrize("args, named, allowed", BAD_OPTIONS)
+def test_bad_option_exits_2_naming_option_value_and_allowed(args, named, allowed):
+    result = CliRunner().invoke(app, ["run", "no-such-source.mp4", *args])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and allowed in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option, kind, fragment", [
+    ("--trace", "dir", "is a directory"),
+    ("--trace", "missing_parent", "does not exist"),
+    ("--connector", "file", "not a .safetensors file"),
+    ("--connector", "dir", "is a directory"),
+    ("--lm", "file", "is a file"),
+    ("--disk-dir", "file", "is a file"),
+])
+def test_bad_paths_are_refused_before_loading(bad_paths, option, kind, fragment):
+    args = [option, bad_paths[kind]] + (["--host-budget", "1GB"] if option == "--disk-dir" else [])
+    result = CliRunner().invoke(app, ["run", "no-such-source.mp4", *args])
+    assert result.exit_code == 2 and f"{option} '{bad_paths[kind]}'" in result.output and fragment in result.output, result.output
+
+
+def test_all_bad_options_reported_in_one_pass():
+    result = CliRunner().invoke(app, ["run", "x.mp4", "--fps", "nan", "--theta", "2", "--policy", "resv[nonsense=1]", "--lm", "./x"])
+    assert result.exit_code == 2
+    assert [line.split(":")[1].split()[0] for line in result.output.splitlines() if line.startswith("error:")] == \
+        ["--fps", "--theta", "--lm", "--policy"]
+
+
+def test_good_options_pass_the_checks(tmp_path):
+    """Accepted values reach the next step (opening the source), which refuses the missing file."""
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "missing.mp4"), "--fps", "0", "--theta", "1", "--max-frames", "1",
+                                      "--policy", "resv[ratio=0.2,score_norm=softmax]", "--lm", "HuggingFaceTB/SmolLM2-135M",
+                                      "--encoder", str(tmp_path), "--trace", str(tmp_path / "t.jsonl"), "--device-budget", "512MB",
+                                      "--host-budget", "2GiB", "--disk-dir", str(tmp_path / "new" / "kv"), "--positions", "absolute"])
+    assert result.exit_code == 2 and "missing.mp4" in result.output and "--" not in result.output, result.output
+
+
+_PROBE = ("import atexit, sys\n"
+          "atexit.register(lambda: print('IMPORTED:', *[m for m in ('torch', 'transformers') if m in sys.modules], file=sys.stderr))\n"
+          "from vrex.cli import app\n"
+          "app(sys.argv[1:], prog_name='vrex')\n")
+
+
+def _probe(*args: str) -> tuple[subprocess.CompletedProcess, float, list[str]]:
+    """`vrex ARGS` in a fresh interpreter: the process, its wall time, and which of torch/transformers it imported."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    imported = next(line for line in proc.stderr.splitlines() if line.startswith("IMPORTED:")).split()[1:]
+    return proc, elapsed, imported
+
+
+def test_theta_nan_refused_in_under_two_seconds_without_torch():
+    proc, elapsed, imported = _probe("run", _clip(), "--theta", "nan")
+    assert proc.returncode == 2 and "--theta nan" in proc.stderr and "Traceback" not in proc.stderr
+    assert imported == [], imported  # nothing heavy was even imported: the model cannot have loaded
+    assert elapsed < 2.0, elapsed
+
+
+def test_bad_policy_spec_refused_before_the_model_loads():
+    proc, elapsed, imported = _probe("run", _clip(), "--policy", "resv[nonsense=1]")
+    assert proc.returncode == 2 and "nonsense" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "transformers" not in imported  # the policy registry needs torch, the model needs transformers
+    assert elapsed < 10.0, elapsed
+
+
+def test_run_with_a_policy_spec_answers():
+    """Issue 16's interface check: a bracketed spec from the command line reaches the session."""
+    proc = _vrex("run", _clip(), "--policy", "resv[ratio=0.2]", "--ask", "3:What is shown?", "--json", "--max-frames", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert events[0]["kind"] == "start" and events[0]["policy"] == "resv[ratio=0.2]"
+    answers = [e for e in events if e["kind"] == "answer"]
+    assert len(answers) == 1 and answers[0]["text"].strip() and answers[0]["t"] == 3.0
+
+
+def test_run_tiers_from_the_command_line(tmp_path):
+    """--device-budget/--host-budget/--disk-dir reach the store: the trace shows each tier within its budget
+    and the rest on disk."""
+    trace = tmp_path / "kv.jsonl"
+    proc = _vrex("run", _clip(), "--policy", "flexgen", "--device-budget", "1MiB", "--host-budget", "1MB",
+                 "--disk-dir", str(tmp_path / "kv"), "--trace", str(trace), "--max-frames", "4", "--theta", "0", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resident = json.loads(trace.read_text().splitlines()[-1])["resident"]
+    assert 0 < resident["device"] <= 2**20 and 0 < resident["host"] <= 10**6 and resident["disk"] > 0, resident
+    assert not any((tmp_path / "kv").iterdir())  # the store's session directory is removed at exit
+
+
+def test_trace_write_failure_is_one_line():
+    """A full disk under --trace (/dev/full: every write fails with ENOSPC) stops the run with a line naming it."""
+    if not os.access("/dev/full", os.W_OK):
+        pytest.skip("/dev/full not available")
+    proc = _vrex("run", _clip(), "--trace", "/dev/full", "--max-frames", "2", "--json")
+    assert proc.returncode == 2 and "--trace '/dev/full'" in proc.stderr and "No space left" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_live_and_bench_kv_check_policy_specs_first():
+    eval_live = CliRunner().invoke(app, ["eval", "live", "--policy", "full", "--policy", "resv[nonsense=1]"])
+    assert eval_live.exit_code == 2 and "nonsense" in eval_live.output, eval_live.output
+    bench = CliRunner().invoke(app, ["bench", "kv", "--policies", "all,resv[ratio=abc]"])
+    assert bench.exit_code == 2 and "ratio='abc'" in bench.output, bench.output
+
+
+def test_policies_command_lists_every_policy_and_parameter():
+    from vrex.kv.policies import POLICIES, policy_params
+
+    result = CliRunner().invoke(app, ["policies"])
+    assert result.exit_code == 0
+    for name in POLICIES:
+        assert f"\n{name}: " in "\n" + result.output
+        for param, default in policy_params(name).items():
+            assert f"{param} " in result.output and repr(default) in result.output
+
+
+def test_cli_mirrors_of_model_names_match_the_models():
+    """The option checks run without importing the models; their copies of the names must not drift."""
+    from vrex.cli_options import CONNECTOR_NAMES, ENCODER_PRESETS, LM_PRESETS, POLICY_NAMES
+    from vrex.kv.policies import POLICIES
+    from vrex.models.encoders import EFFNET_PRESET
+    from vrex.models.lm import SMOLLM2_PRESET
+    from vrex.models.videollm import SHIPPED_VARIANTS
+
+    assert LM_PRESETS == (SMOLLM2_PRESET,) and ENCODER_PRESETS == (EFFNET_PRESET,)
+    assert set(CONNECTOR_NAMES) == {"auto", "none", *SHIPPED_VARIANTS}
+    assert POLICY_NAMES == tuple(POLICIES)
+
+
+def test_sizes():
+    assert parse_bytes("512MB") == 512 * 10**6 and parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1.5G") == 3 * 2**29
+    assert parse_bytes("1024") == 1024 and parse_bytes(" 64 kib ") == 65536 and parse_bytes("0") == 0
+    assert parse_count("4k") == 4096 and parse_count("1500") == 1500
+    for bad in ("-1MB", "12XB", "nan", "MB", "1e999"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_bytes(bad)
+    for bad in ("-5", "abc", "1.5"):
+        with pytest.raises(ValueError, match="size"):
+            parse_count(bad)

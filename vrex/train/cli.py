@@ -150,8 +150,9 @@ def resolve_eval_connector(connector: str | None) -> Path:
 def eval_live(
     quick: bool = typer.Option(False, "--quick", help="A small subset (~5 min on 2 cores): fewer streams, needle at 1 and 2 minutes only."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write rows {model, policy, metric, value} to this file."),
-    policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs (repeatable); "
-                                     "needle accuracy is reported per policy on the same streams."),
+    policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs, NAME or NAME\\[key=value,...] "
+                                     "(repeatable; `vrex policies` lists them with their parameters), e.g. --policy full "
+                                     "--policy 'resv\\[ratio=0.2]'; needle accuracy is reported per policy on the same streams."),
     connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
                                             "run directory), or a shipped model: 'tags' (the default: ImageNet tag tokens + long context), 'long' "
                                             "(long context, no tags) or 'plain' (connector only)."),
@@ -172,8 +173,14 @@ def eval_live(
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
+    from vrex.kv.policies import PolicySpecError, make_policy
     from vrex.train.evaluate import NEEDLE_SETS, EvalConfig, print_table, run_eval
 
+    for spec in policy:
+        try:
+            make_policy(spec)  # name, parameters, types, ranges: before any model loads
+        except PolicySpecError as e:
+            raise typer.BadParameter(str(e), param_hint="--policy")
     if recent_tokens is not None and recent_tokens < 0:
         raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
     if only not in (None, "trained", "untrained"):
