@@ -1,16 +1,21 @@
-"""`vrex run` end to end on a real clip, as a user runs it (a subprocess), plus argument errors."""
+"""`vrex run` end to end on a real clip, as a user runs it (a subprocess), plus option errors: every bad
+option refused before anything loads (issue 18), policy specs (issue 16), tiers from the command line."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
-from vrex.cli import parse_question
+from vrex.cli import app, parse_question
 from vrex.io import list_demo_clips
+from vrex.sizes import parse_bytes, parse_count
 
 
 def test_parse_question_forms():
@@ -56,14 +61,6 @@ def test_run_negative_recent_window_is_refused():
 
 
 # --- every option checked before anything loads (issue 18 item 4), policy specs (issue 16 item 1), tiers ----------
-
-import os  # noqa: E402
-import time  # noqa: E402
-
-from typer.testing import CliRunner  # noqa: E402
-
-from vrex.cli import app  # noqa: E402
-from vrex.sizes import parse_bytes, parse_count  # noqa: E402
 
 
 def _clip() -> str:
