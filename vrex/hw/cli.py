@@ -66,10 +66,11 @@ def check(
     """Reproduce the paper's figures and print paper vs simulated values.
 
     Rows come in three groups. calibration: the V-Rex8 batch-1 per-frame latencies and speedups over
-    AGX Orin + FlexGen, the only figures constants were fitted on (fitted = yes). checked: paper
+    AGX Orin + FlexGen, the only figures the two fitted constants saw (fitted = yes). checked: paper
     values the fit never saw (TPOT, hardware ablation). predictions: figures the notes withhold on
-    purpose (larger batches, V-Rex48 vs A100, energy efficiency, roofline): paper is null until they
-    are compared. The goal is every figure within 25%.
+    purpose (batch 4/8 latency, speedup and energy, V-Rex48 vs A100, energy efficiency, the ablation's
+    energy, the paper's roofline, the Oaken-like 4-bit KV baseline): paper is null until they are
+    compared. The goal is every figure within 25%.
     """
     rows = run_check()
     if markdown:
@@ -148,13 +149,18 @@ def simulate(
                         text_ratio=text_ratio if text_ratio is not None else stats.text_ratio, source=stats.source + "+override")
     c = load_constants(fitted)
     wl = Workload(0, batch, include_vision=vision)
+    if stats.source.startswith("trace"):
+        g = "-" if stats.growth_exponent is None else f"{stats.growth_exponent:.2f}"
+        console.print(f"retrieval statistics from trace {trace}: frame ratio {_fmt(stats.frame_ratio)}, text ratio "
+                      f"{_fmt(stats.text_ratio)} at {_fmt(stats.ref_kv)} past tokens, cluster {_fmt(stats.cluster_size)} tokens, "
+                      f"growth exponent {g} (shapes: {shape.name})")
     res = {n: [run_sim(s, shape, replace(wl, kv_tokens=k), stats, c, fitted) for k in sizes] for n, s in systems.items()}
 
     for m in mains:
         base = next((n for n in names if n.endswith("+flexgen") and systems[n].hw.dram_kind == systems[m].hw.dram_kind), None)
         t = Table(title=f"{systems[m].label}: {shape.name}, batch {batch}" + (f" (speedup vs {base})" if base else ""))
         for col in ("KV", "frame ms", "FPS/stream", "speedup", "TPOT ms", "TPOT speedup", "J/frame", "J/token",
-                    "sel. frame", "sel. decode", "link MB/frame", "roofline", "episode s"):
+                    "sel. frame", "sel. decode", "on device", "link MB/frame", "roofline", "episode s"):
             t.add_column(col, justify="right")
         for i, k in enumerate(sizes):
             r = res[m][i]
@@ -165,7 +171,8 @@ def simulate(
                 tsp = f"{res[base][i]['decode'].latency_s / d.latency_s:.2f}x"
             t.add_row(f"{k:,}", f"{f.latency_s * 1e3:.1f}", f"{1 / f.latency_s:.2f}", sp, f"{d.latency_s * 1e3:.1f}", tsp,
                       f"{f.energy_j / batch:.2f}", f"{d.energy_j / batch:.2f}", f"{f.selected_ratio:.1%}",
-                      f"{d.selected_ratio:.1%}", f"{f.link_bytes / 1e6:.0f}", f"{f.roofline_fraction:.2f}",
+                      f"{d.selected_ratio:.1%}", f"{int(f.extra['device_tokens']):,}" + ("" if f.extra["fits_dram"] else " (full)"),
+                      f"{f.link_bytes / 1e6:.0f}", f"{f.roofline_fraction:.2f}",
                       f"{episode(r, wl)['latency_s']:.1f}")
         console.print(t)
 
@@ -186,6 +193,27 @@ def simulate(
     for m in mains:
         files.append(breakdown([r["frame"] for r in res[m]], out / f"breakdown_{m}.png", f"{systems[m].label}: frame step by phase"))
     console.print(f"wrote {jp}, " + ", ".join(str(p) for p in files))
+
+
+@app.command()
+def figure(
+    out: Path = typer.Option(Path("docs/figures/hw_breakdown.png"), "--out", help="PNG to write (a JSON of the numbers beside it)."),
+    kv: str = typer.Option("40k", help="KV size per stream."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1),
+) -> None:
+    """Where time and energy go per stage (frame, question, decode) for V-Rex8, its ablation and AGX + FlexGen."""
+    from .plots import stages
+
+    size = parse_kv(kv)[0]
+    fitted = load_fitted()
+    c = load_constants(fitted)
+    names = ["agx+flexgen", "agx+resv", "vrex8-kvpu", "vrex8", "oaken8"]
+    res = {n: run_sim(load_system(n, fitted), "llama3-8b", Workload(size, batch), PAPER, c, fitted) for n in names}
+    path = stages(res, out, f"Llama-3-8B + SigLIP-L, {size:,} KV tokens, batch {batch}")
+    doc = {n: {st: {"latency_s": r.latency_s, "phases": r.phases, "energy_j": r.energy_j, "energy_units": r.energy_units}
+               for st, r in steps.items()} for n, steps in res.items()}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    console.print(f"wrote {path} and {out.with_suffix('.json')}")
 
 
 @app.command()

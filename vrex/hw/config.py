@@ -58,11 +58,16 @@ class Hardware:
     offload: Literal["ssd", "host"]
     power_w: float
     mem_eff: float
-    compute_util: float
+    gemm_eff: float  # achievable fraction of peak on large GEMMs (GPUs); 1.0 on V-Rex (tiling model)
     op_overhead_s: float
     link_eff: float
     cores: int = 0
     freq_hz: float = 0.0
+    sms: int = 0  # GPU streaming multiprocessors (wave quantisation)
+    idle_w: float = 0.0  # GPU board power while waiting
+    reserve_bytes: float = 0.0  # device memory the runtime/OS keeps
+    dre: bool = True  # V-Rex cores carry the DRE (HCU, WTU, KVMU); False: plain LPU cores
+    vision_eff: float = 1.0  # achieved fraction of the compute bound on the frame encoder
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,9 @@ class Method:
     predict_frames: bool = True
     ops_per_layer: int = 0
     partial_dim_frac: float = 1.0
+    kv_bits: float = 16.0  # bits per stored KV value (Oaken-like quantisation: ~4)
+    device_first: bool = False  # keep the KV on the device until it no longer fits (no retrieval budget)
+    sched_tasks_per_layer: int = 0  # host-side scheduling tasks per layer, synchronised (FlexGen)
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,13 @@ class Constants:
     values: dict[str, float]
     storage: dict[str, dict[str, float]] = field(default_factory=dict)
     area_power: dict[str, Any] = field(default_factory=dict)
+    energy: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, k: str) -> float:
         return self.values[k]
+
+    def get(self, k: str, default: float) -> float:
+        return self.values.get(k, default)
 
 
 def load_hardware(name: str, fitted: dict[str, float] | None = None) -> Hardware:
@@ -119,9 +131,11 @@ def load_hardware(name: str, fitted: dict[str, float] | None = None) -> Hardware
         dram_kind=d["dram"]["kind"], dram_bw=float(d["dram"]["gbps"]) * 1e9, dram_bytes=float(d["dram"]["gb"]) * 1e9,
         link_kind=d["link"]["kind"], link_bw=float(d["link"]["gbps"]) * 1e9, lanes=int(d["link"]["lanes"]),
         offload=d["offload"], power_w=float(d["power_w"]),
-        mem_eff=float(resolve(d["mem_eff"], fitted)), compute_util=float(resolve(d["compute_util"], fitted)),
+        mem_eff=float(resolve(d["mem_eff"], fitted)), gemm_eff=float(resolve(d["gemm_eff"], fitted)),
         op_overhead_s=float(d.get("op_overhead_us", 0.0)) * 1e-6, link_eff=float(resolve(d["link_eff"], fitted)),
-        cores=int(d.get("cores", 0)), freq_hz=float(d.get("freq_mhz", 0.0)) * 1e6,
+        cores=int(d.get("cores", 0)), freq_hz=float(d.get("freq_mhz", 0.0)) * 1e6, sms=int(d.get("sms", 0)),
+        idle_w=float(d.get("idle_w", 0.0)), reserve_bytes=float(d.get("reserve_gb", 0.0)) * 1e9,
+        dre=bool(d.get("dre", d["kind"] == "vrex")), vision_eff=float(resolve(d.get("vision_eff", 1.0), fitted)),
     )
 
 
@@ -154,7 +168,8 @@ def load_constants(fitted: dict[str, float] | None = None, overrides: dict[str, 
     raw = read_yaml(CONFIG_DIR / "constants.yaml")
     vals = {k: float(resolve(v, fitted)) for k, v in raw.items()}
     vals.update(overrides or {})
-    return Constants(vals, read_yaml(CONFIG_DIR / "storage.yaml"), read_yaml(CONFIG_DIR / "area_power.yaml"))
+    return Constants(vals, read_yaml(CONFIG_DIR / "storage.yaml"), read_yaml(CONFIG_DIR / "area_power.yaml"),
+                     read_yaml(CONFIG_DIR / "energy.yaml"))
 
 
 __all__ = [

@@ -28,6 +28,11 @@ class VisionShape:
     num_patches: int
     patch_dim: int
     connector: tuple[int, ...] = ()
+    head_dim: int = 64  # SigLIP/CLIP ViTs: 64-dim heads
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // self.head_dim
 
     @property
     def params(self) -> int:

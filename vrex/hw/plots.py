@@ -66,4 +66,45 @@ def breakdown(steps: list[StepResult], path: Path, title: str = "") -> Path:
     return path
 
 
-__all__ = ["fps_vs_kv", "breakdown", "PHASE_COLORS"]
+UNIT_COLORS = {"LXE": "#4c72b0", "HCU": "#c44e52", "WTU": "#dd8452", "KVMU": "#8172b3", "DRAM": "#55a868",
+               "PCIe": "#937860", "SSD": "#8c8c8c", "host DRAM": "#8c8c8c"}
+
+
+def stages(results: dict[str, dict[str, StepResult]], path: Path, title: str = "") -> Path:
+    """Per stage (frame, text, decode): latency by phase (top) and energy by unit (bottom), one bar per system."""
+    order = ("frame", "text", "decode")
+    fig, axes = plt.subplots(2, 3, figsize=(13.0, 7.0))
+    names = list(results)
+    x = list(range(len(names)))
+    for j, st in enumerate(order):
+        ax = axes[0][j]
+        bottom = [0.0] * len(names)
+        for p in PHASES:
+            vals = [results[n][st].phases[p] * 1e3 for n in names]
+            if any(vals):
+                ax.bar(x, vals, bottom=bottom, color=PHASE_COLORS[p], label=p)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{st}: latency (ms)")
+        ax = axes[1][j]
+        bottom = [0.0] * len(names)
+        units = sorted({u for n in names for u in results[n][st].energy_units}, key=lambda u: (u not in UNIT_COLORS, u))
+        for u in units:
+            vals = [results[n][st].energy_units.get(u, 0.0) for n in names]
+            if any(vals):
+                ax.bar(x, vals, bottom=bottom, color=UNIT_COLORS.get(u, "#bbbbbb" if "board" in u else None), label=u)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{st}: energy (J)")
+        for a in (axes[0][j], axes[1][j]):
+            a.set_xticks(x)
+            a.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+            a.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    axes[1][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title or "Where time and energy go")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["fps_vs_kv", "breakdown", "stages", "PHASE_COLORS", "UNIT_COLORS"]

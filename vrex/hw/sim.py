@@ -16,9 +16,11 @@ hold ``kv_tokens`` of KV. Per layer:
   layer costs ``prediction_on_engine + max(execution, DRE + transfer)``; the first layer's retrieval
   is exposed (pipeline fill).
 
-Plus, per step, the frame encoder (``frame`` steps) and the LM head. Energy is the platform power
-of Table I over the step, plus PCIe (W per lane while transferring) and the SSD / host DRAM.
-Every constant is named in ``configs/`` and ``docs/hw.md``.
+Plus, per step, the frame encoder (``frame`` steps) and the LM head. Matrix products take their time
+from their shapes (:mod:`vrex.hw.compute`: tiling on the LXE's 64x64 DPE, published GEMM efficiency
+and tile/wave quantisation on GPUs); the DRE's HCU/WTU cycles come from the bit-exact units
+(:mod:`vrex.hw.dre`); the device keeps what fits (:mod:`vrex.hw.capacity`); energy is
+activity-based (:mod:`vrex.hw.energy`). Every constant is named in ``configs/`` and ``docs/hw.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from . import compute as cp
+from .capacity import place
 from .config import Constants, Hardware, Method, System, load_constants, load_fitted, load_system
+from .dre import DRESample, UnitCycles, sampled_cycles, unit_cycles
+from .energy import Activity, step_energy
 from .model_shapes import ModelShape, resolve
 from .stats import PAPER, RetrievalStats
 
@@ -67,7 +73,7 @@ class StepResult:
     link_commands: float
     selected_ratio: float
     offloaded_tokens: int
-    roofline_fraction: float
+    roofline_fraction: float  # the paper's: attention + retrieval on the link-aware roofline
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -75,10 +81,6 @@ class StepResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _roof(flops: float, nbytes: float, hw: Hardware) -> float:
-    return max(flops / (hw.peak_flops * hw.compute_util), nbytes / (hw.dram_bw * hw.mem_eff))
-
-
 def rows_per_stream(stage: Stage, model: ModelShape, wl: Workload) -> int:
     return {"frame": model.tokens_per_frame, "text": wl.question_tokens, "decode": 1}[stage]
 
@@ -87,8 +89,9 @@ def selected_ratio(method: Method, stage: Stage, n: int, c: Constants, stats: Re
     """Fraction of the past KV a step selects (per stream, averaged over layers and heads).
 
     Fixed top-k methods keep their ratio at every KV size. ReSV's WiCSum threshold is adaptive: the
-    selected count grows as ``KV ** exponent`` (a fitted constant) from the ratio measured at
-    ``ref_kv`` (COIN-length videos for the paper's ratios, the trace's mean KV for a trace).
+    selected count grows as ``KV ** exponent`` (``resv_growth_exponent``, or the trace's measured
+    slope) from the ratio measured at ``ref_kv`` (COIN-length videos for the paper's ratios, the
+    trace's mean KV for a trace).
     """
     if method.predictor == "none" or n <= 0:
         return 1.0
@@ -98,7 +101,8 @@ def selected_ratio(method: Method, stage: Stage, n: int, c: Constants, stats: Re
         base = base if override is None else override
     if method.adaptive:
         ref = stats.ref_kv or c["ratio_ref_kv"]
-        base *= (n / ref) ** (c["resv_growth_exponent"] - 1.0)
+        gamma = stats.growth_exponent if stats.growth_exponent is not None else c["resv_growth_exponent"]
+        base *= (n / ref) ** (gamma - 1.0)
     return min(1.0, max(0.0, base))
 
 
@@ -112,7 +116,7 @@ class Transfer:
 
 
 def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off: float, sel_off: float,
-             ratio: float, c: Constants, stats: RetrievalStats) -> Transfer:
+             ratio: float, c: Constants, stats: RetrievalStats, kv_scale: float = 1.0) -> Transfer:
     """One layer's prefetch of ``sel_off`` offloaded tokens per stream (of ``n_off`` offloaded).
 
     Layout: per KV head, tokens in a tier are contiguous in arrival order with K and V in separate
@@ -123,7 +127,7 @@ def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off:
     """
     if sel_off <= 0:
         return Transfer(0.0, 0.0, 0.0, 0.0, 0.0)
-    hk, tok = model.num_key_value_heads, model.head_dim * model.bytes_per_param  # K (or V), one head
+    hk, tok = model.num_key_value_heads, model.head_dim * model.bytes_per_param * kv_scale  # K (or V), one head
     parts = 1 if method.kvmu else 2
     if method.granule == "all":
         run_tokens = sel_off
@@ -135,7 +139,7 @@ def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off:
         run_tokens = sel_off if ratio >= 1.0 else min(sel_off, g / (1.0 - ratio))
     run_bytes = run_tokens * tok * (2 if method.kvmu else 1)
     runs = batch * hk * parts * sel_off / run_tokens
-    useful = batch * sel_off * model.kv_bytes_per_token_layer
+    useful = batch * sel_off * model.kv_bytes_per_token_layer * kv_scale
     if hw.offload == "ssd":
         s = c.storage["ssd"]
         sector = s["sector_bytes"]
@@ -155,136 +159,175 @@ def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off:
 
 
 # ----------------------------------------------------------------------------- one step
+LLM_OPS_PER_LAYER = 70  # aten ops of one transformers Llama decoder layer (eager, sdpa), counted with
+#                         TorchDispatchMode: the host-side floor of a GPU layer (launches are async)
+
+
+def _vision(hw: Hardware, model: ModelShape, B: int) -> tuple[cp.Work, float]:
+    """Frame encoder of ``B`` frames (dense layers share weights across the batch) + VPE seconds."""
+    v = model.vision
+    if v is None:
+        return cp.ZERO, 0.0
+    n, d, f, hd, e = v.num_patches, v.hidden_size, v.intermediate_size, v.head_dim, hw.vision_eff
+    w = cp.matmul(hw, B * n, v.patch_dim, d, eff=e)
+    layer = (cp.matmul(hw, B * n, d, 3 * d, eff=e) + cp.matmul(hw, B * n, d, d, eff=e) + cp.matmul(hw, B * n, d, f, eff=e)
+             + cp.matmul(hw, B * n, f, d, eff=e) + cp.matmul(hw, n, hd, n, count=B * v.num_heads, weight_bytes=n * hd * 2, eff=e)
+             + cp.matmul(hw, n, n, hd, count=B * v.num_heads, weight_bytes=n * hd * 2, eff=e))
+    w = w + layer.scaled(v.num_hidden_layers)
+    for a, b in zip(v.connector, v.connector[1:]):
+        w = w + cp.matmul(hw, B * model.tokens_per_frame, a, b)
+    vpe = cp.vpe_time(hw, v.num_hidden_layers * B * (v.num_heads * n * n + n * (f + 2 * d)))
+    return cp.Work(w.seconds + vpe, w.flops, w.dram_bytes, w.compute_s + vpe), vpe
+
+
+def _dre_cycles(model: ModelShape, n: int, T: int, stats: RetrievalStats, c: Constants,
+                dre: DRESample | None) -> UnitCycles:
+    """One KV head's HCU and WTU cycles for one layer: the bit-exact units on ``dre`` or on a sample."""
+    if dre is not None:
+        return unit_cycles(dre)
+    g = model.num_attention_heads // model.num_key_value_heads
+    cs = max(1.0, stats.cluster_size)
+    n_cl = int(round(n / cs))
+    scope = int(round(min(n, c["hc_scope_frames"] * model.tokens_per_frame) / cs))
+    return sampled_cycles(n_cl, scope, T, T * g, model.head_dim, int(c["n_hp"]), round(cs, 1))
+
+
 def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
-                  stats: RetrievalStats = PAPER, c: Constants | None = None) -> StepResult:
-    """Latency, breakdowns and energy of one step (see module doc)."""
+                  stats: RetrievalStats = PAPER, c: Constants | None = None, dre: DRESample | None = None) -> StepResult:
+    """Latency, breakdowns and energy of one step (see module doc). ``dre``: the DRE units' inputs
+    for one KV head of one layer (default: a sample of the step's shape, :mod:`vrex.hw.dre`)."""
     c = c or load_constants()
     hw, me = system.hw, system.method
     B, n, L = wl.batch, int(wl.kv_tokens), model.num_hidden_layers
     T = rows_per_stream(stage, model, wl)
     hq, hk, D, bpp = model.num_attention_heads, model.num_key_value_heads, model.head_dim, model.bytes_per_param
-    kvl = model.kv_bytes_per_token_layer
+    g, d = hq // hk, model.hidden_size
+    kv_scale = me.kv_bits / (8 * bpp)
+    pl = place(hw, me, model, B, n, c)
 
     # --- execution of one layer
-    f_qkv, b_qkv = 2.0 * B * T * model.qkv_params, model.qkv_params * bpp
-    f_off, b_off = 2.0 * B * T * model.o_ffn_params, model.o_ffn_params * bpp
     r = selected_ratio(me, stage, n, c, stats)
     predicting = me.predictor != "none" and (stage != "frame" or me.predict_frames)
     n_att = (r if predicting else 1.0) * n + T  # selected past + the step's own tokens
-    f_att, b_att = 4.0 * B * T * hq * D * n_att, B * n_att * kvl
-    t_qkv, t_att, t_off = _roof(f_qkv, b_qkv, hw), _roof(f_att, b_att, hw), _roof(f_off, b_off, hw)
-    exec_t = t_qkv + t_att + t_off
+    na = int(math.ceil(n_att))
+    w_qkv = cp.matmul(hw, B * T, d, (hq + 2 * hk) * D)
+    w_att = (cp.matmul(hw, T * g, D, na, count=B * hk, weight_bytes=n_att * D * bpp * kv_scale)
+             + cp.matmul(hw, T * g, na, D, count=B * hk, weight_bytes=n_att * D * bpp * kv_scale))
+    vpe_att = cp.vpe_time(hw, B * T * hq * n_att)
+    w_att = cp.Work(w_att.seconds + vpe_att, w_att.flops, w_att.dram_bytes, w_att.compute_s + vpe_att)
+    w_off = (cp.matmul(hw, B * T, hq * D, d) + cp.matmul(hw, B * T, d, 2 * model.intermediate_size)
+             + cp.matmul(hw, B * T, model.intermediate_size, d))
+    exec_t = w_qkv.seconds + w_att.seconds + w_off.seconds
+    host_floor = LLM_OPS_PER_LAYER * hw.op_overhead_s  # GPU: the host cannot launch faster than this
+    host_pad = max(0.0, host_floor - exec_t)
 
     # --- prediction (engine share and DRE share), split into the two retrieval phases
     pe_hash = pe_score = dre_hcu = dre_wtu = 0.0
-    f_pred = b_pred = 0.0
+    w_hash = w_score = cp.ZERO
+    cyc = UnitCycles(0.0, 0.0, 0.0)
     if predicting:
         ops = me.ops_per_layer * hw.op_overhead_s
         if me.predictor == "resv":
-            n_cl = n / stats.cluster_size
-            f_h = 2.0 * B * T * hk * D * c["n_hp"]
-            f_s, b_s = 2.0 * B * T * hq * n_cl * D, B * stats.hc_overhead * n * kvl
-            f_pred, b_pred = f_h + f_s, b_s
+            n_cl = max(1, int(round(n / stats.cluster_size)))
+            hc_bytes = stats.hc_overhead * n * model.kv_bytes_per_token_layer / hk
+            w_hash = cp.matmul(hw, B * T, D, int(c["n_hp"]), count=hk)
+            w_score = cp.matmul(hw, T * g, D, n_cl, count=B * hk, weight_bytes=hc_bytes)
+            pe_hash, pe_score = w_hash.seconds, w_score.seconds
             if me.on_dre:
-                freq_cores = hw.freq_hz * max(hw.cores, 1)
-                scope = min(n, c["hc_scope_frames"] * model.tokens_per_frame) / stats.cluster_size
-                steps = math.ceil(c["n_hp"] / 16)  # 16-input XOR/popcount
-                dre_hcu = B * hk * T * (scope + T / 2) * steps / freq_cores
-                row = 2 * math.ceil(n_cl / 16) + stats.scan_fraction * n_cl / 16 + c["wtu_refine_cycles"]
-                dre_wtu = B * T * hq * row / freq_cores
-                pe_hash, pe_score = _roof(f_h, 0.0, hw), _roof(f_s, b_s, hw)
+                cyc = _dre_cycles(model, n, T, stats, c, dre)
+                freq_cores = hw.freq_hz * max(hw.cores, 1)  # KV heads spread over the cores' DREs
+                dre_hcu, dre_wtu = B * hk * cyc.hcu / freq_cores, B * hk * cyc.wtu / freq_cores
             else:  # framework ops: clustering 131 of 239 (counted), the rest scoring/selection
-                pe_hash = _roof(f_h, 0.0, hw) + ops * 131 / 239
-                pe_score = _roof(f_s, b_s, hw) + ops * 108 / 239
+                pe_hash += ops * 131 / 239
+                pe_score += ops * 108 / 239
         elif me.predictor == "infinigen":
-            pd = D * me.partial_dim_frac
-            f_pred, b_pred = 2.0 * B * T * hq * n * pd, B * n * hk * pd * bpp
-            pe_score = _roof(f_pred, b_pred, hw) + ops
+            pd = max(1, int(round(D * me.partial_dim_frac)))
+            w_score = cp.matmul(hw, T * g, pd, max(n, 1), count=B * hk, weight_bytes=n * pd * bpp)
+            pe_score = w_score.seconds + ops
         elif me.predictor == "rekv":
-            n_fr = n / model.tokens_per_frame
-            f_pred, b_pred = 2.0 * B * hq * n_fr * D, B * n_fr * hk * D * bpp
-            pe_score = _roof(f_pred, b_pred, hw) + ops
+            n_fr = max(1, n // model.tokens_per_frame)
+            w_score = cp.matmul(hw, g, D, n_fr, count=B * hk, weight_bytes=n_fr * D * bpp)
+            pe_score = w_score.seconds + ops
 
-    # --- transfer of the selected offloaded tokens
-    window = c["device_window_tokens"]
-    n_off = max(0.0, n - window)
+    # --- transfer of the selected offloaded tokens (capacity decides what is offloaded)
+    n_off = pl.offloaded_tokens
     sel_off = (r if predicting else 1.0) * n_off
-    xf = transfer(hw, me, model, B, n_off, sel_off, r if predicting else 1.0, c, stats)
+    xf = transfer(hw, me, model, B, n_off, sel_off, r if predicting else 1.0, c, stats, kv_scale)
 
     # --- pipelined layer: engine does prediction then execution; DRE + link overlap execution
+    sched = me.sched_tasks_per_layer * hw.op_overhead_s  # synchronised host scheduling (FlexGen)
+    busy = exec_t + host_pad
     side = dre_hcu + dre_wtu + xf.seconds
-    exposed = max(0.0, side - exec_t)
-    layer_t = pe_hash + pe_score + exec_t + exposed
+    exposed = max(0.0, side - busy)
+    layer_t = pe_hash + pe_score + busy + exposed + sched
     fill = 0.0
     if xf.seconds > 0:  # the first layer's retrieval has no previous layer to hide behind
-        lat = c.storage["ssd"]["read_latency_us"] * 1e-6 if hw.offload == "ssd" else 2e-6
-        fill = side + lat
+        fill = side + c.storage["ssd" if hw.offload == "ssd" else "host"]["read_latency_us"] * 1e-6
 
     # --- per step: frame encoder and LM head
-    t_vis = f_vis = b_vis = 0.0
+    w_vis = cp.ZERO
     if stage == "frame" and wl.include_vision and model.vision is not None:
-        f_vis, b_vis = B * model.vision.flops_per_frame(model.tokens_per_frame), model.vision.params * bpp
-        t_vis = _roof(f_vis, b_vis, hw)
-    f_lm, b_lm = 2.0 * B * model.lm_head_params, model.lm_head_params * bpp
-    t_lm = _roof(f_lm, b_lm, hw)
+        w_vis, _ = _vision(hw, model, B)
+    w_lm = cp.matmul(hw, B, d, model.vocab_size)
 
     # --- critical-path phases (sum = latency)
     exp_dre = exposed * (dre_hcu + dre_wtu) / side if side > 0 else 0.0
     exp_dre_h = exp_dre * dre_hcu / (dre_hcu + dre_wtu) if dre_hcu + dre_wtu > 0 else 0.0
     phases = {
-        "vision": t_vis,
-        "qkv": L * t_qkv,
-        "attention": L * t_att,
-        "o_ffn": L * t_off,
+        "vision": w_vis.seconds,
+        "qkv": L * (w_qkv.seconds + host_pad + sched),
+        "attention": L * w_att.seconds,
+        "o_ffn": L * w_off.seconds,
         "hash_cluster": L * (pe_hash + exp_dre_h),
         "score_threshold": L * (pe_score + exp_dre - exp_dre_h),
         "transfer": L * (exposed - exp_dre) + fill,
-        "lm_head": t_lm,
+        "lm_head": w_lm.seconds,
     }
     latency = sum(phases.values())
 
     # --- units (busy time; they overlap)
     link_busy = L * xf.seconds + (xf.seconds if fill else 0.0)
     engine = "LXE" if hw.kind == "vrex" else "GPU"
-    unit_busy = {engine: t_vis + t_lm + L * (exec_t + pe_hash + pe_score), "link": link_busy}
-    if hw.kind == "vrex":
+    unit_busy = {engine: w_vis.seconds + w_lm.seconds + L * (exec_t + pe_hash + pe_score), "link": link_busy}
+    if hw.kind == "vrex" and hw.dre:
         unit_busy.update({"HCU": L * dre_hcu, "WTU": L * dre_wtu, "KVMU": link_busy if me.kvmu else 0.0})
 
-    # --- energy: platform power over the step + link + offload tier
-    st = c.storage
-    e_link = hw.lanes * st["link"]["pcie_w_per_lane"] * link_busy
-    xfer_bytes = L * xf.link_bytes
-    e_tier = st["ssd"]["active_w"] * link_busy if hw.offload == "ssd" else xfer_bytes * 8 * st["host"]["pj_per_bit"] * 1e-12
-    e_board = hw.power_w * latency
-    energy = e_board + e_link + e_tier
-    e_ph = {k: hw.power_w * v for k, v in phases.items()}
-    e_ph["transfer"] += e_link + e_tier
-    tier_name = "SSD" if hw.offload == "ssd" else "host DRAM"
-    if hw.kind == "vrex":
-        ap = c.area_power
-        cores = hw.cores
-        units_mw = {k: v["power_mw"] for k, v in ap["units"].items()}
-        core_w = ap["core"]["power_mw"] / 1000 * cores
-        e_units = {"LXE": (core_w - sum(units_mw.values()) / 1000 * cores) * latency}
-        e_units.update({k.upper(): v / 1000 * cores * latency for k, v in units_mw.items()})
-        e_units["DRAM + I/O + rest"] = (hw.power_w - core_w) * latency
-    else:
-        e_units = {f"{hw.label} board": e_board}
-    e_units["PCIe"] = e_link
-    e_units[tier_name] = e_tier
+    # --- energy from activity
+    act = Activity(
+        flops={"vision": w_vis.flops, "qkv": L * w_qkv.flops, "attention": L * w_att.flops, "o_ffn": L * w_off.flops,
+               "hash_cluster": L * w_hash.flops, "score_threshold": L * w_score.flops, "lm_head": w_lm.flops},
+        dram_bytes={"vision": w_vis.dram_bytes, "qkv": L * w_qkv.dram_bytes, "attention": L * w_att.dram_bytes,
+                    "o_ffn": L * w_off.dram_bytes, "hash_cluster": L * w_hash.dram_bytes,
+                    "score_threshold": L * w_score.dram_bytes, "lm_head": w_lm.dram_bytes,
+                    "transfer": L * xf.useful_bytes},  # fetched KV is written into device DRAM
+        wait_s=phases["transfer"], link_busy_s=link_busy, link_bytes=L * xf.link_bytes,
+        hcu_busy_s=L * dre_hcu, wtu_busy_s=L * dre_wtu)
+    energy, e_ph, e_units = step_energy(hw, c, phases, act)
 
-    # --- roofline fraction of the step
-    flops = L * (f_qkv + f_off + f_att + f_pred) + f_vis + f_lm
-    dram = L * (b_qkv + b_off + b_att + b_pred + xf.useful_bytes) + b_vis + b_lm
-    oi = flops / dram if dram else float("inf")
-    bound = min(hw.peak_flops, oi * hw.dram_bw)
+    # --- the paper's roofline: attention + retrieval, bounded by DRAM and by the link
+    f_ar = L * (w_att.flops + w_hash.flops + w_score.flops)
+    d_ar = L * (w_att.dram_bytes + w_hash.dram_bytes + w_score.dram_bytes)
+    l_ar = L * xf.link_bytes
+    # time of these operations on their own (hidden or not): attention, prediction, DRE + link, fill
+    t_ar = L * (w_att.seconds + pe_hash + pe_score + side) + (fill - side if fill else 0.0)
+    bound = min(hw.peak_flops, f_ar / d_ar * hw.dram_bw if d_ar else math.inf, f_ar / l_ar * hw.link_bw if l_ar else math.inf)
+    roof = (f_ar / t_ar) / bound if t_ar > 0 and f_ar > 0 else 0.0
+    flops = sum(act.flops.values())
+    dram = sum(act.dram_bytes.values())
     return StepResult(
         system=system.name, stage=stage, kv_tokens=n, batch=B, latency_s=latency, phases=phases,
         unit_busy=unit_busy, energy_j=energy, energy_phases=e_ph, energy_units=e_units, flops=flops,
-        dram_bytes=dram, link_bytes=xfer_bytes, link_commands=L * xf.commands, selected_ratio=r if predicting else 1.0,
-        offloaded_tokens=int(n_off), roofline_fraction=(flops / latency) / bound if latency else 0.0,
+        dram_bytes=dram, link_bytes=L * xf.link_bytes, link_commands=L * xf.commands,
+        selected_ratio=r if predicting else 1.0, offloaded_tokens=int(n_off), roofline_fraction=roof,
         extra={"layer_s": layer_t, "exec_s": exec_t, "retrieval_side_s": side, "fill_s": fill,
-               "fits_dram": float(model.weight_bytes + B * min(n, window) * model.kv_bytes_per_token <= hw.dram_bytes)},
+               "fits_dram": float(pl.fits), "device_tokens": float(pl.device_tokens), "spills": float(pl.spills),
+               "kv_budget_gb": pl.budget_bytes / 1e9, "free_gb": pl.free_bytes / 1e9,
+               "hcu_cycles": float(B * hk * cyc.hcu), "wtu_cycles": float(B * hk * cyc.wtu),
+               "wtu_scan_fraction": cyc.scan_fraction, "oi_link": f_ar / l_ar if l_ar else math.inf,
+               "attained_ar_tflops": f_ar / t_ar / 1e12 if t_ar else 0.0,
+               "util_vision": cp.utilisation(w_vis, hw), "util_qkv": cp.utilisation(w_qkv, hw),
+               "util_o_ffn": cp.utilisation(w_off, hw),
+               "step_roofline": (flops / latency) / min(hw.peak_flops, flops / dram * hw.dram_bw) if latency and dram else 0.0},
     )
 
 
@@ -310,4 +353,4 @@ def episode(steps: dict[str, StepResult], wl: Workload) -> dict[str, float]:
 
 
 __all__ = ["Stage", "PHASES", "Workload", "StepResult", "Transfer", "selected_ratio", "transfer",
-           "simulate_step", "simulate", "episode", "rows_per_stream"]
+           "simulate_step", "simulate", "episode", "rows_per_stream", "LLM_OPS_PER_LAYER"]

@@ -15,11 +15,20 @@ present wins); it is the one place to edit if the schema changes.
 * ``run_tokens`` (mean contiguous run per fetch): fetched bytes / fetch transfers (summed over the
   steps' ``moved`` deltas, host and disk), divided by the bytes of one token of one KV head, which
   is resident bytes / (cached tokens x layers x KV heads) of the last record giving all of them.
+* ``growth_exponent``: least-squares slope of log(selected tokens) against log(past tokens) over the
+  ``frame`` records (selected = ratio x past), when they span at least a factor 2 of KV and number
+  at least 5; ``None`` otherwise (the constant ``resv_growth_exponent`` is used).
+
+Scaling to another model (e.g. a SmolLM2 trace simulated as Llama-3-8B): every statistic is a ratio
+or a count of tokens/clusters, so it is used as measured; bytes come from the simulated model's
+shapes (head_dim, KV heads, layers). The ratios' KV size (``ref_kv``) stays the trace's, and the
+growth law extends them to the simulated KV sizes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -63,6 +72,7 @@ class RetrievalStats:
     hc_overhead: float = 0.0167  # paper: HC table = 1.67% of the full KV
     ref_kv: float | None = None
     run_tokens: float | None = None
+    growth_exponent: float | None = None
     source: str = "paper"
 
 
@@ -94,10 +104,20 @@ def _mean(v: list[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
 
+def growth_exponent(points: list[tuple[float, float]], min_points: int = 5, min_span: float = 2.0) -> float | None:
+    """Slope of log(selected) on log(past) (see the module doc); ``None`` if the points are too few."""
+    pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
+    if len(pts) < min_points or max(x for x, _ in pts) - min(x for x, _ in pts) < math.log(min_span):
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
 def stats_from_records(records: Iterable[dict], base: RetrievalStats = PAPER) -> RetrievalStats:
     """Statistics from telemetry records (see the module doc for every rule)."""
     ratios: dict[str, list[float]] = {"frame": [], "text": []}
     n_past: list[float] = []
+    frame_pts: list[tuple[float, float]] = []
     other: dict[str, list[float]] = {"cluster_size": [], "scan_fraction": [], "hc_overhead": []}
     fetched = transfers = 0.0
     head_token_bytes: float | None = None
@@ -109,6 +129,8 @@ def stats_from_records(records: Iterable[dict], base: RetrievalStats = PAPER) ->
         if stage and r is not None and past:
             ratios["frame" if stage == "frame" else "text"].append(r)
             n_past.append(past)
+            if stage == "frame" and r > 0:
+                frame_pts.append((past, r * past))
         for k in other:
             v = _num(get(rec, k))
             if v is not None:
@@ -132,6 +154,7 @@ def stats_from_records(records: Iterable[dict], base: RetrievalStats = PAPER) ->
         hc_overhead=_mean(other["hc_overhead"]) or base.hc_overhead,
         ref_kv=_mean(n_past) or base.ref_kv,
         run_tokens=run or base.run_tokens,
+        growth_exponent=growth_exponent(frame_pts) if growth_exponent(frame_pts) is not None else base.growth_exponent,
         source="trace",
     )
 
@@ -151,4 +174,4 @@ def load_trace(path: str | Path, base: RetrievalStats = PAPER) -> RetrievalStats
     return stats_from_records(recs, base)
 
 
-__all__ = ["FIELD_MAP", "RetrievalStats", "PAPER", "get", "stats_from_records", "load_trace"]
+__all__ = ["FIELD_MAP", "RetrievalStats", "PAPER", "get", "growth_exponent", "stats_from_records", "load_trace"]
