@@ -205,6 +205,7 @@ def figure(
     from .plots import stages
 
     size = parse_kv(kv)[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
     fitted = load_fitted()
     c = load_constants(fitted)
     names = ["agx+flexgen", "agx+resv", "vrex8-kvpu", "vrex8", "oaken8"]
