@@ -26,6 +26,7 @@ demo: setup
 	$(BIN)/vrex run $(DEMO_CLIP) --ask "3:What do you see?" --ask "10:What is the bird doing?"
 
 test: setup
+	@sh scripts/setup-browser.sh  # Debian's chromium for the vrex serve browser test (no-op when installed)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: setup

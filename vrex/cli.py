@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from vrex.cli_options import POLICY_NAMES
+from vrex.serve.cli import bench_serve, serve
 
 
 class _Commands(TyperGroup):
@@ -49,6 +50,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.command("serve")(serve)
+bench_app.command("serve")(bench_serve)
 err = Console(stderr=True)
 
 

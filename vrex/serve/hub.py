@@ -1,0 +1,106 @@
+"""The server's state: the shared model, the sessions, the worker thread, the operator's settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vrex.kv.policies import POLICIES, make_policy
+from vrex.serve.limits import ClientError, ServeLimits, check_fps
+from vrex.serve.live import LiveSession, SessionSettings
+from vrex.serve.worker import Worker
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # required on every /api request when set (always set off loopback)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    media_dir: Path | None = None
+    allow_urls: bool = False
+    allowed_origins: tuple[str, ...] = ()  # extra page origins allowed to open WebSockets / POST
+    threads: int | None = None  # torch threads of the worker (None: torch's default)
+    default_policy: str = "full"
+
+
+def build_policy(spec: str) -> Any:
+    """A policy from a name or spec string (``resv``, ``resv[ratio=0.2]``); ClientError names the bad spec."""
+    try:
+        return make_policy(spec)
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ClientError(422, f"policy {spec!r}: {e}") from None
+
+
+class Hub:
+    def __init__(self, model: Any, config: ServeConfig):
+        self.model, self.config = model, config
+        self.sessions: dict[str, LiveSession] = {}
+        self._lock = threading.Lock()
+        self.model_lock = threading.Lock()  # one model step at a time: the worker's steps and session set-up
+        self.worker = Worker(self.list, threads=config.threads, on_idle=self.reap, model_lock=self.model_lock)
+        self.started = time.monotonic()
+
+    def start(self) -> "Hub":
+        self.worker.start()
+        return self
+
+    def stop(self) -> None:
+        for session in self.list():
+            session.close("server stopped")
+        self.worker.stop()
+
+    def list(self) -> list[LiveSession]:
+        with self._lock:
+            return list(self.sessions.values())
+
+    def get(self, sid: str) -> LiveSession:
+        with self._lock:
+            session = self.sessions.get(sid)
+        if session is None:
+            raise ClientError(404, f"no session {sid!r}")
+        return session
+
+    def create(self, settings: SessionSettings) -> LiveSession:
+        limits = self.config.limits
+        check_fps(settings.fps, limits)
+        if not 0.0 <= settings.theta <= 1.0:
+            raise ClientError(422, f"theta must be in [0, 1], got {settings.theta}")
+        if settings.recent_tokens is not None and settings.recent_tokens < 0:
+            raise ClientError(422, f"recent_tokens must be >= 0, got {settings.recent_tokens}")
+        policy = build_policy(settings.policy)
+        self.reap()
+        with self._lock:
+            live = sum(s.state == "live" for s in self.sessions.values())
+            if live >= limits.max_sessions:
+                raise ClientError(429, f"the server already hosts {live} sessions (limit {limits.max_sessions}); close one first")
+        # Building the session runs the system prompt through the shared model: under the model lock.
+        with self.model_lock:
+            session = LiveSession(self.model, policy, settings, limits)
+        with self._lock:
+            if sum(s.state == "live" for s in self.sessions.values()) >= limits.max_sessions:
+                raise ClientError(429, f"the server already hosts {limits.max_sessions} sessions (the limit); close one first")
+            session.wake = self.worker.wake
+            self.sessions[session.id] = session
+        return session
+
+    def remove(self, sid: str) -> None:
+        session = self.get(sid)
+        session.close("closed by client")
+        with self._lock:
+            self.sessions.pop(sid, None)
+
+    def reap(self) -> None:
+        """Close and forget sessions idle longer than the limit with no client attached."""
+        idle = self.config.limits.idle_timeout_s
+        now = time.monotonic()
+        for session in self.list():
+            if not session._subscribers and now - session.last_active > idle:
+                session.close(f"idle for more than {idle:.0f} s")
+                with self._lock:
+                    self.sessions.pop(session.id, None)
+
+    def policies(self) -> list[str]:
+        return list(POLICIES)

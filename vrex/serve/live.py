@@ -1,0 +1,249 @@
+"""One served stream: a ``StreamingSession`` plus its input slot, questions, events and timelines.
+
+Threading: clients (HTTP handlers, WebSockets, source threads) only call ``offer_frame``, ``ask``
+and the readers; the single worker thread (``vrex.serve.worker``) calls ``step``. The input slot
+holds one frame: a frame that arrives while the previous one still waits replaces it and is
+counted as dropped, so a slow machine never builds up lag behind a live source.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PIL import Image
+
+from vrex.engine.session import SessionConfig, StreamingSession
+from vrex.serve.limits import ClientError, ServeLimits
+from vrex.serve.timeline import ReadRecorder, ReadTimeline, per_layer, summarize
+
+MAX_EVENTS = 2000  # events kept for polling clients (older ones are dropped from the log)
+MAX_LATENCIES = 4000
+
+
+@dataclass
+class SessionSettings:
+    policy: str = "full"
+    fps: float = 2.0
+    theta: float = 0.725
+    min_response_gap: float = 0.0
+    recent_tokens: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Pending:
+    t: float
+    image: Image.Image
+    received: float
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    processed: int = 0
+    dropped_behind: int = 0  # replaced in the slot before the worker got to it
+    dropped_rate: int = 0  # arrived faster than the session's fps
+    narrations: int = 0
+    answers: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=MAX_LATENCIES))  # arrival -> processed
+
+
+class LiveSession:
+    def __init__(self, model: Any, policy: Any, settings: SessionSettings, limits: ServeLimits):
+        self.id = uuid.uuid4().hex[:12]
+        self.settings, self.limits = settings, limits
+        self.created = self.last_active = time.monotonic()
+        self.recorder = ReadRecorder(policy)
+        config = SessionConfig(theta=settings.theta, min_response_gap=settings.min_response_gap, recent_tokens=settings.recent_tokens)
+        self.session = StreamingSession(model, self.recorder, config)
+        cfg = model.lm.config
+        self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, cfg.num_hidden_layers, cfg.num_key_value_heads)
+        self.session.trace = lambda record, extra: self.timeline.on_step(record, self.session.spans)
+        self.state = "live"  # live | failed | closed
+        self.error: str | None = None
+        self.counters = Counters()
+        self.frame_times: list[float] = []
+        self.thumbs: dict[int, bytes] = {}
+        self.answers: dict[str, dict[str, Any]] = {}  # id -> answer/narration with its timeline
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.last_stats: dict[str, Any] = {}
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._slot: _Pending | None = None
+        self._questions: deque[tuple[str, str, float]] = deque()
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+        self._last_accepted_t = float("-inf")
+        self.source: Any = None  # a server-side source feeding this session (vrex.serve.sources)
+        self.wake: Callable[[], None] = lambda: None
+
+    # -- client side (any thread) -------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic() - self.created
+
+    def offer_frame(self, image: Image.Image, t: float | None = None) -> bool:
+        """Queue a frame (``t``: stream seconds, default: arrival time). False when it was dropped."""
+        self._check_live()
+        t = self.now() if t is None else float(t)
+        with self._lock:
+            self.last_active = time.monotonic()
+            self.counters.received += 1
+            if t < self._last_accepted_t:
+                raise ClientError(422, f"frame time {t} s is before the previous frame's {self._last_accepted_t} s")
+            # Rate: a frame closer than 1/fps to the previous accepted one is dropped (10% jitter allowed).
+            if t - self._last_accepted_t < 0.9 / self.settings.fps:
+                self.counters.dropped_rate += 1
+                return False
+            if self._slot is not None:
+                self.counters.dropped_behind += 1
+            self._slot = _Pending(t, image, time.monotonic())
+            self._last_accepted_t = t
+        self.wake()
+        return True
+
+    def ask(self, text: str) -> str:
+        self._check_live()
+        qid = uuid.uuid4().hex[:10]
+        with self._lock:
+            self.last_active = time.monotonic()
+            self._questions.append((qid, text, time.monotonic()))
+        self.emit({"type": "question", "id": qid, "text": text})
+        self.wake()
+        return qid
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+        return unsubscribe
+
+    def events_after(self, seq: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e["seq"] > seq]
+
+    def _check_live(self) -> None:
+        if self.state != "live":
+            raise ClientError(409, f"session {self.id} is {self.state}" + (f": {self.error}" if self.error else ""))
+
+    # -- worker side ----------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.state == "live" and (self._slot is not None or (bool(self._questions) and self.session.frames > 0))
+
+    def step(self) -> None:
+        """One unit of work: a due question (once a frame is in), else the newest frame."""
+        with self._lock:
+            question = self._questions.popleft() if self._questions and self.session.frames else None
+            pending = None if question else self._slot
+            if not question:
+                self._slot = None
+        if question:
+            qid, text, asked = question
+            for event in self.session.ask(text):
+                self._publish(event.to_dict(), qid=qid, asked=asked)
+        elif pending:
+            self._push(pending)
+
+    def _push(self, pending: _Pending) -> None:
+        t = max(pending.t, self.session.t)
+        image = pending.image
+        events = self.session.push_frame(t, image)
+        fid = self.session.frames - 1
+        self.frame_times.append(t)
+        thumb = image.copy()
+        thumb.thumbnail((self.limits.thumb_side, self.limits.thumb_side))
+        buf = io.BytesIO()
+        thumb.save(buf, "JPEG", quality=70)
+        self.thumbs[fid] = buf.getvalue()
+        latency = 1e3 * (time.monotonic() - pending.received)
+        with self._lock:
+            self.counters.processed += 1
+            self.counters.latencies_ms.append(latency)
+        for event in events:
+            data = event.to_dict()
+            if data["kind"] == "frame":
+                data["stats"].update(latency_ms=latency, **self.counts())
+                self.last_stats = data["stats"]
+            self._publish(data)
+        if self.session.frames >= self.limits.max_session_frames:
+            self.close(f"reached the limit of {self.limits.max_session_frames} frames per session")
+
+    def _publish(self, data: dict[str, Any], qid: str | None = None, asked: float | None = None) -> None:
+        kind = data["kind"]
+        if kind in ("response", "answer"):
+            gens = self.timeline.take()
+            gen = gens[-1] if gens else None
+            aid = qid or uuid.uuid4().hex[:10]
+            data["id"] = aid
+            if asked is not None:
+                data["stats"]["answer_latency_ms"] = 1e3 * (time.monotonic() - asked)
+            entry = {"id": aid, "kind": kind, "t": data["t"], "text": data["text"], "question": data["stats"].get("question"),
+                     "shares": self.timeline.shares(gen).float() if gen else None, "steps": gen.steps if gen else 0}
+            self.answers[aid] = entry
+            data["timeline"] = self.timeline_json(aid)
+            with self._lock:
+                if kind == "answer":
+                    self.counters.answers += 1
+                else:
+                    self.counters.narrations += 1
+        data["stats"] = {k: v for k, v in data["stats"].items() if k != "token_ms"}
+        self.emit({"type": kind, **data})
+
+    def emit(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            message["seq"] = next(self._seq)
+            self.events.append(message)
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            callback(message)
+
+    def fail(self, error: BaseException) -> None:
+        """The model step raised: this session stops (its cache may be half-updated); others go on."""
+        self.state, self.error = "failed", f"{type(error).__name__}: {error}"
+        self.emit({"type": "error", "fatal": True, "message": f"session failed: {self.error}"})
+
+    def close(self, reason: str = "closed") -> None:
+        if self.state == "live":
+            self.state = "closed"
+            self.emit({"type": "closed", "reason": reason})
+        if self.source is not None:
+            self.source.stop()
+
+    # -- readers ---------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        c = self.counters
+        return {"received": c.received, "processed": c.processed, "dropped": c.dropped_behind + c.dropped_rate,
+                "dropped_behind": c.dropped_behind, "dropped_rate": c.dropped_rate}
+
+    def timeline_json(self, aid: str, layers: bool = False) -> dict[str, Any]:
+        entry = self.answers.get(aid)
+        if entry is None:
+            raise ClientError(404, f"session {self.id} has no answer or narration {aid!r}")
+        shares = entry["shares"]
+        out: dict[str, Any] = {"id": aid, "kind": entry["kind"], "question": entry["question"], "text": entry["text"],
+                               "t": entry["t"], "steps": entry["steps"], "policy": self.settings.policy,
+                               **(summarize(shares, self.frame_times) if shares is not None else {"frames": [], "top": []})}
+        if layers and shares is not None:
+            out["layers"] = per_layer(shares)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        lat = sorted(self.counters.latencies_ms)
+        pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 1)) if lat else (lambda q: None)
+        return {"id": self.id, "state": self.state, "error": self.error, "settings": self.settings.describe(),
+                "frames": self.session.frames, "t": round(self.session.t, 3), "cached_tokens": self.session.cached_tokens,
+                "memory": {k: v for k, v in self.last_stats.items() if k.endswith("_bytes")}, "counters": self.counts(), "narrations": self.counters.narrations,
+                "answers": self.counters.answers, "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)},
+                "source": self.source.describe() if self.source is not None else None,
+                "uptime_s": round(self.now(), 1)}
