@@ -11,9 +11,14 @@ Model, per layer and KV head (all heads share the tier capacities, in tokens):
   grouped by cluster id (ascending), arrival order inside a cluster -- exactly
   :meth:`vrex.resv.table.HCTable.block_order`; ``layout="arrival"`` keeps arrival order (what a
   GPU runtime does). One slot holds one token's K and V for one head.
-* **Placement.** When a tier holds more tokens than its capacity, its oldest blocks move, whole
-  and with their layout, to the next tier's next free slots (FIFO offload of the oldest KV, the
-  paper's "predefined maximum capacity"). The last tier is unbounded.
+* **Placement.** When a tier holds more tokens than its capacity, its oldest blocks move to the next
+  tier's next free slots (FIFO offload of the oldest KV, the paper's "predefined maximum
+  capacity"), ``offload_chunk`` blocks at a time (at most the tier's blocks). With the cluster
+  layout a chunk of several blocks is **regrouped on the way out**: its tokens are written grouped
+  by cluster id across the whole chunk (arrival order inside a cluster), so a cluster that spans the
+  chunk's frames becomes one contiguous segment -- per-frame grouping alone leaves a temporal
+  cluster in one piece per frame (runs of ~3-5 tokens where clusters span frames). A chunk of one
+  block keeps the block's own layout. The last tier is unbounded.
 * **Transfer list.** A retrieval (selected token ids per head) is mapped to slots; tokens in the
   first tier are local reads; the others are sorted by (tier, slot) and adjacent slots are merged
   into one transfer. Every selected token is covered exactly once and no two transfers of a tier
@@ -48,6 +53,7 @@ class KVMUConfig:
     tiers: tuple[Tier, ...] = (Tier("device", 8192), Tier("host", 1 << 22), Tier("ssd", None, 4096))
     layout: Layout = "cluster"
     slot_bytes: int = 512  # K + V of one token for one head: 2 x 128 x BF16
+    offload_chunk: int = 1  # blocks moved (and, with the cluster layout, regrouped) per offload
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ class _Block:
     tier: int
     base: int  # first slot in the tier
     inv: list[int] = field(default_factory=list)  # inv[token offset] = physical position
+    cids: list[int] = field(default_factory=list)  # cluster id per token offset (cluster layout)
+    slots: list[int] | None = None  # slot per token offset after a regrouped offload (else base + inv)
 
 
 class KVMU:
@@ -91,6 +99,7 @@ class KVMU:
         position ``p``).
         """
         H = self.H
+        cids = cluster_ids.to(torch.int64).tolist() if cluster_ids is not None else [[0] * length] * H
         if self.cfg.layout == "cluster" and cluster_ids is not None:
             key = cluster_ids.to(torch.int64) * length + torch.arange(length)
             order = torch.argsort(key, dim=1, stable=True)
@@ -102,7 +111,7 @@ class KVMU:
             inv = [0] * length
             for p, t in enumerate(o):
                 inv[t] = p
-            blk = _Block(self.n_tokens, o, 0, self.next_slot[h][0], inv)
+            blk = _Block(self.n_tokens, o, 0, self.next_slot[h][0], inv, list(cids[h]))
             self.next_slot[h][0] += length
             self.used[h][0] += length
             self.blocks[h].append(blk)
@@ -113,18 +122,33 @@ class KVMU:
     def _spill(self, h: int) -> None:
         for ti, tier in enumerate(self.cfg.tiers[:-1]):
             while tier.capacity is not None and self.used[h][ti] > tier.capacity:
-                blk = next(b for b in self.blocks[h] if b.tier == ti)  # oldest in this tier
-                n = len(blk.order)
+                here = [b for b in self.blocks[h] if b.tier == ti]  # oldest first
+                chunk = here[: max(1, self.cfg.offload_chunk)]
+                n = sum(len(b.order) for b in chunk)
                 self.used[h][ti] -= n
-                blk.tier, blk.base = ti + 1, self.next_slot[h][ti + 1]
-                self.next_slot[h][ti + 1] += n
                 self.used[h][ti + 1] += n
+                base = self.next_slot[h][ti + 1]
+                self.next_slot[h][ti + 1] += n
+                if len(chunk) == 1 or self.cfg.layout != "cluster":
+                    for b in chunk:  # whole blocks, with their layout, back to back
+                        b.tier, b.base, b.slots = ti + 1, base, None
+                        base += len(b.order)
+                    continue
+                # regroup the chunk by cluster id across its blocks (arrival order inside a cluster)
+                toks = sorted(((b.cids[i], b.start + i, b) for b in chunk for i in range(len(b.order))),
+                              key=lambda x: (x[0], x[1]))
+                for b in chunk:
+                    b.tier, b.base, b.slots = ti + 1, base, [0] * len(b.order)
+                for k, (_, t, b) in enumerate(toks):
+                    b.slots[t - b.start] = base + k  # type: ignore[index]
 
     def locate(self, head: int, token: int) -> tuple[str, int]:
         """(tier name, slot) of one token."""
         if not 0 <= token < self.n_tokens:
             raise IndexError(f"token {token} not stored (have {self.n_tokens})")
         b = self.blocks[head][bisect.bisect_right(self.starts, token) - 1]
+        if b.slots is not None:
+            return self.cfg.tiers[b.tier].name, b.slots[token - b.start]
         return self.cfg.tiers[b.tier].name, b.base + b.inv[token - b.start]
 
     def tier_tokens(self, head: int = 0) -> dict[str, int]:
