@@ -32,5 +32,15 @@ test: setup
 bench: setup
 	$(BIN)/vrex bench engine
 
+# Optional peer (issue 15): llama.cpp on the same SmolLM2 GGUF, built here from its source package,
+# CPU only (about 4 minutes on 2 cores the first time; pip keeps the wheel). Not part of setup or test.
+# -mno-amx-int8: these VMs advertise AMX but its tile instructions crash (SIGSEGV in ggml's AMX matmul).
+PEER_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
+PEER_ARGS ?= --out bench-out/peer
+.PHONY: bench-peer
+bench-peer: setup
+	CMAKE_ARGS="$(PEER_CMAKE_ARGS)" $(BIN)/pip install -q --no-binary llama-cpp-python -r requirements-peer.txt
+	$(BIN)/python -m vrex.bench.peer $(PEER_ARGS)
+
 clean:
 	rm -rf $(VENV) .cache
