@@ -69,3 +69,18 @@ def test_read_counts_groups_tokens_by_frame():
     assert read_counts(full, group_of, 2).tolist() == [[3.0, 2.0], [3.0, 2.0]]
     kept = with_kept([torch.tensor([3])], 8, 2, 2, 1)
     assert kept[0].nonzero().flatten().tolist() == [0, 1, 3, 6, 7]
+
+
+def test_cache_reported_reads_are_used_as_is():
+    """When the cache's StepRecord carries what it read (CACHE_HOOK), the timeline uses it unchanged."""
+    from vrex.kv.cache import KeepConfig, StepRecord
+    from vrex.serve.timeline import CACHE_HOOK, ReadRecorder, ReadTimeline
+
+    timeline = ReadTimeline(ReadRecorder(make_policy("full")), KeepConfig(sink_tokens=2, recent_tokens=2), num_layers=1, num_heads=1)
+    spans = [(0, 2, None), (2, 3, 0), (5, 3, 1), (8, 1, None)]
+    read = StepRecord("text", None, 1, [{"layer": 0, "n_past": 8, "selected": [2], CACHE_HOOK: [torch.tensor([2, 5])]}])
+    timeline.on_step(read, spans)
+    timeline.on_step(StepRecord("decode", None, 1, [{"layer": 0, "n_past": 9, "selected": [9], CACHE_HOOK: None}]), spans)
+    gen = timeline.take()[0]
+    # Step 1: one of frame 0's three tokens and one of frame 1's; step 2: everything.
+    assert gen.steps == 2 and timeline.shares(gen)[0, 0].tolist() == pytest.approx([(1 / 3 + 1) / 2, (1 / 3 + 1) / 2])

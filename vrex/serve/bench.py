@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import statistics
 import threading
@@ -120,13 +121,23 @@ def run_bench(counts: list[int], fps: float = 2.0, seconds: float = 20.0, policy
     finally:
         server.stop()
     result = {"command": f"vrex bench serve --sessions {','.join(map(str, counts))} --fps {fps} --seconds {seconds} --policy {policy} --threads {threads}",
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(), "torch": torch.__version__},
+              "machine": {"cpu": cpu_name(), "threads": threads, "cores": os.cpu_count(), "torch": torch.__version__},
               "clips": CLIPS[: max(counts)], "rows": rows}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         plot(result, out.with_suffix(".png"))
     return result
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -157,7 +168,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     b.plot(x, [r["answer_ms_p50"] for r in rows], "s--", label="answer p50")
     b.set(xticks=list(x), xticklabels=n, xlabel="concurrent sessions", ylabel="ms", title="latency", yscale="log")
     b.legend()
-    fig.suptitle(f"vrex serve, {rows[0]['fps']} fps per session, {result['machine']['cores']} threads")
+    fig.suptitle(f"vrex serve, {rows[0]['fps']} fps per session, {result['machine'].get('threads', '?')} torch threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -73,7 +73,7 @@ def bench_serve(
     seconds: Annotated[float, typer.Option(help="Streaming time per configuration.")] = 20.0,
     policy: Annotated[str, typer.Option(help="KV policy of every session.")] = "full",
     threads: Annotated[int, typer.Option(help="Torch threads of the model worker.")] = 2,
-    out: Annotated[Path, typer.Option(help="JSON output (a PNG plot is written beside it).")] = Path("docs/figures/serve.json"),
+    out: Annotated[Path, typer.Option(help="JSON output (a PNG plot is written beside it).")] = Path("docs/figures/serve_bench.json"),
 ) -> None:
     """N webcam-like clients at once against a real server (HTTP, real frames of the shared clips):
     frames processed and dropped per second, p50/p99 frame latency, answer latency."""

@@ -62,6 +62,7 @@ class LiveSession:
         self.id = uuid.uuid4().hex[:12]
         self.settings, self.limits = settings, limits
         self.created = self.last_active = time.monotonic()
+        self.last_served = 0.0  # when the worker last stepped this session (its scheduling key)
         self.recorder = ReadRecorder(policy)
         config = SessionConfig(theta=settings.theta, min_response_gap=settings.min_response_gap, recent_tokens=settings.recent_tokens)
         self.session = StreamingSession(model, self.recorder, config)

@@ -23,6 +23,11 @@ import torch
 
 from vrex.kv.policy import Selection, Stage
 
+#: Key of the per-layer entry of ``StepRecord.layers`` through which the cache may report what it read
+#: (a list per KV head of int tensors after the always-kept union, or None for every past token).
+#: Until the cache reports it, ``ReadRecorder`` reconstructs the same thing from the policy's selection.
+CACHE_HOOK = "read_indices"
+
 
 class ReadRecorder:
     """A KV policy that delegates to ``inner`` and records the selections of non-frame steps.
@@ -127,8 +132,12 @@ class ReadTimeline:
         if self.current is None:
             return
         n_groups = self.current.counts.shape[-1]
+        sink, recent = self.keep.sink_tokens, self.keep.recent_tokens
+        if record.layers and CACHE_HOOK in record.layers[0]:
+            # The cache's own record (when it provides one) already holds sink + recent: use it as is.
+            step, sink, recent = [(e["layer"], e["n_past"], e[CACHE_HOOK]) for e in record.layers], 0, 0
         for layer, n_past, indices in step:
-            mask = with_kept(indices, n_past, self.keep.sink_tokens, self.keep.recent_tokens, self.num_heads)
+            mask = with_kept(indices, n_past, sink, recent, self.num_heads)
             self.current.counts[layer] += read_counts(mask, self.group_of, n_groups)
         self.current.steps += 1
 

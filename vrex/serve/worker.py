@@ -1,8 +1,9 @@
-"""The single model thread: steps every live session in turn, one unit of work each.
+"""The single model thread: steps the live sessions one unit of work at a time (a question, else
+the newest frame), the least recently served session first.
 
 Why one thread: the model is shared (read-only weights, one cache per session) and the machine
-has few cores; torch already uses them inside each step. Round-robin keeps sessions fair; a
-session whose step raises is marked failed and the loop goes on with the others.
+has few cores; torch already uses them inside each step. A session whose step raises is marked
+failed and the loop goes on with the others.
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ class Worker:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            for session in busy:  # one unit of work per session per round: fair under load
-                if self._stop.is_set():
-                    break
-                try:
-                    with self.model_lock:
-                        session.step()
-                except Exception as e:  # noqa: BLE001 - isolation: one session's failure never stops the others
-                    self.errors += 1
-                    session.fail(e)
-                self.steps += 1
+            # Least recently served first: under overload every session gets the same share of
+            # steps, whatever the phase of its frames' arrivals (plain round-robin over the
+            # sessions that happen to have a frame at the start of a round favours the first ones).
+            session = min(busy, key=lambda s: s.last_served)
+            session.last_served = time.monotonic()
+            try:
+                with self.model_lock:
+                    session.step()
+            except Exception as e:  # noqa: BLE001 - isolation: one session's failure never stops the others
+                self.errors += 1
+                session.fail(e)
+            self.steps += 1
             time.sleep(0)  # let client threads take the GIL between rounds
