@@ -82,6 +82,14 @@ def setup(
     t0 = time.time()
     err.print(f"LM: {smollm2_dir()}  ({time.time() - t0:.1f} s)")
     err.print(f"encoder: {efficientnet_lite0_checkpoint()}")
+    from vrex.kv.fast import FastPathUnavailable, load as load_kernels
+
+    t1 = time.time()
+    try:
+        err.print(f"fast-path kernels: {load_kernels().__file__}  ({time.time() - t1:.1f} s)")
+    except FastPathUnavailable as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
     clips = list_demo_clips()
     err.print(f"demo clips: {len(clips)} ({', '.join(sorted(clips)[:6])}{', ...' if len(clips) > 6 else ''})")
     if training_media:
@@ -122,6 +130,8 @@ def run(
     device_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Device tier: the KV kept where attention runs (the accelerator's memory; on a CPU a budgeted region of RAM with the same accounting). Default: 2048 tokens' worth for offloading policies (flexgen, infinigen, rekv, resv, resv-noclust), unbounded for full and streamingllm. " + _TIERS)] = None,
     host_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Host tier: the KV kept in RAM below the device tier; what exceeds it goes to --disk-dir (required with this option). Default: unbounded.")] = None,
     disk_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Disk tier: memory-mapped KV files in a fresh vrex-kv-* directory inside DIR (created if needed, removed at exit). Needed by --host-budget; without a host budget nothing reaches disk.")] = None,
+    kernels: Annotated[str, typer.Option(help="Selection + attention kernels: 'fast' (C++: fused selection, attention read in place from the KV tiers) or 'reference' (the PyTorch path the fast one is tested against: same selections, same outputs within float tolerance).")] = "fast",
+    kv_dtype: Annotated[str, typer.Option(help="KV storage type: 'auto' (the LM's dtype), 'bfloat16' (half the KV memory; keys and values rounded) or 'float32'.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (frame, response, answer) on stdout instead of the live display.")] = False,
 ) -> None:
     """Watch SOURCE frame by frame, narrate it, and answer questions at their timestamps.
@@ -137,7 +147,7 @@ def run(
     errors = run_option_errors(dict(
         fps=fps, max_frames=max_frames, theta=theta, min_gap=min_gap, recent_tokens=recent_tokens, positions=positions,
         policy=policy, lm=lm, base_lm=base_lm, encoder=encoder, connector=connector, trace=trace,
-        device_budget=device_budget, host_budget=host_budget, disk_dir=disk_dir))
+        device_budget=device_budget, host_budget=host_budget, disk_dir=disk_dir, kernels=kernels, kv_dtype=kv_dtype))
     questions = []
     for q in ask or []:
         try:
@@ -170,7 +180,8 @@ def run(
                            positions=PositionConfig(mode=positions),
                            device_budget_bytes=None if device_budget is None else parse_bytes(device_budget),
                            host_budget_bytes=None if host_budget is None else parse_bytes(host_budget),
-                           disk_dir=None if disk_dir is None else str(disk_dir))
+                           disk_dir=None if disk_dir is None else str(disk_dir),
+                           kernels=kernels, kv_dtype=None if kv_dtype == "auto" else kv_dtype)
     tracer = TelemetryWriter(trace) if trace else None
     try:  # the session prefills the system prompt: the first store and trace writes happen here
         session = StreamingSession(model, make_policy(policy), config, trace=tracer and _TraceSink(tracer, trace))

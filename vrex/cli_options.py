@@ -155,6 +155,8 @@ def run_option_errors(o: dict[str, Any]) -> list[str]:
         writable_file_error("--trace", o["trace"]),
         directory_error("--disk-dir", o["disk_dir"]),
         policy_error(o["policy"]),
+        choice_error("--kernels", o.get("kernels", "fast"), ("fast", "reference")),
+        choice_error("--kv-dtype", o.get("kv_dtype", "auto"), ("auto", "bfloat16", "float32")),
     ]
     if o["base_lm"] is not None and o["lm"] in LM_PRESETS:
         errors.append(f"--base-lm '{o['base_lm']}': applies only when --lm is a VideoLLM-online checkpoint, not the preset '{o['lm']}'")

@@ -100,8 +100,6 @@ def test_out_of_range_names_parameter_value_and_range(spec, param, allowed):
     assert param in msg and allowed in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="resv.py's __post_init__ does not bound ratio above yet (owned by the fast-ReSV work; "
-                   "requested: ratio, ratio_text, ratio_decode in [0, 1]); remove this marker when it does")
 def test_resv_ratio_above_one_is_refused():
     with pytest.raises(PolicySpecError, match="ratio"):
         make_policy("resv[ratio=2]")

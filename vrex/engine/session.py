@@ -68,6 +68,11 @@ class SessionConfig:
     device_tokens: int = 2048
     host_budget_bytes: int | None = None
     disk_dir: str | None = None
+    #: "fast": fused C++ selection + attention over the store (vrex.kv.fast); "reference": the PyTorch
+    #: path it is tested against. Both compute the same selections.
+    kernels: str = "fast"
+    #: KV storage type: None = the LM's dtype; "bfloat16" halves KV memory (keys and values rounded).
+    kv_dtype: str | None = None
 
 
 DEFAULT_RECENT_FRAMES = 2
@@ -94,14 +99,15 @@ class StreamingSession:
     def __init__(self, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None = None, trace=None):
         self.model, self.policy = model, policy
         self.config = config or SessionConfig()
-        self.trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
+        self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
         lm = model.lm
         lm.set_attn_implementation("vrex")
         cfg = lm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.store = _make_store(cfg, head_dim, lm.dtype, lm.device, policy, self.config)
         self.cache = VrexCache(self.store, policy, KeepConfig(recent_tokens=recent_window(self.config, model.tokens_per_frame)),
-                               num_q_heads=cfg.num_attention_heads)
+                               num_q_heads=cfg.num_attention_heads, kernels=self.config.kernels)
+        self.cache.record_stats = trace is not None
         self.max_position = self.config.positions.max_position or cfg.max_position_embeddings
         self.positions = torch.empty(0, dtype=torch.long)  # position id of every cached token
         fmt = model.fmt
@@ -123,6 +129,17 @@ class StreamingSession:
         self._last_features: torch.Tensor | None = None  # encoder features of the last frame (temporal connectors)
 
     # -- public API ------------------------------------------------------------------------
+    @property
+    def trace(self):
+        """Telemetry sink ``callable(StepRecord, dict)`` or None; policies build their telemetry-only
+        statistics only while one is set."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, sink) -> None:
+        self._trace = sink
+        self.cache.record_stats = sink is not None
+
     @property
     def cached_tokens(self) -> int:
         return int(self.positions.numel())
@@ -205,16 +222,17 @@ class StreamingSession:
         if any(bool(self.store.is_evicted(layer).any()) for layer in range(self.store.num_layers)):
             raise ValueError("fork needs a session whose policy keeps every token (e.g. full); this one evicted tokens")
         new = object.__new__(StreamingSession)
-        new.model, new.policy, new.config, new.trace = self.model, policy, config or self.config, None
+        new.model, new.policy, new.config, new._trace = self.model, policy, config or self.config, None
         cfg = self.model.lm.config
-        new.store = _make_store(cfg, self.store.head_dim, self.store.dtype, self.store.device, policy, new.config)
+        new.store = _make_store(cfg, self.store.head_dim, self.model.lm.dtype, self.store.device, policy, new.config)
         new.cache = VrexCache(new.store, policy, KeepConfig(self.cache.keep.sink_tokens, recent_window(new.config, self.model.tokens_per_frame)),
-                              num_q_heads=cfg.num_attention_heads)
+                              num_q_heads=cfg.num_attention_heads, kernels=new.config.kernels)
+        new.cache.record_stats = False
         for layer in range(self.store.num_layers):
             keys, values = self.store.keys(layer), self.store.values(layer)
             for start, length, fid in self.spans:
                 block = slice(start, start + length)
-                new.cache.index(layer, keys[:, block], new.store.append(layer, keys[:, block], values[:, block]), fid)
+                new.cache.store_block(layer, keys[:, block], values[:, block], fid)
             evict = policy.evictable(layer, new.store.length(layer))
             if evict is not None and evict.numel():
                 new.store.evict(layer, evict)
@@ -343,6 +361,10 @@ class StreamingSession:
 
 
 def _make_store(cfg, head_dim: int, dtype: torch.dtype, device, policy: KVPolicy, config: SessionConfig) -> KVStore:
+    if config.kv_dtype is not None:
+        if config.kv_dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"kv_dtype must be None, 'bfloat16', 'float16' or 'float32', got {config.kv_dtype!r}")
+        dtype = getattr(torch, config.kv_dtype)
     budget = config.device_budget_bytes
     if budget is None and policy.offloads:
         itemsize = torch.empty(0, dtype=dtype).element_size()

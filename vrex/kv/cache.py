@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from vrex.kv.policy import KVPolicy, Selection, Stage
+from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
 from vrex.kv.store import KVStore
+
+
+Kernels = Literal["fast", "reference"]
+_EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
 @dataclass
@@ -86,8 +90,16 @@ class VrexCacheLayer(CacheLayerMixin):
 class VrexCache(Cache):
     """KV cache for one stream: tiered store + selection policy + always-kept tokens."""
 
-    def __init__(self, store: KVStore, policy: KVPolicy, keep: KeepConfig | None = None, *, num_q_heads: int):
+    def __init__(self, store: KVStore, policy: KVPolicy, keep: KeepConfig | None = None, *, num_q_heads: int,
+                 kernels: Kernels = "fast"):
+        if kernels not in ("fast", "reference"):
+            raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
         self.store, self.policy = store, policy
+        #: "fast": C++ selection + attention over the store's slots (vrex.kv.fast); "reference": PyTorch.
+        #: The fast path needs CPU tensors; elsewhere the reference runs.
+        self.kernels: Kernels = kernels if store.device.type == "cpu" else "reference"
+        #: Build the policies' telemetry-only statistics (set by the session when a trace is written).
+        self.record_stats = True
         self.keep = keep or KeepConfig()
         layers = [VrexCacheLayer(self, i) for i in range(store.num_layers)]
         super().__init__(layers=layers)
@@ -120,6 +132,10 @@ class VrexCache(Cache):
         """
         t0 = time.perf_counter()
         self._pending.discard(layer)
+        if self.kernels == "fast" and query.dtype == torch.float32:
+            out = self._attend_fast(layer, query, key, value, scaling, t0)
+            if out is not None:
+                return out
         n_new = key.shape[-2]
         n_past = self.store.length(layer)
         q = query[0]
@@ -150,20 +166,53 @@ class VrexCache(Cache):
             self.store.evict(layer, evict)
         return out.transpose(0, 1).unsqueeze(0)
 
+    def _attend_fast(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     t0: float) -> torch.Tensor | None:
+        """The fast path (vrex.kv.fast): the same tokens as the reference, read in place. ``None`` when
+        a selected token lies on the disk tier (the reference path then gathers it)."""
+        from vrex.kv.fast import load
+
+        n_past = self.store.length(layer)
+        q = query[0]
+        if n_past:
+            selection = self.policy.select_packed(layer, q, n_past, self.stage, want_stats=self.record_stats)
+        else:
+            selection = PackedSelection(_EMPTY, _EMPTY, True)
+        sink = min(self.keep.sink_tokens, n_past)
+        recent_start = max(sink, n_past - self.keep.recent_tokens)
+        plan = self.store.read_plan(layer, selection.ids, selection.offs, selection.everything, n_past, sink, recent_start,
+                                    n_new=key.shape[-2])
+        if plan is None:
+            return None
+        t_fetch = time.perf_counter()
+        out = load().sparse_attention(q, plan.kbufs, plan.vbufs, plan.slots, plan.offs, plan.dense,
+                                      key[0], value[0], float(scaling))
+        self._store_and_index(layer, key[0], value[0])
+        if self.record is not None:
+            self.record.n_new = key.shape[-2]
+            self.record.layers.append(
+                {"layer": layer, "n_past": n_past, "selected": n_past if selection.everything else plan.selected,
+                 "stats": selection.stats, "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch})
+        evict = self.policy.evictable(layer, self.store.length(layer))
+        if evict is not None and evict.numel():
+            self.store.evict(layer, evict)
+        return out.to(query.dtype).transpose(0, 1).unsqueeze(0)
+
     def _store_and_index(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         offset = 0
         for n_tokens, frame_id in self.frame_spans or [(key.shape[1], self.frame_id)]:
             # One store block per frame, so a frame's cluster-contiguous layout applies to its own block.
-            keys, values = key[:, offset:offset + n_tokens], value[:, offset:offset + n_tokens]
-            self.index(layer, keys, self.store.append(layer, keys, values), frame_id)
+            self.store_block(layer, key[:, offset:offset + n_tokens], value[:, offset:offset + n_tokens], frame_id)
             offset += n_tokens
 
-    def index(self, layer: int, keys: torch.Tensor, start: int, frame_id: int | None) -> None:
-        """Let the policy index stored tokens; apply its cluster-contiguous layout if it has one (ReSV)."""
+    def store_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor, frame_id: int | None) -> int:
+        """Index a block with the policy, then write it once, in the policy's cluster-contiguous
+        order if it has one (ReSV's ``block_order``: the KV memory unit's layout). Returns its first id."""
+        start = self.store.length(layer)
         self.policy.on_append(layer, keys, start, frame_id)
         block_order = getattr(self.policy, "block_order", None)
-        if block_order is not None and keys.shape[1] > 1:
-            self.store.set_block_order(layer, start, block_order(layer, start, keys.shape[1]))
+        order = block_order(layer, start, keys.shape[1]) if block_order is not None and keys.shape[1] > 1 else None
+        return self.store.append(layer, keys, values, order=order)
 
     def _with_always_kept(self, indices: list[torch.Tensor] | None, n_past: int) -> list[torch.Tensor] | None:
         if indices is None:

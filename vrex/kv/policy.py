@@ -46,6 +46,37 @@ class Selection:
 
 
 @dataclass
+class PackedSelection:
+    """The fast path's form of a :class:`Selection`: every KV head's sorted ids in one tensor.
+
+    ``ids`` int64 ``[total]`` holds head ``h``'s ids at ``ids[offs[h]:offs[h + 1]]``; ``offs`` is
+    int64 ``[H_kv + 1]``. ``everything`` = read every past token (``ids``/``offs`` unused).
+    """
+
+    ids: torch.Tensor
+    offs: torch.Tensor
+    everything: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def pack(selection: Selection, num_kv_heads: int) -> "PackedSelection":
+        if selection.indices is None:
+            return PackedSelection(_EMPTY, _EMPTY, True, selection.stats)
+        lengths = torch.tensor([0] + [int(i.numel()) for i in selection.indices], dtype=torch.int64)
+        ids = torch.cat([i.to(torch.int64).cpu() for i in selection.indices]) if num_kv_heads else _EMPTY
+        return PackedSelection(ids, lengths.cumsum(0), False, selection.stats)
+
+    def unpack(self) -> Selection:
+        if self.everything:
+            return Selection(None, self.stats)
+        o = self.offs.tolist()
+        return Selection([self.ids[o[h]:o[h + 1]] for h in range(len(o) - 1)], self.stats)
+
+
+_EMPTY = torch.zeros(0, dtype=torch.int64)
+
+
+@dataclass
 class KVPolicy:
     """Base class. Subclasses are small dataclasses, one per file in ``vrex.kv.policies``."""
 
@@ -64,6 +95,12 @@ class KVPolicy:
     def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
         """Return the past tokens (``< n_past``) that ``queries`` attend to, per KV head."""
         raise NotImplementedError
+
+    def select_packed(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage,
+                      want_stats: bool = False) -> PackedSelection:
+        """The same choice as :meth:`select`, packed for the fast path. Policies with a fused
+        implementation (ReSV) override it; ``want_stats`` False lets them skip telemetry-only work."""
+        return PackedSelection.pack(self.select(layer, queries, n_past, stage), self.num_kv_heads)
 
     def evictable(self, layer: int, n_total: int) -> torch.Tensor | None:
         """Token indices the store may delete permanently (StreamingLLM-style); ``None`` = keep all."""

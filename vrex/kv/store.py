@@ -272,6 +272,22 @@ class _Layer:
         self.pos, self.evicted = pos, ev
 
 
+_NO_OFFS = torch.zeros(0, dtype=torch.int64)
+
+
+@dataclass
+class ReadPlan:
+    """Tier buffers and the slots to read in each (see :meth:`KVStore.read_plan`): the arguments of
+    ``vrex.kv.fast`` ``sparse_attention``. ``dense[i] >= 0``: ``dense[i]`` slots from ``slots[i][0]``."""
+
+    kbufs: list[Tensor]
+    vbufs: list[Tensor]
+    slots: list[Tensor]
+    offs: list[Tensor]
+    dense: list[int]
+    selected: list[int]  # tokens read per KV head
+
+
 class KVStore:
     """Tiered KV storage for one stream (see the module docstring)."""
 
@@ -329,14 +345,25 @@ class KVStore:
         return {DEVICE: L.dev, HOST: L.host, DISK: L.disk}[name]
 
     # ------------------------------------------------------------------ append / offload
-    def append(self, layer: int, keys: Tensor, values: Tensor) -> int:
-        """Store a block ``[H_kv, T, D]``; returns its first logical id."""
+    def append(self, layer: int, keys: Tensor, values: Tensor, order: Tensor | None = None) -> int:
+        """Store a block ``[H_kv, T, D]``; returns its first logical id.
+
+        ``order`` ``[H_kv, T]`` (optional): the block's physical order, written once: slot ``p`` of
+        head ``h`` gets the block's token ``order[h, p]`` (a cluster-contiguous layout, e.g. ReSV's
+        ``block_order``); the permutation travels with the block to host and disk."""
         L = self._layers[layer]
         H, T, D = keys.shape
         if (H, D) != (self.num_kv_heads, self.head_dim) or values.shape != keys.shape:
             raise ValueError(f"append expects keys/values [{self.num_kv_heads}, T, {self.head_dim}], got "
                              f"{tuple(keys.shape)} / {tuple(values.shape)}")
         start = L.n
+        rel = None
+        if order is not None:
+            rel = order.to(torch.int64).cpu()
+            if tuple(rel.shape) != (H, T) or not torch.equal(rel.sort(1).values, torch.arange(T).expand(H, T)):
+                raise ValueError(f"order must be a permutation of 0..{T - 1} for each of the {H} heads, got shape {tuple(rel.shape)}")
+            idx = rel.to(keys.device).unsqueeze(-1).expand(H, T, D)
+            keys, values = keys.gather(1, idx), values.gather(1, idx)
         # Plan first, so that a disk failure (raised by reserve) leaves the store unchanged.
         tier = DEVICE
         if L.dev.fixed and T > L.dev.cap:
@@ -346,7 +373,7 @@ class KVStore:
         if L.disk is not None and L.host.fixed and L.host.used + L.dev.used + T > L.host.cap:
             L.disk.reserve(L.disk.hi + L.host.used + L.dev.used + T)
         L.grow(start + T)
-        ids = (start + torch.arange(T)).expand(H, T)
+        ids = (start + torch.arange(T)).expand(H, T) if rel is None else start + rel
         if tier == DEVICE:
             self._make_room(L, DEVICE, T)
             p0 = L.dev.push(keys, values, ids)
@@ -358,7 +385,11 @@ class KVStore:
             self._count("offload_device_host", T * H, H)
             p0, tier = self._push_below_device(L, start, T, keys, values, ids)
         L.live[tier] += T
-        L.pos[:, start : start + T] = torch.arange(p0, p0 + T)
+        if rel is None:
+            L.pos[:, start : start + T] = torch.arange(p0, p0 + T)
+        else:
+            L.pos[:, start : start + T] = torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T))
+            L.permuted = L.permuted or T > 1
         L.n = start + T
         return start
 
@@ -585,6 +616,36 @@ class KVStore:
             valid = valid.to(self.device)
         return k_out, v_out, valid
 
+    def read_plan(self, layer: int, ids: Tensor, offs: Tensor, everything: bool, n_past: int, sink: int,
+                  recent_start: int, n_new: int = 0) -> "ReadPlan | None":
+        """Where the fast path reads (``vrex.kv.fast``): per in-memory tier, the physical slots of the
+        selected past tokens of each head, plus ``[0, sink)`` and ``[recent_start, n_past)``; evicted
+        tokens skipped. Counted exactly as :meth:`gather` counts the same selection (``everything``: the
+        step's ``n_new`` tokens too, which the reference stores first and reads back). ``None`` when a
+        selected token is on disk (the caller then gathers through the reference path)."""
+        from vrex.kv.fast import load
+
+        L = self._layers[layer]
+        H = self.num_kv_heads
+        if L.disk is not None and L.d_end > 0:
+            return None
+        if everything and L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0 and n_past == L.n:
+            # the full policy's case: every token on the device tier in arrival order, one dense run per head
+            self._c["gathers"] += 1
+            self._c["device_read_bytes"] += (n_past + n_new) * H * self.token_bytes
+            start = torch.tensor([L.dev.front], dtype=torch.int64)
+            return ReadPlan([L.dev.k], [L.dev.v], [start], [_NO_OFFS], [n_past], [n_past] * H)
+        hs, ho, ds, do, disk, runs, sel = load().plan_reads(
+            ids, offs, everything, n_past, sink, recent_start, L.pos, L.evicted, L.n_evicted > 0, L.d_end, L.h_end)
+        if bool(disk.any()):
+            return None
+        self._c["gathers"] += 1
+        n_dev, n_host = int(ds.numel()), int(hs.numel())
+        self._c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
+        if n_host:
+            self._count("fetch_host", n_host, int(runs.sum()))
+        return ReadPlan([L.host.k, L.dev.k], [L.host.v, L.dev.v], [hs, ds], [ho, do], [-1, -1], sel.tolist())
+
     def _gather_all_contiguous(self, L: _Layer) -> tuple[Tensor, Tensor, None]:
         """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""
         H, D = self.num_kv_heads, self.head_dim
@@ -693,4 +754,4 @@ def _session_dir(parent: Path) -> Path:
         raise KVStoreDiskError(e.errno, f"KV disk tier directory '{parent}' is not usable: {e.strerror or e}") from e
 
 
-__all__ = ["KVStore", "KVStoreDiskError", "DEVICE", "HOST", "DISK"]
+__all__ = ["KVStore", "KVStoreDiskError", "ReadPlan", "DEVICE", "HOST", "DISK"]

@@ -55,12 +55,13 @@ from typing import ClassVar
 
 import torch
 
-from vrex.kv.policy import KVPolicy, Selection, Stage
+from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
 from vrex.resv.hashing import make_hyperplanes
 from vrex.resv.table import HCTable
 from vrex.resv.wicsum import normalize_scores, wicsum_select
 
 from ._common import gqa_rows
+from .spec import check, integer_at_least, number_in
 
 _CHUNK_ELEMENTS = 1 << 21  # scores per WiCSum batch (rows x clusters x heads); bounds memory only
 
@@ -105,14 +106,20 @@ class ReSVPolicy(KVPolicy):
 
     def __post_init__(self) -> None:
         for k, allowed in _CHOICES.items():
-            if getattr(self, k) not in allowed:
-                raise ValueError(f"{k} must be one of {', '.join(allowed)}; got {getattr(self, k)!r}")
-        for k in ("ratio", "ratio_text", "ratio_decode"):
-            v = getattr(self, k)
-            if v is not None and not v >= 0.0:
-                raise ValueError(f"{k} must be >= 0, got {v}")
-        if self.n_hyperplanes < 1 or self.hamming_threshold < 0:
-            raise ValueError("n_hyperplanes must be >= 1 and hamming_threshold >= 0")
+            check(self.name, k, getattr(self, k), lambda v, a=allowed: v in a, "one of " + ", ".join(allowed))
+        check(self.name, "ratio", self.ratio, number_in(0, 1), "a number in [0, 1]")
+        for k in ("ratio_text", "ratio_decode"):
+            check(self.name, k, getattr(self, k), number_in(0, 1, none_ok=True), "None (= ratio) or a number in [0, 1]")
+        check(self.name, "n_hyperplanes", self.n_hyperplanes, integer_at_least(1), "an integer >= 1")
+        check(self.name, "hamming_threshold", self.hamming_threshold,
+              lambda v: integer_at_least(0)(v) and v <= self.n_hyperplanes, f"an integer in [0, n_hyperplanes={self.n_hyperplanes}]")
+        check(self.name, "scope_frames", self.scope_frames, integer_at_least(0, none_ok=True), "None (every cluster) or an integer >= 0")
+        for k in ("max_candidates", "num_buckets"):
+            check(self.name, k, getattr(self, k), integer_at_least(1, none_ok=True), "None or an integer >= 1")
+        check(self.name, "score_scale", self.score_scale,
+              lambda v: v is None or (number_in(0, math.inf, lo_open=True)(v) and v < math.inf),
+              "None (1/sqrt(head_dim)) or a finite number > 0")
+        check(self.name, "key_bytes", self.key_bytes, integer_at_least(1), "an integer >= 1")
 
     def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:
         super().setup(num_layers, num_kv_heads, num_q_heads, head_dim)
@@ -149,8 +156,8 @@ class ReSVPolicy(KVPolicy):
             return self.ratio_decode
         return self.ratio
 
-    def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
-        H = self.num_kv_heads
+    def _cluster_inputs(self, layer: int, queries: torch.Tensor, n_past: int):
+        """Mean keys, validity and past member counts of the layer's clusters, and the GQA query rows."""
         tab = self.tables[layer]
         if n_past > tab.n_tokens:
             raise ValueError(f"layer {layer}: n_past={n_past} but only {tab.n_tokens} tokens were indexed")
@@ -160,12 +167,61 @@ class ReSVPolicy(KVPolicy):
             tail = tab.token_cluster[:, n_past : tab.n_tokens]
             counts = counts - torch.zeros_like(counts).scatter_add_(1, tail, torch.ones_like(tail))
             valid = counts > 0
-        rows = gqa_rows(queries.detach().float().cpu(), H)  # [H, R, D]
+        rows = gqa_rows(queries.detach().float().cpu(), self.num_kv_heads)  # [H, R, D]
+        return tab, mean, valid, counts, rows
+
+    def _scale(self) -> float:
+        return self.score_scale if self.score_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def _row_step(self, n_clusters: int) -> int:
+        # rows are independent: scored in chunks so a long text prefill stays in bounded memory
+        return max(1, _CHUNK_ELEMENTS // max(1, self.num_kv_heads * n_clusters))
+
+    def select_packed(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage,
+                      want_stats: bool = False) -> PackedSelection:
+        """Fast path (``vrex.kv.fast``): the same selection as :meth:`select` (identical ids, tested),
+        with WiCSum and the cluster -> token mapping in C++. Without ``want_stats`` only the cheap
+        statistics are built; with it, ``scanned_bucketed`` is None (exact-sort scan counts only)."""
+        if self.selection_scope != "head":
+            return super().select_packed(layer, queries, n_past, stage, want_stats)
+        from vrex.kv.fast import load
+
+        ext = load()
+        tab, mean, valid, counts, rows = self._cluster_inputs(layer, queries, n_past)
+        H, R = rows.shape[0], rows.shape[1]
+        step = self._row_step(mean.shape[1])
+        chosen = torch.zeros_like(valid)
+        scanned = torch.zeros(H, dtype=torch.int64)
+        for r0 in range(0, R, step):
+            scores = torch.bmm(rows[:, r0 : r0 + step], mean.transpose(1, 2))  # [H, r, C]
+            w = normalize_scores(scores, valid, mode=self.score_norm, scale=self._scale())
+            part, taken = ext.wicsum_union(w, counts, valid, float(self.stage_ratio(stage)), self.sort_by == "weighted")
+            chosen |= part
+            scanned += taken.sum(1)
+        ids, offs = ext.cluster_token_ids(chosen, tab.token_cluster, n_past)
+        stats: dict = {}
+        if want_stats:
+            n_cl = valid.sum(1)
+            kv_bytes = 2 * n_past * H * self.head_dim * self.key_bytes
+            hc_bytes = tab.nbytes(key_bytes=self.key_bytes)
+            stats = {
+                "n_past": n_past, "selected": (offs[1:] - offs[:-1]).tolist(), "clusters": n_cl.tolist(),
+                "clusters_selected": chosen.sum(1).tolist(),
+                "mean_cluster_size": [n_past / c if c else 0.0 for c in n_cl.tolist()], "rows": R,
+                "scanned": scanned.tolist(), "scanned_bucketed": None,
+                "scan_fraction": (scanned.double() / (n_cl * R).clamp(min=1).double()).tolist(),
+                "dot_products": (n_cl * R).tolist(), "comparisons": tab.last_comparisons.tolist(),
+                "hc_bytes": hc_bytes, "kv_bytes": kv_bytes, "hc_ratio": hc_bytes / kv_bytes if kv_bytes else 0.0,
+            }
+        return PackedSelection(ids, offs, False, stats)
+
+    def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
+        H = self.num_kv_heads
+        tab, mean, valid, counts, rows = self._cluster_inputs(layer, queries, n_past)
         R = rows.shape[1]
-        scale = self.score_scale if self.score_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        scale = self._scale()
         ratio = self.stage_ratio(stage)
-        # rows are independent: process them in chunks so a long text prefill stays in bounded memory
-        step = max(1, _CHUNK_ELEMENTS // max(1, H * mean.shape[1]))
+        step = self._row_step(mean.shape[1])
         chosen = torch.zeros_like(valid)
         scanned = torch.zeros(H, dtype=torch.int64)
         sb = torch.zeros(H, dtype=torch.int64) if self.num_buckets else None

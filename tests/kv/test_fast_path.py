@@ -1,0 +1,195 @@
+"""The fast path (vrex.kv.fast, C++) held equal to the PyTorch reference, Quest-style.
+
+Units: WiCSum union, cluster -> token ids, read plans and attention over tier slots, on random
+inputs. End to end: ReSV's fused selection equals its reference selection call by call on the real
+model's keys and queries; every policy's session gives the same logits and the same store
+accounting with either kernel set, with and without a host tier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vrex.kv.cache import KeepConfig, VrexCache, _attention
+from vrex.kv.fast import load
+from vrex.kv.policies import POLICIES, ReSVPolicy, make_policy
+from vrex.kv.policy import PackedSelection
+from vrex.kv.store import KVStore
+from vrex.resv.wicsum import normalize_scores, wicsum_select
+
+ext = load()
+
+
+@settings(max_examples=60, deadline=None)
+@given(H=st.integers(1, 3), R=st.integers(1, 9), C=st.integers(1, 40), ratio=st.floats(0.0, 1.0),
+       weighted=st.booleans(), ties=st.booleans(), seed=st.integers(0, 10**6))
+def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(H, R, C, generator=g)
+    if ties:  # many equal weights: the stable order decides
+        scores = scores.round()
+    valid = torch.rand(H, C, generator=g) > 0.2
+    counts = torch.randint(1, 9, (H, C), generator=g) * valid
+    w = normalize_scores(scores, valid, mode="shift_min", scale=0.125)
+    ref = wicsum_select(w, counts, ratio, valid, sort_by="weighted" if weighted else "score")
+    chosen, taken = ext.wicsum_union(w, counts, valid, ratio, weighted)
+    assert torch.equal(chosen, ref.union() & valid)
+    assert torch.equal(taken, ref.taken)
+
+
+def test_cluster_token_ids_equal_table_mask():
+    g = torch.Generator().manual_seed(3)
+    tc = torch.randint(0, 12, (3, 200), generator=g)
+    chosen = torch.rand(3, 12, generator=g) > 0.5
+    ids, offs = ext.cluster_token_ids(chosen, tc, 150)
+    for h in range(3):
+        want = torch.nonzero(chosen[h][tc[h, :150]]).flatten()
+        assert torch.equal(ids[offs[h]:offs[h + 1]], want)
+
+
+def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
+    g = torch.Generator().manual_seed(5)
+    store = KVStore(1, H, D, **kw)
+    for _ in range(n_blocks):
+        k, v = torch.randn(H, block, D, generator=g), torch.randn(H, block, D, generator=g)
+        order = torch.stack([torch.randperm(block, generator=g) for _ in range(H)]) if permute else None
+        store.append(0, k, v, order=order)
+    return store
+
+
+@pytest.mark.parametrize("tiers", [{}, {"device_budget_bytes": 3 * 7 * 2 * 2 * 8 * 4}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_attention_equals_gather_and_dense_attention(tiers, dtype):
+    """Attention read in place from the tier slots == the reference gather + masked attention,
+    with per-head selections of different lengths, a host tier, ring slots and the same counters."""
+    H, D, G, T = 2, 8, 3, 4
+    ref_store = _filled_store(H=H, D=D, dtype=dtype, **tiers)
+    fast_store = _filled_store(H=H, D=D, dtype=dtype, **tiers)
+    n_past = ref_store.length(0)
+    g = torch.Generator().manual_seed(9)
+    picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.3, 0.7)]
+    sink, recent_start = 3, n_past - 5
+    kept = [torch.unique(torch.cat([torch.arange(sink), i[(i >= sink) & (i < recent_start)], torch.arange(recent_start, n_past)]))
+            for i in picks]
+    q = torch.randn(H * G, T, D, generator=g)
+    k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    k, v, valid = ref_store.gather(0, kept)
+    want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.3)
+    packed = PackedSelection.pack(type("S", (), {"indices": picks, "stats": {}})(), H)
+    plan = fast_store.read_plan(0, packed.ids, packed.offs, False, n_past, sink, recent_start)
+    got = ext.sparse_attention(q, plan.kbufs, plan.vbufs, plan.slots, plan.offs, plan.dense, k_new, v_new, 0.3)
+    assert plan.selected == [int(i.numel()) for i in kept]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert fast_store.counters() == ref_store.counters()
+
+
+def test_disk_tier_selection_falls_back(tmp_path):
+    store = _filled_store(device_budget_bytes=7 * 2 * 2 * 8 * 4, host_budget_bytes=7 * 2 * 2 * 8 * 4, disk_dir=tmp_path)
+    assert store.tier_bounds(0)[0] > 0
+    ids = torch.arange(store.length(0))
+    assert store.read_plan(0, torch.cat([ids, ids]), torch.tensor([0, len(ids), 2 * len(ids)]), False, len(ids), 0, len(ids)) is None
+
+
+class _CheckedReSV(ReSVPolicy):
+    """ReSV whose every reference selection is compared with the fused one on the same inputs."""
+
+    calls = 0
+
+    def select(self, layer, queries, n_past, stage):
+        ref = super().select(layer, queries, n_past, stage)
+        fast = self.select_packed(layer, queries, n_past, stage, want_stats=True).unpack()
+        for a, b in zip(ref.indices, fast.indices):
+            assert torch.equal(a, b), f"layer {layer}: fused selection differs from the reference"
+        for key in ("selected", "clusters", "clusters_selected", "scanned", "comparisons", "hc_bytes"):
+            assert fast.stats[key] == ref.stats[key], key
+        type(self).calls += 1
+        return ref
+
+
+@pytest.fixture(scope="module")
+def filled(videollm):
+    from vrex.bench.media import long_stream
+    from vrex.engine.session import SessionConfig, StreamingSession
+
+    frames = long_stream(40)
+    feats = videollm.encode_frames([im for _, im in frames[:34]])
+    base = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=0.0, kernels="reference"))
+    base.fast_forward([t for t, _ in frames[:34]], feats)
+    return base, frames[34:]
+
+
+@pytest.mark.parametrize("params", [{}, {"score_norm": "softmax", "ratio": 0.95, "hamming_threshold": 4, "sort_by": "weighted"}])
+def test_resv_fused_selection_identical_on_real_keys(filled, params):
+    from vrex.engine.session import SessionConfig
+
+    base, frames = filled
+    _CheckedReSV.calls = 0
+    s = base.fork(_CheckedReSV(**params), SessionConfig(theta=0.0, kernels="reference", recent_tokens=0))
+    for t, im in frames[:2]:
+        s.push_frame(t, im)
+    s.feed(torch.tensor([5, 6, 7]), "text")
+    s.feed(torch.tensor([8]), "decode")
+    assert _CheckedReSV.calls == 4 * s.store.num_layers
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("device_tokens", [None, 64])
+def test_session_fast_equals_reference(filled, name, device_tokens):
+    """Same frames and text through both kernel sets: same logits (float tolerance), same greedy
+    tokens, same tokens read and the same bytes and transfers counted by the store."""
+    from vrex.engine.session import SessionConfig
+
+    base, frames = filled
+    out = {}
+    for kernels in ("reference", "fast"):
+        cfg = SessionConfig(theta=0.0, kernels=kernels, **({"device_tokens": device_tokens} if device_tokens else {}))
+        s = base.fork(make_policy(name), cfg)
+        logits, sel = [], []
+        for t, im in frames[:3]:
+            ev = s.push_frame(t, im)[0]
+            logits.append(s.last_logits)
+            sel.append(ev.stats.get("selected_ratio"))
+        logits.append(s.feed(torch.tensor([11, 12, 13]), "text")[-1])
+        logits.append(s.feed(torch.tensor([14]), "decode")[-1])
+        out[kernels] = (torch.stack(logits), sel, s.store.counters())
+        if device_tokens and POLICIES[name].offloads:
+            assert s.store.counters()["fetch_host_bytes"] > 0  # the host tier is really read
+    (ref, ref_sel, ref_c), (got, got_sel, got_c) = out["reference"], out["fast"]
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    if name != "streamingllm":  # the reference counts evicted ids it then skips; the fast path does not
+        assert got_sel == pytest.approx(ref_sel)
+        if name in ("full", "flexgen"):
+            # reading everything, the reference stores the step's block first (which may push an older
+            # block from device to host) and reads back; the fast path reads first: the same bytes in all
+            read = ("device_read_bytes", "fetch_host_bytes")
+            assert sum(got_c[k] for k in read) == sum(ref_c[k] for k in read)
+            got_c, ref_c = ({k: v for k, v in c.items() if k not in read} for c in (got_c, ref_c))
+        assert got_c == ref_c
+
+
+def test_resv_blocks_written_in_cluster_order(filled):
+    """The store holds each block in ReSV's cluster order (written once) and so fetches selected
+    clusters in fewer transfers than arrival order would (the KV memory unit's point)."""
+    from vrex.engine.session import SessionConfig
+
+    class ArrivalOrder(ReSVPolicy):
+        block_order = None
+
+    base, frames = filled
+    transfers = {}
+    for policy in (make_policy("resv"), ArrivalOrder()):
+        s = base.fork(policy, SessionConfig(theta=0.0, device_tokens=64, recent_tokens=0))
+        before = s.store.counters()["fetch_host_transfers"]
+        for t, im in frames[:3]:
+            s.push_frame(t, im)
+        transfers[type(policy).__name__] = s.store.counters()["fetch_host_transfers"] - before
+        if policy.block_order is not None:
+            layer, start, n = 3, s.spans[-1][0], s.spans[-1][1]
+            order = policy.block_order(layer, start, n)
+            pos = s.store._layers[layer].pos[:, start:start + n]
+            assert torch.equal(pos.gather(1, order) - pos.min(1, keepdim=True).values, torch.arange(n).expand_as(order))
+    assert transfers["ReSVPolicy"] < transfers["ArrivalOrder"]
