@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from serve_helpers import start
 
 from vrex.io import assets_dir, open_source
 
@@ -44,13 +45,6 @@ def jpegs(clip_path) -> list[bytes]:
             frame.image.save(buf, "JPEG", quality=85)
             out.append(buf.getvalue())
     return out
-
-
-def start(model, **kw):
-    from vrex.serve.hub import ServeConfig
-    from vrex.serve.server import start_in_thread
-
-    return start_in_thread(model, ServeConfig(port=0, **kw))
 
 
 @pytest.fixture(scope="module")

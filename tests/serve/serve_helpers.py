@@ -35,3 +35,10 @@ def feed(client: httpx.Client, sid: str, frames: list[bytes], t0: float = 0.0, d
         while client.get(f"/api/sessions/{sid}").json()["counters"]["processed"] < start + i + 1:
             assert time.monotonic() < deadline, "frame not processed in time"
             time.sleep(0.02)
+
+
+def start(model, **kw):
+    from vrex.serve.hub import ServeConfig
+    from vrex.serve.server import start_in_thread
+
+    return start_in_thread(model, ServeConfig(port=0, **kw))

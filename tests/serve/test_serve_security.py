@@ -12,8 +12,8 @@ import time
 
 import httpx
 import pytest
-from conftest import start
 from PIL import Image
+from serve_helpers import start
 from websockets.exceptions import InvalidStatus, ConnectionClosed
 from websockets.sync.client import connect
 

@@ -69,6 +69,10 @@ class LiveSession:
         cfg = model.lm.config
         self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, cfg.num_hidden_layers, cfg.num_key_value_heads)
         self.session.trace = lambda record, extra: self.timeline.on_step(record, self.session.spans)
+        # The timeline needs the selections, not the policies' telemetry-only statistics (the cache
+        # turns those on with a trace): keep them off the frame path.
+        if hasattr(self.session.cache, "record_stats"):
+            self.session.cache.record_stats = False
         self.state = "live"  # live | failed | closed
         self.error: str | None = None
         self.counters = Counters()

@@ -52,6 +52,15 @@ class ReadRecorder:
             self.step.append((layer, n_past, selection.indices))
         return selection
 
+    def select_packed(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage, want_stats: bool = False) -> Any:
+        """The cache's fast path asks for a packed selection (``PackedSelection``: ids + per-head offsets)."""
+        packed = self._inner.select_packed(layer, queries, n_past, stage, want_stats=want_stats)
+        if stage != "frame":
+            offs = packed.offs.tolist()
+            indices = None if packed.everything else [packed.ids[offs[h]:offs[h + 1]] for h in range(len(offs) - 1)]
+            self.step.append((layer, n_past, indices))
+        return packed
+
     def take_step(self) -> list[tuple[int, int, list[torch.Tensor] | None]]:
         step, self.step = self.step, []
         return step
