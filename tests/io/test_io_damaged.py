@@ -112,14 +112,24 @@ def test_missing_timestamps_fall_back_to_counting(raw_h264):
     assert len(src.stats.warnings) == 1  # once per stream, not once per frame
 
 
-def test_warning_flood_is_capped():
-    stats = DecodeStats()
+def test_warning_flood_is_capped_per_kind_and_summarised():
+    seen = []
+    stats = DecodeStats("x.mp4", listener=seen.append)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(MAX_WARNINGS + 5):
-            stats.warn("x.mp4", f"event {i}")
-    assert len(stats.warnings) == MAX_WARNINGS and stats.suppressed_warnings == 5
-    assert len(caught) == MAX_WARNINGS + 1  # the last one says the rest are only counted
+            stats.warn("corrupt", f"event {i}", t=float(i))
+        stats.warn("gap", "another kind is not hidden by the flood")
+        stats.finish()
+    assert len(stats.warnings) == MAX_WARNINGS + 1 and stats.suppressed_warnings == 5
+    assert len(caught) == MAX_WARNINGS + 2  # one more says the rest of 'corrupt' are only counted
+    assert seen == stats.records and seen[0].to_event() == {
+        "kind": "warning", "warning": "corrupt", "count": 1, "total": 1, "reason": "event 0", "t": 0.0,
+        "source": "x.mp4"}
+    summary = seen[-1]
+    assert (summary.kind, summary.count, summary.total) == ("corrupt", 5, MAX_WARNINGS + 5)
+    # Every occurrence is accounted for by exactly one record's count.
+    assert sum(r.count for r in seen if r.kind == "corrupt") == stats.counts["corrupt"] == MAX_WARNINGS + 5
 
 
 @pytest.mark.parametrize(

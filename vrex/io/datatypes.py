@@ -11,6 +11,7 @@ from typing import Literal
 from PIL import Image
 
 from .errors import VideoDecodeWarning
+from .events import SourceWarning, WarningKind
 
 log = logging.getLogger("vrex.io")
 
@@ -19,8 +20,8 @@ SourceKind = Literal["file", "url", "webcam", "images"]
 # Deferred RGB conversion of a decoded frame: ``loader(size)`` -> image (shorter side = size).
 Loader = Callable[[int | None], Image.Image]
 
-# Long damaged streams can produce thousands of events: keep the first ones verbatim and
-# count the rest, so neither the terminal nor ``stats.warnings`` grows without bound.
+# Long damaged streams can produce thousands of events: keep the first ones of each kind verbatim
+# and count the rest, so neither the terminal, ``stats.warnings`` nor a JSON consumer floods.
 MAX_WARNINGS = 20
 
 
@@ -51,8 +52,9 @@ class SourceInfo:
 
 @dataclass
 class DecodeStats:
-    """Counters for one pass over a source; reset each time the source is iterated."""
+    """Counters and warnings for one pass over a source; reset each time the source is iterated."""
 
+    uri: str = ""
     decoded: int = 0
     """Frames that came out of the decoder (or images visited in a folder)."""
     emitted: int = 0
@@ -62,23 +64,47 @@ class DecodeStats:
     skipped_out_of_order: int = 0
     """Frames dropped because their timestamp did not advance (duplicate/backward PTS)."""
     ended_early: bool = False
-    """The stream stopped well before the duration its container declared (truncated?)."""
+    """The stream stopped well before the duration its container declares (truncated?)."""
+    lost: bool = False
+    """A network source dropped and every reconnection attempt failed."""
     warnings: list[str] = field(default_factory=list)
-    """Human-readable warnings, first :data:`MAX_WARNINGS` verbatim."""
+    """Human-readable warnings, the first :data:`MAX_WARNINGS` of each kind verbatim."""
+    records: list[SourceWarning] = field(default_factory=list)
+    """The same as data, plus one summary record per kind for the occurrences past the cap."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """Occurrences per warning kind."""
     suppressed_warnings: int = 0
+    """Occurrences past the per-kind cap (counted, not listed until the summary)."""
+    listener: Callable[[SourceWarning], None] | None = field(default=None, repr=False)
+    """Called with each record as it is made (``VideoSource(on_warning=...)``)."""
 
-    def warn(self, uri: str, message: str) -> None:
-        """Record a recoverable problem: stats list, a VideoDecodeWarning and a DEBUG log line, capped."""
-        if len(self.warnings) >= MAX_WARNINGS:
+    def warn(self, kind: WarningKind, message: str, t: float | None = None) -> None:
+        """Record a recoverable problem: a record, a VideoDecodeWarning and a DEBUG log line, capped per kind."""
+        total = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if total > MAX_WARNINGS:
             self.suppressed_warnings += 1
-            if self.suppressed_warnings == 1:
-                note = f"{uri}: more than {MAX_WARNINGS} decode warnings; further ones are only counted"
+            if total == MAX_WARNINGS + 1:
+                note = f"{self.uri}: more than {MAX_WARNINGS} warnings of kind {kind!r}; further ones are only counted"
                 warnings.warn(note, VideoDecodeWarning, stacklevel=3)
                 log.debug(note)
             return
-        text = f"{uri}: {message}"
-        self.warnings.append(text)
-        warnings.warn(text, VideoDecodeWarning, stacklevel=3)
+        self._record(SourceWarning(self.uri, kind, message, 1, total, t))
+
+    def finish(self) -> None:
+        """End of the pass: one summary record per kind whose occurrences went past the cap."""
+        for kind, total in self.counts.items():
+            if total > MAX_WARNINGS:
+                more = total - MAX_WARNINGS
+                reason = f"{more} more warning(s) of kind {kind!r} not listed ({total} in all)"
+                self._record(SourceWarning(self.uri, kind, reason, more, total), quiet=True)  # type: ignore[arg-type]
+
+    def _record(self, record: SourceWarning, quiet: bool = False) -> None:
+        self.records.append(record)
+        if not quiet:
+            self.warnings.append(str(record))
+            warnings.warn(str(record), VideoDecodeWarning, stacklevel=4)
         # A Python warning already reaches the user; DEBUG keeps it out of stderr twice but
         # lets services that log at DEBUG keep a record.
-        log.debug(text)
+        log.debug(str(record))
+        if self.listener is not None:
+            self.listener(record)

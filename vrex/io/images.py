@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .datatypes import DecodeStats, Loader, SourceInfo
 from .errors import VideoSourceError
+from .limits import MAX_FRAME_PIXELS, image_header_size, too_large
 from .resample import scaled_size
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -20,6 +21,10 @@ _READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.
 
 class UnreadableImage(Exception):
     """An image in the folder could not be decoded (the stream skips it)."""
+
+
+class FrameTooLarge(UnreadableImage):
+    """An image in the folder is larger than the pixel limit (the stream skips it, undecoded)."""
 
 
 def _natural_key(path: Path) -> list[object]:
@@ -33,8 +38,16 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(files, key=_natural_key)
 
 
-def load_image(path: Path, size: int | None) -> Image.Image:
-    """Read ``path`` as upright RGB, its shorter side scaled to ``size`` if given."""
+def load_image(path: Path, size: int | None, max_pixels: int = MAX_FRAME_PIXELS) -> Image.Image:
+    """Read ``path`` as upright RGB, its shorter side scaled to ``size`` if given.
+
+    The size is checked on the header before the pixels are decoded; an image over
+    ``max_pixels`` raises :class:`FrameTooLarge` naming the file and its size.
+    """
+    dims = image_header_size(path)
+    why = too_large(*dims, max_pixels) if dims else None
+    if why:
+        raise FrameTooLarge(f"{path.name}: {why}")
     try:
         with Image.open(path) as im:
             if size is not None:
@@ -52,19 +65,15 @@ def load_image(path: Path, size: int | None) -> Image.Image:
 class ImageFolder:
     """Each image is one frame shown for ``duration`` seconds: image i has ``t = i * duration``."""
 
-    def __init__(self, uri: str, folder: Path, duration: float):
+    def __init__(self, uri: str, folder: Path, duration: float, max_pixels: int = MAX_FRAME_PIXELS):
         if duration <= 0:
             raise ValueError(f"image_duration must be positive, got {duration}")
-        self.uri, self.duration = uri, duration
+        self.uri, self.duration, self.max_pixels = uri, duration, max_pixels
         self.paths = list_images(folder)
         if not self.paths:
             raise VideoSourceError(uri, f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        width = height = None
-        try:
-            with Image.open(self.paths[0]) as im:  # reads the header only
-                width, height = im.size
-        except _READ_ERRORS:
-            pass  # reported when the stream reaches that image
+        # The header only; a bad first image is reported when the stream reaches it.
+        width, height = image_header_size(self.paths[0]) or (None, None)
         self.info = SourceInfo(uri, "images", width, height, 1.0 / duration, len(self.paths) * duration, None)
 
     def frames(self, stats: DecodeStats, start: float = 0.0) -> Iterator[tuple[float, Loader]]:
@@ -72,10 +81,9 @@ class ImageFolder:
         for i, path in enumerate(self.paths):
             yield i * self.duration, self._loader(path, stats)
 
-    @staticmethod
-    def _loader(path: Path, stats: DecodeStats) -> Loader:
+    def _loader(self, path: Path, stats: DecodeStats) -> Loader:
         def load(size: int | None) -> Image.Image:
-            image = load_image(path, size)
+            image = load_image(path, size, self.max_pixels)
             stats.decoded += 1
             return image
 

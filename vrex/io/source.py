@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
 from .av_backend import AvDecoder
 from .datatypes import DecodeStats, Frame, SourceInfo
 from .errors import VideoSourceError
-from .images import ImageFolder, UnreadableImage
+from .events import EndStatus, SourceEnd, SourceWarning
+from .images import FrameTooLarge, ImageFolder, UnreadableImage
+from .limits import MAX_FRAME_PIXELS, check_limit
+from .reconnect import Reconnect
 from .resample import EPS, Resampler
 from .uri import resolve
 
@@ -19,6 +22,13 @@ from .uri import resolve
 _EARLY_END_SLACK = 0.5
 # Warn when decoded frames are this far apart (or 10 frame periods, if longer).
 _GAP_SECONDS = 1.0
+
+
+def ends_early(last: float | None, duration: float | None, fps: float | None) -> bool:
+    """True if a stream whose last frame is at ``last`` stopped well before its declared ``duration``."""
+    if last is None or not duration:
+        return False
+    return last < duration - max(_EARLY_END_SLACK, 3.0 / fps if fps else 0.0)
 
 
 class VideoSource:
@@ -30,8 +40,10 @@ class VideoSource:
     input raises :class:`VideoSourceError` right away; ``info`` then describes the input.
 
     Iterating yields :class:`Frame` objects; ``stats`` counts what happened during the latest
-    pass. Iterating again re-opens the input and starts over. Use as a context manager (or call
-    :meth:`close`) to release the input early.
+    pass, ``stats.records`` lists its warnings as :class:`SourceWarning` data (also passed to
+    ``on_warning`` as they happen) and ``end_of_stream`` says how the pass ended (:class:`SourceEnd`:
+    complete, stopped, truncated, lost or failed). Iterating again re-opens the input and starts
+    over. Use as a context manager (or call :meth:`close`) to release the input early.
 
     Args:
         fps: target rate; ``None`` or ``0`` emits every frame. A slower source is never padded
@@ -46,6 +58,11 @@ class VideoSource:
         image_duration: seconds each image of a folder lasts; default ``1/fps`` (1 s if fps is None).
         av_options: extra FFmpeg options for ``av.open`` (e.g. ``{"input_format": "mjpeg"}``).
         timeout: seconds to wait when opening or reading network streams and webcams.
+        reconnect: retries for network sources that drop or stall mid-stream (:class:`Reconnect`;
+            default 5 attempts, backoff 0.5 s doubling to 8 s, stall after ``timeout`` s).
+        max_frame_pixels: largest frame (width x height) decoded; larger ones are refused from
+            the header, before decoding (:data:`vrex.io.limits.MAX_FRAME_PIXELS` by default).
+        on_warning: called with each :class:`SourceWarning` as it happens (e.g. to print JSON).
     """
 
     def __init__(
@@ -62,6 +79,9 @@ class VideoSource:
         image_duration: float | None = None,
         av_options: dict[str, str] | None = None,
         timeout: float = 10.0,
+        reconnect: Reconnect | None = None,
+        max_frame_pixels: int = MAX_FRAME_PIXELS,
+        on_warning: Callable[[SourceWarning], None] | None = None,
     ):
         if fps is not None and fps < 0:
             raise ValueError(f"fps must be positive, 0 or None, got {fps}")
@@ -78,56 +98,72 @@ class VideoSource:
         self.image_duration = image_duration or (1.0 / self.fps if self.fps else 1.0)
         self._target = resolve(uri, webcam_format=webcam_format, av_options=av_options, timeout=timeout)
         self._timeout = timeout
+        self.reconnect = reconnect or Reconnect()
+        self.max_frame_pixels = check_limit(max_frame_pixels)
+        self.on_warning = on_warning
         self._backend = self._open()
         self._used = False
+        self._pass: Iterator[Frame] | None = None
         self.info: SourceInfo = self._backend.info
-        self.stats = DecodeStats()
+        self.stats = DecodeStats(self.uri)
+        self.end_of_stream: SourceEnd | None = None
+        """How the latest pass ended; None before the first pass ends."""
 
     def _open(self) -> AvDecoder | ImageFolder:
         if self._target.kind == "images":
-            return ImageFolder(self.uri, Path(self._target.location), self.image_duration)
-        return AvDecoder(self.uri, self._target, self._timeout)
+            return ImageFolder(self.uri, Path(self._target.location), self.image_duration, self.max_frame_pixels)
+        return AvDecoder(self.uri, self._target, self._timeout, max_pixels=self.max_frame_pixels,
+                         reconnect=self.reconnect)
 
     def __iter__(self) -> Iterator[Frame]:
         if self._used:
+            self._finish_pass()
             self._backend.close()
             self._backend = self._open()
         self._used = True
-        self.stats = DecodeStats()
-        return self._run(self._backend, self.stats)
+        self.stats = DecodeStats(self.uri, listener=self.on_warning)
+        self.end_of_stream = None
+        self._pass = self._run(self._backend, self.stats)
+        return self._pass
 
     def _run(self, backend: AvDecoder | ImageFolder, stats: DecodeStats) -> Iterator[Frame]:
         resampler = Resampler(self.fps, self.start)
         pacer = _Pacer() if self.realtime else None
         last_seen: float | None = None
         gap_limit = self._gap_limit()
-        stopped = False  # by end / max_frames rather than by the input running out
+        status: EndStatus = "stopped"
+        reason = "the consumer stopped reading"
         try:
             if self.max_frames == 0:
+                reason = "max_frames is 0"
                 return
             for t, load in backend.frames(stats, self.start):
                 if self.end is not None and t >= self.end - EPS:
-                    stopped = True
+                    reason = f"end time {self.end:g} s reached"
                     break
                 if gap_limit is not None and last_seen is not None and t - last_seen > gap_limit:
                     # Demuxers such as Matroska resynchronise silently past damaged data.
                     stats.warn(
-                        self.uri,
+                        "gap",
                         f"no frames between {last_seen:.2f} s and {t:.2f} s"
                         " (data lost, or a pause in a variable-rate stream)",
+                        t,
                     )
                 last_seen = t if last_seen is None else max(last_seen, t)
                 if resampler.is_backwards(t):
                     stats.skipped_out_of_order += 1
-                    stats.warn(self.uri, f"dropped a frame whose time {t:.3f} s does not advance")
+                    stats.warn("out_of_order", f"dropped a frame whose time {t:.3f} s does not advance", t)
                     continue
                 if not resampler.accept(t):
                     continue
                 try:
                     image = load(self.size)
+                except FrameTooLarge as e:
+                    stats.warn("too_large", f"skipped image {e}", t)
+                    continue
                 except UnreadableImage as e:
                     stats.skipped_corrupt += 1
-                    stats.warn(self.uri, f"skipped unreadable image {e}")
+                    stats.warn("corrupt", f"skipped unreadable image {e}", t)
                     continue
                 if pacer is not None:
                     pacer.wait(t)
@@ -135,12 +171,21 @@ class VideoSource:
                 stats.emitted += 1  # before yielding: a consumer may stop right after this frame
                 yield frame
                 if self.max_frames is not None and stats.emitted >= self.max_frames:
-                    stopped = True
+                    reason = f"max_frames={self.max_frames} reached"
                     break
-            if not stopped:
-                self._check_complete(stats, last_seen)
+            else:
+                status, reason = self._check_complete(stats, last_seen)
+        except VideoSourceError as e:
+            status, reason = "failed", str(e)
+            raise
+        except Exception as e:
+            status, reason = "failed", f"{type(e).__name__}: {e}"
+            raise
         finally:
             backend.close()
+            stats.finish()
+            counts = dict(stats.counts)
+            self.end_of_stream = SourceEnd(self.uri, status, reason, resampler.last_t, stats.emitted, counts)
 
     def _gap_limit(self) -> float | None:
         """Longest silence between two decoded frames that passes without a warning."""
@@ -149,24 +194,36 @@ class VideoSource:
         fps = self.info.native_fps
         return max(_GAP_SECONDS, 10.0 / fps if fps else 0.0)
 
-    def _check_complete(self, stats: DecodeStats, last_seen: float | None) -> None:
-        """After the input ran out: fail if nothing decoded, flag a file that ended too soon."""
+    def _check_complete(self, stats: DecodeStats, last_seen: float | None) -> tuple[EndStatus, str]:
+        """After the input ran out: fail if nothing decoded, flag a stream that ended too soon."""
         if stats.decoded == 0:
             why = f" ({stats.skipped_corrupt} damaged packets/frames skipped)" if stats.skipped_corrupt else ""
             raise VideoSourceError(self.uri, f"no decodable video frames{why}")
-        declared, fps = self.info.duration, self.info.native_fps
-        if self.info.kind in ("file", "url") and declared and last_seen is not None:
-            slack = max(_EARLY_END_SLACK, 3.0 / fps if fps else 0.0)
-            if last_seen < declared - slack:
-                stats.ended_early = True
-                stats.warn(
-                    self.uri,
-                    f"stream ended at {last_seen:.2f} s but the container declares {declared:.2f} s"
-                    " (truncated or damaged file?)",
-                )
+        if stats.lost:
+            return "lost", stats.records[-1].reason if stats.records else "connection lost"
+        declared = self.info.duration
+        if self.info.kind in ("file", "url") and ends_early(last_seen, declared, self.info.native_fps):
+            stats.ended_early = True
+            why = (f"stream ended at {last_seen:.2f} s but the container declares {declared:.2f} s"
+                   " (truncated or damaged file?)")
+            stats.warn("truncated", why, last_seen)
+            return "truncated", why
+        if stats.ended_early:
+            return "truncated", "the rest of the input is unreadable"
+        return "complete", "the input ended"
+
+    def _finish_pass(self) -> None:
+        """End a pass the consumer left unfinished, so ``end_of_stream`` says so and the input is released."""
+        if self._pass is not None:
+            try:
+                self._pass.close()  # type: ignore[attr-defined]  # runs _run's finally: status "stopped"
+            except ValueError:
+                pass  # being iterated in another thread right now: its own loop ends the pass
+            self._pass = None
 
     def close(self) -> None:
         """Release the file, socket or device (safe to call twice; iterating again re-opens)."""
+        self._finish_pass()
         self._backend.close()
         self._used = True
 
