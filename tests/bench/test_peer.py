@@ -106,6 +106,12 @@ def _tiled_apart_joined(peer: Peer, block: int, tail: int) -> tuple[np.ndarray, 
     return tiled, apart, joined
 
 
+def test_tiled_fill_without_room_for_a_block_says_so(peer):
+    peer.clear()
+    with pytest.raises(ValueError, match="needs n_ctx >= 576"):
+        peer.fill_tiled(real_tokens(peer, 600), 600, 192)  # 3 copies fit in n_ctx 512, the 4th block does not
+
+
 def test_f16_gguf_is_the_same_model(peer, peer_f16):
     """The F16 file (Q4_1 dequantised by llama.cpp) predicts like the Q4_1 one: same argmax, close logits."""
     assert f16_gguf().stat().st_size > 2.5 * smollm2_gguf().stat().st_size  # 16 bits per weight against ~5

@@ -8,11 +8,13 @@ quantizer, dequantising Q4_1) is measured too, as the fair full-attention baseli
 At each cached length the KV cache is filled once with real text, then timed: a 12-token prefill
 appended to it (one vrex frame step) and a 1-token decode at that length. After each timed step its
 cells are removed again (``llama_memory_seq_rm``), so every repetition starts from the same cache;
-tests check that a step after these removals gives the logits llama.cpp computes from scratch for the
-same tokens. The fill is a real batched prefill (``n_batch`` tokens per call) up to ``fill_block``
-tokens (default 8192, SmolLM2's trained context) and copies of that block's K/V beyond it
-(``Peer.fill_tiled``: a real prefill of 86K positions is quadratic, most of an hour here); each timed
-step is a real llama.cpp step over every cached position.
+tests check that a step after these removals gives bit for bit the logits of a cache never restored,
+and llama.cpp's logits computed from scratch for the same tokens. The fill is a real batched prefill
+(``n_batch`` tokens per call) up to ``fill_block`` tokens (default 8192, SmolLM2's trained context)
+and copies of that block's K/V beyond it (``Peer.fill_tiled``: a real prefill of 86K positions is
+quadratic, about an hour here); each timed step is a real llama.cpp step over every cached position.
+Both attention kernels are measured: without flash attention (llama-cpp-python's default, the faster
+one on this CPU) and with it (llama.cpp's own CPU default).
 
 Run: ``python -m vrex.bench.peer --out DIR [--sizes 1k,4k,...] [--threads 2] [--weights Q4_1,F16]``.
 """
@@ -27,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +152,7 @@ class Peer:
     def fill_tiled(self, tokens: list[int], upto: int, block: int) -> None:
         """Fill sequence 0 up to ``upto`` positions; past the first ``block`` tokens, by copying its K/V.
 
-        A real prefill over 86K positions costs O(n^2) attention (most of an hour here). Instead the first
+        A real prefill over 86K positions costs O(n^2) attention (about an hour here). Instead the first
         ``block`` tokens are prefilled for real, their K/V saved (``llama_state_seq_get_data``), restored into
         the scratch sequence, moved to the next positions with ``llama_memory_seq_add`` (llama.cpp re-applies
         RoPE: its K-shift) and merged into sequence 0. The result is the cache of that text block repeated,
@@ -165,6 +168,8 @@ class Peer:
             if (state := self._block_state) is None:
                 raise RuntimeError(f"fill_tiled needs a cache of at most {block} tokens to start from, not {self.n_past}")
             n = min(block, upto - self.n_past)
+            if self.n_past + block > self.n_ctx:  # the whole block is restored before its tail is cut
+                raise ValueError(f"fill_tiled to {upto} needs n_ctx >= {self.n_past + block}, not {self.n_ctx}")
             if self.lc.llama_state_seq_set_data(self.ctx, state, len(state), 1) != len(state):
                 raise RuntimeError(f"llama.cpp could not restore the {block}-token block at {self.n_past}")
             self.lc.llama_memory_seq_rm(self.memory, 1, n, -1)
@@ -216,14 +221,13 @@ def time_steps(peer: Peer, step: list[int], reps: int) -> list[float]:
     return out[1:]
 
 
-def measure_sizes(peer: Peer, sizes: list[int], reps: int = 7, fill_block: int = 0) -> list[dict]:
+def measure_sizes(peer: Peer, sizes: list[int], reps: int = 7, fill_block: int = 0) -> Iterator[dict]:
     """Fill the cache up to each size in turn (ascending) and time a 12-token prefill and a 1-token decode there.
 
     ``fill_block`` > 0: past that many tokens the cache is filled by copies (``Peer.fill_tiled``); 0: real prefill.
     """
     sizes = sorted(sizes)
     tokens = real_tokens(peer, sizes[-1] + FRAME_TOKENS + 1)
-    rows = []
     for size in sizes:
         t0 = time.perf_counter()
         if fill_block:
@@ -233,10 +237,9 @@ def measure_sizes(peer: Peer, sizes: list[int], reps: int = 7, fill_block: int =
         fill_s = time.perf_counter() - t0
         frame, token = tokens[size:size + FRAME_TOKENS], tokens[size:size + 1]
         prefill, decode = time_steps(peer, frame, reps), time_steps(peer, token, reps)
-        rows.append({"cached_tokens": size, "prefill12_ms": statistics.median(prefill), "decode_ms": statistics.median(decode),
-                     "prefill12_ms_all": prefill, "decode_ms_all": decode, "fill_s": fill_s,
-                     "fill": f"prefill {min(size, fill_block)} + copies" if 0 < fill_block < size else "prefill"})
-    return rows
+        yield {"cached_tokens": size, "prefill12_ms": statistics.median(prefill), "decode_ms": statistics.median(decode),
+               "prefill12_ms_all": prefill, "decode_ms_all": decode, "fill_s": fill_s,
+               "fill": f"prefill {min(size, fill_block)} + copies" if 0 < fill_block < size else "prefill"}
 
 
 def run_peer_bench(sizes: list[int], *, out: Path, threads: int = 2, weights: tuple[str, ...] = WEIGHTS, reps: int = 7,
@@ -250,7 +253,8 @@ def run_peer_bench(sizes: list[int], *, out: Path, threads: int = 2, weights: tu
     files = {"Q4_1": smollm2_gguf()}
     if "F16" in weights:
         files["F16"] = f16_gguf(files["Q4_1"], threads)
-    n_ctx = -(-(max(sizes) + FRAME_TOKENS + 1) // 256) * 256
+    headroom = fill_block if 0 < fill_block < max(sizes) else 0  # fill_tiled restores a whole block, then cuts it
+    n_ctx = -(-(max(sizes) + FRAME_TOKENS + 1 + headroom) // 256) * 256
     rows, setup = [], {}
     for w in weights:
         for fa in flash_attn:
