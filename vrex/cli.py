@@ -52,6 +52,10 @@ bench_app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.",
 app.add_typer(bench_app, name="bench")
 app.command("serve")(serve)
 bench_app.command("serve")(bench_serve)
+
+from vrex.bench.peer_cli import bench_peer  # noqa: E402  (imports llama_cpp only when run)
+
+bench_app.command("peer")(bench_peer)
 err = Console(stderr=True)
 
 
@@ -158,8 +162,18 @@ def run(
         for line in errors:
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2)
+    def on_warning(warning) -> None:  # vrex.io.SourceWarning: decode problems as events for --json consumers
+        if as_json:
+            print(json.dumps(warning.to_event()), flush=True)
+
+    if as_json:
+        import warnings
+
+        from vrex.io import VideoDecodeWarning
+
+        warnings.simplefilter("ignore", VideoDecodeWarning)  # the events carry them; keeps stderr clean
     try:
-        src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime)
+        src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime, on_warning=on_warning)
     except VideoSourceError as e:
         _fail(str(e))
 
@@ -208,6 +222,12 @@ def run(
                 pass  # already reported: the disk refused the writes
     if src.stats.skipped_corrupt:
         err.print(f"[yellow]warning:[/yellow] {src.stats.skipped_corrupt} corrupt frame(s) were skipped")
+    end = src.end_of_stream  # vrex.io.SourceEnd: how the source ended (complete, truncated, lost, ...)
+    if end is not None:
+        if as_json:
+            print(json.dumps(end.to_event()), flush=True)
+        elif end.status in ("truncated", "lost"):
+            err.print(f"[yellow]warning:[/yellow] {end.uri}: stream {end.status}: {end.reason}")
 
 
 class TraceWriteError(Exception):
@@ -278,6 +298,35 @@ def _live_display(session, frames, questions, src, title: str) -> None:
             else:
                 progress.console.print(f"[green]{event.t:7.1f}s Q:[/green] {event.stats['question']}\n"
                                        f"[green]{'':8} A:[/green] {event.text}")
+
+
+@bench_app.command("stream")
+def bench_stream(
+    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K and policies full, rekv, resv (about 10-15 minutes on 2 cores).")] = False,
+    sizes: Annotated[Optional[str], typer.Option(help="Cached-token sizes, comma-separated (k = 1024). Default: 1k,4k,16k,32k,64k,86400 (an hour at 2 fps).")] = None,
+    policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated (e.g. \"full;resv\\[ratio=0.2]\"). Default: full, flexgen, rekv, resv and ReSV tuned.")] = None,
+    frames: Annotated[int, typer.Option(min=1, help="Real frame steps timed per row.")] = 5,
+    tokens: Annotated[int, typer.Option(min=1, help="Decode steps timed per row.")] = 8,
+    kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
+    peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory: stream.json (rows), stream-full.json, stream.png.")] = Path("bench-out/stream"),
+) -> None:
+    """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
+    (top-1, KL over >= 300 teacher-forced positions) as a real stream grows towards an hour, per policy."""
+    from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
+    from vrex.kv.policies.spec import PolicySpecError
+
+    if kernels not in ("fast", "reference"):
+        raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
+    if peer is not None and not peer.is_file():
+        raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
+    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else list(QUICK_SIZES if quick else FULL_SIZES)
+    specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
+    try:
+        run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
+                         log=lambda line: err.print(line, markup=False))
+    except PolicySpecError as e:
+        raise typer.BadParameter(str(e), param_hint="--policies")
 
 
 @bench_app.command("engine")

@@ -1,7 +1,6 @@
 """The fast path (vrex.kv.fast, C++) held equal to the PyTorch reference, Quest-style.
 
-Units: WiCSum union, cluster -> token ids, read plans and attention over tier slots, on random
-inputs. End to end: ReSV's fused selection equals its reference selection call by call on the real
+Units: WiCSum union, cluster -> token ids, read plans and the planned gather, on random inputs. End to end: ReSV's fused selection equals its reference selection call by call on the real
 model's keys and queries; every policy's session gives the same logits and the same store
 accounting with either kernel set, with and without a host tier.
 """
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 from vrex.kv.cache import KeepConfig, VrexCache, _attention
 from vrex.kv.fast import load
 from vrex.kv.policies import POLICIES, ReSVPolicy, make_policy
-from vrex.kv.policy import PackedSelection
+from vrex.kv.policy import PackedSelection, Selection
 from vrex.kv.store import KVStore
 from vrex.resv.wicsum import normalize_scores, wicsum_select
 
@@ -62,9 +61,10 @@ def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
 
 @pytest.mark.parametrize("tiers", [{}, {"device_budget_bytes": 3 * 7 * 2 * 2 * 8 * 4}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_attention_equals_gather_and_dense_attention(tiers, dtype):
-    """Attention read in place from the tier slots == the reference gather + masked attention,
-    with per-head selections of different lengths, a host tier, ring slots and the same counters."""
+def test_planned_gather_equals_reference_gather(tiers, dtype):
+    """Slots planned in C++ and gathered in one copy == the reference gather of the same selection
+    (+ always-kept ranges): same attention output, same tokens read, same store counters; with
+    per-head selections of different lengths, a host tier, ring slots and bf16 storage."""
     H, D, G, T = 2, 8, 3, 4
     ref_store = _filled_store(H=H, D=D, dtype=dtype, **tiers)
     fast_store = _filled_store(H=H, D=D, dtype=dtype, **tiers)
@@ -78,12 +78,33 @@ def test_sparse_attention_equals_gather_and_dense_attention(tiers, dtype):
     k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
     k, v, valid = ref_store.gather(0, kept)
     want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.3)
-    packed = PackedSelection.pack(type("S", (), {"indices": picks, "stats": {}})(), H)
+    packed = PackedSelection.pack(Selection(picks), H)
     plan = fast_store.read_plan(0, packed.ids, packed.offs, False, n_past, sink, recent_start)
-    got = ext.sparse_attention(q, plan.kbufs, plan.vbufs, plan.slots, plan.offs, plan.dense, k_new, v_new, 0.3)
-    assert plan.selected == [int(i.numel()) for i in kept]
+    k2, v2, lens = ext.gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
+    lmax = k2.shape[1] - T
+    got = _attention(q, k2, v2, T, torch.arange(lmax)[None] < lens[:, None], 0.3)
+    assert plan.selected == [int(i.numel()) for i in kept] == lens.tolist()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert fast_store.counters() == ref_store.counters()
+    if tiers:
+        assert fast_store.counters()["fetch_host_bytes"] > 0
+
+
+def test_attention_masks_against_dense_reference():
+    """The column-limited masks (padding on the past, causality on the step's tokens) == a dense
+    masked softmax written out in full."""
+    g = torch.Generator().manual_seed(2)
+    H, G, T, L, D = 2, 3, 5, 9, 8
+    q, k, v = torch.randn(H * G, T, D, generator=g), torch.randn(H, L + T, D, generator=g), torch.randn(H, L + T, D, generator=g)
+    valid = torch.arange(L)[None] < torch.tensor([[6], [9]])
+    got = _attention(q, k, v, T, valid, 0.5)
+    for hq in range(H * G):
+        h = hq // G
+        for i in range(T):
+            allowed = torch.cat([valid[h], torch.arange(T) <= i])
+            s = (k[h] @ q[hq, i]) * 0.5
+            p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
+            torch.testing.assert_close(got[hq, i], p @ v[h], atol=1e-5, rtol=1e-4)
 
 
 def test_disk_tier_selection_falls_back(tmp_path):

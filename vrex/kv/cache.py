@@ -146,6 +146,7 @@ class VrexCache(Cache):
             # (a view when it is all on the device tier), so no copy of the whole cache is made.
             self._store_and_index(layer, key[0], value[0])
             k, v, _ = self.store.gather(layer, None)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the KV is stored in another type (bf16)
             valid = None
         else:
             k_past, v_past, valid = self.store.gather(layer, indices)
@@ -168,8 +169,10 @@ class VrexCache(Cache):
 
     def _attend_fast(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                      t0: float) -> torch.Tensor | None:
-        """The fast path (vrex.kv.fast): the same tokens as the reference, read in place. ``None`` when
-        a selected token lies on the disk tier (the reference path then gathers it)."""
+        """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
+        (one copy per step and layer), attended with BLAS. ``None`` when the reference path is as fast
+        (every token resident on the device tier in order: no copy at all) or must gather (a
+        selected token on the disk tier)."""
         from vrex.kv.fast import load
 
         n_past = self.store.length(layer)
@@ -178,15 +181,19 @@ class VrexCache(Cache):
             selection = self.policy.select_packed(layer, q, n_past, self.stage, want_stats=self.record_stats)
         else:
             selection = PackedSelection(_EMPTY, _EMPTY, True)
+        if selection.everything and self.store.resident_in_order(layer):
+            return None  # full: the reference already attends over the device buffer itself, no copy
         sink = min(self.keep.sink_tokens, n_past)
         recent_start = max(sink, n_past - self.keep.recent_tokens)
         plan = self.store.read_plan(layer, selection.ids, selection.offs, selection.everything, n_past, sink, recent_start,
                                     n_new=key.shape[-2])
         if plan is None:
             return None
+        k, v, lens = load().gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
         t_fetch = time.perf_counter()
-        out = load().sparse_attention(q, plan.kbufs, plan.vbufs, plan.slots, plan.offs, plan.dense,
-                                      key[0], value[0], float(scaling))
+        lmax = k.shape[1] - key.shape[-2]
+        valid = None if bool((lens == lmax).all()) else torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)
+        out = _attention(q.float(), k, v, key.shape[-2], valid, scaling)
         self._store_and_index(layer, key[0], value[0])
         if self.record is not None:
             self.record.n_new = key.shape[-2]
@@ -249,15 +256,13 @@ def _attention(
     groups = h_q // h_kv
     n_past = n_ctx - n_new
     scores = torch.matmul(q.reshape(h_kv, groups * t, d), k.transpose(1, 2)) * scaling  # [H_kv, G*T, N]
-    if t > 1 or valid is not None:
-        cols = torch.arange(n_ctx, device=q.device)
+    # Masks touch only the columns they concern (padding: the past; causality: the step's own
+    # tokens), so a long cache costs no [rows x N] mask.
+    if valid is not None:
+        scores[:, :, :n_past].masked_fill_(~valid.to(q.device)[:, None, :], float("-inf"))
+    if t > 1:
         rows = torch.arange(t, device=q.device)
-        allowed = (cols[None, :] < n_past) | (cols[None, :] - n_past <= rows[:, None])  # [T, N] causal
-        allowed = allowed[None, None].expand(h_kv, groups, t, n_ctx)
-        if valid is not None:
-            pad = torch.ones(h_kv, n_ctx, dtype=torch.bool, device=q.device)
-            pad[:, :n_past] = valid.to(q.device)
-            allowed = allowed & pad[:, None, None, :]
-        scores = scores.masked_fill(~allowed.reshape(h_kv, groups * t, n_ctx), float("-inf"))
+        future = (rows[None, :] > rows[:, None]).repeat(groups, 1)  # [G*T, T]: row (g, i) may not see j > i
+        scores[:, :, n_past:].masked_fill_(future[None], float("-inf"))
     out = torch.matmul(scores.float().softmax(-1).to(v.dtype), v)  # [H_kv, G*T, D]
     return out.reshape(h_q, t, d)

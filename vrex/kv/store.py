@@ -272,19 +272,15 @@ class _Layer:
         self.pos, self.evicted = pos, ev
 
 
-_NO_OFFS = torch.zeros(0, dtype=torch.int64)
-
-
 @dataclass
 class ReadPlan:
-    """Tier buffers and the slots to read in each (see :meth:`KVStore.read_plan`): the arguments of
-    ``vrex.kv.fast`` ``sparse_attention``. ``dense[i] >= 0``: ``dense[i]`` slots from ``slots[i][0]``."""
+    """Tier buffers and the slots to read in each, per KV head (see :meth:`KVStore.read_plan`): the
+    arguments of ``vrex.kv.fast`` ``gather_plan``."""
 
     kbufs: list[Tensor]
     vbufs: list[Tensor]
     slots: list[Tensor]
     offs: list[Tensor]
-    dense: list[int]
     selected: list[int]  # tokens read per KV head
 
 
@@ -616,6 +612,12 @@ class KVStore:
             valid = valid.to(self.device)
         return k_out, v_out, valid
 
+    def resident_in_order(self, layer: int) -> bool:
+        """Every token of the layer on the device tier, in arrival order, none evicted (the full
+        policy's store): attention can read the device buffer itself."""
+        L = self._layers[layer]
+        return L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0
+
     def read_plan(self, layer: int, ids: Tensor, offs: Tensor, everything: bool, n_past: int, sink: int,
                   recent_start: int, n_new: int = 0) -> "ReadPlan | None":
         """Where the fast path reads (``vrex.kv.fast``): per in-memory tier, the physical slots of the
@@ -629,12 +631,6 @@ class KVStore:
         H = self.num_kv_heads
         if L.disk is not None and L.d_end > 0:
             return None
-        if everything and L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0 and n_past == L.n:
-            # the full policy's case: every token on the device tier in arrival order, one dense run per head
-            self._c["gathers"] += 1
-            self._c["device_read_bytes"] += (n_past + n_new) * H * self.token_bytes
-            start = torch.tensor([L.dev.front], dtype=torch.int64)
-            return ReadPlan([L.dev.k], [L.dev.v], [start], [_NO_OFFS], [n_past], [n_past] * H)
         hs, ho, ds, do, disk, runs, sel = load().plan_reads(
             ids, offs, everything, n_past, sink, recent_start, L.pos, L.evicted, L.n_evicted > 0, L.d_end, L.h_end)
         if bool(disk.any()):
@@ -644,7 +640,7 @@ class KVStore:
         self._c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
         if n_host:
             self._count("fetch_host", n_host, int(runs.sum()))
-        return ReadPlan([L.host.k, L.dev.k], [L.host.v, L.dev.v], [hs, ds], [ho, do], [-1, -1], sel.tolist())
+        return ReadPlan([L.host.k, L.dev.k], [L.host.v, L.dev.v], [hs, ds], [ho, do], sel.tolist())
 
     def _gather_all_contiguous(self, L: _Layer) -> tuple[Tensor, Tensor, None]:
         """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""
