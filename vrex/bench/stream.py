@@ -44,7 +44,11 @@ FIDELITY_TEXT = (
     "soft shadows on the ground and a few clouds above the trees. Was there any text on the screen? A "
     "timecode was shown in the corner for a few seconds near the start of the stream. What animal "
     "appeared first? A large white cockatoo appeared first, then a small grey bird sat on a feeder, "
-    "and a cartoon squirrel ran across the grass towards a tree stump in the forest clearing."
+    "and a cartoon squirrel ran across the grass towards a tree stump in the forest clearing. Where did "
+    "the cyclist go? He turned right at the corner after the bakery and disappeared behind a parked van. "
+    "What was the last thing you saw? A snowy mountain path with a girl in a red scarf walking towards a "
+    "small wooden hut, while snowflakes fell slowly and a dog followed her through the deep snow. Did "
+    "anything change in the room? The lamp on the table was switched off and the curtains were opened."
 )
 
 
