@@ -177,3 +177,16 @@ def test_recent_window_default_is_two_frames(videollm, recent, frames):
 def test_negative_recent_window_is_refused(videollm):
     with pytest.raises(ValueError, match="recent_tokens must be >= 0"):
         StreamingSession(videollm, make_policy("rekv"), SessionConfig(recent_tokens=-1))
+
+
+def test_question_past_the_end_is_answered_with_a_note(videollm, photos):
+    """A question timed after the stream's last frame is answered at the end, saying so (never dropped,
+    never dated after the stream)."""
+    session = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=0.0, max_answer_tokens=4))
+    frames = [(0.5 * i, im) for i, im in enumerate(photos[:2])]
+    events = list(session.run(frames, [(99999.0, "What is shown?"), (0.5, "And now?")]))
+    answers = [e for e in events if e.kind == "answer"]
+    assert [a.stats["question"] for a in answers] == ["And now?", "What is shown?"]
+    late = answers[1]
+    assert late.t == 0.5 and late.stats["asked_at"] == 99999.0 and "99999" in late.stats["note"]
+    assert "note" not in answers[0].stats

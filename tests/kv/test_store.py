@@ -267,3 +267,22 @@ def test_bad_shapes_and_orders():
         s.set_block_order(0, 1, torch.tensor([[0, 1], [0, 1]]))
     with pytest.raises(ValueError):
         s.gather(0, [torch.tensor([0])])
+
+
+def test_stale_disk_dirs_of_killed_runs_are_removed(tmp_path):
+    """A vrex-kv-* directory whose owner process is gone (a kill -9) is removed by the next store;
+    one whose owner lives (this process) is kept."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "vrex-kv-stale"
+    stale.mkdir()
+    (stale / "owner.pid").write_text(dead.stdout.strip())
+    (stale / "layer000.k.bin").write_bytes(b"x" * 10)
+    live = KVStore(1, 1, 4, host_budget_bytes=64, device_budget_bytes=32, disk_dir=tmp_path)
+    assert not stale.exists()
+    other = KVStore(1, 1, 4, host_budget_bytes=64, device_budget_bytes=32, disk_dir=tmp_path)
+    assert live.disk_dir.exists() and other.disk_dir.exists()
+    live.close()
+    other.close()

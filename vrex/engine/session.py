@@ -255,10 +255,14 @@ class StreamingSession:
             self._queue(q, tq)  # due once a frame at or past its time arrives
         for t, image in frames:
             yield from self.push_frame(t, image)
-        # Questions after the last frame are answered at the end of the stream.
+        # Questions after the last frame are answered at the end of the stream, saying so.
         while self._questions:
             t, _, q = heapq.heappop(self._questions)
-            yield self._answer(q, max(t, self.t))
+            event = self._answer(q, min(t, self.t) if self.frames else t)
+            if t > self.t:
+                event.stats["note"] = f"asked for {t:g} s; the stream ended at {self.t:g} s, answered there"
+                event.stats["asked_at"] = t
+            yield event
 
     def memory(self) -> dict[str, int]:
         tiers = self.store.resident_bytes()

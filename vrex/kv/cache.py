@@ -155,24 +155,15 @@ class VrexCache(Cache):
             self._store_and_index(layer, key[0], value[0])
         t_fetch = time.perf_counter()
         out = _attention(q, k, v, n_new, valid, scaling)
-        if self.record is not None:
-            self.record.n_new = n_new
-            selected = n_past if indices is None else [int(i.numel()) for i in indices]
-            self.record.layers.append(
-                {"layer": layer, "n_past": n_past, "selected": selected, "stats": selection.stats,
-                 "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch}
-            )
-        evict = self.policy.evictable(layer, self.store.length(layer))
-        if evict is not None and evict.numel():
-            self.store.evict(layer, evict)
-        return out.transpose(0, 1).unsqueeze(0)
+        selected = n_past if indices is None else [int(i.numel()) for i in indices]
+        return self._finish(layer, out, n_new, n_past, selected, selection.stats, t0, t_fetch)
 
     def _attend_fast(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                      t0: float) -> torch.Tensor | None:
         """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
-        (one copy per step and layer), attended with BLAS. ``None`` when the reference path is as fast
-        (every token resident on the device tier in order: no copy at all) or must gather (a
-        selected token on the disk tier)."""
+        (one copy per step and layer), attended with BLAS; reading everything with every token on the
+        device tier in order (full), no copy at all. ``None`` when a selected token is on the disk
+        tier (the reference path gathers it; the policy is asked again, as it keeps no state in select)."""
         from vrex.kv.fast import load
 
         n_past = self.store.length(layer)
@@ -182,7 +173,12 @@ class VrexCache(Cache):
         else:
             selection = PackedSelection(_EMPTY, _EMPTY, True)
         if selection.everything and self.store.resident_in_order(layer):
-            return None  # full: the reference already attends over the device buffer itself, no copy
+            # full: attend over the device buffer itself (no copy), as the reference does
+            self._store_and_index(layer, key[0], value[0])
+            k, v, _ = self.store.gather(layer, None)
+            t_fetch = time.perf_counter()
+            out = _attention(q, k.to(q.dtype), v.to(q.dtype), key.shape[-2], None, scaling)
+            return self._finish(layer, out, key.shape[-2], n_past, n_past, selection.stats, t0, t_fetch)
         sink = min(self.keep.sink_tokens, n_past)
         recent_start = max(sink, n_past - self.keep.recent_tokens)
         plan = self.store.read_plan(layer, selection.ids, selection.offs, selection.everything, n_past, sink, recent_start,
@@ -195,15 +191,21 @@ class VrexCache(Cache):
         valid = None if bool((lens == lmax).all()) else torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)
         out = _attention(q.float(), k, v, key.shape[-2], valid, scaling)
         self._store_and_index(layer, key[0], value[0])
+        selected = n_past if selection.everything else plan.selected
+        return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)
+
+    def _finish(self, layer: int, out: torch.Tensor, n_new: int, n_past: int, selected, stats: dict, t0: float,
+                t_fetch: float) -> torch.Tensor:
+        """Record the step's layer, let the policy evict, return transformers' layout [1, T, H_q, D]."""
         if self.record is not None:
-            self.record.n_new = key.shape[-2]
+            self.record.n_new = n_new
             self.record.layers.append(
-                {"layer": layer, "n_past": n_past, "selected": n_past if selection.everything else plan.selected,
-                 "stats": selection.stats, "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch})
+                {"layer": layer, "n_past": n_past, "selected": selected, "stats": stats,
+                 "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch})
         evict = self.policy.evictable(layer, self.store.length(layer))
         if evict is not None and evict.numel():
             self.store.evict(layer, evict)
-        return out.to(query.dtype).transpose(0, 1).unsqueeze(0)
+        return out.transpose(0, 1).unsqueeze(0)
 
     def _store_and_index(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         offset = 0

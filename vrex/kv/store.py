@@ -737,11 +737,29 @@ class KVStore:
             self._cleanup()
 
 
+def _remove_stale(parent: Path) -> None:
+    """Remove ``vrex-kv-*`` directories left by killed runs (their owner's pid no longer exists)."""
+    for d in parent.glob("vrex-kv-*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge (no owner file): leave it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def _session_dir(parent: Path) -> Path:
-    """A fresh ``vrex-kv-*`` directory inside ``parent`` (created if needed), probed for writing."""
+    """A fresh ``vrex-kv-*`` directory inside ``parent`` (created if needed), probed for writing and
+    stamped with this process's pid, so a later run removes it if this one is killed."""
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent)
         d = Path(tempfile.mkdtemp(prefix="vrex-kv-", dir=parent))
+        (d / "owner.pid").write_text(str(os.getpid()))
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=d)
         os.close(fd)
         os.unlink(probe)
