@@ -74,6 +74,18 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
   return {chosen, taken};
 }
 
+// Per-head lists -> (values int64 [total], offs int64 [H + 1]): head h's values at [offs[h], offs[h+1]).
+static std::vector<Tensor> pack_per_head(const std::vector<std::vector<int64_t>>& per) {
+  const int64_t H = (int64_t)per.size();
+  auto offs = at::zeros({H + 1}, at::kLong);
+  int64_t* op = offs.data_ptr<int64_t>();
+  for (int64_t h = 0; h < H; ++h) op[h + 1] = op[h] + (int64_t)per[h].size();
+  auto values = at::empty({op[H]}, at::kLong);
+  int64_t* vp = values.data_ptr<int64_t>();
+  for (int64_t h = 0; h < H; ++h) std::copy(per[h].begin(), per[h].end(), vp + op[h]);
+  return {values, offs};
+}
+
 // Token ids (ascending) of the chosen clusters, per head: ids < n_past whose cluster is chosen.
 // Returns (ids int64 [total], offs int64 [H + 1]).
 std::vector<Tensor> cluster_token_ids(Tensor chosen, Tensor token_cluster, int64_t n_past) {
@@ -97,13 +109,7 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, Tensor token_cluster, int64
       }
     }
   });
-  auto offs = at::zeros({H + 1}, at::kLong);
-  int64_t* op = offs.data_ptr<int64_t>();
-  for (int64_t h = 0; h < H; ++h) op[h + 1] = op[h] + (int64_t)per[h].size();
-  auto ids = at::empty({op[H]}, at::kLong);
-  int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t h = 0; h < H; ++h) std::copy(per[h].begin(), per[h].end(), ip + op[h]);
-  return {ids, offs};
+  return pack_per_head(per);
 }
 
 // Selection (token ids per head, ascending, or all when ids is empty and all_past) + always-kept
@@ -155,19 +161,9 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
       runs[h] = r;
     }
   });
-  auto pack = [&](std::vector<std::vector<int64_t>>& v) {
-    auto o = at::zeros({H + 1}, at::kLong);
-    int64_t* oo = o.data_ptr<int64_t>();
-    for (int64_t h = 0; h < H; ++h) oo[h + 1] = oo[h] + (int64_t)v[h].size();
-    auto s = at::empty({oo[H]}, at::kLong);
-    int64_t* sp = s.data_ptr<int64_t>();
-    for (int64_t h = 0; h < H; ++h) std::copy(v[h].begin(), v[h].end(), sp + oo[h]);
-    return std::make_pair(s, o);
-  };
-  auto [hs, ho] = pack(host);
-  auto [ds, dof] = pack(dev);
+  auto h_packed = pack_per_head(host), d_packed = pack_per_head(dev);
   auto disk_t = at::tensor(disk, at::kLong), runs_t = at::tensor(runs, at::kLong), sel_t = at::tensor(sel, at::kLong);
-  return {hs, ho, ds, dof, disk_t, runs_t, sel_t};
+  return {h_packed[0], h_packed[1], d_packed[0], d_packed[1], disk_t, runs_t, sel_t};
 }
 
 // The planned slots of every tier, gathered once into one padded buffer per K and V, with the step's

@@ -199,21 +199,26 @@ class ReSVPolicy(KVPolicy):
             chosen |= part
             scanned += taken.sum(1)
         ids, offs = ext.cluster_token_ids(chosen, tab.token_cluster, n_past)
-        stats: dict = {}
-        if want_stats:
-            n_cl = valid.sum(1)
-            kv_bytes = 2 * n_past * H * self.head_dim * self.key_bytes
-            hc_bytes = tab.nbytes(key_bytes=self.key_bytes)
-            stats = {
-                "n_past": n_past, "selected": (offs[1:] - offs[:-1]).tolist(), "clusters": n_cl.tolist(),
-                "clusters_selected": chosen.sum(1).tolist(),
-                "mean_cluster_size": [n_past / c if c else 0.0 for c in n_cl.tolist()], "rows": R,
-                "scanned": scanned.tolist(), "scanned_bucketed": None,
-                "scan_fraction": (scanned.double() / (n_cl * R).clamp(min=1).double()).tolist(),
-                "dot_products": (n_cl * R).tolist(), "comparisons": tab.last_comparisons.tolist(),
-                "hc_bytes": hc_bytes, "kv_bytes": kv_bytes, "hc_ratio": hc_bytes / kv_bytes if kv_bytes else 0.0,
-            }
+        stats = self._stats(tab, valid, chosen, n_past, R, (offs[1:] - offs[:-1]).tolist(), scanned, None) if want_stats else {}
         return PackedSelection(ids, offs, False, stats)
+
+    def _stats(self, tab: HCTable, valid: torch.Tensor, chosen: torch.Tensor, n_past: int, rows: int,
+               selected: list[int], scanned: torch.Tensor, scanned_bucketed: torch.Tensor | None) -> dict:
+        """``Selection.stats`` (see the module docstring), for both selection paths."""
+        n_cl = valid.sum(1)
+        kv_bytes = 2 * n_past * self.num_kv_heads * self.head_dim * self.key_bytes
+        hc_bytes = tab.nbytes(key_bytes=self.key_bytes)
+        scan = scanned_bucketed if scanned_bucketed is not None else scanned
+        return {
+            "n_past": n_past, "selected": selected, "clusters": n_cl.tolist(),
+            "clusters_selected": chosen.sum(1).tolist(),
+            "mean_cluster_size": [n_past / c if c else 0.0 for c in n_cl.tolist()], "rows": rows,
+            "scanned": scanned.tolist(),
+            "scanned_bucketed": None if scanned_bucketed is None else scanned_bucketed.tolist(),
+            "scan_fraction": (scan.double() / (n_cl * rows).clamp(min=1).double()).tolist(),
+            "dot_products": (n_cl * rows).tolist(), "comparisons": tab.last_comparisons.tolist(),
+            "hc_bytes": hc_bytes, "kv_bytes": kv_bytes, "hc_ratio": hc_bytes / kv_bytes if kv_bytes else 0.0,
+        }
 
     def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
         H = self.num_kv_heads
@@ -238,24 +243,5 @@ class ReSVPolicy(KVPolicy):
         if self.selection_scope == "layer":
             mask = mask.any(0, keepdim=True).expand(H, n_past)
         indices = [torch.nonzero(mask[h]).flatten() for h in range(H)]
-        n_cl = valid.sum(1)
-        denom = (n_cl * R).clamp(min=1).double()
-        kv_bytes = 2 * n_past * H * self.head_dim * self.key_bytes
-        hc_bytes = tab.nbytes(key_bytes=self.key_bytes)
-        stats = {
-            "n_past": n_past,
-            "selected": [int(i.numel()) for i in indices],
-            "clusters": n_cl.tolist(),
-            "clusters_selected": chosen.sum(1).tolist(),
-            "mean_cluster_size": [n_past / c if c else 0.0 for c in n_cl.tolist()],
-            "rows": R,
-            "scanned": scanned.tolist(),
-            "scanned_bucketed": None if sb is None else sb.tolist(),
-            "scan_fraction": ((sb if sb is not None else scanned).double() / denom).tolist(),
-            "dot_products": (n_cl * R).tolist(),
-            "comparisons": tab.last_comparisons.tolist(),
-            "hc_bytes": hc_bytes,
-            "kv_bytes": kv_bytes,
-            "hc_ratio": hc_bytes / kv_bytes if kv_bytes else 0.0,
-        }
+        stats = self._stats(tab, valid, chosen, n_past, R, [int(i.numel()) for i in indices], scanned, sb)
         return Selection(indices, stats)
