@@ -13,7 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from vrex.cli import app, parse_question
+from vrex.cli import app
+from vrex.cli.run import parse_question
 from vrex.io import list_demo_clips
 from vrex.sizes import parse_bytes, parse_count
 
@@ -226,7 +227,7 @@ def test_policies_command_lists_every_policy_and_parameter():
 
 def test_cli_mirrors_of_model_names_match_the_models():
     """The option checks run without importing the models; their copies of the names must not drift."""
-    from vrex.cli_options import CONNECTOR_NAMES, ENCODER_PRESETS, LM_PRESETS, POLICY_NAMES
+    from vrex.cli.options import CONNECTOR_NAMES, ENCODER_PRESETS, LM_PRESETS, POLICY_NAMES
     from vrex.kv.policies import POLICIES
     from vrex.models.encoders import EFFNET_PRESET
     from vrex.models.lm import SMOLLM2_PRESET
@@ -247,3 +248,44 @@ def test_sizes():
     for bad in ("-5", "abc", "1.5"):
         with pytest.raises(ValueError, match="size"):
             parse_count(bad)
+
+
+# --- one CLI package (issue 16 item 3) ---------------------------------------------------------------------------
+
+
+def test_only_the_cli_package_imports_typer_or_rich():
+    """The library takes plain callbacks (log=) and returns rows; typer and rich belong to vrex/cli."""
+    import ast
+    from pathlib import Path
+
+    import vrex
+
+    root = Path(vrex.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in ("typer", "rich", "click")]
+    assert offenders == []
+
+
+def test_missing_extra_is_named_and_an_import_bug_is_loud(monkeypatch, capsys):
+    from vrex.cli.app import _Commands
+    from vrex.cli.options import require_extra
+
+    with pytest.raises(typer.Exit) as exit_info:
+        require_extra("vrex serve", "serve", "json", "no_such_module_for_vrex")
+    assert exit_info.value.exit_code == 2
+    message = capsys.readouterr().err
+    assert "'serve'" in message and "no_such_module_for_vrex not installed" in message and "json" not in message.split('(')[1], message
+    monkeypatch.setitem(_Commands.lazy, "hw", "vrex.no_such_cli_module")
+    result = CliRunner().invoke(app, ["hw", "systems"])
+    assert isinstance(result.exception, ModuleNotFoundError), result.output  # never a vanished command
+
+
+def test_python_dash_m_vrex_is_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "vrex", "policies"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "resv: " in proc.stdout and "hamming_threshold" in proc.stdout, proc.stderr

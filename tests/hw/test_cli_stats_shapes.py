@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vrex.hw.cli import app, parse_kv
+from vrex.cli.hw import app, parse_kv
 from vrex.hw.model_shapes import from_hf_config, preset
 from vrex.hw.stats import PAPER, load_trace, stats_from_records
 

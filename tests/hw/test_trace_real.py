@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vrex.hw.cli import app
+from vrex.cli.hw import app
 from vrex.hw.stats import load_trace
 from vrex.io import assets_dir
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from vrex.train.cli import app
+from vrex.cli import app
 
 
 @pytest.mark.parametrize("args, option, why", [
@@ -42,7 +42,7 @@ def test_unknown_lora_target_is_named(tmp_path):
 
 
 def test_eval_connector_names_shipped_variants():
-    from vrex.train.cli import resolve_eval_connector
+    from vrex.cli.eval import resolve_eval_connector
     from vrex.train.trainer import DEFAULT_WEIGHTS
 
     assert resolve_eval_connector("plain") == DEFAULT_WEIGHTS  # the default recipe's --out
@@ -53,7 +53,7 @@ def test_eval_connector_names_shipped_variants():
 
 
 def test_eval_connector_maps_a_run_directory_to_its_checkpoint(tmp_path):
-    from vrex.train.cli import resolve_eval_connector
+    from vrex.cli.eval import resolve_eval_connector
 
     (tmp_path / "checkpoint.safetensors").write_bytes(b"")
     assert resolve_eval_connector(str(tmp_path)) == tmp_path / "checkpoint.safetensors"

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from vrex.train.cli import app
+from vrex.cli import app
 from vrex.train.plots import needle_series
 
 ROWS = [

@@ -13,11 +13,10 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from vrex.bench.media import long_stream
@@ -52,8 +51,8 @@ def encode_all(model, frames, batch: int = 16) -> torch.Tensor:
 
 
 def run_engine_bench(sizes: list[int], *, frames: int = 8, tokens: int = 16, out: Path = Path("bench-out/engine"),
-                     policy: str = "full") -> list[dict]:
-    console = Console(stderr=True)
+                     policy: str = "full", log: Callable[[str], None] = print) -> list[dict]:
+    """Rows (one per size) written to ``out/engine.json`` with a plot; ``log`` gets a line per size."""
     out.mkdir(parents=True, exist_ok=True)
     model = load_videollm()
     sizes = sorted(sizes)
@@ -86,24 +85,12 @@ def run_engine_bench(sizes: list[int], *, frames: int = 8, tokens: int = 16, out
                      "frame_ms": statistics.median(total), "token_ms": statistics.median(token_ms),
                      "kv_bytes": mem["kv_bytes"], "rss_bytes": mem["rss_bytes"],
                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
-        console.print(f"{size:>6} tokens: frame {rows[-1]['frame_ms']:.1f} ms, token {rows[-1]['token_ms']:.1f} ms")
+        log(f"{size:>6} tokens: frame {rows[-1]['frame_ms']:.1f} ms, token {rows[-1]['token_ms']:.1f} ms")
     result = {"bench": "engine", "machine": machine(), "model": model.describe(), "frames_timed": frames,
               "tokens_timed": tokens, "rows": rows}
     (out / "engine.json").write_text(json.dumps(result, indent=2))
     _plot(rows, out / "engine.png")
-    _print_table(rows, console)
-    console.print(f"wrote {out / 'engine.json'} and {out / 'engine.png'}")
     return rows
-
-
-def _print_table(rows: list[dict], console: Console) -> None:
-    table = Table(title="full policy: latency vs cached tokens (medians)")
-    for col in ("cached tokens", "vision ms", "prefill ms", "frame ms", "decode ms/token", "KV MB", "peak RSS MB"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["cached_tokens"]), f"{r['vision_ms']:.1f}", f"{r['prefill_ms']:.1f}", f"{r['frame_ms']:.1f}",
-                      f"{r['token_ms']:.1f}", f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}")
-    console.print(table)
 
 
 def _plot(rows: list[dict], path: Path) -> None:

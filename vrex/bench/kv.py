@@ -23,20 +23,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Callable
 
 import torch
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from vrex.bench import parse_size
 from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
 from vrex.engine.session import SessionConfig, StreamingSession
-from vrex.kv.policies import POLICIES, PolicySpecError, make_policy
-from vrex.kv.policies.spec import split_spec_list
+from vrex.kv.policies import make_policy
 from vrex.kv.telemetry import step_to_json
 from vrex.models.videollm import load_videollm
 
@@ -124,8 +118,9 @@ def fidelity(ref: Trace, got: Trace) -> dict[str, float]:
 
 
 def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questions: int, answer_tokens: int,
-                 device_tokens: int, recent_tokens: int, out: Path) -> list[dict]:
-    console = Console(stderr=True, width=160)
+                 device_tokens: int, recent_tokens: int, out: Path, log: Callable[[str], None] = print) -> list[dict]:
+    """Rows (one per size and policy spec, specs checked by the caller) written to ``out/kv.json`` with
+    the plots; ``log`` gets one line per row as it is measured."""
     out.mkdir(parents=True, exist_ok=True)
     model = load_videollm()
     sizes = sorted(sizes)
@@ -142,7 +137,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
         steps = stream[cursor:cursor + frames]
         ref_trace = None
         for name in ["full"] + [p for p in policies if p != "full"]:
-            policy = make_policy(name)  # a spec, checked by kv_command before the model loaded
+            policy = make_policy(name)  # a spec, checked by the command before the model loaded
             config = SessionConfig(theta=0.0, recent_tokens=recent_tokens, device_tokens=device_tokens)
             t0 = time.perf_counter()
             session = base.fork(policy, config)
@@ -169,8 +164,8 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
             rows.append(row)
             if name in ("resv", "rekv", "infinigen"):
                 heat[f"{name}@{size}"] = {"frame": collector.heat("frame"), "decode": collector.heat("decode")}
-            console.print(f"{size:>6} {escape(name):<13} frame {row['frame_ms']:7.1f} ms  token {row['token_ms'] or 0:6.1f} ms  "
-                          f"ratio {_pct(row['frame_ratio'])}/{_pct(row['decode_ratio'])}  top1 {row['top1_agreement']:.3f}  KL {row['kl']:.4f}")
+            log(f"{size:>6} {name:<13} frame {row['frame_ms']:7.1f} ms  token {row['token_ms'] or 0:6.1f} ms  "
+                f"ratio {pct(row['frame_ratio'])}/{pct(row['decode_ratio'])}  top1 {row['top1_agreement']:.3f}  KL {row['kl']:.4f}")
             del session
         base.fast_forward([t for t, _ in steps], features[cursor:cursor + frames])
         cursor += frames
@@ -178,24 +173,11 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
               "answer_tokens": answer_tokens, "device_tokens": device_tokens, "recent_tokens": recent_tokens, "rows": rows, "heat": heat}
     (out / "kv.json").write_text(json.dumps(result, indent=2))
     _plots(rows, heat, out)
-    _table(rows, console)
-    console.print(f"wrote {out / 'kv.json'}, {out / 'kv_latency.png'}, {out / 'kv_heat.png'}")
     return rows
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "  -  " if x is None else f"{100 * x:5.1f}%"
-
-
-def _table(rows: list[dict], console: Console) -> None:
-    table = Table(title="KV policies side by side (fidelity vs full on identical inputs)")
-    for col in ("tokens", "policy", "frame ms", "token ms", "frame ratio", "decode ratio", "top-1", "KL", "answers", "resident MB", "moved MB"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["cached_tokens"]), escape(r["policy"]), f"{r['frame_ms']:.1f}", f"{r['token_ms'] or 0:.1f}", _pct(r["frame_ratio"]),
-                      _pct(r["decode_ratio"]), f"{r['top1_agreement']:.3f}", f"{r['kl']:.4f}", f"{r['answer_agreement']:.2f}",
-                      f"{r['resident_bytes'] / 2**20:.0f}", f"{r['bytes_moved'] / 2**20:.1f}")
-    console.print(table)
 
 
 def _plots(rows: list[dict], heat: dict, out: Path) -> None:
@@ -230,35 +212,3 @@ def _plots(rows: list[dict], heat: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "kv_heat.png", dpi=120)
         plt.close(fig)
-
-
-def kv_command(
-    policies: Annotated[str, typer.Option(help=f"Comma-separated policies, or 'all' ({', '.join(POLICIES)}). Parameters in brackets: 'all,resv\\[ratio=0.6,score_norm=softmax],rekv\\[ratio=0.25]' (`vrex policies` lists them).")] = "all",
-    sizes: Annotated[str, typer.Option(help="Cached-token sizes (k = 1024). The LM's trained context is 8k: 16k runs beyond it with re-indexed positions.")] = "1k,4k,8k,16k",
-    frames: Annotated[int, typer.Option(help="Real frame steps measured per policy and size.")] = 4,
-    questions: Annotated[int, typer.Option(help=f"Questions per policy and size (at most {len(QUESTIONS)}).")] = 2,
-    answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per question (full's greedy tokens, teacher-forced for the others; decoding goes on past a stop token so latency is always measured).")] = 12,
-    device_tokens: Annotated[int, typer.Option(help="Device-tier budget for offloading policies, in tokens (all layers).")] = 1024,
-    recent_tokens: Annotated[int, typer.Option(help="Always-kept recent window, in tokens, for every policy.")] = 22,
-    quick: Annotated[bool, typer.Option(help="Smaller sweep (all policies, 1k/2k/4k, 3 frames, 1 question): about 5 minutes.")] = False,
-    out: Annotated[Path, typer.Option(help="Output directory (kv.json, kv_latency.png, kv_heat.png).")] = Path("bench-out/kv"),
-) -> None:
-    """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
-    ratios (frame prefill and decoding), fidelity to `full` (top-1, KL, answers), memory per tier, bytes moved."""
-    names = []
-    try:
-        specs = split_spec_list(policies)
-    except PolicySpecError as e:
-        raise typer.BadParameter(str(e), param_hint="--policies")
-    for spec in specs:
-        names += list(POLICIES) if spec == "all" else [spec]
-    for n in names:
-        try:
-            make_policy(n)  # no model needed: name, parameters, types and ranges
-        except PolicySpecError as e:
-            raise typer.BadParameter(str(e), param_hint="--policies")
-    size_list = [1024, 2048, 4096] if quick else [parse_size(s) for s in sizes.split(",")]
-    if quick:
-        frames, questions = min(frames, 3), 1
-    run_kv_bench(names, size_list, frames=frames, n_questions=max(1, min(questions, len(QUESTIONS))), answer_tokens=answer_tokens,
-                 device_tokens=device_tokens, recent_tokens=recent_tokens, out=out)

@@ -1,4 +1,4 @@
-"""``vrex hw``: V-Rex's hardware half from the command line (mounted by ``vrex/cli.py``).
+"""``vrex hw``: V-Rex's hardware half from the command line (the work is in ``vrex.hw``).
 
 Commands: ``check`` (the paper's figures vs the simulator), ``simulate`` (latency/energy of systems
 over KV sizes, with plots), ``systems`` (what can be simulated), ``fit`` (re-fit the calibrated
@@ -16,12 +16,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .check import GOAL, run_check
-from .config import load_constants, load_fitted, load_system, system_names
-from .model_shapes import resolve
-from .sim import Workload, episode
-from .sim import simulate as run_sim
-from .stats import PAPER, RetrievalStats, load_trace
+from vrex.hw.check import GOAL, run_check
+from vrex.hw.config import load_constants, load_fitted, load_system, system_names
+from vrex.hw.model_shapes import resolve
+from vrex.hw.sim import Workload, episode
+from vrex.hw.sim import simulate as run_sim
+from vrex.hw.stats import PAPER, RetrievalStats, load_trace
 
 app = typer.Typer(
     help=(
@@ -186,7 +186,7 @@ def simulate(
     }
     jp.parent.mkdir(parents=True, exist_ok=True)
     jp.write_text(json.dumps(doc, indent=1))
-    from .plots import breakdown, fps_vs_kv
+    from vrex.hw.plots import breakdown, fps_vs_kv
 
     files = [fps_vs_kv({n: [r["frame"] for r in res[n]] for n in names}, out / "fps_vs_kv.png",
                        f"{shape.name}, batch {batch}: per-frame throughput")]
@@ -202,7 +202,7 @@ def figure(
     batch: int = typer.Option(1, "--batch", "-b", min=1),
 ) -> None:
     """Where time and energy go per stage (frame, question, decode) for V-Rex8, its ablation and AGX + FlexGen."""
-    from .plots import stages
+    from vrex.hw.plots import stages
 
     size = parse_kv(kv)[0]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def fit() -> None:
 
     Writes vrex/hw/configs/fitted.yaml; `vrex hw check` then uses it.
     """
-    from .fit import main
+    from vrex.hw.fit import main
 
     main()
 

@@ -1,4 +1,5 @@
-"""Checks of ``vrex run``'s options, all in one pass, before anything heavy is imported or loaded.
+"""Option checks of the ``vrex`` commands, all in one pass, before anything heavy is imported or loaded,
+and the two ways a command stops on a user error (``fail``, ``require_extra``).
 
 Each check returns ``None`` or one line naming the option, the value and what is allowed. Only a
 non-default ``--policy`` imports the policy registry (torch, about a second); nothing here imports
@@ -8,11 +9,14 @@ model has loaded.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import typer
 
 from vrex.sizes import parse_bytes
 
@@ -27,6 +31,21 @@ POLICY_NAMES = ("full", "flexgen", "infinigen", "rekv", "streamingllm", "resv", 
 # Hugging Face repo ids: owner/name, letters, digits, '-', '_', '.', no '--' or '..', no leading or trailing '-' or '.'.
 _PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^{_PART}/{_PART}$")
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with one ``error:`` line and exit code 2 (a user error, never a traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def require_extra(command: str, extra: str, *modules: str) -> None:
+    """An optional extra's modules must be installed for ``command``; if one is missing, say which extra
+    installs it. Only *absence* is caught: a module that is there but fails to import raises as usual."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"{command} needs the optional extra '{extra}' ({', '.join(missing)} not installed): "
+             f"pip install -e '.[{extra}]'")
 
 
 def number_error(option: str, value: float | None, *, lo: float, hi: float | None = None, meaning: str = "") -> str | None:

@@ -1,61 +1,21 @@
-"""``vrex``: watch a live stream with a video LLM, narrate it, answer questions; benchmark; model hardware.
+"""``vrex run``: watch a source frame by frame, narrate it, answer questions at their timestamps.
 
-Thin commands over the library; nothing in vrex imports this module.
+Every option is checked (``vrex.cli.options``) before torch is imported or anything loads.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 
-from vrex.cli_options import POLICY_NAMES
-from vrex.serve.cli import bench_serve, serve
+from vrex.cli.options import POLICY_NAMES, fail
 
-
-class _Commands(TyperGroup):
-    """The root group. Command groups of other packages are imported when used (or listed by
-    --help), not at start-up: `vrex run` checks its options before torch is imported. An import
-    error in them surfaces as a traceback instead of a vanished command."""
-
-    lazy = {"hw": ("vrex.hw.cli", "app"), "train": ("vrex.train.cli", "train_app"), "eval": ("vrex.train.cli", "eval_app")}
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*super().list_commands(ctx), *self.lazy]
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in self.lazy:
-            return super().get_command(ctx, name)
-        module, attr = self.lazy[name]
-        group = typer.main.get_group(getattr(importlib.import_module(module), attr))
-        group.name = name
-        return group
-
-
-app = typer.Typer(
-    cls=_Commands,
-    help="vrex: a streaming video LLM with bounded memory (VideoLLM-online's LIVE loop + V-Rex's ReSV KV retrieval).",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_show_locals=False,
-)
-bench_app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-app.command("serve")(serve)
-bench_app.command("serve")(bench_serve)
-
-from vrex.bench.peer_cli import bench_peer  # noqa: E402  (imports llama_cpp only when run)
-
-bench_app.command("peer")(bench_peer)
 err = Console(stderr=True)
 
 
@@ -71,47 +31,11 @@ def parse_question(spec: str) -> tuple[float, str]:
     return (int(minutes) * 60 if minutes else 0) + float(seconds), text.strip()
 
 
-@app.command()
-def setup(
-    training_media: Annotated[bool, typer.Option("--training-media", help="Also fetch the extra training media of "
-                                                 "`vrex train --extra-media vrex/train/media-opencv-doc.json` (Debian's opencv-doc "
-                                                 "examples, apt-get download, ~96 MB, once).")] = False,
-) -> None:
-    """Prepare the default model: convert SmolLM2-135M-Instruct's GGUF to a safetensors cache (once, ~20 s),
-    check the EfficientNet-Lite0 weights, and list the demo clips found."""
-    from vrex.io import list_demo_clips
-    from vrex.models.lm import smollm2_dir
-    from vrex.models.weights import efficientnet_lite0_checkpoint
-
-    t0 = time.time()
-    err.print(f"LM: {smollm2_dir()}  ({time.time() - t0:.1f} s)")
-    err.print(f"encoder: {efficientnet_lite0_checkpoint()}")
-    from vrex.kv.fast import FastPathUnavailable, load as load_kernels
-
-    t1 = time.time()
-    try:
-        err.print(f"fast-path kernels: {load_kernels().__file__}  ({time.time() - t1:.1f} s)")
-    except FastPathUnavailable as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
-    clips = list_demo_clips()
-    err.print(f"demo clips: {len(clips)} ({', '.join(sorted(clips)[:6])}{', ...' if len(clips) > 6 else ''})")
-    if training_media:
-        from vrex.train.debian_media import opencv_doc_examples
-
-        try:
-            err.print(f"extra training media: {opencv_doc_examples()}")
-        except FileNotFoundError as e:
-            err.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2)
-
-
 _TIERS = ("KV tiers (all layers together; a tier that is full passes its oldest tokens down: device -> host -> disk; "
           "attention fetches only what the policy selects from the lower tiers). SIZE: bytes with an optional unit, "
           "e.g. 512MB, 2GiB, 1.5G (KB/MB/GB = powers of 1000; KiB/MiB/GiB and K/M/G = powers of 1024).")
 
 
-@app.command()
 def run(
     source: Annotated[str, typer.Argument(help="Video file (mp4/webm/avi/gif...), image folder, stream URL (rtsp://, http://...), or webcam ('webcam', 'webcam:0', '/dev/video0').")],
     ask: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="Question at a stream time, 'SECONDS:text' or 'MM:SS:text'. Repeatable. Answered after the first frame at or past that time.")] = None,
@@ -144,7 +68,7 @@ def run(
 
     Every option is checked before anything loads: a bad value exits with code 2 and a line naming it.
     """
-    from vrex.cli_options import run_option_errors
+    from vrex.cli.options import run_option_errors
     from vrex.io import VideoSourceError, open_source
     from vrex.sizes import parse_bytes
 
@@ -175,7 +99,7 @@ def run(
     try:
         src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime, on_warning=on_warning)
     except VideoSourceError as e:
-        _fail(str(e))
+        fail(str(e))
 
     from vrex.engine.positions import PositionConfig
     from vrex.engine.session import SessionConfig, StreamingSession
@@ -187,7 +111,7 @@ def run(
     try:
         model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm)
     except (FileNotFoundError, ValueError) as e:  # weights a download or a path could not provide, an unsupported model
-        _fail(str(e))
+        fail(str(e))
     for note in model.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
     config = SessionConfig(theta=theta, min_response_gap=min_gap, sample=sample, recent_tokens=recent_tokens,
@@ -200,7 +124,7 @@ def run(
     try:  # the session prefills the system prompt: the first store and trace writes happen here
         session = StreamingSession(model, make_policy(policy), config, trace=tracer and _TraceSink(tracer, trace))
     except (KVStoreDiskError, TraceWriteError) as e:
-        _fail(str(e))
+        fail(str(e))
     frames = ((f.t, f.image) for f in src)
     header = {"kind": "start", "model": model.describe(), "policy": policy, "source": source, "fps": fps,
               "connector_trained": model.connector.trained, "notes": model.notes}
@@ -213,7 +137,7 @@ def run(
             else:
                 _live_display(session, frames, questions, src, model.describe())
     except (VideoSourceError, KVStoreDiskError, TraceWriteError) as e:
-        _fail(str(e))
+        fail(str(e))
     finally:
         if tracer:
             try:
@@ -247,28 +171,6 @@ class _TraceSink:
             raise TraceWriteError(f"--trace '{self.path}': writing failed: {e.strerror or e}") from e
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-@app.command()
-def policies() -> None:
-    """List the KV policies: what each reads, and its parameters with their types and defaults, for
-    [bold]--policy 'NAME\\[key=value,...]'[/bold] (vrex run, vrex eval live, vrex bench kv)."""
-    from vrex.kv.policies import POLICIES
-    from vrex.kv.policies.spec import describe, param_table
-
-    for name, cls in POLICIES.items():
-        typer.echo(f"{name}: {describe(name)}")
-        rows = [(p, repr(d), kind) for p, d, kind in param_table(name)] or [("(no parameters)", "", "")]
-        w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
-        for param, default, kind in rows:
-            typer.echo(f"    {param:<{w0}} {'=' if default else ' '} {default:<{w1}}  {kind}".rstrip())
-        typer.echo(f"    meanings and ranges: {cls.__module__.replace('.', '/')}.py\n")
-    typer.echo("Example: vrex run clip.mp4 --policy 'resv[ratio=0.2,hamming_threshold=4]'")
-
-
 def _live_display(session, frames, questions, src, title: str) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -298,71 +200,3 @@ def _live_display(session, frames, questions, src, title: str) -> None:
             else:
                 progress.console.print(f"[green]{event.t:7.1f}s Q:[/green] {event.stats['question']}\n"
                                        f"[green]{'':8} A:[/green] {event.text}")
-
-
-@bench_app.command("stream")
-def bench_stream(
-    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K and policies full, rekv, resv (about 10-15 minutes on 2 cores).")] = False,
-    sizes: Annotated[Optional[str], typer.Option(help="Cached-token sizes, comma-separated (k = 1024). Default: 1k,4k,16k,32k,64k,86400 (an hour at 2 fps).")] = None,
-    policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated (e.g. \"full;resv\\[ratio=0.2]\"). Default: full, flexgen, rekv, resv and ReSV tuned.")] = None,
-    frames: Annotated[int, typer.Option(min=1, help="Real frame steps timed per row.")] = 5,
-    tokens: Annotated[int, typer.Option(min=1, help="Decode steps timed per row.")] = 8,
-    kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
-    peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
-    out: Annotated[Path, typer.Option(help="Output directory: stream.json (rows), stream-full.json, stream.png.")] = Path("bench-out/stream"),
-) -> None:
-    """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
-    (top-1, KL over >= 300 teacher-forced positions) as a real stream grows towards an hour, per policy."""
-    from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
-    from vrex.kv.policies.spec import PolicySpecError
-
-    if kernels not in ("fast", "reference"):
-        raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
-    if peer is not None and not peer.is_file():
-        raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
-    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else list(QUICK_SIZES if quick else FULL_SIZES)
-    specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
-    try:
-        run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
-                         log=lambda line: err.print(line, markup=False))
-    except PolicySpecError as e:
-        raise typer.BadParameter(str(e), param_hint="--policies")
-
-
-@bench_app.command("engine")
-def bench_engine(
-    sizes: Annotated[str, typer.Option(help="Cached-token sizes to measure at, comma-separated (k = 1024).")] = "1k,4k,8k,16k",
-    frames: Annotated[int, typer.Option(help="Frame steps timed at each size.")] = 8,
-    tokens: Annotated[int, typer.Option(help="Decode steps timed at each size.")] = 16,
-    out: Annotated[Path, typer.Option(help="Output directory for JSON and plots.")] = Path("bench-out/engine"),
-) -> None:
-    """Per-frame latency (vision, prefill, total) and per-token decode latency of the `full` policy at growing
-    cached-token counts, and peak memory, on real clips. The baseline the ReSV policies must beat."""
-    from vrex.bench.engine import run_engine_bench
-
-    run_engine_bench([_parse_size(s) for s in sizes.split(",")], frames=frames, tokens=tokens, out=out)
-
-
-def _parse_size(text: str) -> int:
-    from vrex.sizes import parse_count
-
-    try:
-        return parse_count(text)
-    except ValueError as e:
-        raise typer.BadParameter(str(e))
-
-
-@bench_app.command("kv", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-def bench_kv(ctx: typer.Context) -> None:
-    """All KV policies side by side (latency, selected ratios, fidelity to full, memory, bytes moved). `vrex bench kv --help` for options."""
-    from typer.main import get_command
-
-    from vrex.bench.kv import kv_command
-
-    sub = typer.Typer()
-    sub.command(name="kv", help=kv_command.__doc__)(kv_command)
-    get_command(sub).main(args=ctx.args, prog_name="vrex bench kv", standalone_mode=True)
-
-
-if __name__ == "__main__":
-    app(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""``vrex serve`` and ``vrex bench serve`` (Typer commands; registered in ``vrex.cli``)."""
+"""``vrex serve``: the live video assistant in the browser (the work is in ``vrex.serve``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+
+from vrex.cli.options import require_extra
 
 err = Console(stderr=True)
 
@@ -30,6 +32,7 @@ def serve(
     read the narrations, ask questions, and see which moments each answer read.
 
     API documentation at /docs on the same address."""
+    require_extra("vrex serve", "serve", "fastapi", "uvicorn", "websockets")
     from vrex.serve.auth import resolve_token
 
     try:
@@ -65,26 +68,3 @@ def serve(
     except OSError as e:
         err.print(f"[red]error:[/red] cannot bind {host}:{port}: {e}")
         raise typer.Exit(2)
-
-
-def bench_serve(
-    sessions: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent sessions.")] = "1,2,4",
-    fps: Annotated[float, typer.Option(help="Frames per second each webcam-like client sends.")] = 2.0,
-    seconds: Annotated[float, typer.Option(help="Streaming time per configuration.")] = 20.0,
-    policy: Annotated[str, typer.Option(help="KV policy of every session.")] = "full",
-    threads: Annotated[int, typer.Option(help="Torch threads of the model worker.")] = 2,
-    out: Annotated[Path, typer.Option(help="JSON output (a PNG plot is written beside it).")] = Path("docs/figures/serve_bench.json"),
-) -> None:
-    """N webcam-like clients at once against a real server (HTTP, real frames of the shared clips):
-    frames processed and dropped per second, p50/p99 frame latency, answer latency."""
-    from vrex.serve.bench import format_table, run_bench
-
-    try:
-        counts = [int(x) for x in sessions.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected numbers like 1,2,4, got {sessions!r}", param_hint="--sessions")
-    if not counts or min(counts) < 1 or fps <= 0 or seconds <= 0:
-        raise typer.BadParameter("sessions, fps and seconds must be positive")
-    result = run_bench(counts, fps=fps, seconds=seconds, policy=policy, threads=threads, out=out, log=err.print)
-    print(format_table(result))
-    err.print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -1,11 +1,7 @@
-"""Typer commands: ``vrex train`` (``train_app``) and ``vrex eval live`` (``eval_live``, in ``eval_app``).
-
-Runnable on its own too: ``python -m vrex.train.cli train --help`` / ``python -m vrex.train.cli eval live --help``.
-"""
+"""``vrex train``: LIVE training of the connector (and LoRA adapters) on real media (the work is in ``vrex.train``)."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -15,8 +11,7 @@ import typer
 
 from vrex.train.trainer import DEFAULT_WEIGHTS, Recipe
 
-train_app = typer.Typer(help="LIVE training of the connector (issue #5).", no_args_is_help=False, invoke_without_command=True)
-eval_app = typer.Typer(help="Evaluations.", no_args_is_help=True)
+app = typer.Typer(help="LIVE training of the connector (issue #5).", no_args_is_help=False, invoke_without_command=True)
 
 
 def _frame_range(text: str, option: str) -> tuple[int, int]:
@@ -29,7 +24,7 @@ def _frame_range(text: str, option: str) -> tuple[int, int]:
     return lo, hi
 
 
-@train_app.callback(invoke_without_command=True)
+@app.callback(invoke_without_command=True)
 def train_cmd(
     steps: int = typer.Option(Recipe.steps, help="Optimizer steps; one stream (~400 tokens: 3-28 frames of narration, or a 12-64 frame needle stream) per step. "
                               "The default recipe (stage 1 in docs/train.md) takes ~40 min on one CPU core."),
@@ -126,188 +121,3 @@ def train_cmd(
     command = "vrex train " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "train")
     state = train(recipe, run, out=out, resume=resume, command=command.strip())
     typer.echo(f"trained {state.step} steps; connector written to {out}")
-
-
-def resolve_eval_connector(connector: str | None) -> Path:
-    """The weights file behind ``vrex eval live --connector``: the shipped default (``DEFAULT_VARIANT``), a
-    shipped variant by name ('plain', 'long', 'tags'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
-    from vrex.models.encoders import EFFNET_PRESET
-    from vrex.models.lm import SMOLLM2_PRESET
-    from vrex.models.videollm import DEFAULT_VARIANT, SHIPPED_VARIANTS, shipped_connector
-
-    connector = DEFAULT_VARIANT if connector is None else connector
-    if connector in SHIPPED_VARIANTS:  # the training setup's encoder and LM, as DEFAULT_WEIGHTS
-        path = shipped_connector(EFFNET_PRESET, SMOLLM2_PRESET, SHIPPED_VARIANTS[connector])
-    else:
-        path = Path(connector)
-    if path is None or not (path.is_file() or (path / "checkpoint.safetensors").is_file()):
-        raise typer.BadParameter(f"'{connector}' is neither a weights file, a run directory with checkpoint.safetensors, "
-                                 f"nor a shipped variant ({', '.join(SHIPPED_VARIANTS)}) whose file exists", param_hint="--connector")
-    return path if path.is_file() else path / "checkpoint.safetensors"
-
-
-@eval_app.command("live")
-def eval_live(
-    quick: bool = typer.Option(False, "--quick", help="A small subset (~5 min on 2 cores): fewer streams, needle at 1 and 2 minutes only."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write rows {model, policy, metric, value} to this file."),
-    policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs, NAME or NAME\\[key=value,...] "
-                                     "(repeatable; `vrex policies` lists them with their parameters), e.g. --policy full "
-                                     "--policy 'resv\\[ratio=0.2]'; needle accuracy is reported per policy on the same streams."),
-    connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
-                                            "run directory), or a shipped model: 'tags' (the default: ImageNet tag tokens + long context), 'long' "
-                                            "(long context, no tags) or 'plain' (connector only)."),
-    minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
-    seed: int = typer.Option(0, help="Seed of the evaluation streams."),
-    threads: int = typer.Option(1, help="torch threads."),
-    recent_tokens: Optional[int] = typer.Option(None, help="Always-kept window of the newest tokens on top of each policy's selection "
-                                                "(SessionConfig.recent_tokens; default: the session's two frames, 0: each policy bare); "
-                                                "rows are labelled policy+recentN."),
-    only: Optional[str] = typer.Option(None, help="Evaluate only 'trained' or 'untrained' (e.g. to run the two halves in parallel)."),
-    narration_streams: Optional[int] = typer.Option(None, help="Number of narration streams (narration, TimeDiff, QA metrics; "
-                                                    "default 10, quick 3). With other --seed values, more items for those rates."),
-    needles: bool = typer.Option(True, "--needles/--no-needles", help="--no-needles: narration streams only (no needle streams)."),
-    needle_sets: Optional[str] = typer.Option(None, "--needle-sets", help="Comma-separated needle sets: 'heldout' (held-out needle "
-                                              "subjects, the goal's metric) and/or 'seen' (needles of training subjects: retrieval "
-                                              "without the recognition gap). Default both (quick: heldout); the streams of a set "
-                                              "are the same whether or not the other is run."),
-) -> None:
-    """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
-    narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
-    from vrex.kv.policies import PolicySpecError, make_policy
-    from vrex.train.evaluate import NEEDLE_SETS, EvalConfig, print_table, run_eval
-
-    for spec in policy:
-        try:
-            make_policy(spec)  # name, parameters, types, ranges: before any model loads
-        except PolicySpecError as e:
-            raise typer.BadParameter(str(e), param_hint="--policy")
-    if recent_tokens is not None and recent_tokens < 0:
-        raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
-    if only not in (None, "trained", "untrained"):
-        raise typer.BadParameter(f"must be 'trained' or 'untrained', got '{only}'", param_hint="--only")
-    weights = resolve_eval_connector(connector)
-    cfg = EvalConfig.make(quick=quick, seed=seed, threads=threads,
-                          minutes=[float(x) for x in minutes.split(",")] if minutes else None)
-    cfg.recent_tokens = recent_tokens
-    if narration_streams is not None:
-        if narration_streams < 1:
-            raise typer.BadParameter(f"must be >= 1, got {narration_streams}", param_hint="--narration-streams")
-        cfg.narration_streams = narration_streams
-    if needle_sets is not None:
-        sets = tuple(dict.fromkeys(x.strip() for x in needle_sets.split(",") if x.strip()))
-        if not sets or any(x not in NEEDLE_SETS for x in sets):
-            raise typer.BadParameter(f"'heldout' and/or 'seen' expected, got '{needle_sets}'", param_hint="--needle-sets")
-        cfg.needle_sets = sets
-    if not needles:
-        cfg.minutes = []
-    rows = run_eval(cfg, connector=weights, policies=policy, only=only)
-    print_table(rows)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(rows, indent=1) + "\n")
-
-
-def load_eval_rows(path: Path) -> list[dict]:
-    """Rows of a ``vrex eval live --json`` file (a list), or the ``rows`` of a results file such as
-    vrex/weights/eval-live.json."""
-    if not path.is_file():
-        raise typer.BadParameter(f"'{path}' is not a file", param_hint="FILES")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise typer.BadParameter(f"'{path}' is not JSON ({e})", param_hint="FILES") from e
-    rows = data.get("rows") if isinstance(data, dict) else data
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"model", "policy", "metric", "value"} <= set(r) for r in rows):
-        raise typer.BadParameter(f"'{path}' holds no rows of {{model, policy, metric, value}} (write them with vrex eval live --json)",
-                                 param_hint="FILES")
-    return rows
-
-
-@eval_app.command("plot")
-def eval_plot(
-    files: list[Path] = typer.Argument(..., help="Rows written by `vrex eval live --json` (one file per model or run)."),
-    label: list[str] = typer.Option([], "--label", help="Legend name per file, in order (default: the file names)."),
-    out: Path = typer.Option(Path("needle_accuracy.png"), "--out", help="PNG to write."),
-) -> None:
-    """Needle accuracy against haystack length (live and silent, held-out and seen needles), several
-    evaluation files in one figure, e.g. the default and the long-context model:
-
-        vrex eval live --only trained --json default.json
-        vrex eval live --only trained --connector long --json long.json
-        vrex eval plot default.json long.json --label default --label long --out needles.png
-    """
-    from vrex.train.plots import plot_needles
-
-    if label and len(label) != len(files):
-        raise typer.BadParameter(f"{len(label)} labels for {len(files)} files", param_hint="--label")
-    names = label or [f.stem for f in files]
-    if len(set(names)) != len(names):
-        raise typer.BadParameter(f"labels must differ, got {names}", param_hint="--label")
-    runs = {name: load_eval_rows(f) for name, f in zip(names, files)}
-    try:
-        plot_needles(runs, out)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="FILES") from e
-    typer.echo(f"wrote {out}")
-
-
-def _thresholds(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise typer.BadParameter(f"comma-separated probabilities expected, got '{text}'", param_hint="--thresholds") from e
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise typer.BadParameter(f"probabilities in [0, 1] expected, got '{text}'", param_hint="--thresholds")
-    return sorted(set(values))
-
-
-@eval_app.command("tags")
-def eval_tags(
-    thresholds: str = typer.Option("0.2,0.3,0.4,0.5,0.6,0.7,0.8", "--thresholds",
-                                   help="Comma-separated top-1 probabilities at which a frame shows its tag (the shipped rule: 0.5)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write one row per split, rule and threshold to this file."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of right and wrong tags against the threshold."),
-) -> None:
-    """How often the ImageNet tag token names the frame's subject, per rule ('global': the shipped
-    whole-frame top-1; 'region': the most confident grid cell) and threshold, on the training media
-    (the tag head's validation set: choose a rule here) and on the held-out media. Seconds once the
-    feature cache exists (the first run encodes every media item, ~1.5 min):
-
-        vrex eval tags --json tags.json --plot tags.png
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from vrex.models.encoders import load_encoder
-    from vrex.train.data import build_feature_cache, load_catalog
-    from vrex.train.tag_rules import plot_tag_rules, tag_rule_table
-
-    values = _thresholds(thresholds)
-    encoder = load_encoder()
-    classifier = encoder.backbone.classifier
-    cache = build_feature_cache(encoder)
-    rows = tag_rule_table(cache, load_catalog(), classifier.weight.detach(), classifier.bias.detach(), values)
-    subjects = ", ".join(f"{r.split} {r.subjects}" for r in rows if r.rule == rows[0].rule and r.threshold == rows[0].threshold)
-    table = Table(title="ImageNet tag tokens: frames whose tag names the subject",
-                  caption=f"frames with a right / wrong name shown; subjects with >= 1 right / wrong tag (of {subjects})")
-    for col in ("split", "rule", "thr", "frames", "right", "wrong", "prec", "subj ok", "subj bad"):
-        table.add_column(col, justify="left" if col in ("split", "rule") else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(r.split, r.rule, f"{r.threshold:g}", str(r.frames), str(r.right), str(r.wrong), f"{r.precision:.2f}",
-                      str(r.subjects_right), str(r.subjects_wrong))
-    Console().print(table)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
-    if plot:
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        plot_tag_rules(rows, plot)
-        typer.echo(f"wrote {plot}")
-
-
-app = typer.Typer(no_args_is_help=True)
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-
-if __name__ == "__main__":
-    app()

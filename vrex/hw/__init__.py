@@ -11,5 +11,5 @@ software ReSV (:mod:`vrex.resv`) on the same inputs:
 and a performance/energy simulator of whole systems (:mod:`vrex.hw.sim`: compute time from shapes in
 :mod:`vrex.hw.compute`, the units' cycles in the loop via :mod:`vrex.hw.dre`, capacity and spill in
 :mod:`vrex.hw.capacity`, activity-based energy in :mod:`vrex.hw.energy`) checked against the paper's
-figures (:mod:`vrex.hw.check`), with a CLI (:mod:`vrex.hw.cli`). See ``docs/hw.md``.
+figures (:mod:`vrex.hw.check`), with a CLI (:mod:`vrex.cli.hw`). See ``docs/hw.md``.
 """

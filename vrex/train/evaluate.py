@@ -426,7 +426,7 @@ def load_connector(path: Path, base):
 
 def load_trained(path: Path, base):
     """The trained model of a weights file (exported weights or a run's ``checkpoint.safetensors``;
-    ``vrex.train.cli.resolve_eval_connector`` maps a run directory to it): ``base`` with the file's
+    ``vrex.cli.eval.resolve_eval_connector`` maps a run directory to it): ``base`` with the file's
     connector; when the file also carries LoRA adapters, a second copy of the LM with them loaded
     (the untrained baseline keeps the plain LM)."""
     import copy
@@ -442,23 +442,3 @@ def load_trained(path: Path, base):
     if model.connector.tag_tokens:  # rebuild the frozen tag head with the file's k and min_prob, as load_videollm does
         equip_tags(model, model.connector.tag_tokens)
     return model
-
-
-def print_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    models = sorted({r["model"] for r in rows}, key=lambda m: m != "trained")
-    keys = []
-    for r in rows:
-        if (r["policy"], r["metric"]) not in keys:
-            keys.append((r["policy"], r["metric"]))
-    table = Table(title="vrex eval live (held-out media)")
-    table.add_column("policy")
-    table.add_column("metric")
-    for m in models:
-        table.add_column(m, justify="right")
-    val = {(r["model"], r["policy"], r["metric"]): r["value"] for r in rows}
-    for policy, metric in keys:
-        table.add_row(policy, metric, *[f"{val[(m, policy, metric)]:.3f}" if (m, policy, metric) in val else "-" for m in models])
-    Console().print(table)

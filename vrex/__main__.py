@@ -1,0 +1,5 @@
+"""``python -m vrex ...`` = ``vrex ...``."""
+
+from vrex.cli import app
+
+app(prog_name="vrex")
