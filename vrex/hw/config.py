@@ -85,6 +85,7 @@ class Method:
     adaptive: bool = False
     predict_frames: bool = True
     ops_per_layer: int = 0
+    clustering_ops_per_layer: int = 0  # of ops_per_layer: hashing + clustering (ReSV), the rest scores/selects
     partial_dim_frac: float = 1.0
     kv_bits: float = 16.0  # bits per stored KV value (Oaken-like quantisation: ~4)
     device_first: bool = False  # keep the KV on the device until it no longer fits (no retrieval budget)

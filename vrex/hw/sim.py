@@ -237,9 +237,10 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
                 cyc = _dre_cycles(model, n, T, stats, c, dre)
                 freq_cores = hw.freq_hz * max(hw.cores, 1)  # KV heads spread over the cores' DREs
                 dre_hcu, dre_wtu = B * hk * cyc.hcu / freq_cores, B * hk * cyc.wtu / freq_cores
-            else:  # framework ops: clustering 131 of 239 (counted), the rest scoring/selection
-                pe_hash += ops * 131 / 239
-                pe_score += ops * 108 / 239
+            else:  # framework ops (counted by vrex.hw.opcount): clustering, then scoring/selection
+                share = me.clustering_ops_per_layer / me.ops_per_layer if me.ops_per_layer else 0.5
+                pe_hash += ops * share
+                pe_score += ops * (1.0 - share)
         elif me.predictor == "infinigen":
             pd = max(1, int(round(D * me.partial_dim_frac)))
             w_score = cp.matmul(hw, T * g, pd, max(n, 1), count=B * hk, weight_bytes=n * pd * bpp)
