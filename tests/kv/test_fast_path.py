@@ -23,16 +23,20 @@ ext = load()
 
 
 @settings(max_examples=60, deadline=None)
-@given(H=st.integers(1, 3), R=st.integers(1, 9), C=st.integers(1, 40), ratio=st.floats(0.0, 1.0),
-       weighted=st.booleans(), ties=st.booleans(), seed=st.integers(0, 10**6))
-def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed):
+@given(H=st.integers(1, 3), R=st.integers(1, 9), C=st.integers(1, 40) | st.integers(300, 3000), ratio=st.floats(0.0, 1.0),
+       weighted=st.booleans(), ties=st.booleans(), seed=st.integers(0, 10**6),
+       mode=st.sampled_from(["shift_min", "raw", "relu", "softmax"]))
+def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mode):
+    # large C: every radix pass of the C++ sort runs; raw/relu: negative keys and -0.0 (equal to +0.0)
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(H, R, C, generator=g)
     if ties:  # many equal weights: the stable order decides
         scores = scores.round()
     valid = torch.rand(H, C, generator=g) > 0.2
     counts = torch.randint(1, 9, (H, C), generator=g) * valid
-    w = normalize_scores(scores, valid, mode="shift_min", scale=0.125)
+    w = normalize_scores(scores, valid, mode=mode, scale=0.125)
+    if ties:
+        w[..., ::3] = -0.0 * w[..., ::3].abs()
     ref = wicsum_select(w, counts, ratio, valid, sort_by="weighted" if weighted else "score")
     chosen, taken = ext.wicsum_union(w, counts, valid, ratio, weighted)
     assert torch.equal(chosen, ref.union() & valid)

@@ -10,12 +10,54 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <numeric>
 #include <vector>
 
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
+// Descending, stable order of float keys (ties keep ascending index), i.e. the order
+// std::stable_sort(..., key[a] > key[b]) gives, by an LSD radix sort over order-preserving 32-bit
+// images: O(C) per row instead of O(C log C). The sort was 90% of the selection's time at 64K.
+static inline uint32_t descending_image(float f) {
+  if (f == 0.0f) f = 0.0f;  // -0 and +0 compare equal: one image for both
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending image
+  return ~u;
+}
+
+struct RadixScratch {
+  std::vector<uint32_t> key, key_tmp;
+  std::vector<int64_t> idx_tmp;
+  void resize(int64_t n) { key.resize(n); key_tmp.resize(n); idx_tmp.resize(n); }
+};
+
+// On entry s.key[i] holds the image of element i; on exit order[0..n) is the stable ascending order of images.
+static void radix_order(RadixScratch& s, std::vector<int64_t>& order, int64_t n) {
+  std::iota(order.begin(), order.begin() + n, 0);
+  uint32_t* k = s.key.data();
+  uint32_t* kt = s.key_tmp.data();
+  int64_t* o = order.data();
+  int64_t* ot = s.idx_tmp.data();
+  for (int shift = 0; shift < 32; shift += 8) {
+    int64_t hist[257] = {0};
+    for (int64_t i = 0; i < n; ++i) hist[((k[i] >> shift) & 0xFF) + 1]++;
+    if (hist[((k[0] >> shift) & 0xFF) + 1] == n) continue;  // one digit value: the pass would not move anything
+    for (int b = 0; b < 256; ++b) hist[b + 1] += hist[b];
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t d = hist[(k[i] >> shift) & 0xFF]++;
+      kt[d] = k[i];
+      ot[d] = o[i];
+    }
+    std::swap(k, kt);
+    std::swap(o, ot);
+  }
+  if (o != order.data()) std::copy(o, o + n, order.data());
+  if (k != s.key.data()) std::copy(k, k + n, s.key.data());
+}
+
 // WiCSum union over rows (vrex.resv.wicsum.wicsum_select + WiCSumResult.union, same rules):
 // stable descending sort by key (w, or w*TC when weighted), invalid clusters last; products in
 // float64 accumulated sequentially in sorted order; take the first t with Acc(t) > ratio * Sum,
@@ -28,17 +70,22 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
   const int64_t H = w.size(0), R = w.size(1), C = w.size(2);
   auto chosen = at::zeros({H, C}, at::kBool);
   auto taken = at::zeros({H, R}, at::kLong);
+  if (C == 0) return {chosen, taken};
   const float* wp = w.data_ptr<float>();
   const int64_t* cp = counts.data_ptr<int64_t>();
   const bool* vp = valid.data_ptr<bool>();
   bool* outp = chosen.data_ptr<bool>();
   int64_t* tp = taken.data_ptr<int64_t>();
+  std::mutex merge;
   for (int64_t h = 0; h < H; ++h) {
-    // rows of one head are independent; their unions are OR-ed per head afterwards
-    std::vector<std::vector<char>> row_sel(R, std::vector<char>(C, 0));
+    // rows of one head are independent; each chunk of rows ORs its union into the head's row of `chosen`
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       std::vector<int64_t> order(C);
-      std::vector<double> key(C), prod(C);
+      std::vector<double> key(weighted ? C : 0), prod(C);
+      std::vector<char> mark(C, 0);
+      RadixScratch scratch;
+      if (!weighted) scratch.resize(C);
+      const float neg_inf = -std::numeric_limits<float>::infinity();
       for (int64_t r = r0; r < r1; ++r) {
         const float* row = wp + (h * R + r) * C;
         int64_t nv = 0;
@@ -47,10 +94,17 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
           nv += ok;
           double p = ok ? (double)row[c] * (double)cp[h * C + c] : 0.0;
           prod[c] = p;
-          key[c] = ok ? (weighted ? p : (double)row[c]) : -std::numeric_limits<double>::infinity();
+          if (weighted)
+            key[c] = ok ? p : -std::numeric_limits<double>::infinity();
+          else
+            scratch.key[c] = descending_image(ok ? row[c] : neg_inf);
         }
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] > key[b]; });
+        if (weighted) {
+          std::iota(order.begin(), order.end(), 0);
+          std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] > key[b]; });
+        } else {
+          radix_order(scratch, order, C);
+        }
         int64_t t_star = 0;
         if (nv > 0) {
           double total = 0.0;
@@ -64,12 +118,12 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
           }
         }
         tp[h * R + r] = t_star;
-        for (int64_t i = 0; i < t_star; ++i) row_sel[r][order[i]] = 1;
+        for (int64_t i = 0; i < t_star; ++i) mark[order[i]] = 1;
       }
-    });
-    for (int64_t r = 0; r < R; ++r)
+      std::lock_guard<std::mutex> lock(merge);
       for (int64_t c = 0; c < C; ++c)
-        if (row_sel[r][c] && vp[h * C + c]) outp[h * C + c] = true;
+        if (mark[c] && vp[h * C + c]) outp[h * C + c] = true;
+    });
   }
   return {chosen, taken};
 }
