@@ -201,14 +201,14 @@ def figure(
     kv: str = typer.Option("40k", help="KV size per stream."),
     batch: int = typer.Option(1, "--batch", "-b", min=1),
 ) -> None:
-    """Where time and energy go per stage (frame, question, decode) for V-Rex8, its ablation and AGX + FlexGen."""
+    """Where time and energy go per stage (frame, question, decode) for V-Rex8, its ablation, AGX + FlexGen and the Oaken-like LPU."""
     from vrex.hw.plots import stages
 
     size = parse_kv(kv)[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     fitted = load_fitted()
     c = load_constants(fitted)
-    names = ["agx+flexgen", "agx+resv", "vrex8-kvpu", "vrex8", "oaken8"]
+    names = ["agx+flexgen", "agx+resv", "vrex8-kvpu", "vrex8", "oaken8-offload", "oaken8"]
     res = {n: run_sim(load_system(n, fitted), "llama3-8b", Workload(size, batch), PAPER, c, fitted) for n in names}
     path = stages(res, out, f"Llama-3-8B + SigLIP-L, {size:,} KV tokens, batch {batch}")
     doc = {n: {st: {"latency_s": r.latency_s, "phases": r.phases, "energy_j": r.energy_j, "energy_units": r.energy_units}
