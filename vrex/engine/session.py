@@ -11,17 +11,19 @@ frame at or past their timestamp.
 from __future__ import annotations
 
 import heapq
-import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import psutil
 import torch
 from PIL import Image
 
 import vrex.kv.attention  # noqa: F401  (registers the "vrex" attention implementation)
+from vrex.engine.persist import crash_point
 from vrex.engine.positions import PositionConfig, compressed_positions, rerotate
+from vrex.engine.stream_state import StreamState
 from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
 from vrex.kv.policy import KVPolicy, Stage
 from vrex.kv.store import KVStore
@@ -97,6 +99,13 @@ class StreamingSession:
     """
 
     def __init__(self, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None = None, trace=None):
+        self._build(model, policy, config, trace)
+        # The system prompt is the sink: always attended, never evicted.
+        self._forward(model.embed_text(model.tokenize(model.fmt.prefix)), "text")
+        self.state.sink_tokens = self.cache.keep.sink_tokens = self.cached_tokens
+
+    def _build(self, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None, trace) -> None:
+        """Everything but the stream: store, cache, token ids, sampling, an empty stream state."""
         self.model, self.policy = model, policy
         self.config = config or SessionConfig()
         self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
@@ -109,24 +118,24 @@ class StreamingSession:
                                num_q_heads=cfg.num_attention_heads, kernels=self.config.kernels)
         self.cache.record_stats = trace is not None
         self.max_position = self.config.positions.max_position or cfg.max_position_embeddings
-        self.positions = torch.empty(0, dtype=torch.long)  # position id of every cached token
         fmt = model.fmt
         self.interval_id = model.token_id(fmt.interval)
         self.stop_ids = {model.token_id(fmt.stop)}
         if model.tokenizer.eos_token_id is not None:
             self.stop_ids.add(model.tokenizer.eos_token_id)
-        self._questions: list[tuple[float, int, str]] = []
-        self._counter = itertools.count()
         self._rng = torch.Generator().manual_seed(self.config.seed)
-        self.frames = 0
-        self.t = 0.0
-        self._last_response_t = float("-inf")
-        self.spans: list[tuple[int, int, int | None]] = []  # (start, length, frame_id) of every step, to rebuild indexes
-        # The system prompt is the sink: always attended, never evicted.
-        self._forward(model.embed_text(model.tokenize(fmt.prefix)), "text")
-        self.cache.keep.sink_tokens = self.cached_tokens
-        self._pending = torch.empty(0, dtype=torch.long, device=model.device)
-        self._last_features: torch.Tensor | None = None  # encoder features of the last frame (temporal connectors)
+        self.state = StreamState(pending=torch.empty(0, dtype=torch.long, device=model.device))
+        self._durable = None  # vrex.engine.durable.Durable once saved to / loaded from a directory
+
+    # The stream state (vrex.engine.stream_state) under the names the live loop has always used.
+    positions = property(lambda self: self.state.positions, lambda self, v: setattr(self.state, "positions", v))
+    spans = property(lambda self: self.state.spans, lambda self, v: setattr(self.state, "spans", v))
+    frames = property(lambda self: self.state.frames, lambda self, v: setattr(self.state, "frames", v))
+    t = property(lambda self: self.state.t, lambda self, v: setattr(self.state, "t", v))
+    _pending = property(lambda self: self.state.pending, lambda self, v: setattr(self.state, "pending", v))
+    _questions = property(lambda self: self.state.questions, lambda self, v: setattr(self.state, "questions", v))
+    _last_features = property(lambda self: self.state.last_features, lambda self, v: setattr(self.state, "last_features", v))
+    _last_response_t = property(lambda self: self.state.last_response_t, lambda self, v: setattr(self.state, "last_response_t", v))
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -152,7 +161,8 @@ class StreamingSession:
     def _queue(self, text: str, t: float) -> float:
         if not text.strip():
             raise ValueError("question text is empty")
-        heapq.heappush(self._questions, (float(t), next(self._counter), text))
+        heapq.heappush(self._questions, (float(t), self.state.next_question, text))
+        self.state.next_question += 1
         return float(t)
 
     def push_frame(self, t: float, image: Image.Image) -> list[Event]:
@@ -184,6 +194,7 @@ class StreamingSession:
         elif p_interval < self.config.theta and self.t - self._last_response_t >= self.config.min_response_gap:
             text, gen_stats = self._generate(self.model.fmt.respond, self.config.max_response_tokens)
             events.append(Event(self.t, "response", text, gen_stats))
+            self.state.dialogue.append({"t": self.t, "kind": "response", "text": text})
             self._last_response_t = self.t
         else:
             self._pending = torch.tensor([self.interval_id], device=self.model.device)
@@ -219,29 +230,96 @@ class StreamingSession:
         into a new store, so tiers follow the new config), positions and pending text; the new policy
         indexes the cached tokens frame by frame, as it would have while streaming. Benchmarks use it
         to compare policies from one shared fill."""
-        if any(bool(self.store.is_evicted(layer).any()) for layer in range(self.store.num_layers)):
+        specs = getattr(self.cache, "specs", None)
+        if any(bool(self.store.is_evicted(layer).any()) for layer in range(self.store.num_layers)
+               if specs is None or not specs[layer].sliding):  # sliding layers drop what falls out of their window
             raise ValueError("fork needs a session whose policy keeps every token (e.g. full); this one evicted tokens")
-        new = object.__new__(StreamingSession)
-        new.model, new.policy, new.config, new._trace = self.model, policy, config or self.config, None
-        cfg = self.model.lm.config
-        new.store = _make_store(cfg, self.store.head_dim, self.model.lm.dtype, self.store.device, policy, new.config)
-        new.cache = VrexCache(new.store, policy, KeepConfig(self.cache.keep.sink_tokens, recent_window(new.config, self.model.tokens_per_frame)),
-                              num_q_heads=cfg.num_attention_heads, kernels=new.config.kernels)
-        new.cache.record_stats = False
-        for layer in range(self.store.num_layers):
-            keys, values = self.store.keys(layer), self.store.values(layer)
-            for start, length, fid in self.spans:
-                block = slice(start, start + length)
-                new.cache.store_block(layer, keys[:, block], values[:, block], fid)
-            evict = policy.evictable(layer, new.store.length(layer))
-            if evict is not None and evict.numel():
-                new.store.evict(layer, evict)
-        for name in ("max_position", "interval_id", "stop_ids", "frames", "t", "_last_response_t", "_last_features"):
-            setattr(new, name, getattr(self, name))
-        new.positions, new.spans, new._pending = self.positions.clone(), list(self.spans), self._pending.clone()
-        new._questions, new._counter = list(self._questions), itertools.count(next(self._counter))
-        new._rng = torch.Generator().manual_seed(new.config.seed)
+        store = self.store
+        return StreamingSession.from_state(self.model, policy, config or self.config, self.state,
+                                           lambda layer: (store.keys(layer), store.values(layer), None))
+
+    @classmethod
+    def from_state(cls, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None, state: StreamState,
+                   kv: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], *,
+                   policy_state: dict[str, Any] | None = None, trace=None) -> "StreamingSession":
+        """A session at ``state`` (copied) whose store holds ``kv(layer) -> (keys, values, evicted)``,
+        ``[H_kv, N, D]`` in arrival order (``evicted``: bool ``[N]`` or None), one block per span.
+
+        Without ``policy_state`` the policy indexes every block as it would have while streaming (how
+        ``fork`` changes policy); with it (``policy.state_dict()`` of the same policy) the policy is
+        restored as saved and the blocks are only stored, in its cluster order."""
+        new = cls.__new__(cls)
+        new._build(model, policy, config, trace)
+        new.state = state.clone()
+        new.cache.keep.sink_tokens = state.sink_tokens
+        if policy_state is not None:
+            policy.load_state_dict(policy_state)
+        specs = getattr(new.cache, "specs", None)
+        order_of = getattr(policy, "block_order", None)
+        for layer in range(new.store.num_layers):
+            keys, values, evicted = kv(layer)
+            sliding = specs is not None and specs[layer].sliding
+            for start, length, fid in state.spans:
+                k, v = keys[:, start : start + length], values[:, start : start + length]
+                if policy_state is None:
+                    new.cache.store_block(layer, k, v, fid)
+                else:
+                    order = order_of(layer, start, length) if order_of is not None and not sliding and length > 1 else None
+                    new.store.append(layer, k, v, order=order)
+            if evicted is not None:
+                if bool(evicted.any()):
+                    new.store.evict(layer, torch.nonzero(evicted).flatten())
+            elif not sliding:
+                evict = policy.evictable(layer, new.store.length(layer))
+                if evict is not None and evict.numel():
+                    new.store.evict(layer, evict)
         return new
+
+    # -- durable sessions (vrex.engine.durable) ----------------------------------------------------
+    def save(self, directory: str | Path | None = None, settings: dict[str, Any] | None = None) -> None:
+        """Keep this session on disk. The first call names a new or empty ``directory`` and writes the
+        whole state there (``settings``: the caller's run settings, checked again on ``load``); every
+        later call (no argument) appends what the steps since the previous save added, atomically.
+        ``run()`` then saves after each frame. Raises ``SessionSaveError`` (an ``OSError``) when the
+        disk refuses; the directory keeps the last good save."""
+        from vrex.engine import durable
+
+        if directory is not None and (self._durable is None or Path(directory) != self._durable.dir):
+            if self._durable is not None:
+                self._durable.close()
+            self._durable = durable.create(self, Path(directory), settings)
+        elif self._durable is None:
+            raise ValueError("save() needs a directory the first time")
+        else:
+            self._durable.save()
+
+    @classmethod
+    def load(cls, directory: str | Path, model: VideoLLM, *, policy: KVPolicy | None = None, config: SessionConfig | None = None,
+             settings: dict[str, Any] | None = None, trace=None) -> "StreamingSession":
+        """The session saved in ``directory``, at its last durable save, attached to it (``run`` keeps
+        saving). ``policy``/``config``/``settings`` default to the saved ones; given, they must match,
+        as must the model: else ``SessionMismatchError`` naming each difference. A damaged or partial
+        directory raises ``SessionDamagedError`` (both are ``ValueError``)."""
+        from vrex.engine import durable
+
+        return durable.load(cls, Path(directory), model, policy=policy, config=config, extra=settings, trace=trace,
+                            check_extra=settings is not None)
+
+    @property
+    def dialogue(self) -> list[dict[str, Any]]:
+        """What was said so far: ``{"t", "kind", "text"}`` (+ ``"question"`` for answers), in order."""
+        return self.state.dialogue
+
+    @property
+    def saved_frames(self) -> int | None:
+        """Frames in the last durable save (None: not saved)."""
+        return None if self._durable is None else int(self._durable.manifest["frames"])
+
+    def close(self) -> None:
+        """Close the session's files (its durable log; the store's temporary disk tier)."""
+        if self._durable is not None:
+            self._durable.close()
+        self.store.close()
 
     def feed(self, ids: torch.Tensor, stage: Stage = "decode") -> torch.Tensor:
         """Feed text token ids as one step (no gate); returns logits [T, V]. For benchmarks and evaluation."""
@@ -249,12 +327,20 @@ class StreamingSession:
         self._pending = self._pending[:0]
         return self._forward(self.model.embed_text(ids), stage)[0]
 
-    def run(self, frames: Iterable[tuple[float, Image.Image]], questions: Iterable[tuple[float, str]] = ()) -> Iterator[Event]:
-        """Drive the session from any iterable of (t, image); yields events as they happen."""
+    def run(self, frames: Iterable[tuple[float, Image.Image]], questions: Iterable[tuple[float, str]] = (),
+            should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
+        """Drive the session from any iterable of (t, image); yields events as they happen.
+
+        A saved session (``save``/``load``) is saved after each frame, once its events were consumed.
+        ``should_stop`` is asked before each frame: True ends the run there (saved, questions kept)."""
         for tq, q in questions:
             self._queue(q, tq)  # due once a frame at or past its time arrives
         for t, image in frames:
             yield from self.push_frame(t, image)
+            if self._durable is not None:
+                self._durable.save()
+            if should_stop is not None and should_stop():
+                return
         # Questions after the last frame are answered at the end of the stream, saying so.
         while self._questions:
             t, _, q = heapq.heappop(self._questions)
@@ -263,6 +349,8 @@ class StreamingSession:
                 event.stats["note"] = f"asked for {t:g} s; the stream ended at {self.t:g} s, answered there"
                 event.stats["asked_at"] = t
             yield event
+            if self._durable is not None:
+                self._durable.save()
 
     def memory(self) -> dict[str, int]:
         tiers = self.store.resident_bytes()
@@ -280,6 +368,7 @@ class StreamingSession:
     def _answer(self, question: str, t: float) -> Event:
         prompt = self.model.fmt.question.format(question=question)
         text, stats = self._generate(prompt, self.config.max_answer_tokens)
+        self.state.dialogue.append({"t": t, "kind": "answer", "text": text, "question": question})
         return Event(t, "answer", text, {"question": question, "asked_at": t, "answered_at": self.t, **stats})
 
     def _generate(self, prompt: str, max_tokens: int) -> tuple[str, dict[str, Any]]:
@@ -293,6 +382,7 @@ class StreamingSession:
         token_ms: list[float] = []
         records: list[StepRecord] = []
         for _ in range(max_tokens):
+            crash_point("decode")  # tests: VREX_CRASH_AT=decode:N kills here (vrex.engine.persist)
             nxt = self._next_token(logits[-1])
             out.append(nxt)
             if nxt in self.stop_ids:
@@ -328,6 +418,8 @@ class StreamingSession:
         """One prefill/decode step of ``embeds`` [T, d] at the next positions; returns logits [T, V]."""
         n = embeds.shape[0]
         positions = self._next_positions(n)
+        if stage == "frame":
+            crash_point("prefill")  # tests: VREX_CRASH_AT=prefill:N kills before the N-th frame step
         self.cache.begin_step(stage, frame_id, frame_spans)
         out = self.model.lm(
             inputs_embeds=embeds[None], position_ids=positions[None].to(self.model.device), past_key_values=self.cache,
@@ -339,6 +431,8 @@ class StreamingSession:
             self.spans.append((start, length, fid))
             start += length
         record = self.cache.end_step()
+        if self._durable is not None:
+            self._durable.journal.end_step(n, frame_spans or [(n, frame_id)])
         if self.trace is not None:
             self.trace(record, {"t": self.t, "cached_tokens": self.cached_tokens, **self.store.counters()})
         return out.logits[0], record

@@ -18,7 +18,7 @@ Shapes: ``keys`` is ``[H_kv, T_new, D]`` (post-RoPE, as stored), ``queries`` is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -105,6 +105,41 @@ class KVPolicy:
     def evictable(self, layer: int, n_total: int) -> torch.Tensor | None:
         """Token indices the store may delete permanently (StreamingLLM-style); ``None`` = keep all."""
         return None
+
+    # -- persistence (durable sessions, vrex.engine.durable) ---------------------------------
+    def params(self) -> dict[str, Any]:
+        """The constructor parameters (``make_policy(name, **params)`` rebuilds this policy)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the policy learned from the stream (indexes, frontiers), as tensors and plain
+        values, with its name, parameters and the shapes from ``setup``; ``load_state_dict`` on a
+        policy built with the same parameters and set up with the same shapes restores it exactly."""
+        dims = [getattr(self, k, None) for k in ("num_layers", "num_kv_heads", "num_q_heads", "head_dim")]
+        return {"policy": self.name, "params": self.params(), "dims": dims, "state": self._state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; a state of another policy, parameters or model shape raises
+        ``ValueError`` naming what differs."""
+        if state.get("policy") != self.name:
+            raise ValueError(f"policy state is of '{state.get('policy')}', not '{self.name}'")
+        mine = self.params()
+        diff = sorted(k for k in set(mine) | set(state.get("params", {})) if mine.get(k) != state["params"].get(k))
+        if diff:
+            raise ValueError(f"policy state of '{self.name}' has other parameters: "
+                             + ", ".join(f"{k}={state['params'].get(k)!r} (this policy: {mine.get(k)!r})" for k in diff))
+        dims = [getattr(self, k, None) for k in ("num_layers", "num_kv_heads", "num_q_heads", "head_dim")]
+        if list(state.get("dims", [])) != dims:
+            raise ValueError(f"policy state of '{self.name}' is for layers/KV heads/query heads/head dim {state.get('dims')}, "
+                             f"this policy is set up for {dims}")
+        self._load_state(state["state"])
+
+    def _state(self) -> dict[str, Any]:
+        """Subclasses with stream state return it here (default: none)."""
+        return {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def on_positions_changed(self, layer: int, keys: torch.Tensor) -> None:
         """Stored keys were re-rotated (position re-indexing): rebuild key-derived indexes.

@@ -240,6 +240,30 @@ class HCTable:
         cur = self.codes[:, :nmax]
         self.codes[:, :nmax] = torch.where(valid.unsqueeze(-1), new, cur)
 
+    # ------------------------------------------------------------------ persistence
+    _STATE = ("n_clusters", "codes", "key_sum", "count", "last", "leader_tok", "bit_count", "token_cluster",
+              "last_comparisons", "active", "active_ok")
+
+    def state_dict(self) -> dict:
+        """The table's contents (used rows only; capacity is not state) and its clocks; the hyperplanes
+        and knobs are the constructor's (``load_state_dict`` checks the hyperplanes match)."""
+        nmax = int(self.n_clusters.max()) if self.H else 0
+        out = {k: getattr(self, k).clone() for k in self._STATE}
+        for k in ("codes", "key_sum", "count", "last", "leader_tok"):
+            out[k] = out[k][:, :nmax]
+        if self.code_update == "majority":
+            out["bit_count"] = out["bit_count"][:, :nmax]
+        out["token_cluster"] = out["token_cluster"][:, : self.n_tokens]
+        out.update(n_tokens=self.n_tokens, clock=self.clock, planes=self.planes.clone())
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if not torch.equal(state["planes"], self.planes):
+            raise ValueError("HC table state was hashed with other hyperplanes (another seed or sharing)")
+        for k in self._STATE:
+            setattr(self, k, state[k].clone())
+        self.n_tokens, self.clock = int(state["n_tokens"]), int(state["clock"])
+
     # ------------------------------------------------------------------ reading
     def mean_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean keys ``float32 [H, Cmax, D]`` and validity ``bool [H, Cmax]`` (Cmax = max clusters over heads)."""

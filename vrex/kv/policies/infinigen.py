@@ -60,6 +60,13 @@ class InfiniGenPolicy(KVPolicy):
     def on_positions_changed(self, layer, keys) -> None:
         self._keys[layer].replace(keys)
 
+    def _state(self) -> dict:
+        return {"keys": [b.view().clone() for b in self._keys]}
+
+    def _load_state(self, state: dict) -> None:
+        for buf, keys in zip(self._keys, state["keys"], strict=True):
+            buf.replace(keys)
+
     def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
         H = self.num_kv_heads
         if n_past == 0:

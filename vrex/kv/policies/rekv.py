@@ -72,6 +72,16 @@ class ReKVPolicy(KVPolicy):
             s, n = int(b.start[i]), int(b.length[i])
             b.rep[i] = keys[:, s : s + n].detach().float().mean(1).reshape(-1).cpu()
 
+    def _state(self) -> dict:
+        return {"blocks": [{"rep": b.rep[: b.n].clone(), "start": b.start[: b.n].clone(), "length": b.length[: b.n].clone()}
+                           for b in self._blocks]}
+
+    def _load_state(self, state: dict) -> None:
+        for b, saved in zip(self._blocks, state["blocks"], strict=True):
+            b.n = 0
+            for rep, start, length in zip(saved["rep"], saved["start"].tolist(), saved["length"].tolist()):
+                b.add(rep, start, length)
+
     def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
         H = self.num_kv_heads
         b = self._blocks[layer]

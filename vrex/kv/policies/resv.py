@@ -145,6 +145,13 @@ class ReSVPolicy(KVPolicy):
     def on_positions_changed(self, layer, keys) -> None:
         self.tables[layer].rebuild(keys.detach().float().cpu())
 
+    def _state(self) -> dict:
+        return {"tables": [t.state_dict() for t in self.tables]}
+
+    def _load_state(self, state: dict) -> None:
+        for table, saved in zip(self.tables, state["tables"], strict=True):
+            table.load_state_dict(saved)
+
     def block_order(self, layer: int, start: int, length: int) -> torch.Tensor:
         """Cluster-contiguous physical order ``[H_kv, T]`` of a just-appended block (for ``KVStore.set_block_order``)."""
         return self.tables[layer].block_order(start, length)

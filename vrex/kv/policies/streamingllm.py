@@ -35,6 +35,12 @@ class StreamingLLMPolicy(KVPolicy):
         super().setup(num_layers, num_kv_heads, num_q_heads, head_dim)
         self._frontier = [self.sink] * num_layers
 
+    def _state(self) -> dict:
+        return {"frontier": list(self._frontier)}
+
+    def _load_state(self, state: dict) -> None:
+        self._frontier = [int(x) for x in state["frontier"]]
+
     def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
         lo = max(min(self.sink, n_past), n_past - self.window)
         ids = torch.cat([torch.arange(min(self.sink, n_past)), torch.arange(lo, n_past)])
