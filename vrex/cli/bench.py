@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
-from vrex.cli.options import POLICY_NAMES, require_extra
+from vrex.cli.options import POLICY_NAMES, fail, require_extra
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 err = Console(stderr=True, width=160)
@@ -53,6 +53,44 @@ def bench_stream(
                          log=_log)
     except PolicySpecError as e:
         raise typer.BadParameter(str(e), param_hint="--policies")
+
+
+@app.command("streams")
+def bench_streams(
+    quick: Annotated[bool, typer.Option(help="1 and 4 streams at 1K, batched and separate, full (about 10 minutes).")] = False,
+    counts: Annotated[Optional[str], typer.Option(help="Stream counts, comma-separated. Default 1,2,4,8.")] = None,
+    sizes: Annotated[Optional[str], typer.Option(help="Cached tokens per stream, comma-separated (k = 1024). Default 1k,16k.")] = None,
+    policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated. Default: full;resv.")] = None,
+    modes: Annotated[Optional[str], typer.Option(help="batched, separate or both (comma-separated). Default both.")] = None,
+    frames: Annotated[int, typer.Option(min=2, help="Frame steps timed per stream and row.")] = 8,
+    kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
+    out: Annotated[Path, typer.Option(help="Output directory: streams.json (rows), streams-full.json, streams.png.")] = Path("bench-out/streams"),
+) -> None:
+    """Aggregate frames/s and p50/p99 per-frame latency of B live streams at one cached length:
+    one batched engine against one process per stream, per policy."""
+    from vrex.bench.streams import FULL, QUICK, run_streams_bench
+    from vrex.kv.policies.spec import PolicySpecError
+
+    base = QUICK if quick else FULL
+    if kernels not in ("fast", "reference"):
+        fail(f"--kernels: '{kernels}': choose fast or reference")
+    try:
+        count_list = [int(c) for c in counts.split(",")] if counts else list(base["counts"])
+    except ValueError:
+        fail(f"--counts: '{counts}': give whole numbers, e.g. 1,2,4,8")
+    if min(count_list) < 1:
+        fail(f"--counts: '{counts}': every count must be >= 1")
+    mode_list = [m.strip() for m in modes.split(",")] if modes else list(base["modes"])
+    bad = [m for m in mode_list if m not in ("batched", "separate")]
+    if bad:
+        fail(f"--modes: '{bad[0]}': choose batched or separate")
+    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else list(base["sizes"])
+    specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(base["policies"])
+    try:
+        run_streams_bench(counts=count_list, sizes=size_list, modes=mode_list, policies=specs, frames=frames,
+                          kernels=kernels, out=out, log=_log)
+    except PolicySpecError as e:
+        fail(f"--policies: {e}")
 
 
 @app.command("engine")

@@ -163,6 +163,19 @@ class BatchEngine:
         self.streams[sid] = session
         return session
 
+    def attach(self, sid: str, session: StreamingSession) -> StreamingSession:
+        """Take over an existing session (e.g. a ``fork`` of a filled one) as stream ``sid``: from now
+        on its model work runs through this engine. Its device budget stays as it was built."""
+        if sid in self.streams:
+            raise ValueError(f"stream {sid!r} already exists")
+        if len(self.streams) >= self.max_streams:
+            raise ValueError(f"the engine holds at most {self.max_streams} streams (max_streams); {sid!r} refused")
+        if getattr(session.model, "_model", session.model) is not self.model:
+            raise ValueError(f"stream {sid!r}: the session runs another model than this engine's")
+        session.model = self._view  # type: ignore[assignment]
+        self.streams[sid] = session
+        return session
+
     def remove_stream(self, sid: str) -> StreamingSession:
         """Stop a stream; returns its session (its store is closed)."""
         session = self._get(sid)
