@@ -20,7 +20,7 @@ from vrex.cli import app
     (["train", "--tag-tokens", "-1"], "--tag-tokens", "must be >= 0"),
     (["train", "--extra-media", "no/such/media.json"], "--extra-media", "is not a file"),
     (["train", "--extra-media", "vrex/train/media.json"], "--extra-media", "names already in the catalog"),
-    (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens", "must be >= 0"),
+    (["eval", "live", "--recent-tokens", "-1"], "--recent-tokens -1", "integer >= 0"),
     (["eval", "live", "--only", "both"], "--only", "'trained' or 'untrained'"),
     (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),
     (["eval", "live", "--connector", "no/such.safetensors"], "--connector", "neither a weights file"),

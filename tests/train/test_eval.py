@@ -6,7 +6,8 @@ import pytest
 
 from vrex.engine.session import Event
 from vrex.train.data import split_names
-from vrex.train.evaluate import EvalConfig, eval_streams, names_subject, narration_metrics, qa_results
+from vrex.train.evaluate import EvalConfig, eval_streams, policy_metrics
+from vrex.train.metrics import names_subject, narration_metrics, qa_results
 from vrex.train.layout import Step, Turn
 from vrex.train.streams import Segment, Stream
 
@@ -86,8 +87,8 @@ def test_run_eval_rows_and_denominators(cache, catalog):
     assert value["narration_segments"] == sum(len(s.segments) for s in narr)
     n_questions = sum(len(st.questions) for s in narr for st in s.steps)
     assert n_questions > 0 and value["qa_questions"] == n_questions
-    for metric in ("narration_acc", "qa_acc", "fluency"):
-        assert 0.0 <= value[metric] <= 1.0
+    for rate, count in (("narration_acc", "narration_segments"), ("qa_acc", "qa_questions")):  # k of n items, 4 decimals
+        assert abs(value[rate] * value[count] - round(value[rate] * value[count])) < 1e-3 * value[count], (rate, value)
     assert value["lm_ppl"] > 1.0 and not any(m.startswith("needle") for m in value)
 
 
@@ -107,7 +108,8 @@ def test_run_eval_takes_a_connector_with_tag_tokens(cache, videollm, tmp_path):
     cfg = EvalConfig(narration_streams=1, minutes=[0.1], needles_per_length=1, seed=3, theta=0.0, max_answer_tokens=2)
     rows = run_eval(cfg, tmp_path / "tagged.safetensors", progress=False, log=lambda *_: None, only="trained")
     value = {r["metric"]: r["value"] for r in rows}
-    assert value["lm_ppl"] > 1.0 and "needle_acc_silent@0.1min" in value and 0.0 <= value["needle_recognized"] <= 1.0
+    assert value["lm_ppl"] > 1.0 and value["needle_acc_silent@0.1min"] in (0.0, 1.0) and value["needle_recognized"] in (0.0, 1.0)
+    assert value["needle_narrations@0.1min"] == 0.0  # theta 0: the gate never opens, live or not
 
 
 def test_load_trained_keeps_the_files_tag_threshold(videollm, tmp_path):
@@ -126,24 +128,17 @@ def test_load_trained_keeps_the_files_tag_threshold(videollm, tmp_path):
     assert model.tokens_per_frame == videollm.tokens_per_frame + 2
 
 
-@pytest.mark.parametrize("recognition", [False, True])
-def test_direct_needle_answers_equal_the_session(cache, recognition):
-    """The fast ``full`` path (one SDPA prefill + the LM's own cache) gives the session's answers on
-    real needle streams, for the needle question at the end and for the recognition question right
-    after the needle."""
-    from vrex.models.videollm import load_videollm
-    from vrex.train.evaluate import RECOGNITION_QUESTION, feature_model, run_needle, run_needle_direct
-    from vrex.train.layout import LayoutBuilder
+def test_metric_runner_table():
+    """Per model and policy: narration, then per needle set recognition, live and silent needles; the
+    seen-needle diagnostic only for the trained model."""
+    from functools import partial
 
-    model = load_videollm(connector="long")
-    fmodel = feature_model(model, model.connector)
-    builder = LayoutBuilder.for_model(fmodel)
-    cfg = EvalConfig(minutes=[0.3], needles_per_length=3, seed=1)
-    streams = eval_streams(cache, cfg)[1]["heldout"][0.3]
-    answers = []
-    for stream in streams:
-        kw = dict(question=RECOGNITION_QUESTION, upto=stream.segments[1].end) if recognition else {}
-        direct = run_needle_direct(fmodel, builder, cache, stream, cfg, **kw)
-        assert direct and direct == run_needle(fmodel, cache, stream, "full", cfg, **kw)
-        answers.append(direct)
-    assert len(set(answers)) > 1  # the answers depend on the stream
+    def names(runners):
+        return [r.func.__name__ + ":" + ",".join(map(str, r.keywords.values())) if isinstance(r, partial) else r.__name__
+                for r in runners]
+
+    assert names(policy_metrics(("heldout", "seen"), "trained")) == [
+        "narration_rows", "recognition_rows:heldout", "needle_rows:heldout,live", "needle_rows:heldout,silent",
+        "recognition_rows:seen", "needle_rows:seen,live", "needle_rows:seen,silent"]
+    assert names(policy_metrics(("heldout", "seen"), "untrained")) == [
+        "narration_rows", "recognition_rows:heldout", "needle_rows:heldout,live", "needle_rows:heldout,silent"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vrex.train.data import CATALOG, FeatureCache, load_catalog, media_frames, training_catalog
-from vrex.train.evaluate import names_subject
+from vrex.train.metrics import names_subject
 
 OPENCV = Path(__file__).resolve().parents[2] / "vrex" / "train" / "media-opencv-doc.json"
 

@@ -45,7 +45,7 @@ def test_layout_matches_streaming_session(videollm, cache, monkeypatch, tag_toke
     from vrex.engine import session as session_mod
     from vrex.kv.policies import make_policy
     from vrex.models.tags import equip_tags
-    from vrex.train.evaluate import feature_model
+    from vrex.train.features import feature_model
 
     base = copy.copy(videollm)
     base.connector = copy.deepcopy(videollm.connector)

@@ -52,7 +52,7 @@ def test_region_rule_finds_a_class_that_fills_one_cell():
 
 def test_table_counts_every_frame_and_falls_with_the_threshold(cache, catalog, classifier, tmp_path):
     from vrex.models.tags import imagenet_names
-    from vrex.train.evaluate import names_subject
+    from vrex.train.metrics import names_subject
 
     thresholds = [0.2, 0.5, 0.8]
     rows = tag_rule_table(cache, catalog, *classifier, thresholds)

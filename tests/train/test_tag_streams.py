@@ -93,7 +93,7 @@ def test_tag_classes_reach_the_connector(tiny_videollm, cache):
     """A stream's forced tags change the loss input (so the label can only be learned by copying)."""
     from vrex.models.tags import equip_tags
     from vrex.train.layout import LayoutBuilder, Step, Turn, embed_layout
-    from vrex.train.trainer import stream_features, stream_tags
+    from vrex.train.features import stream_features, stream_tags
 
     model = copy.copy(tiny_videollm)
     model.connector = copy.deepcopy(tiny_videollm.connector)

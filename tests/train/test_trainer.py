@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from vrex.train.data import split_names
 from vrex.train.layout import LayoutBuilder
-from vrex.train.trainer import Recipe, draw_stream, live_loss, stream_features, train
+from vrex.train.features import stream_features
+from vrex.train.trainer import Recipe, draw_stream, live_loss, train
 
 
 def test_few_steps_reduce_loss(videollm, maker, cache):

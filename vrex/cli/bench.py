@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
-from vrex.cli.options import POLICY_NAMES, fail, require_extra
+from vrex.cli.options import POLICY_NAMES, fail, recent_tokens_error, require_extra
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 err = Console(stderr=True, width=160)
@@ -28,7 +28,7 @@ def _log(line: str) -> None:
 
 @app.command("stream")
 def bench_stream(
-    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K and policies full, rekv, resv (about 10-15 minutes on 2 cores).")] = False,
+    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K and policies full, rekv, resv.")] = False,
     sizes: Annotated[Optional[str], typer.Option(help="Cached-token sizes, comma-separated (k = 1024). Default: 1k,4k,16k,32k,64k,86400 (an hour at 2 fps).")] = None,
     policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated (e.g. \"full;resv\\[ratio=0.2]\"). Default: full, flexgen, rekv, resv and ReSV tuned.")] = None,
     frames: Annotated[int, typer.Option(min=1, help="Real frame steps timed per row.")] = 5,
@@ -127,7 +127,7 @@ def bench_kv(
     answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per question (full's greedy tokens, teacher-forced for the others; decoding goes on past a stop token so latency is always measured).")] = 12,
     device_tokens: Annotated[int, typer.Option(help="Device-tier budget for offloading policies, in tokens (all layers).")] = 1024,
     recent_tokens: Annotated[int, typer.Option(help="Always-kept recent window, in tokens, for every policy.")] = 22,
-    quick: Annotated[bool, typer.Option(help="Smaller sweep (all policies, 1k/2k/4k, 3 frames, 1 question): about 5 minutes.")] = False,
+    quick: Annotated[bool, typer.Option(help="Smaller sweep: all policies, 1k/2k/4k, 3 frames, 1 question.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory (kv.json, kv_latency.png, kv_heat.png).")] = Path("bench-out/kv"),
 ) -> None:
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
@@ -136,6 +136,8 @@ def bench_kv(
     from vrex.kv.policies import POLICIES, PolicySpecError, make_policy
     from vrex.kv.policies.spec import split_spec_list
 
+    if recent_tokens_error(recent_tokens):
+        fail(recent_tokens_error(recent_tokens))
     names = []
     try:
         specs = split_spec_list(policies)

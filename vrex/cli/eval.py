@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vrex.cli.options import fail, recent_tokens_error
+
 app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 
 
@@ -34,7 +36,7 @@ def resolve_eval_connector(connector: str | None) -> Path:
 
 @app.command("live")
 def eval_live(
-    quick: bool = typer.Option(False, "--quick", help="A small subset (~5 min on 2 cores): fewer streams, needle at 1 and 2 minutes only."),
+    quick: bool = typer.Option(False, "--quick", help="A small subset: fewer streams, needles at 1 and 2 minutes only."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write rows {model, policy, metric, value} to this file."),
     policy: list[str] = typer.Option(["full"], "--policy", help="KV policy for the streaming runs, NAME or NAME\\[key=value,...] "
                                      "(repeatable; `vrex policies` lists them with their parameters), e.g. --policy full "
@@ -67,8 +69,8 @@ def eval_live(
             make_policy(spec)  # name, parameters, types, ranges: before any model loads
         except PolicySpecError as e:
             raise typer.BadParameter(str(e), param_hint="--policy")
-    if recent_tokens is not None and recent_tokens < 0:
-        raise typer.BadParameter(f"must be >= 0, got {recent_tokens}", param_hint="--recent-tokens")
+    if recent_tokens_error(recent_tokens):
+        fail(recent_tokens_error(recent_tokens))
     if only not in (None, "trained", "untrained"):
         raise typer.BadParameter(f"must be 'trained' or 'untrained', got '{only}'", param_hint="--only")
     weights = resolve_eval_connector(connector)
@@ -157,7 +159,7 @@ def eval_tags(
     """How often the ImageNet tag token names the frame's subject, per rule ('global': the shipped
     whole-frame top-1; 'region': the most confident grid cell) and threshold, on the training media
     (the tag head's validation set: choose a rule here) and on the held-out media. Seconds once the
-    feature cache exists (the first run encodes every media item, ~1.5 min):
+    feature cache exists (the first run encodes every media item once):
 
         vrex eval tags --json tags.json --plot tags.png
     """

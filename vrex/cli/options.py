@@ -62,6 +62,11 @@ def integer_error(option: str, value: int | None, *, lo: int, meaning: str = "")
     return f"{option} {value}: not allowed; {option} takes an integer >= {lo}{meaning}"
 
 
+def recent_tokens_error(value: int | None) -> str | None:
+    """``--recent-tokens`` of every command (run, eval live, bench kv): ``SessionConfig.recent_tokens``."""
+    return integer_error("--recent-tokens", value, lo=0, meaning=" (0 = the policy alone)")
+
+
 def choice_error(option: str, value: str, choices: tuple[str, ...]) -> str | None:
     return None if value in choices else f"{option} '{value}': not allowed; choose one of {', '.join(choices)}"
 
@@ -165,7 +170,7 @@ def run_option_errors(o: dict[str, Any]) -> list[str]:
         integer_error("--max-frames", o["max_frames"], lo=1),
         number_error("--theta", o["theta"], lo=0, hi=1, meaning=" (a probability threshold; 0 = never narrate)"),
         number_error("--min-gap", o["min_gap"], lo=0, meaning=" (seconds)"),
-        integer_error("--recent-tokens", o["recent_tokens"], lo=0, meaning=" (0 = the policy alone)"),
+        recent_tokens_error(o["recent_tokens"]),
         choice_error("--positions", o["positions"], POSITION_MODES),
         model_ref_error("--lm", o["lm"], LM_PRESETS, "language model or VideoLLM-online checkpoint"),
         model_ref_error("--encoder", o["encoder"], ENCODER_PRESETS, "SigLIP/CLIP vision tower"),

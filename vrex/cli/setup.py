@@ -15,9 +15,9 @@ err = Console(stderr=True)
 def setup(
     training_media: Annotated[bool, typer.Option("--training-media", help="Also fetch the extra training media of "
                                                  "`vrex train --extra-media vrex/train/media-opencv-doc.json` (Debian's opencv-doc "
-                                                 "examples, apt-get download, ~96 MB, once).")] = False,
+                                                 "examples, apt-get download, once).")] = False,
 ) -> None:
-    """Prepare the default model: convert SmolLM2-135M-Instruct's GGUF to a safetensors cache (once, ~20 s),
+    """Prepare the default model: convert SmolLM2-135M-Instruct's GGUF to a safetensors cache (once),
     check the EfficientNet-Lite0 weights, and list the demo clips found."""
     from vrex.io import list_demo_clips
     from vrex.models.lm import smollm2_dir

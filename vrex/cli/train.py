@@ -27,7 +27,7 @@ def _frame_range(text: str, option: str) -> tuple[int, int]:
 @app.callback(invoke_without_command=True)
 def train_cmd(
     steps: int = typer.Option(Recipe.steps, help="Optimizer steps; one stream (~400 tokens: 3-28 frames of narration, or a 12-64 frame needle stream) per step. "
-                              "The default recipe (stage 1 in docs/train.md) takes ~40 min on one CPU core."),
+                              "The default recipe is stage 1 in docs/train.md (its timings are there)."),
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
                               "The shipped 'plain' model is connector-only; the shipped 'long' and 'tags' (the default) models "
@@ -48,10 +48,10 @@ def train_cmd(
     long_narrate_fraction: float = typer.Option(Recipe.long_narrate_fraction, help="Fraction of long needles that are narrated "
                                                 "(gate and narration trained at the needle) rather than silent."),
     memory_refresh: int = typer.Option(Recipe.memory_refresh, help="Rebuild the haystack memory (a new subject, the current connector) every N steps; "
-                                       "a prefill of MAX frames, ~40 s at 600 frames on one core."),
+                                       "each rebuild is a prefill of MAX frames."),
     tag_tokens: int = typer.Option(Recipe.tag_tokens, help="ImageNet tag tokens per frame: the encoder's top-1 class name as k LM "
                                    "token embeddings after the visual tokens (vrex/models/tags.py), so the LM can name subjects it "
-                                   "was never trained on. 0: none. 2 holds 7 of 10 class names whole (3: 9 of 10) and keeps 5 minutes "
+                                   "was never trained on. 0: none. 2 keeps 5 minutes "
                                    "(600 frames) within SmolLM2's 8192 positions."),
     tag_label_fraction: float = typer.Option(Recipe.tag_label_fraction, help="Fraction of steps whose subjects are named by their "
                                              "ImageNet top-1 ('A chickadee.', the name the tags carry) instead of media.json's labels: "

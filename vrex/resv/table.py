@@ -34,21 +34,10 @@ from typing import Literal
 import torch
 
 from .clustering import AssignRule, IntraMode, cluster_frame, majority_codes, new_cluster_ids
+from .grow import grow
 from .hashing import code_bytes, hash_codes, pack_bits, unpack_bits
 
 CodeUpdate = Literal["leader", "majority", "mean"]
-
-
-def _grow(t: torch.Tensor, dim: int, need: int, fill=0) -> torch.Tensor:
-    cap = t.shape[dim]
-    if need <= cap:
-        return t
-    new_cap = max(need, 2 * cap, 16)
-    shape = list(t.shape)
-    shape[dim] = new_cap
-    out = torch.full(shape, fill, dtype=t.dtype)
-    out.narrow(dim, 0, cap).copy_(t)
-    return out
 
 
 class HCTable:
@@ -93,14 +82,14 @@ class HCTable:
 
     # ------------------------------------------------------------------ building
     def _ensure(self, n_clusters_max: int, n_tokens: int) -> None:
-        self.codes = _grow(self.codes, 1, n_clusters_max)
-        self.key_sum = _grow(self.key_sum, 1, n_clusters_max)
-        self.count = _grow(self.count, 1, n_clusters_max)
-        self.last = _grow(self.last, 1, n_clusters_max)
-        self.leader_tok = _grow(self.leader_tok, 1, n_clusters_max)
+        self.codes = grow(self.codes, 1, n_clusters_max)
+        self.key_sum = grow(self.key_sum, 1, n_clusters_max)
+        self.count = grow(self.count, 1, n_clusters_max)
+        self.last = grow(self.last, 1, n_clusters_max)
+        self.leader_tok = grow(self.leader_tok, 1, n_clusters_max)
         if self.code_update == "majority":
-            self.bit_count = _grow(self.bit_count, 1, n_clusters_max)
-        self.token_cluster = _grow(self.token_cluster, 1, n_tokens)
+            self.bit_count = grow(self.bit_count, 1, n_clusters_max)
+        self.token_cluster = grow(self.token_cluster, 1, n_tokens)
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """In-scope cluster ids ``int64 [H, A]`` (padded, ascending id) and validity ``bool [H, A]``.

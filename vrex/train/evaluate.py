@@ -2,8 +2,11 @@
 
 Streams are built from the held-out media only (``split: heldout`` in ``media.json``) with a
 fixed seed, from the cached encoder features, and run through the real ``StreamingSession``
-(frames are fed as cached features through a pass-through encoder, so the session path is
-unchanged: pending text + frame tokens per step, the streaming-EOS gate at theta, greedy decoding).
+(``vrex.train.live``: frames are fed as cached features through a pass-through encoder, so the
+session path is unchanged: pending text + frame tokens per step, the streaming-EOS gate at theta,
+greedy decoding). The layers: ``streams`` (what is shown), ``features`` (frames as model input),
+``live`` (the session runs), ``metrics`` (scoring), and here the runner: ``EvalConfig``, the eval's
+streams, and ``POLICY_METRICS``, the table of metric runners ``run_eval`` walks per model and policy.
 
 Metrics (as in VideoLLM-online, adapted; all on held-out media):
 
@@ -42,22 +45,21 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from vrex.train.data import FPS, FeatureCache, build_feature_cache, load_catalog, split_names
-from vrex.train.layout import LM, STREAM, LayoutBuilder, embed_layout
-from vrex.train.streams import NEEDLE_QUESTION, PRESENT_QUESTIONS, Stream, StreamMaker
-from vrex.train.trainer import stream_features
+from vrex.train.features import feature_model
+from vrex.train.layout import LayoutBuilder
+from vrex.train.live import run_needle_live, run_needle_silent, run_stream, session_for
+from vrex.train.metrics import names_subject, narration_metrics, qa_results, teacher_forced
+from vrex.train.streams import PRESENT_QUESTIONS, Stream, StreamMaker
 
 
 #: "heldout": needle subjects held out from training (the issue's metric); "seen": needles of training
@@ -76,7 +78,6 @@ class EvalConfig:
     max_response_tokens: int = 12
     max_answer_tokens: int = 16
     quick: bool = False
-    direct_full: bool = True  # under `full`: speculative LIVE loop / one SDPA prefill instead of the session (same results, tested)
     #: live needle runs of the untrained connector only up to this length: it speaks at ~every frame, so a
     #: 5-minute stream is ~600 decoded responses
     untrained_live_max_minutes: float = 1.0
@@ -96,32 +97,6 @@ class EvalConfig:
 
 
 RECOGNITION_QUESTION = PRESENT_QUESTIONS[0]  # "What is shown now?", asked by needle_recognized
-
-
-def names_subject(text: str, keywords: tuple[str, ...]) -> bool:
-    """The narration-accuracy matching rule: a keyword occurs at the start of a word (case-insensitive)."""
-    low = text.lower()
-    return any(re.search(r"(?<![a-z])" + re.escape(k.lower()), low) for k in keywords)
-
-
-class _CachedFeatures(nn.Module):
-    """Pass-through 'encoder': the session hands it what was pushed as the image (cached features)."""
-
-    def __init__(self, like):
-        super().__init__()
-        self.dim, self.grid, self.name = like.dim, like.grid, like.name
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return 1 + self.grid * self.grid
-
-    def forward(self, images):
-        return torch.stack([im.float() for im in images])
-
-
-def feature_model(model, connector):
-    """A shallow copy of ``model`` that takes cached features as frames and uses ``connector``."""
-    return dataclasses.replace(model, encoder=_CachedFeatures(model.encoder), connector=connector)
 
 
 def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], dict[str, dict[float, list[Stream]]]]:
@@ -158,176 +133,106 @@ def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], di
     return narr, needles
 
 
-@torch.no_grad()
-def teacher_forced(model, builder: LayoutBuilder, cache: FeatureCache, streams: list[Stream], theta: float) -> dict[str, float]:
-    """LM-PPL and Fluency under teacher forcing."""
-    nll, count, fluencies = 0.0, 0, []
-    interval = builder.interval
-    for stream in streams:
-        layout = builder.build(stream.steps)
-        embeds = embed_layout(model, layout, stream_features(cache, stream))
-        hidden = model.lm.model(inputs_embeds=embeds[None]).last_hidden_state[0]
-        sup = (layout.kinds != 0).nonzero().flatten()
-        logits = model.lm.lm_head(hidden[sup]).float()
-        targets, kinds = layout.targets[sup], layout.kinds[sup]
-        ce = F.cross_entropy(logits, targets, reduction="none")
-        lm = kinds == LM
-        nll += float(ce[lm].sum())
-        count += int(lm.sum())
-        p_int = logits.softmax(-1)[:, interval]
-        correct = torch.where(kinds == STREAM, torch.where(targets == interval, p_int >= theta, p_int < theta),
-                              logits.argmax(-1) == targets)
-        # split into turns: a turn ends with the stop-token target of a narration (not answers: they follow questions)
-        turn: list[bool] = []
-        in_narration = False
-        for c, k, tgt in zip(correct.tolist(), kinds.tolist(), targets.tolist()):
-            if k == STREAM:
-                if tgt != interval:
-                    in_narration = True
-                turn.append(c)
-            elif in_narration:
-                turn.append(c)
-                if tgt == builder.stop:
-                    first_err = turn.index(False) if False in turn else len(turn)
-                    fluencies.append(first_err / len(turn))
-                    turn, in_narration = [], False
-            # answer tokens (after questions) are not part of narration turns
-    return {"lm_ppl": math.exp(nll / max(1, count)), "fluency": sum(fluencies) / max(1, len(fluencies))}
+@dataclass
+class EvalRun:
+    """One model under one policy, and the streams every metric runner reads."""
+
+    model_name: str  # "trained" or "untrained"
+    model: object  # a feature model (``features.feature_model``)
+    policy: str
+    cfg: EvalConfig
+    cache: FeatureCache
+    catalog: dict
+    narration: list[Stream]
+    needles: dict[str, dict[float, list[Stream]]]
+    log: Callable[[str], None] = print
+
+    def session(self):
+        """A fresh session for one stream."""
+        cfg = self.cfg
+        return session_for(self.model, self.policy, theta=cfg.theta, max_response_tokens=cfg.max_response_tokens,
+                           max_answer_tokens=cfg.max_answer_tokens, recent_tokens=cfg.recent_tokens)
+
+    def named(self, answer: str, stream: Stream) -> bool:
+        return names_subject(answer, self.catalog[stream.needle].keywords)
 
 
-def _session(model, policy_name: str, cfg: EvalConfig):
-    from vrex.engine.session import SessionConfig, StreamingSession
-    from vrex.kv.policies import make_policy
-
-    scfg = SessionConfig(max_response_tokens=cfg.max_response_tokens, max_answer_tokens=cfg.max_answer_tokens,
-                         recent_tokens=cfg.recent_tokens)
-    if cfg.theta is not None:
-        scfg.theta = cfg.theta
-    return StreamingSession(model, make_policy(policy_name), scfg)
+Metric = tuple[str, float]
 
 
-def run_stream(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> list:
-    """Free-run the LIVE loop over the stream's frames, questions at their frames; returns the
-    session's events. Under ``full`` (and ``cfg.direct_full``) the speculative loop of
-    ``vrex.train.speculative`` gives the same events (tested) in a fraction of the forwards."""
-    from vrex.engine.session import DEFAULT_THETA, Event
-
-    if policy == "full" and cfg.direct_full:
-        from vrex.train.speculative import SpeculativeLive
-
-        live = SpeculativeLive(fmodel, cfg.theta if cfg.theta is not None else DEFAULT_THETA,
-                               cfg.max_response_tokens, cfg.max_answer_tokens)
-        questions = {k: [t.question for t in s.questions] for k, s in enumerate(stream.steps) if s.questions}
-        return [Event(stream.steps[e.frame].t, e.kind, e.text, {"question": e.question} if e.question else {})
-                for e in live.run(stream_features(cache, stream).to(fmodel.device), questions)]
-    session = _session(fmodel, policy, cfg)
-    events = []
-    for step in stream.steps:
-        for turn in step.questions:  # queued for this frame's time: answered right after it
-            session.ask(turn.question, step.t)
-        events += session.push_frame(step.t, cache.features[step.media][step.frame])
-    return events
+def narration_rows(run: EvalRun) -> Iterable[Metric]:
+    """timediff_s, narration_acc, responses_per_min, qa_acc (and their denominators) on the narration streams."""
+    diffs, hits, n_resp, seconds, qa = [], [], 0, 0.0, []
+    for stream in run.narration:
+        events = run_stream(run.session(), run.cache, stream)
+        d, h, n = narration_metrics(events, stream, run.catalog)
+        qa += qa_results(events, stream, run.catalog)
+        diffs, hits, n_resp, seconds = diffs + d, hits + h, n_resp + n, seconds + stream.duration
+    yield "timediff_s", sum(diffs) / len(diffs)
+    yield "narration_acc", sum(hits) / len(hits)
+    yield "narration_segments", len(hits)  # the denominators: one item moves a rate by 1/n
+    yield "responses_per_min", 60 * n_resp / seconds
+    if qa:
+        yield "qa_acc", sum(qa) / len(qa)
+        yield "qa_questions", len(qa)
 
 
-def run_needle_live(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig) -> tuple[str, int]:
-    """The needle stream as a user would run it: the live loop (gate, narrations) over every frame,
-    the needle question at the last one. Returns the answer and the number of narrations."""
-    from vrex.train.layout import Step, Turn
-
-    steps = list(stream.steps[:-1]) + [Step(stream.steps[-1].media, stream.steps[-1].frame, stream.steps[-1].t,
-                                            [Turn("", NEEDLE_QUESTION)])]
-    events = run_stream(fmodel, cache, Stream(steps, stream.segments, stream.kind, stream.needle), policy, cfg)
-    answers = [e for e in events if e.kind == "answer"]
-    return (answers[-1].text if answers else ""), sum(e.kind == "response" for e in events)
+def _suffix(kind: str) -> str:
+    return "" if kind == "heldout" else "_seen_needle"
 
 
-def _until(stream: Stream, upto: int | None) -> Stream:
-    """The stream's first ``upto`` steps (all when None): a question asked earlier in the stream."""
-    return stream if upto is None else Stream(stream.steps[:upto], stream.segments, stream.kind, stream.needle)
+def recognition_rows(run: EvalRun, kind: str) -> Iterable[Metric]:
+    """needle_recognized: the present question right after the needle (shortest haystack, silent)."""
+    by_len = run.needles.get(kind)
+    if not by_len:
+        return
+    named = []
+    for stream in by_len[min(by_len)]:
+        answer = run_needle_silent(run.session(), run.cache, stream, RECOGNITION_QUESTION, upto=stream.segments[1].end)
+        named.append(run.named(answer, stream))
+        run.log(f"    needle[{kind},recognized] {stream.segments[0].media}+{stream.needle}: {answer!r} {'OK' if named[-1] else 'x'}")
+    yield "needle_recognized" + _suffix(kind), sum(named) / len(named)
 
 
-@torch.no_grad()
-def run_needle(fmodel, cache: FeatureCache, stream: Stream, policy: str, cfg: EvalConfig,
-               question: str = NEEDLE_QUESTION, upto: int | None = None) -> str:
-    """Silent haystack via ``StreamingSession.fast_forward`` (no gate, chunked prefill: the layout of a
-    stream where the model stayed silent), then the last frame with ``question`` due. ``upto``: ask
-    after the first ``upto`` steps instead of the last one. Returns the answer."""
-    stream = _until(stream, upto)
-    session = _session(fmodel, policy, cfg)
-    feats = stream_features(cache, stream)
-    session.fast_forward([s.t for s in stream.steps[:-1]], feats[:-1])
-    last = stream.steps[-1]
-    session.ask(question, last.t)
-    events = session.push_frame(last.t, feats[-1])
-    answers = [e for e in events if e.kind == "answer"]
-    return answers[-1].text if answers else ""
+def needle_rows(run: EvalRun, kind: str, mode: str) -> Iterable[Metric]:
+    """needle_acc (live: the gate runs, plus needle_narrations) or needle_acc_silent, per haystack length."""
+    for minutes, streams in run.needles.get(kind, {}).items():
+        if mode == "live" and run.model_name == "untrained" and minutes > run.cfg.untrained_live_max_minutes:
+            continue  # it speaks at ~every frame: minutes of decoding per stream (see EvalConfig)
+        correct, narrations = 0, 0
+        for stream in streams:
+            if mode == "live":
+                answer, n = run_needle_live(run.session(), run.cache, stream)
+                narrations += n
+            else:
+                answer = run_needle_silent(run.session(), run.cache, stream)
+            ok = run.named(answer, stream)
+            correct += ok
+            run.log(f"    needle[{kind},{mode}] {minutes:g} min {stream.segments[0].media}+{stream.needle}: "
+                    f"{answer!r} {'OK' if ok else 'x'}" + (f" ({n} narrations)" if mode == "live" else ""))
+        metric = "needle_acc" + ("" if mode == "live" else "_silent") + f"@{minutes:g}min" + _suffix(kind)
+        yield metric, correct / len(streams)
+        if mode == "live":
+            yield metric.replace("needle_acc", "needle_narrations"), narrations / len(streams)
 
 
-def qa_results(events, stream: Stream, catalog) -> list[bool]:
-    """Questions inside narration streams, one result per question: Yes/No answers must start with
-    the right word; the others must name the expected subject (keyword rule). Answers come in the
-    order the questions were asked, so they are paired by order, not by text: a stream may ask
-    "What is shown now?" twice and expect two different subjects."""
-    from vrex.train.streams import sentence
-
-    keywords = {}
-    for m in catalog.values():
-        keywords.setdefault(sentence(m.label or ""), set()).update(m.keywords)
-    asked = [t for s in stream.steps for t in s.questions]
-    answers = [e for e in events if e.kind == "answer"]
-    if [e.stats.get("question") for e in answers] != [t.question for t in asked]:
-        raise ValueError(f"answers do not match the stream's questions in order: asked {[t.question for t in asked]}, "
-                         f"answered {[e.stats.get('question') for e in answers]}")
-    out = []
-    for turn, e in zip(asked, answers):
-        if turn.text in ("Yes.", "No."):
-            out.append(e.text.strip().lower().startswith(turn.text[:-1].lower()))
-        else:
-            out.append(names_subject(e.text, tuple(keywords.get(turn.text, ()))))
-    return out
-
-
-@torch.no_grad()
-def run_needle_direct(fmodel, builder: LayoutBuilder, cache: FeatureCache, stream: Stream, cfg: EvalConfig,
-                      question: str = NEEDLE_QUESTION, upto: int | None = None) -> str:
-    """``run_needle`` under ``full`` without the session machinery: the identical token layout
-    prefilled in one SDPA forward, then greedy decoding with the LM's own KV cache (the same answers,
-    tests/train/test_eval.py). Reads every past token, as ``full`` does; ~6x faster on a 5-minute haystack."""
-    from vrex.train.layout import Step
-
-    stream = _until(stream, upto)
-    steps = list(stream.steps[:-1]) + [Step(stream.steps[-1].media, stream.steps[-1].frame, stream.steps[-1].t, gate=False)]
-    layout = builder.build(steps)
-    lm = fmodel.lm
-    embeds = embed_layout(fmodel, layout, stream_features(cache, stream))
-    prompt = fmodel.tokenize(fmodel.fmt.question.format(question=question))
-    embeds = torch.cat([embeds, fmodel.embed_text(prompt)])
-    out = lm(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
-    past, tokens = out.past_key_values, []
-    nxt = int(out.logits[0, -1].argmax())
-    while nxt != builder.stop and nxt != fmodel.tokenizer.eos_token_id and len(tokens) < cfg.max_answer_tokens:
-        tokens.append(nxt)
-        out = lm(input_ids=torch.tensor([[nxt]], device=fmodel.device), past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
-    return fmodel.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-
-def narration_metrics(events, stream: Stream, catalog) -> tuple[list[float], list[bool], int]:
-    responses = [e for e in events if e.kind == "response"]
-    diffs, hits = [], []
-    for seg in stream.segments:
-        t0, t1 = seg.start / FPS, seg.end / FPS
-        # the session timestamps a response with its frame's t; the change frame is at t0
-        inside = [e for e in responses if t0 - 1e-6 <= e.t < t1 - 1e-6]
-        diffs.append(inside[0].t - t0 if inside else t1 - t0)
-        hits.append(bool(inside) and names_subject(inside[0].text, catalog[seg.media].keywords))
-    return diffs, hits, len(responses)
+def policy_metrics(needle_sets: tuple[str, ...], model_name: str) -> list[Callable[[EvalRun], Iterable[Metric]]]:
+    """The table of metric runners for one model under one policy, in row order. The seen-needle set
+    is a diagnostic of the trained model only (the untrained one names nothing)."""
+    runners: list[Callable[[EvalRun], Iterable[Metric]]] = [narration_rows]
+    for kind in needle_sets:
+        if kind == "seen" and model_name == "untrained":
+            continue
+        runners += [partial(recognition_rows, kind=kind), partial(needle_rows, kind=kind, mode="live"),
+                    partial(needle_rows, kind=kind, mode="silent")]
+    return runners
 
 
 def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("full",), progress: bool = True,
              log=print, only: str | None = None) -> list[dict]:
     """Rows {model, policy, metric, value} for the trained and the untrained connector."""
     torch.set_num_threads(cfg.threads)
+    from vrex.engine.session import DEFAULT_THETA, SessionConfig, recent_window
     from vrex.models.videollm import load_videollm
 
     base = load_videollm(connector=None)
@@ -339,80 +244,26 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
     if only:
         models = {only: models[only]}
     narr, needles = eval_streams(cache, cfg)
-    from vrex.engine.session import DEFAULT_THETA, SessionConfig, recent_window
-
     theta = cfg.theta if cfg.theta is not None else DEFAULT_THETA
     rows: list[dict] = []
 
-    def add(model_name, policy, metric, value):
-        # window: the current model's recent window (set in the loop below). full reads everything:
-        # a recent window changes nothing there
-        if window and policy not in ("-", "full"):
+    def add(model_name: str, policy: str, metric: str, value: float, window: int = 0) -> None:
+        if window and policy not in ("-", "full"):  # full reads everything: a recent window changes nothing there
             policy = f"{policy}+recent{window}"
         rows.append({"model": model_name, "policy": policy, "metric": metric, "value": round(float(value), 4)})
         log(f"  {model_name:9s} {policy:12s} {metric:18s} {value:.4f}")
 
     for model_name, model in models.items():
         fmodel = feature_model(model, model.connector)
-        builder = LayoutBuilder.for_model(fmodel)  # per model: tag tokens change the tokens per frame
         window = recent_window(SessionConfig(recent_tokens=cfg.recent_tokens), fmodel.tokens_per_frame)
         t0 = time.time()
-        tf = teacher_forced(fmodel, builder, cache, narr, theta)
-        add(model_name, "-", "lm_ppl", tf["lm_ppl"])
-        add(model_name, "-", "fluency", tf["fluency"])
+        for metric, value in teacher_forced(fmodel, LayoutBuilder.for_model(fmodel), cache, narr, theta).items():
+            add(model_name, "-", metric, value)
         for policy in policies:
-            diffs, hits, n_resp, seconds, qa = [], [], 0, 0.0, []
-            for stream in narr:
-                events = run_stream(fmodel, cache, stream, policy, cfg)
-                d, h, n = narration_metrics(events, stream, catalog)
-                qa += qa_results(events, stream, catalog)
-                diffs += d
-                hits += h
-                n_resp += n
-                seconds += stream.duration
-            add(model_name, policy, "timediff_s", sum(diffs) / len(diffs))
-            add(model_name, policy, "narration_acc", sum(hits) / len(hits))
-            add(model_name, policy, "narration_segments", len(hits))  # the denominators: one item moves a rate by 1/n
-            add(model_name, policy, "responses_per_min", 60 * n_resp / seconds)
-            if qa:
-                add(model_name, policy, "qa_acc", sum(qa) / len(qa))
-                add(model_name, policy, "qa_questions", len(qa))
-            for kind, by_len in needles.items():
-                if kind == "seen" and model_name == "untrained":
-                    continue  # diagnostic for the trained model only (the untrained one names nothing)
-                if by_len:  # recognition alone: the present question right after the needle, shortest haystack
-                    streams = by_len[min(by_len)]
-                    named = []
-                    for stream in streams:
-                        upto = stream.segments[1].end  # the needle's last frame
-                        if policy == "full" and cfg.direct_full:
-                            answer = run_needle_direct(fmodel, builder, cache, stream, cfg, RECOGNITION_QUESTION, upto)
-                        else:
-                            answer = run_needle(fmodel, cache, stream, policy, cfg, RECOGNITION_QUESTION, upto)
-                        named.append(names_subject(answer, catalog[stream.needle].keywords))
-                        log(f"    needle[{kind},recognized] {stream.segments[0].media}+{stream.needle}: {answer!r} {'OK' if named[-1] else 'x'}")
-                    add(model_name, policy, "needle_recognized" + ("" if kind == "heldout" else "_seen_needle"), sum(named) / len(named))
-                for minutes, streams in by_len.items():
-                    for mode in ("live", "silent"):
-                        if mode == "live" and model_name == "untrained" and minutes > cfg.untrained_live_max_minutes:
-                            continue  # it speaks at ~every frame: minutes of decoding per stream (see EvalConfig)
-                        correct, narrations = 0, 0
-                        for stream in streams:
-                            if mode == "live":
-                                answer, n = run_needle_live(fmodel, cache, stream, policy, cfg)
-                                narrations += n
-                            elif policy == "full" and cfg.direct_full:
-                                answer = run_needle_direct(fmodel, builder, cache, stream, cfg)
-                            else:
-                                answer = run_needle(fmodel, cache, stream, policy, cfg)
-                            ok = names_subject(answer, catalog[stream.needle].keywords)
-                            correct += ok
-                            log(f"    needle[{kind},{mode}] {minutes:g} min {stream.segments[0].media}+{stream.needle}: "
-                                f"{answer!r} {'OK' if ok else 'x'}" + (f" ({n} narrations)" if mode == "live" else ""))
-                        metric = "needle_acc" + ("" if mode == "live" else "_silent") + f"@{minutes:g}min" + ("" if kind == "heldout" else "_seen_needle")
-                        add(model_name, policy, metric, correct / len(streams))
-                        if mode == "live":
-                            add(model_name, policy, metric.replace("needle_acc", "needle_narrations"), narrations / len(streams))
+            run = EvalRun(model_name, fmodel, policy, cfg, cache, catalog, narr, needles, log)
+            for runner in policy_metrics(tuple(needles), model_name):
+                for metric, value in runner(run):
+                    add(model_name, policy, metric, value, window)
         log(f"  ({model_name}: {time.time() - t0:.0f} s)")
     return rows
 

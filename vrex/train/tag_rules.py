@@ -26,6 +26,7 @@ import torch
 
 from vrex.models.tags import imagenet_names
 from vrex.train.data import FeatureCache, Media, split_names
+from vrex.train.metrics import names_subject
 
 RULES = ("global", "region")
 
@@ -70,7 +71,6 @@ class TagRuleRow:
 def tag_rule_table(cache: FeatureCache, catalog: dict[str, Media], weight: torch.Tensor, bias: torch.Tensor,
                    thresholds: list[float], rules: tuple[str, ...] = RULES, splits: tuple[str, ...] = ("train", "heldout")) -> list[TagRuleRow]:
     """One row per (split, rule, threshold) over every frame of the cached media of each split."""
-    from vrex.train.evaluate import names_subject
 
     names = imagenet_names()
     rows = []

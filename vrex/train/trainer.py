@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vrex.train.data import FeatureCache, build_feature_cache, split_names, training_catalog
+from vrex.train.features import stream_features, stream_tags
 from vrex.train.layout import LM, STREAM, Layout, LayoutBuilder, embed_layout
 from vrex.models.lora import TARGETS as LORA_TARGETS
 from vrex.models.lora import add_lora, file_has_lora, has_lora, load_lora, lora_metadata, lora_state
@@ -100,17 +101,6 @@ def live_loss(model, layout: Layout, frame_feats: torch.Tensor, stream_loss_weig
         "tokens": len(layout),
     }
     return loss, stats
-
-
-def stream_features(cache: FeatureCache, stream) -> torch.Tensor:
-    return torch.stack([cache.features[s.media][s.frame] for s in stream.steps]).float()
-
-
-def stream_tags(stream) -> torch.Tensor | None:
-    """[n_frames] forced tag classes (-1: the encoder's own), or None when no step forces one."""
-    if all(s.tag is None for s in stream.steps):
-        return None
-    return torch.tensor([-1 if s.tag is None else s.tag for s in stream.steps])
 
 
 def pick_maker(makers: dict[str, StreamMaker], recipe: Recipe, step: int) -> StreamMaker:

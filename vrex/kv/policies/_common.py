@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from vrex.resv.grow import grow
+
 
 def gqa_rows(queries: Tensor, num_kv_heads: int) -> Tensor:
     """``[H_q, T_q, D]`` -> ``[H_kv, G*T_q, D]``: the rows of every query head sharing a KV head.
@@ -41,20 +43,17 @@ def topk_stable(scores: Tensor, k: int) -> Tensor:
 
 
 class KeyBuffer:
-    """Amortised-growth copy of one layer's keys ``[H, N, D]`` (capacity doubling)."""
+    """Amortised-growth copy of one layer's keys ``[H, N, D]`` (capacity doubling: ``grow``)."""
 
     def __init__(self, num_kv_heads: int, head_dim: int):
         self.buf = torch.zeros(num_kv_heads, 64, head_dim)
         self.n = 0
 
     def append(self, keys: Tensor, start: int) -> None:
-        H, T, D = keys.shape
+        T = keys.shape[1]
         if start != self.n:
             raise ValueError(f"keys expected at {self.n}, got start={start}")
-        if self.n + T > self.buf.shape[1]:
-            new = torch.zeros(H, max(2 * self.buf.shape[1], self.n + T), D)
-            new[:, : self.n] = self.buf[:, : self.n]
-            self.buf = new
+        self.buf = grow(self.buf, 1, self.n + T)
         self.buf[:, self.n : self.n + T] = keys.detach().to(torch.float32).cpu()
         self.n += T
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from vrex.kv.policy import KVPolicy, Selection, Stage
+from .full import FullPolicy
 
 
 @dataclass
-class FlexGenPolicy(KVPolicy):
+class FlexGenPolicy(FullPolicy):
+    """``full``'s selection (every past token) over an offloading store."""
+
     name: ClassVar[str] = "flexgen"
     offloads: ClassVar[bool] = True
-
-    def select(self, layer: int, queries: torch.Tensor, n_past: int, stage: Stage) -> Selection:
-        return Selection(indices=None, stats={"n_past": n_past, "selected": [n_past] * self.num_kv_heads})

@@ -30,7 +30,7 @@ import torch
 from vrex.kv.policy import KVPolicy, Selection, Stage
 
 from ._common import KeyBuffer, budget, gqa_rows, topk_stable
-from .spec import check, integer_at_least, number_in
+from .spec import check, check_budget
 
 
 @dataclass
@@ -45,9 +45,7 @@ class InfiniGenPolicy(KVPolicy):
     _keys: list[KeyBuffer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check(self.name, "ratio", self.ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
-        check(self.name, "max_ratio", self.max_ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
-        check(self.name, "budget", self.budget, integer_at_least(1, none_ok=True), "None (use ratio) or an integer >= 1 (tokens per KV head)")
+        check_budget(self.name, self.ratio, self.max_ratio, "budget", self.budget, "tokens per KV head")
         check(self.name, "aggregate", self.aggregate, lambda v: v in ("softmax_sum", "max_logit"), "'softmax_sum' or 'max_logit'")
 
     def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:

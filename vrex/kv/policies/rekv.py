@@ -21,12 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from vrex.kv.policy import KVPolicy, Selection, Stage
+from vrex.resv.grow import grow
 
 from ._common import budget, gqa_rows, topk_stable
-from .spec import check, integer_at_least, number_in
+from .spec import check, check_budget
 
 
 class _Blocks:
+    """One layer's blocks: representative key, first token, length (capacity doubling: ``grow``)."""
+
     def __init__(self, H: int, D: int):
         self.rep = torch.zeros(64, H * D)
         self.start = torch.zeros(64, dtype=torch.int64)
@@ -34,11 +37,7 @@ class _Blocks:
         self.n = 0
 
     def add(self, rep: torch.Tensor, start: int, length: int) -> None:
-        if self.n == self.rep.shape[0]:
-            cap = 2 * self.n
-            self.rep = torch.cat([self.rep, torch.zeros_like(self.rep)])[:cap]
-            self.start = torch.cat([self.start, torch.zeros_like(self.start)])[:cap]
-            self.length = torch.cat([self.length, torch.zeros_like(self.length)])[:cap]
+        self.rep, self.start, self.length = (grow(t, 0, self.n + 1) for t in (self.rep, self.start, self.length))
         self.rep[self.n], self.start[self.n], self.length[self.n] = rep, start, length
         self.n += 1
 
@@ -54,9 +53,7 @@ class ReKVPolicy(KVPolicy):
     _blocks: list[_Blocks] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check(self.name, "ratio", self.ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
-        check(self.name, "max_ratio", self.max_ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
-        check(self.name, "top_frames", self.top_frames, integer_at_least(1, none_ok=True), "None (use ratio) or an integer >= 1 (blocks read)")
+        check_budget(self.name, self.ratio, self.max_ratio, "top_frames", self.top_frames, "blocks read")
         check(self.name, "similarity", self.similarity, lambda v: v in ("dot", "cosine"), "'dot' or 'cosine'")
 
     def setup(self, num_layers, num_kv_heads, num_q_heads, head_dim) -> None:

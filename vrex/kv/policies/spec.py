@@ -106,6 +106,14 @@ def integer_at_least(lo: int, *, none_ok: bool = False) -> Callable[[Any], bool]
     return lambda v: (v is None and none_ok) or (isinstance(v, int) and not isinstance(v, bool) and v >= lo)
 
 
+def check_budget(policy: str, ratio: float, max_ratio: float, count_name: str, count: int | None, counted: str) -> None:
+    """The budget parameters of the top-k baselines (infinigen, rekv): ``ratio`` and ``max_ratio`` in
+    (0, 1], and ``count_name`` (None: use ratio) an integer >= 1 of ``counted``."""
+    check(policy, "ratio", ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
+    check(policy, "max_ratio", max_ratio, number_in(0, 1, lo_open=True), "a number in (0, 1]")
+    check(policy, count_name, count, integer_at_least(1, none_ok=True), f"None (use ratio) or an integer >= 1 ({counted})")
+
+
 def lookup(name: str):
     """The policy class registered as ``name`` (case and ``_``/``-`` insensitive)."""
     from vrex.kv.policies import POLICIES  # the registry imports the policy files, which import this module
