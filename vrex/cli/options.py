@@ -163,6 +163,23 @@ def size_error(option: str, text: str | None) -> str | None:
     return None
 
 
+def session_error(path: Path | None) -> str | None:
+    """``--session DIR``: a saved session to resume, or a new or empty directory that can be created
+    (a directory left by a first save that never finished counts as empty)."""
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        return f"--session '{path}': is a file; --session takes a directory (a saved session to resume, or a new one)"
+    if path.is_dir():
+        if (path / "manifest.json").exists():
+            return None if os.access(path, os.W_OK | os.X_OK) else f"--session '{path}': the directory is not writable"
+        names = {p.name for p in path.iterdir()}
+        if names - {"checkpoint.bin", "checkpoint.bin.tmp", "log.bin", "manifest.json.tmp"}:
+            return (f"--session '{path}': the directory is not empty and holds no vrex session (no manifest.json); "
+                    "give a new or empty directory, or the directory of a session to resume")
+    return directory_error("--session", path)
+
+
 def run_option_errors(o: dict[str, Any]) -> list[str]:
     """Every problem with ``vrex run``'s options (keys: the option names without dashes, '-' -> '_')."""
     errors = [
@@ -181,6 +198,7 @@ def run_option_errors(o: dict[str, Any]) -> list[str]:
         policy_error(o["policy"]),
         choice_error("--kernels", o.get("kernels", "fast"), ("fast", "reference")),
         choice_error("--kv-dtype", o.get("kv_dtype", "auto"), ("auto", "bfloat16", "float32")),
+        session_error(o.get("session")),
     ]
     if o["base_lm"] is not None and o["lm"] in LM_PRESETS:
         errors.append(f"--base-lm '{o['base_lm']}': applies only when --lm is a VideoLLM-online checkpoint, not the preset '{o['lm']}'")

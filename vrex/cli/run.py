@@ -61,6 +61,7 @@ def run(
     kernels: Annotated[str, typer.Option(help="Selection + attention kernels: 'fast' (C++: fused selection, attention read in place from the KV tiers) or 'reference' (the PyTorch path the fast one is tested against: same selections, same outputs within float tolerance).")] = "fast",
     kv_dtype: Annotated[str, typer.Option(help="KV storage type: 'auto' (the LM's dtype), 'bfloat16' (half the KV memory; keys and values rounded) or 'float32'.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (frame, response, answer) on stdout instead of the live display.")] = False,
+    session_dir: Annotated[Optional[Path], typer.Option("--session", metavar="DIR", help="Keep the session on disk in DIR as it goes (K/V, policy state, positions, dialogue, the source's position, every setting; saved after each frame, atomically). Running the same command again after a crash or a stop resumes from the last saved frame and continues exactly as an uninterrupted run. DIR: a new or empty directory, or a saved session (its settings must match).")] = None,
 ) -> None:
     """Watch SOURCE frame by frame, narrate it, and answer questions at their timestamps.
 
@@ -75,7 +76,8 @@ def run(
     errors = run_option_errors(dict(
         fps=fps, max_frames=max_frames, theta=theta, min_gap=min_gap, recent_tokens=recent_tokens, positions=positions,
         policy=policy, lm=lm, base_lm=base_lm, encoder=encoder, connector=connector, trace=trace,
-        device_budget=device_budget, host_budget=host_budget, disk_dir=disk_dir, kernels=kernels, kv_dtype=kv_dtype))
+        device_budget=device_budget, host_budget=host_budget, disk_dir=disk_dir, kernels=kernels, kv_dtype=kv_dtype,
+        session=session_dir))
     questions = []
     for q in ask or []:
         try:
@@ -86,8 +88,13 @@ def run(
         for line in errors:
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2)
+    from vrex.cli.durable import StopSignals, open_session, report_stop, resume_event, skip_seen
+
+    stop = StopSignals().__enter__()  # SIGINT/SIGTERM from here on: stop at a frame boundary, cleanly
+    skipping = [False]  # a resumed run re-reads the frames it had seen: their warnings were reported then
+
     def on_warning(warning) -> None:  # vrex.io.SourceWarning: decode problems as events for --json consumers
-        if as_json:
+        if as_json and not skipping[0]:
             print(json.dumps(warning.to_event()), flush=True)
 
     if as_json:
@@ -121,29 +128,50 @@ def run(
                            disk_dir=None if disk_dir is None else str(disk_dir),
                            kernels=kernels, kv_dtype=None if kv_dtype == "auto" else kv_dtype)
     tracer = TelemetryWriter(trace) if trace else None
+    # What must match for --session to resume (the config is compared too).
+    settings = {"source": source, "fps": fps, "max_frames": max_frames, "ask": [list(q) for q in questions], "lm": lm,
+                "base_lm": base_lm, "encoder": encoder, "connector": connector}
+    session = None
     try:  # the session prefills the system prompt: the first store and trace writes happen here
-        session = StreamingSession(model, make_policy(policy), config, trace=tracer and _TraceSink(tracer, trace))
+        session, resumed = open_session(session_dir, model, make_policy(policy), config, settings,
+                                        tracer and _TraceSink(tracer, trace))
     except (KVStoreDiskError, TraceWriteError) as e:
         fail(str(e))
-    frames = ((f.t, f.image) for f in src)
+    frames = skip_seen(((f.t, f.image) for f in src), session, skipping) if resumed else ((f.t, f.image) for f in src)
+    if resumed:
+        questions = []  # the saved session holds the questions still to answer
     header = {"kind": "start", "model": model.describe(), "policy": policy, "source": source, "fps": fps,
               "connector_trained": model.connector.trained, "notes": model.notes}
+    from vrex.engine.persist import SessionSaveError
+
     try:
         with src:
             if as_json:
                 print(json.dumps(header), flush=True)
-                for event in session.run(frames, questions):
+                if resumed:
+                    print(json.dumps(resume_event(session, session_dir)), flush=True)
+                for event in session.run(frames, questions, should_stop=stop):
                     print(json.dumps(event.to_dict()), flush=True)
             else:
-                _live_display(session, frames, questions, src, model.describe())
-    except (VideoSourceError, KVStoreDiskError, TraceWriteError) as e:
+                if resumed:
+                    err.print(f"resuming session {session_dir} at t={session.t:g} s (frame {session.frames}, "
+                              f"{session.cached_tokens} cached tokens)")
+                _live_display(session, frames, questions, src, model.describe(), should_stop=stop)
+    except (VideoSourceError, KVStoreDiskError, TraceWriteError, SessionSaveError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # a second signal: stop at once (the last save stands)
+        pass
     finally:
         if tracer:
             try:
                 tracer.close()
             except OSError:
                 pass  # already reported: the disk refused the writes
+        if session is not None:
+            session.close()  # the durable log, and the store's temporary vrex-kv-* directory
+        stop.__exit__()
+    if stop():
+        report_stop(stop, session, session_dir, as_json, lambda line: err.print(line, markup=False, highlight=False))
     if src.stats.skipped_corrupt:
         err.print(f"[yellow]warning:[/yellow] {src.stats.skipped_corrupt} corrupt frame(s) were skipped")
     end = src.end_of_stream  # vrex.io.SourceEnd: how the source ended (complete, truncated, lost, ...)
@@ -171,7 +199,7 @@ class _TraceSink:
             raise TraceWriteError(f"--trace '{self.path}': writing failed: {e.strerror or e}") from e
 
 
-def _live_display(session, frames, questions, src, title: str) -> None:
+def _live_display(session, frames, questions, src, title: str, should_stop=None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = None
@@ -189,7 +217,7 @@ def _live_display(session, frames, questions, src, title: str) -> None:
         task = progress.add_task("stream", total=total, t=0.0, fps=0.0, tokens=0, kv=0.0, rss=0.0)
         started = time.perf_counter()
         n = 0
-        for event in session.run(frames, questions):
+        for event in session.run(frames, questions, should_stop=should_stop):
             if event.kind == "frame":
                 n += 1
                 s = event.stats
