@@ -63,8 +63,11 @@ def _fill(model, policy: str, kernels: str, fill_times: list[float], fill_featur
     return session
 
 
+WARMUP = 2  # untimed steps first (new shapes, first allocations)
+
+
 def run_batched(model, base: StreamingSession, streams: int, policy: str, measured: list[list], *, kernels: str,
-                warmup: int = 1) -> tuple[list[float], float, int]:
+                warmup: int = WARMUP) -> tuple[list[float], float, int]:
     """``streams`` forks of ``base`` stepped together; returns (per-frame ms, wall s, cached tokens)."""
     engine = BatchEngine(model, max_streams=streams)
     for i in range(streams):
@@ -91,10 +94,11 @@ def _separate_child(index: int, threads: int, policy: str, kernels: str, fill_ti
     try:
         model = load_videollm()
         session = _fill(model, policy, kernels, fill_times, fill_features)
-        session.push_frame(*frames[0])  # warm-up, not measured
+        for t, im in frames[:WARMUP]:  # warm-up, not measured
+            session.push_frame(t, im)
         barrier.wait(timeout=1800)
         t0 = time.time()
-        frame_ms = [session.push_frame(t, im)[0].stats["total_ms"] for t, im in frames[1:]]
+        frame_ms = [session.push_frame(t, im)[0].stats["total_ms"] for t, im in frames[WARMUP:]]
         results.put((index, {"frame_ms": frame_ms, "start": t0, "end": time.time(), "cached": session.cached_tokens}))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         barrier.abort()
@@ -131,7 +135,7 @@ def run_separate(streams: int, policy: str, fill_times, fill_features, measured:
 
 
 def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUICK["modes"], policies=QUICK["policies"],
-                      frames: int = 8, kernels: str = "fast", out: Path, log=print) -> list[dict]:
+                      frames: int = 16, kernels: str = "fast", out: Path, log=print) -> list[dict]:
     """Sweep and write ``out/streams.json`` (rows), ``out/streams-full.json`` (+ machine) and ``out/streams.png``."""
     for spec in policies:
         make_policy(spec)  # refuse a bad spec before any model work
@@ -146,7 +150,7 @@ def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUI
     model = load_videollm()
     tpf = model.tokens_per_frame + 1
     n_fill = max(sizes) // tpf + 1
-    need = n_fill + max(counts) * (frames + 1)
+    need = n_fill + max(counts) * (frames + WARMUP)
     stream = long_stream(need)
     features = encode_all(model, stream)
     rows: list[dict] = []
@@ -155,8 +159,9 @@ def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUI
         fill_times, fill_features = [t for t, _ in stream[:k]], features[:k]
         base = _fill(model, "full", kernels, fill_times, fill_features)
         log(f"{size:>6}: base filled to {base.cached_tokens} tokens")
-        # each stream its own next real frames (frames + 1: one warm-up step)
-        measured = [stream[k + i * (frames + 1): k + (i + 1) * (frames + 1)] for i in range(max(counts))]
+        # each stream its own next real frames, warm-up steps first
+        n = frames + WARMUP
+        measured = [stream[k + i * n: k + (i + 1) * n] for i in range(max(counts))]
         for policy in policies:
             for streams in sorted(counts):
                 for mode in modes:
@@ -166,7 +171,8 @@ def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUI
                     else:
                         frame_ms, wall, cached, threads = run_separate(streams, policy, fill_times, fill_features,
                                                                        measured, kernels=kernels, cores=cores)
-                    row = _row(streams, mode, policy, size, cached, frame_ms, wall, frames, threads)
+                    row = _row(streams, mode, policy, size, base.cached_tokens, frame_ms, wall, frames, threads)
+                    row["cached_tokens_end"] = cached
                     rows.append(row)
                     (out / "streams.json").write_text(json.dumps(rows, indent=2))  # progress survives an interrupt
                     log(f"{size:>6} {policy:<6} {streams} x {mode:<8} {row['aggregate_fps']:6.2f} frames/s  "

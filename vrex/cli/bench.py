@@ -62,7 +62,7 @@ def bench_streams(
     sizes: Annotated[Optional[str], typer.Option(help="Cached tokens per stream, comma-separated (k = 1024). Default 1k,16k.")] = None,
     policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated. Default: full;resv.")] = None,
     modes: Annotated[Optional[str], typer.Option(help="batched, separate or both (comma-separated). Default both.")] = None,
-    frames: Annotated[int, typer.Option(min=2, help="Frame steps timed per stream and row.")] = 8,
+    frames: Annotated[int, typer.Option(min=2, help="Frame steps timed per stream and row (after 2 untimed).")] = 16,
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
     out: Annotated[Path, typer.Option(help="Output directory: streams.json (rows), streams-full.json, streams.png.")] = Path("bench-out/streams"),
 ) -> None:
