@@ -9,7 +9,7 @@ import huggingface_hub.constants
 import pytest
 from PIL import Image
 
-from tiny_models import CHATML, LLAMA3, save_lm, save_vision
+from tiny_models import CHATML, FAMILIES, LLAMA3, save_lm, save_vision
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,35 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     return save_lm(tmp_path_factory.mktemp("qwen2"), "qwen2", CHATML)
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """``family_dir(name)``: the tiny model of a family of ``tiny_models.FAMILIES``, saved once per run."""
+    saved: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in saved:
+            saved[family] = save_lm(tmp_path_factory.mktemp(family), family)
+        return saved[family]
+
+    assert set(FAMILIES) >= {"gemma3_text", "mistral", "qwen2_sliding", "phi3", "gpt_neox"}
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_model(family_dir):
+    """``family_model(name)``: that family's tiny LM + EfficientNet-Lite0 + an untrained connector, loaded once."""
+    from vrex.models.videollm import load_videollm
+
+    loaded = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = load_videollm(lm=str(family_dir(family)), connector=None)
+        return loaded[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

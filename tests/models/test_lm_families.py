@@ -1,105 +1,132 @@
-"""Llama- and Qwen2-family LMs from directories, run in a real StreamingSession on real frames."""
+"""Any causal LM transformers runs: tiny models of each family (``tiny_models.FAMILIES``) load from their
+directories, get their own chat layout, and run every policy in a real StreamingSession on real frames;
+what the engine cannot run is refused with one line naming the missing capability.
+(Equality with transformers' own forward: test_lm_equality.py.)"""
 
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_models import FAMILIES
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from typer.testing import CliRunner
 
-from vrex.engine.positions import PositionConfig
 from vrex.engine.session import SessionConfig, StreamingSession
-from vrex.kv.policies import make_policy
+from vrex.kv.layers import UnsupportedModel
+from vrex.kv.policies import POLICIES, make_policy
+from vrex.models.live_format import DEFAULT_SYSTEM, LiveFormat, LiveFormatError
 from vrex.models.lm import load_lm
 from vrex.models.videollm import load_videollm
 from vrex.models.videollm_online import UnknownModelLayout
 from vrex.models.weights import WeightsNotFound
 
-FAMILIES = {"llama": ("llama_dir", "LlamaForCausalLM", "<|start_header_id|>"),
-            "qwen2": ("qwen2_dir", "Qwen2ForCausalLM", "<|im_start|>")}
+REPO = Path(__file__).resolve().parents[2]
+CLIP = REPO.parent / "shared" / "assets" / "videos" / "cockatoo.mp4"
+
+#: family -> (transformers class, model_type, start of the layout's prefix, respond, stop)
+EXPECTED = {
+    "llama": ("LlamaForCausalLM", "llama", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n",
+              "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", "<|im_start|>system\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen2_sliding": ("Qwen2ForCausalLM", "qwen2", "<|im_start|>system\n", "<|im_end|>\n<|im_start|>assistant\n",
+                      "<|im_end|>"),
+    "mistral": ("MistralForCausalLM", "mistral", "<s>[INST] You are", " [/INST]", "</s>"),
+    "gemma3_text": ("Gemma3ForCausalLM", "gemma3_text", "<bos><start_of_turn>user\nYou are",
+                    "<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", "<bos><start_of_turn>user\nYou are", "<end_of_turn>\n<start_of_turn>model\n",
+               "<end_of_turn>"),
+    "phi3": ("Phi3ForCausalLM", "phi3", "<|system|>\nYou are", "<|end|>\n<|assistant|>\n", "<|end|>"),
+    "gpt_neox": ("GPTNeoXForCausalLM", "gpt_neox", "You are", "]\nAssistant:", "<|endoftext|>"),  # no template: plain layout
+}
+
+
+def test_every_family_has_expectations():
+    assert set(EXPECTED) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_load_lm_from_directory(family, request):
-    fixture, cls, chat_marker = FAMILIES[family]
-    path = request.getfixturevalue(fixture)
+def test_load_lm_from_directory(family, family_dir):
+    path = family_dir(family)
+    cls, model_type = EXPECTED[family][:2]
     model, tokenizer = load_lm(str(path))
-    assert type(model).__name__ == cls and model.config.model_type == family
+    assert type(model).__name__ == cls and model.config.model_type == model_type
     assert model.dtype == torch.float32 and not model.training
     saved = load_file(str(path / "model.safetensors"))
     state = model.state_dict()
     for key, value in saved.items():
         torch.testing.assert_close(state[key], value, atol=0, rtol=0)
-    assert chat_marker in tokenizer.get_vocab()
     assert len(tokenizer(",", add_special_tokens=False)["input_ids"]) == 1
 
 
-def _frame_logits(lm) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
-    captured: list[torch.Tensor] = []
-    handle = lm.register_forward_hook(lambda module, args, out: captured.append(out.logits[0].detach().clone()))
-    return captured, handle
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layout_comes_from_the_models_own_chat_template(family, family_dir):
+    _, tokenizer = load_lm(str(family_dir(family)))
+    fmt = LiveFormat.for_tokenizer(tokenizer)
+    prefix, respond, stop = EXPECTED[family][2:]
+    assert fmt.prefix.startswith(prefix) and DEFAULT_SYSTEM in fmt.prefix
+    assert fmt.respond == respond and fmt.stop == stop and fmt.question == "\n{question}" + respond
+    ids = tokenizer(fmt.prefix, add_special_tokens=False)["input_ids"]
+    if tokenizer.chat_template and "bos_token" in tokenizer.chat_template:  # BOS where the model expects one
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert len(tokenizer(fmt.stop, add_special_tokens=False)["input_ids"]) == 1  # one end-of-turn token
+
+
+def test_smollm2_layout_is_the_one_its_connector_was_trained_with():
+    from transformers import AutoTokenizer
+
+    from vrex.models.lm import smollm2_dir
+
+    fmt = LiveFormat.for_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir()))
+    assert fmt == LiveFormat(prefix=f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n", interval=",",
+                             respond="<|im_end|>\n<|im_start|>assistant\n",
+                             question="\n{question}<|im_end|>\n<|im_start|>assistant\n", resume="\n<|im_start|>user\n",
+                             stop="<|im_end|>")
+
+
+def test_template_that_cannot_end_a_reply_is_refused(tmp_path, family_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(family_dir("qwen2") / name, tmp_path / name)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(LiveFormatError, match=rf"LM '{tmp_path}'.*does not start with a special token"):
+        load_videollm(lm=str(tmp_path), connector=None)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_session_iterative_prefill_equals_one_shot(family, request, frames):
-    """Per-frame prefill through the vrex KV cache == one forward over the same interleaved embeddings."""
-    path = request.getfixturevalue(FAMILIES[family][0])
-    model = load_videollm(lm=str(path), connector=None)  # EfficientNet-Lite0 (real weights) + tiny LM
-    assert model.fmt.interval == "," and FAMILIES[family][2] in model.fmt.prefix
-    session = StreamingSession(model, make_policy("full"),
-                               SessionConfig(theta=0.0, positions=PositionConfig(mode="absolute")))
-    captured, handle = _frame_logits(model.lm)
-    # the frames' embeddings as the session computed them (the encoder is the slow part: run it once)
-    frame_embeds: list[torch.Tensor] = []
-    conn_handle = model.connector.register_forward_hook(lambda m, a, out: frame_embeds.append(out[0].detach().clone()))
-    p_interval = []
-    try:
-        for i, image in enumerate(frames[:3]):
-            events = session.push_frame(0.5 * i, image)
-            assert [e.kind for e in events] == ["frame"]  # theta=0: never speaks
-            p_interval.append(events[0].stats["p_interval"])
-    finally:
-        handle.remove()
-        conn_handle.remove()
-    assert len(frame_embeds) == 3 and frame_embeds[0].shape == (10, model.lm.config.hidden_size)
-
-    # The reference: one forward, eager attention, no cache.
-    comma = model.embed_text(torch.tensor([model.token_id(",")]))
-    parts, ends = [model.embed_text(model.tokenize(model.fmt.prefix))], []
-    for i, embeds in enumerate(frame_embeds):
-        if i:
-            parts.append(comma)
-        parts.append(embeds)
-        ends.append(sum(p.shape[0] for p in parts) - 1)
-    model.lm.set_attn_implementation("eager")
-    with torch.no_grad():
-        ref = model.lm(inputs_embeds=torch.cat(parts)[None]).logits[0]
-    assert len(captured) == 3 and session.cached_tokens == ends[-1] + 1
-    for step, end, p in zip(captured, ends, p_interval):
-        torch.testing.assert_close(step[-1], ref[end], atol=1e-4, rtol=1e-4)
-        assert p == pytest.approx(float(ref[end].softmax(-1)[model.token_id(",")]), abs=1e-5)
-    # distinct frames -> distinct predictions (the frames reach the LM)
-    assert (ref[ends[0]] - ref[ends[1]]).abs().max() > 1e-3
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_runs_a_short_session(family, policy, family_model, frames):
+    model = family_model(family)
+    assert any("UNTRAINED" in note for note in model.notes)
+    session = StreamingSession(model, make_policy(policy), SessionConfig(theta=1.01, max_response_tokens=3,
+                                                                         max_answer_tokens=3, device_tokens=24))
+    events = list(session.run([(0.0, frames[0]), (0.5, frames[1]), (1.0, frames[2])], questions=[(1.0, "What is shown?")]))
+    assert [e.kind for e in events] == ["frame", "response", "frame", "response", "frame", "answer"]
+    assert all(1 <= e.stats["tokens"] <= 3 for e in events if e.kind != "frame")
+    assert session.cached_tokens > 3 * model.tokens_per_frame
 
 
-def test_session_speaks_and_answers_with_qwen2(qwen2_dir, frames):
-    model = load_videollm(lm=str(qwen2_dir), connector=None)
-    session = StreamingSession(model, make_policy("full"), SessionConfig(theta=1.01, max_response_tokens=3,
-                                                                         max_answer_tokens=3))
-    events = list(session.run([(0.0, frames[0]), (0.5, frames[1])], questions=[(0.5, "What do you see?")]))
-    kinds = [e.kind for e in events]
-    assert kinds == ["frame", "response", "frame", "answer"]
-    for e in events[1::2]:
-        assert 1 <= e.stats["tokens"] <= 3
-    # every token that was prefilled or decoded sits in the cache
-    assert session.cached_tokens > 2 * model.tokens_per_frame
-
-
-def test_unsupported_model_type_lists_supported(tmp_path):
+def test_model_without_rope_is_refused_naming_the_capability(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'gpt2'.*llama, qwen2"):
+    with pytest.raises(UnsupportedModel, match=r"cannot run in vrex's engine: no rotary position embedding"):
         load_lm(str(tmp_path))
-    with pytest.raises(UnknownModelLayout, match=r"'gpt2'.*llama, qwen2"):
+    with pytest.raises(UnsupportedModel, match="no rotary position embedding"):
+        load_videollm(lm=str(tmp_path))
+
+
+def test_not_a_causal_lm_is_refused(tmp_path):
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=64, d_kv=8)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModel, match=r"not a causal language model: transformers' AutoModelForCausalLM"):
+        load_lm(str(tmp_path))
+    with pytest.raises(UnknownModelLayout, match=r"'t5' model, not a causal language model"):
         load_videollm(lm=str(tmp_path))
 
 
@@ -124,10 +151,32 @@ def test_unknown_repo_id_offline():
         load_videollm(lm="no-such-org/no-such-lm")
 
 
-def test_lm_directory_without_tokenizer(tmp_path, qwen2_dir):
-    import shutil
-
+def test_lm_directory_without_tokenizer(tmp_path, family_dir):
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(qwen2_dir / name, tmp_path / name)
+        shutil.copy(family_dir("qwen2") / name, tmp_path / name)
     with pytest.raises(WeightsNotFound, match="no usable tokenizer"):
         load_lm(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_vrex_run_on_every_family(family, family_dir):
+    """``vrex run CLIP --lm DIR`` as a user runs it; the output says the connector is untrained for it."""
+    from vrex.cli import app
+
+    if not CLIP.is_file():
+        pytest.skip(f"{CLIP} not found")
+    result = CliRunner().invoke(app, ["run", str(CLIP), "--lm", str(family_dir(family)), "--max-frames", "3", "--theta", "0",
+                                      "--ask", "1:What do you see?", "--json"])
+    assert result.exit_code == 0, result.output[-2000:]
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["kind"] for e in events if e["kind"] in ("frame", "answer")] == ["frame", "frame", "frame", "answer"]
+    assert "UNTRAINED" in result.output
+
+
+def test_vrex_run_refuses_an_unsupported_lm_in_one_line(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "vrex.cli", "run", str(CLIP), "--lm", str(tmp_path), "--max-frames", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no rotary position embedding" in errors[0] and "Traceback" not in proc.stderr

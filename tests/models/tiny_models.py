@@ -1,9 +1,11 @@
 """Tiny random-weight models saved in the layouts vrex loads (no hub: everything is built here).
 
 Each helper writes a directory exactly as ``save_pretrained`` / ``hf download`` would lay it out:
-Llama and Qwen2 causal LMs with a tokenizer beside them, SigLIP and CLIP vision towers with their
-image processors. Tokenizers are small byte-level BPEs trained here, with the special tokens of
-the chat formats vrex knows (ChatML for Qwen2, Llama 3 headers for Llama).
+causal LMs of several families (Llama, Qwen2 with and without sliding layers, Mistral with a small
+window, Gemma 3 with local and global layers, Gemma 2 with attention soft-capping, Phi-3 and GPT-NeoX
+with partial rotary) with a tokenizer beside them, SigLIP and CLIP vision towers with their image processors. Tokenizers are small
+byte-level BPEs trained here, with each family's special tokens and a chat template written like the
+family's own (GPT-NeoX has none, as its base models ship none).
 """
 
 from __future__ import annotations
@@ -19,9 +21,47 @@ CORPUS = (
     "You are a live video assistant. Frames of a video stream arrive over time. When the scene changes, "
     "say in a few words what is shown. Answer the user's questions about the stream."
 ) * 4
-CHATML = {"special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>", "bos": None}
+CHATML = {"special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>", "bos": None,
+          "template": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                      "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"}
 LLAMA3 = {"special": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-          "eos": "<|eot_id|>", "bos": "<|begin_of_text|>"}
+          "eos": "<|eot_id|>", "bos": "<|begin_of_text|>",
+          "template": "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                      "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"}
+#: Gemma's turns: no system role (the system text opens the first user turn), the reply role is "model"
+GEMMA = {"special": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "eos": "<eos>", "bos": "<bos>",
+         "template": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+                     "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}"
+                     "{% endif %}{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' "
+                     "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + "
+                     "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"}
+#: Mistral's [INST] turns: roles must alternate, a system message is refused by the template
+MISTRAL = {"special": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "eos": "</s>", "bos": "<s>",
+           "template": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                       "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                       "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                       "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"}
+PHI3 = {"special": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "eos": "<|endoftext|>",
+        "bos": None,
+        "template": "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"}
+NEOX = {"special": ["<|endoftext|>"], "eos": "<|endoftext|>", "bos": "<|endoftext|>", "template": None}
+#: family -> (tokenizer style, config overrides); WINDOW: the sliding window of the tiny sliding models
+WINDOW = 16
+FAMILIES = {
+    "llama": (LLAMA3, {}),
+    "qwen2": (CHATML, {}),
+    "qwen2_sliding": (CHATML, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "mistral": (MISTRAL, {"sliding_window": WINDOW}),
+    "gemma3_text": (GEMMA, {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+                            "head_dim": 16, "query_pre_attn_scalar": 16}),
+    "gemma2": (GEMMA, {"sliding_window": WINDOW, "head_dim": 16, "query_pre_attn_scalar": 16,
+                       "attn_logit_softcapping": 2.0, "final_logit_softcapping": 30.0}),
+    "phi3": (PHI3, {"partial_rotary_factor": 0.5}),
+    "gpt_neox": (NEOX, {"rotary_pct": 0.5}),
+}
 
 
 def make_tokenizer(style: dict):
@@ -34,20 +74,32 @@ def make_tokenizer(style: dict):
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=style["special"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=style["eos"], bos_token=style["bos"],
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=style["eos"], bos_token=style["bos"],
                                    pad_token=style["eos"])
+    fast.chat_template = style.get("template")
+    return fast
 
 
-def save_lm(path: Path, family: str, style: dict, *, seed: int = 0, tie: bool = False, hidden: int = 48,
-            layers: int = 2) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def save_lm(path: Path, family: str, style: dict | None = None, *, seed: int = 0, tie: bool = False, hidden: int = 48,
+            layers: int = 2, **overrides) -> Path:
+    """A tiny ``family`` model (a key of ``FAMILIES``) with its tokenizer, saved in the Hugging Face layout."""
+    import transformers
 
-    tokenizer = make_tokenizer(style)
+    family_style, family_kw = FAMILIES[family]
+    tokenizer = make_tokenizer(style or family_style)
     kw = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
-              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, **family_kw)
+    kw.update(overrides)
+    if family == "gpt_neox":
+        del kw["num_key_value_heads"]  # GPT-NeoX: one KV head per query head, no such config field
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen2_sliding": "Qwen2", "mistral": "Mistral", "gemma3_text": "Gemma3Text",
+            "gemma2": "Gemma2", "phi3": "Phi3", "gpt_neox": "GPTNeoX"}[family]
+    config = getattr(transformers, f"{name}Config")(**kw)
+    model_cls = getattr(transformers, "Gemma3ForCausalLM" if family == "gemma3_text" else f"{name}ForCausalLM")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))
+    model = model_cls(config)
     with torch.no_grad():  # the default init (std 0.02) gives near-uniform logits; make them distinctive
         for p in model.parameters():
             if p.dim() == 2:

@@ -32,6 +32,7 @@ from vrex.bench.media import long_stream
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
 from vrex.kv.telemetry import step_to_json
+from vrex.models.lm import SMOLLM2_PRESET
 from vrex.models.videollm import load_videollm
 
 QUESTIONS = ("What is shown in the video right now?", "What happened earlier in the video?", "Is there a person in the video?")
@@ -118,11 +119,14 @@ def fidelity(ref: Trace, got: Trace) -> dict[str, float]:
 
 
 def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questions: int, answer_tokens: int,
-                 device_tokens: int, recent_tokens: int, out: Path, log: Callable[[str], None] = print) -> list[dict]:
+                 device_tokens: int, recent_tokens: int, out: Path, log: Callable[[str], None] = print,
+                 lm: str = SMOLLM2_PRESET) -> list[dict]:
     """Rows (one per size and policy spec, specs checked by the caller) written to ``out/kv.json`` with
     the plots; ``log`` gets one line per row as it is measured."""
     out.mkdir(parents=True, exist_ok=True)
-    model = load_videollm()
+    model = load_videollm(lm=lm)  # another LM (``--lm``) runs with an untrained connector: the notes say so
+    for note in model.notes:
+        log(f"note: {note}")
     sizes = sorted(sizes)
     tpf = model.tokens_per_frame + 1
     stream = long_stream(sizes[-1] // tpf + frames * len(sizes) + 8)

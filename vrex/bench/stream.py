@@ -24,6 +24,7 @@ from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
+from vrex.models.lm import SMOLLM2_PRESET
 from vrex.models.videollm import load_videollm
 
 QUICK_SIZES = (1024, 16384, 65536)
@@ -85,11 +86,14 @@ def measure(session: StreamingSession, frames, tokens: int, text_ids: torch.Tens
 
 
 def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, tokens: int = 8, text_chunk: int = 24,
-                     kernels: str = "fast", out: Path, peer: Path | None = None, log=print) -> list[dict]:
+                     kernels: str = "fast", out: Path, peer: Path | None = None, log=print,
+                     lm: str = SMOLLM2_PRESET) -> list[dict]:
     for spec in policies:  # refuse a bad spec before any model work
         make_policy(spec)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_videollm()
+    model = load_videollm(lm=lm)  # another LM (``--lm``) runs with an untrained connector: the notes say so
+    for note in model.notes:
+        log(f"note: {note}")
     sizes = sorted(sizes)
     tpf = model.tokens_per_frame + 1
     n_frames = sizes[-1] // tpf + (frames + 1) * len(sizes) + 4

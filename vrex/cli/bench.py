@@ -224,3 +224,8 @@ def bench_peer(
                  "--flash-attn", flash_attn, "--fill-block", str(fill_block)])
     if code:
         raise typer.Exit(code)
+
+
+from vrex.cli.soak import bench_soak  # noqa: E402  (its own module: options and checks of the soak benchmark)
+
+app.command("soak")(bench_soak)

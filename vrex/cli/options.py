@@ -125,7 +125,27 @@ def writable_file_error(option: str, path: Path | None) -> str | None:
         return f"{option} '{path}': the file is not writable"
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
         return f"{option} '{path}': cannot create a file in '{parent}' (not writable)"
+    why = _append_error(path)
+    if why:
+        return f"{option} '{path}': cannot be written ({why})"
     return _no_space(option, path, parent)
+
+
+def _append_error(path: Path) -> str | None:
+    """Open a regular (or new) file for appending and close it: what access() cannot tell, e.g. files
+    of /proc and /sys that even root cannot write (found by tests/fuzz). Nothing is written; a file the
+    probe created is removed. Pipes and devices are not probed (opening them may block)."""
+    existed = path.exists()
+    if existed and not path.is_file():
+        return None
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def directory_error(option: str, path: Path | None) -> str | None:

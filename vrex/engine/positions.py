@@ -12,7 +12,7 @@ A live stream never ends, but RoPE LMs are trained up to ``max_position_embeddin
     past fits in ``compress_to`` (default half) of the trained window, and new tokens continue from
     there. Keys are cached post-RoPE, and a RoPE rotation by ``p`` followed by one by ``p' - p``
     equals a rotation by ``p'``, so re-indexing is one elementwise rotation of the stored keys
-    (``rerotate``), done once per ``max_position * (1 - compress_to)`` tokens: amortised O(1) per
+    (``rerotate``, per layer with the layer's own RoPE: ``VrexCache.reindex``), done once per ``max_position * (1 - compress_to)`` tokens: amortised O(1) per
     step. Recent tokens keep fine positional resolution, old ones are squeezed (like position
     interpolation, applied only to the past). Relative order is preserved.
 """
@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from vrex.kv.layers import rerotate, rotate_half  # noqa: F401  (re-exported: the RoPE knowledge lives with the layers)
 
 
 @dataclass
@@ -35,19 +37,6 @@ class PositionConfig:
             raise ValueError(f"position mode '{self.mode}' is not one of: absolute, compress")
         if not 0.0 < self.compress_to < 1.0:
             raise ValueError(f"compress_to must be in (0, 1), got {self.compress_to}")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Move post-RoPE ``keys`` [..., N, D] by ``delta`` [N] positions (Llama/Qwen2 half-split RoPE)."""
-    freqs = delta.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # [N, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
-    return keys * cos + rotate_half(keys) * sin
 
 
 def compressed_positions(positions: torch.Tensor, sink: int, target_end: int) -> torch.Tensor:

@@ -22,9 +22,10 @@ from PIL import Image
 
 import vrex.kv.attention  # noqa: F401  (registers the "vrex" attention implementation)
 from vrex.engine.persist import crash_point
-from vrex.engine.positions import PositionConfig, compressed_positions, rerotate
+from vrex.engine.positions import PositionConfig, compressed_positions
 from vrex.engine.stream_state import StreamState
 from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
+from vrex.kv.layers import layer_specs, text_config
 from vrex.kv.policy import KVPolicy, Stage
 from vrex.kv.store import KVStore
 from vrex.models.videollm import VideoLLM
@@ -111,11 +112,11 @@ class StreamingSession:
         self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
         lm = model.lm
         lm.set_attn_implementation("vrex")
-        cfg = lm.config
+        cfg = text_config(lm.config)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.store = _make_store(cfg, head_dim, lm.dtype, lm.device, policy, self.config)
         self.cache = VrexCache(self.store, policy, KeepConfig(recent_tokens=recent_window(self.config, model.tokens_per_frame)),
-                               num_q_heads=cfg.num_attention_heads, kernels=self.config.kernels)
+                               num_q_heads=cfg.num_attention_heads, kernels=self.config.kernels, layers=layer_specs(lm))
         self.cache.record_stats = trace is not None
         self.max_position = self.config.positions.max_position or cfg.max_position_embeddings
         fmt = model.fmt
@@ -449,11 +450,7 @@ class StreamingSession:
         target_end = sink + int((self.max_position - sink) * self.config.positions.compress_to)
         new = compressed_positions(self.positions, sink, target_end)
         delta = (new - self.positions).to(self.model.device)
-        inv_freq = self.model.lm.model.rotary_emb.inv_freq
-        for layer in range(self.store.num_layers):
-            keys = rerotate(self.store.keys(layer), delta, inv_freq)
-            self.store.set_keys(layer, keys)
-            self.policy.on_positions_changed(layer, keys)
+        self.cache.reindex(delta)  # each layer with its own RoPE (vrex.kv.layers)
         self.positions = new
         return int(new[-1]) + 1
 
@@ -463,11 +460,12 @@ def _make_store(cfg, head_dim: int, dtype: torch.dtype, device, policy: KVPolicy
         if config.kv_dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"kv_dtype must be None, 'bfloat16', 'float16' or 'float32', got {config.kv_dtype!r}")
         dtype = getattr(torch, config.kv_dtype)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # GPT-NeoX: one per query head
     budget = config.device_budget_bytes
     if budget is None and policy.offloads:
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        budget = config.device_tokens * 2 * head_dim * cfg.num_key_value_heads * cfg.num_hidden_layers * itemsize
-    return KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype=dtype, device=device,
+        budget = config.device_tokens * 2 * head_dim * kv_heads * cfg.num_hidden_layers * itemsize
+    return KVStore(cfg.num_hidden_layers, kv_heads, head_dim, dtype=dtype, device=device,
                    device_budget_bytes=budget, host_budget_bytes=config.host_budget_bytes, disk_dir=config.disk_dir)
 
 

@@ -55,7 +55,7 @@ class AvDecoder:
         self.reconnect = reconnect
         self.lost_since = 0.0  # when the input stopped delivering (a live stream's time lost on a drop)
         self.read_timeout = reconnect.read_timeout or timeout
-        self._reopen = lambda: open_container(uri, target, timeout, self.read_timeout, max_pixels)
+        self._target, self._timeout = target, timeout
         if target.kind == "file":
             # Still images (and GIFs) are sized from their header before FFmpeg even probes them:
             # av.open decodes an image once to learn its pixel format.
@@ -71,8 +71,16 @@ class AvDecoder:
             raise
         self.info = stream_info(uri, target, self.container, self.stream)
 
+    def _reopen(self) -> av.container.InputContainer:
+        # A method, not a lambda capturing self: that cycle kept every closed decoder (its frame pools and
+        # threads, tens of MB for HD video) alive until the garbage collector ran (`vrex bench soak`).
+        return open_container(self.uri, self._target, self._timeout, self.read_timeout, self.max_pixels)
+
     def close(self) -> None:
-        self.container.close()
+        """Close the input and drop the demuxer and decoder now (safe to call twice)."""
+        if self.container is not None:
+            self.container.close()
+        self.container = self.stream = None  # type: ignore[assignment]
 
     # -- decoding ---------------------------------------------------------------------------
 

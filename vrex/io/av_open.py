@@ -54,6 +54,8 @@ def open_container(
             options={"max_pixels": str(max_pixels), **target.options},
             # The read timeout is checked per packet read: no data for that long is a stall.
             timeout=(timeout, read_timeout) if live else None,
+            # Damaged tags are not UTF-8; strict decoding made av.open raise UnicodeDecodeError (tests/io/test_fuzz_media.py).
+            metadata_errors="replace",
         )
     except FileNotFoundError as e:  # av.error.FileNotFoundError subclasses the builtin
         what = "no such device" if target.kind == "webcam" else "no such file"
@@ -77,8 +79,9 @@ def pick_stream(uri: str, container: av.container.InputContainer) -> av.video.st
         # FFmpeg renders text files (.txt, .nfo, ...) as ANSI-art "video"; that is not a video.
         raise VideoSourceError(uri, "not a video (it is a text file)")
     for stream in container.streams.video:
-        # Cover art in audio files shows up as a one-picture "video" stream.
-        if not stream.disposition & Disposition.attached_pic:
+        # Cover art in audio files shows up as a one-picture "video" stream. A damaged header can name a
+        # codec FFmpeg has no decoder for: no codec context (an AttributeError here before the fuzzer found it).
+        if not stream.disposition & Disposition.attached_pic and stream.codec_context is not None:
             # Frame threading decodes several frames in parallel, slice threading one faster.
             stream.codec_context.thread_type = "AUTO"
             return stream
@@ -96,6 +99,10 @@ def stream_info(uri: str, target: Target, container: av.container.InputContainer
         duration = container.duration / av.time_base
     else:
         duration = None
+    if not duration and stream.frames and (stream.average_rate or stream.guessed_rate):
+        # An AVI cut after its header loses its index, so FFmpeg says 0 s; the header still counts the
+        # frames, and without a length a cut file ended "complete" after one frame of 795 (fuzzing).
+        duration = stream.frames / float(stream.average_rate or stream.guessed_rate)
     rate = _as_float(stream.average_rate) or _as_float(stream.guessed_rate) or _as_float(stream.base_rate)
     return SourceInfo(uri=uri, kind=target.kind, width=cc.width or None, height=cc.height or None,
                       native_fps=rate, duration=duration, codec=cc.name)

@@ -25,13 +25,30 @@ def vrex_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     vrex_cache=None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature. ``sliding_window`` and ``softcap`` are what the
+    model's attention module passes (Mistral, Qwen2, Gemma); on the cache path the window comes from
+    the cache's layer specs (the model's config) and must agree with it, the cap is applied as
+    transformers' eager attention applies it (scale, ``tanh(s / cap) * cap``, mask)."""
     if vrex_cache is None:
+        if softcap is not None:  # SDPA has no soft-capping: transformers' eager attention does it
+            from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+            return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, softcap=softcap)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return vrex_cache.attend(module.layer_idx, query, key, value, scaling), None
+    specs = getattr(vrex_cache, "specs", None)
+    if specs is not None and sliding_window is not None and specs[module.layer_idx].window != sliding_window:
+        raise RuntimeError(
+            f"layer {module.layer_idx}: the model attends with sliding_window={sliding_window} but the cache's layer "
+            f"spec says {specs[module.layer_idx].window}; build the cache with vrex.kv.layers.layer_specs(model)")
+    extra = {} if softcap is None else {"softcap": softcap}
+    return vrex_cache.attend(module.layer_idx, query, key, value, scaling, **extra), None
 
 
 def register() -> None:

@@ -9,6 +9,13 @@ attention runs over selected + always-kept + the step's own tokens. No model for
 
 Why the attention and not ``update()`` selects: selection needs the step's queries, which
 transformers passes to the attention function, not to the cache.
+
+Layer types (``layers``: ``vrex.kv.layers.LayerSpec`` per layer, from the model's config). A
+sliding-window layer attends exactly as transformers masks it (the query at index ``i`` sees
+``i - window < j <= i``, the sink included only while inside the window), its store drops every
+token no later query can see (resident memory bounded by the window), and the policy never sees it:
+no selection, no index (a window is already a bounded read; ``docs/architecture.md``). Full layers
+go through the policy as before.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from vrex.kv.layers import STATIC_ROPE, LayerSpec, UnsupportedModel, rerotate
 from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
 from vrex.kv.store import KVStore
 
@@ -91,7 +99,7 @@ class VrexCache(Cache):
     """KV cache for one stream: tiered store + selection policy + always-kept tokens."""
 
     def __init__(self, store: KVStore, policy: KVPolicy, keep: KeepConfig | None = None, *, num_q_heads: int,
-                 kernels: Kernels = "fast"):
+                 kernels: Kernels = "fast", layers: list[LayerSpec] | None = None):
         if kernels not in ("fast", "reference"):
             raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
         self.store, self.policy = store, policy
@@ -101,8 +109,12 @@ class VrexCache(Cache):
         #: Build the policies' telemetry-only statistics (set by the session when a trace is written).
         self.record_stats = True
         self.keep = keep or KeepConfig()
-        layers = [VrexCacheLayer(self, i) for i in range(store.num_layers)]
-        super().__init__(layers=layers)
+        #: per-layer type and RoPE (None: every layer full attention, no re-indexing)
+        self.specs: list[LayerSpec] = list(layers) if layers is not None else [LayerSpec(i) for i in range(store.num_layers)]
+        if len(self.specs) != store.num_layers:
+            raise ValueError(f"{len(self.specs)} layer specs for a store of {store.num_layers} layers")
+        self._window_lo = [0] * store.num_layers  # sliding layers: tokens below this id were dropped
+        super().__init__(layers=[VrexCacheLayer(self, i) for i in range(store.num_layers)])
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
         self._pending: set[int] = set()  # layers whose step keys await VrexCache.attend
         self.stage: Stage = "text"
@@ -124,16 +136,20 @@ class VrexCache(Cache):
 
     # -- attention (called by the "vrex" attention function) ----------------------------------
     def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Attention of the step's queries ``[1, H_q, T, D]`` over selected past + the new ``key``/``value``.
 
+        ``softcap``: tanh soft-capping of the scores (Gemma 2), as transformers' eager attention does.
         Returns ``[1, T, H_q, D]`` as transformers' attention functions do.
         """
         t0 = time.perf_counter()
         self._pending.discard(layer)
+        if self.specs[layer].sliding:
+            return self._attend_window(layer, query, key, value, scaling, softcap, t0)
         if self.kernels == "fast" and query.dtype == torch.float32:
-            out = self._attend_fast(layer, query, key, value, scaling, t0)
+            out = self._attend_fast(layer, query, key, value, scaling, t0, softcap)
             if out is not None:
                 return out
         n_new = key.shape[-2]
@@ -154,12 +170,12 @@ class VrexCache(Cache):
             v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
             self._store_and_index(layer, key[0], value[0])
         t_fetch = time.perf_counter()
-        out = _attention(q, k, v, n_new, valid, scaling)
+        out = _attention(q, k, v, n_new, valid, scaling, softcap)
         selected = n_past if indices is None else [int(i.numel()) for i in indices]
         return self._finish(layer, out, n_new, n_past, selected, selection.stats, t0, t_fetch)
 
     def _attend_fast(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                     t0: float) -> torch.Tensor | None:
+                     t0: float, softcap: float | None = None) -> torch.Tensor | None:
         """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
         (one copy per step and layer), attended with BLAS; reading everything with every token on the
         device tier in order (full), no copy at all. ``None`` when a selected token is on the disk
@@ -177,7 +193,7 @@ class VrexCache(Cache):
             self._store_and_index(layer, key[0], value[0])
             k, v, _ = self.store.gather(layer, None)
             t_fetch = time.perf_counter()
-            out = _attention(q, k.to(q.dtype), v.to(q.dtype), key.shape[-2], None, scaling)
+            out = _attention(q, k.to(q.dtype), v.to(q.dtype), key.shape[-2], None, scaling, softcap)
             return self._finish(layer, out, key.shape[-2], n_past, n_past, selection.stats, t0, t_fetch)
         sink = min(self.keep.sink_tokens, n_past)
         recent_start = max(sink, n_past - self.keep.recent_tokens)
@@ -189,10 +205,34 @@ class VrexCache(Cache):
         t_fetch = time.perf_counter()
         lmax = k.shape[1] - key.shape[-2]
         valid = None if bool((lens == lmax).all()) else torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)
-        out = _attention(q.float(), k, v, key.shape[-2], valid, scaling)
+        out = _attention(q.float(), k, v, key.shape[-2], valid, scaling, softcap)
         self._store_and_index(layer, key[0], value[0])
         selected = n_past if selection.everything else plan.selected
         return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)
+
+    def _attend_window(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                       softcap: float | None, t0: float) -> torch.Tensor:
+        """A sliding layer: every token of its window (the store holds nothing older), masked per query
+        row as transformers masks it; the policy is not asked (see the module docstring)."""
+        window = self.specs[layer].window
+        n_new, n_past = key.shape[-2], self.store.length(layer)
+        self._trim_window(layer)  # no-op while streaming; after a restore (store filled directly) it sets the bound
+        lo = self._window_lo[layer]
+        if n_past > lo:
+            k_past, v_past, _ = self.store.gather(layer, None)  # the live tokens: ids lo .. n_past - 1, in order
+        else:
+            k_past = v_past = key[0, :, :0]
+        t_fetch = time.perf_counter()
+        k = torch.cat([k_past.to(key.dtype), key[0]], dim=1)
+        v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
+        cols = torch.cat([torch.arange(lo, n_past), n_past + torch.arange(n_new)])
+        rows = n_past + torch.arange(n_new)
+        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)  # [T, L + T]
+        out = _masked_attention(query[0], k, v, allowed.to(query.device), scaling, softcap)
+        self._store_and_index(layer, key[0], value[0])
+        stats = {"window": window, "dropped": self._window_lo[layer],
+                 "saved_bytes": self._window_lo[layer] * self.store.token_bytes_all_heads}
+        return self._finish(layer, out, n_new, n_past, n_past - lo, stats, t0, t_fetch)
 
     def _finish(self, layer: int, out: torch.Tensor, n_new: int, n_past: int, selected, stats: dict, t0: float,
                 t_fetch: float) -> torch.Tensor:
@@ -202,6 +242,8 @@ class VrexCache(Cache):
             self.record.layers.append(
                 {"layer": layer, "n_past": n_past, "selected": selected, "stats": stats,
                  "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch})
+        if self.specs[layer].sliding:
+            return out.transpose(0, 1).unsqueeze(0)
         evict = self.policy.evictable(layer, self.store.length(layer))
         if evict is not None and evict.numel():
             self.store.evict(layer, evict)
@@ -218,10 +260,37 @@ class VrexCache(Cache):
         """Index a block with the policy, then write it once, in the policy's cluster-contiguous
         order if it has one (ReSV's ``block_order``: the KV memory unit's layout). Returns its first id."""
         start = self.store.length(layer)
+        if self.specs[layer].sliding:
+            start = self.store.append(layer, keys, values)
+            self._trim_window(layer)
+            return start
         self.policy.on_append(layer, keys, start, frame_id)
         block_order = getattr(self.policy, "block_order", None)
         order = block_order(layer, start, keys.shape[1]) if block_order is not None and keys.shape[1] > 1 else None
         return self.store.append(layer, keys, values, order=order)
+
+    def _trim_window(self, layer: int) -> None:
+        """Drop the tokens of a sliding layer that no later query can see (below ``n + 1 - window``)."""
+        lo = self.store.length(layer) + 1 - self.specs[layer].window
+        if lo > self._window_lo[layer]:
+            self.store.evict(layer, torch.arange(self._window_lo[layer], lo))
+            self._window_lo[layer] = lo
+
+    def reindex(self, delta: torch.Tensor) -> None:
+        """Move every stored key by ``delta`` [N] positions (position re-indexing, ``vrex.engine.positions``),
+        each layer with its own RoPE frequencies and rotary width; full layers' policy indexes follow."""
+        for spec in self.specs:
+            if spec.inv_freq is None:
+                raise UnsupportedModel(f"layer {spec.index} has no RoPE to re-index; use positions 'absolute'")
+            if spec.rope_type not in STATIC_ROPE:
+                raise UnsupportedModel(
+                    f"layer {spec.index}: RoPE type '{spec.rope_type}' changes its frequencies with the sequence length, "
+                    f"so stored keys cannot be moved to new positions; use positions 'absolute'")
+        for spec in self.specs:
+            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq)
+            self.store.set_keys(spec.index, keys)
+            if not spec.sliding:
+                self.policy.on_positions_changed(spec.index, keys)
 
     def _with_always_kept(self, indices: list[torch.Tensor] | None, n_past: int) -> list[torch.Tensor] | None:
         if indices is None:
@@ -241,7 +310,8 @@ class VrexCache(Cache):
 
 
 def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_new: int, valid: torch.Tensor | None, scaling: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_new: int, valid: torch.Tensor | None, scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention for one stream, GQA-aware.
 
@@ -260,6 +330,8 @@ def _attention(
     # The scale goes on the few query rows, not on the [rows x N] scores: one pass less over the
     # largest tensor of the step (about 10% of a frame step at 32K cached tokens).
     scores = torch.matmul(q.reshape(h_kv, groups * t, d) * scaling, k.transpose(1, 2))  # [H_kv, G*T, N]
+    if softcap is not None:  # transformers' order: scale, cap, then mask
+        scores = torch.tanh(scores / softcap) * softcap
     # Masks touch only the columns they concern (padding: the past; causality: the step's own
     # tokens), so a long cache costs no [rows x N] mask.
     if valid is not None:
@@ -269,4 +341,18 @@ def _attention(
         future = (rows[None, :] > rows[:, None]).repeat(groups, 1)  # [G*T, T]: row (g, i) may not see j > i
         scores[:, :, n_past:].masked_fill_(future[None], float("-inf"))
     out = torch.matmul(scores.float().softmax(-1).to(v.dtype), v)  # [H_kv, G*T, D]
+    return out.reshape(h_q, t, d)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
+                      softcap: float | None) -> torch.Tensor:
+    """``_attention`` with an explicit ``allowed`` [T, N] mask shared by all heads (sliding layers)."""
+    h_q, t, d = q.shape
+    h_kv = k.shape[0]
+    groups = h_q // h_kv
+    scores = torch.matmul(q.reshape(h_kv, groups * t, d), k.transpose(1, 2)) * scaling  # [H_kv, G*T, N]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores.masked_fill_(~allowed.repeat(groups, 1)[None], float("-inf"))
+    out = torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
     return out.reshape(h_q, t, d)

@@ -14,6 +14,12 @@ Lifecycle, per layer::
 
 Shapes: ``keys`` is ``[H_kv, T_new, D]`` (post-RoPE, as stored), ``queries`` is ``[H_q, T_q, D]``
 (post-RoPE). Token indices are positions in the layer's store, 0-based, in arrival order.
+
+Sliding-window layers (Mistral, Gemma 2/3 local layers, Qwen2 with ``use_sliding_window``;
+``VrexCache.specs``) never reach the policy: no ``select``, ``on_append`` or ``evictable`` call for
+them. They read their whole window, which the store already bounds (it drops what falls out), so a
+selection would save little and an index over them would cost memory for tokens already gone.
+A policy therefore selects only on full-attention layers, among tokens those layers may see.
 """
 
 from __future__ import annotations

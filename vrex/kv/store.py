@@ -42,6 +42,7 @@ re-indexing) are maintenance and not counted.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import tempfile
@@ -67,6 +68,11 @@ def _fallocate(fd: int, length: int) -> None:
         os.posix_fallocate(fd, 0, length)
     else:  # pragma: no cover - non-POSIX
         os.ftruncate(fd, length)
+
+
+#: Bytes a disk tier file pair may pass through its memory maps before this process's pages are unmapped
+#: (per layer): bounds the file-backed part of RSS to about this much per layer.
+_RELEASE_BYTES = 1 << 20
 
 
 @dataclass
@@ -180,6 +186,7 @@ class _Disk:
         self.hi = 0
         self.mm: list[np.memmap] = []
         self.ids = torch.zeros(H, 0, dtype=torch.int64)
+        self._touched = 0  # bytes written or read since the pages were last unmapped (see touch)
 
     def reserve(self, n_slots: int) -> None:
         """Make room for ``n_slots`` slots in total; raises KVStoreDiskError and changes nothing on failure."""
@@ -217,12 +224,31 @@ class _Disk:
             self.mm[0][p0 : p0 + n] = self._to_np(k)
             self.mm[1][p0 : p0 + n] = self._to_np(v)
             self.ids[:, p0 : p0 + n] = ids
+            self.touch(2 * n * self.row)
         self.hi += n
         return p0
 
+    def touch(self, nbytes: int) -> None:
+        """Count bytes written through the maps; past ``_RELEASE_BYTES`` unmap this process's pages
+        (``MADV_DONTNEED``: the data stays in the files and the page cache). Without it every slot ever
+        written or read stays resident and RSS grows with the disk tier (``vrex bench soak``). Reads
+        release at once: a scattered read maps far more than it copies (the kernel maps 64 KB around a fault)."""
+        self._touched += nbytes
+        if self._touched >= _RELEASE_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        self._touched = 0
+        for m in self.mm:
+            mm = getattr(m, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+
     def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
         s = abs_slots.numpy()
-        return self._from_np(self.mm[0][s, h]), self._from_np(self.mm[1][s, h])
+        k, v = self._from_np(self.mm[0][s, h]), self._from_np(self.mm[1][s, h])  # copies
+        self.release()
+        return k, v
 
     def read_head_into(self, h: int, abs_slots: Tensor, k_out: Tensor, v_out: Tensor) -> None:
         k, v = self.read_head(h, abs_slots)
@@ -242,6 +268,7 @@ class _Disk:
                 self.mm[1][s, h] = v[h].detach().cpu().contiguous().view(torch.uint8).numpy()
         if ids is not None:
             self.ids.scatter_(1, abs_slots, ids)
+        self.release()
 
 
 class _Layer:
@@ -657,6 +684,7 @@ class KVStore:
                 for out, mm in ((k_out, store.mm[0]), (v_out, store.mm[1])):
                     arr = torch.from_numpy(np.ascontiguousarray(mm[p : p + n])).view(self.dtype)  # [n, H, D]
                     out[:, a:b] = arr.transpose(0, 1).to(self.device)
+                store.release()
             else:
                 i0 = p % store.cap
                 first = min(n, store.cap - i0)

@@ -40,6 +40,8 @@ under ``policy`` (kept as the policy wrote them). Policies share these keys:
 ``rows``, ``scanned``, ``scanned_bucketed``, ``scan_fraction`` (early-exit scan fraction),
 ``dot_products``, ``comparisons``, ``hc_bytes``, ``kv_bytes``, ``hc_ratio`` (hash-table bytes
 relative to KV bytes). InfiniGen adds ``dot_products``; ReKV adds ``blocks``, ``blocks_selected``.
+A sliding-window layer (never asked to the policy; ``vrex.kv.cache``) reports ``window`` (tokens),
+``dropped`` (tokens its store dropped for good, out of the window) and ``saved_bytes`` (their K/V).
 """
 
 from __future__ import annotations

@@ -16,13 +16,17 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from vrex.kv.layers import UnsupportedModel, check_supported
 from vrex.models.weights import WeightsNotFound, cache_dir, smollm2_gguf
 
 log = logging.getLogger(__name__)
 
-#: Families whose attention goes through transformers' attention-function registry and whose
-#: keys are RoPE-rotated before caching (what ReSV hashes). Tested: llama, qwen2.
-SUPPORTED_LM_TYPES = ("llama", "qwen2")
+#: Families run end to end by the tests (tests/models/test_lm_families.py), on tiny random-weight models
+#: saved in the Hugging Face layout. Any other causal LM transformers runs loads too, unless it lacks
+#: something the engine needs (``vrex.kv.layers.check_supported`` names what).
+TESTED_LM_TYPES = ("llama", "qwen2", "mistral", "gemma3_text", "gemma2", "phi3", "gpt_neox")
 SMOLLM2_PRESET = "smollm2-135m"
 
 
@@ -65,7 +69,9 @@ def resolve_lm_path(spec: str) -> str:
 def load_lm(
     spec: str = SMOLLM2_PRESET, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a Llama- or Qwen2-family causal LM and its tokenizer.
+    """Load a causal LM and its tokenizer: any model ``AutoModelForCausalLM`` builds whose attention
+    the engine can run (``vrex.kv.layers.check_supported``; otherwise :class:`UnsupportedModel`,
+    a ``ValueError`` naming the missing capability).
 
     ``spec``: ``"smollm2-135m"``, a local directory in transformers layout, or a Hugging Face repo
     id (downloaded only because the user named it; offline, an error says how to get it).
@@ -77,7 +83,7 @@ def load_lm(
     if local and not (Path(path) / "config.json").is_file():
         raise WeightsNotFound(
             f"LM '{spec}': the directory {path} has no config.json; an LM directory is a transformers causal LM "
-            f"(config.json with model_type {' or '.join(SUPPORTED_LM_TYPES)}, weights, tokenizer) as written by "
+            f"(config.json, weights, tokenizer) as written by "
             f"save_pretrained or `hf download`"
         )
     try:
@@ -88,11 +94,16 @@ def load_lm(
             f"hub could not provide it ({err.__class__.__name__}). Download it on a machine with network access "
             f"(e.g. `hf download {spec} --local-dir DIR`) and pass DIR."
         ) from err
-    if config.model_type not in SUPPORTED_LM_TYPES:
-        raise ValueError(
-            f"LM '{spec}' is a '{config.model_type}' model; vrex supports {', '.join(SUPPORTED_LM_TYPES)}"
+    if not is_causal_lm_type(config.model_type):
+        raise UnsupportedModel(
+            f"LM '{spec}' is not a causal language model: transformers' AutoModelForCausalLM has no class for its "
+            f"config (model_type '{config.model_type}')"
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
+    try:
+        check_supported(model)
+    except UnsupportedModel as err:
+        raise UnsupportedModel(f"LM '{spec}' cannot run in vrex's engine: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     # transformers 5 silently builds an empty tokenizer when the files are missing
     if not tokenizer("Hello, world", add_special_tokens=False)["input_ids"]:
@@ -102,3 +113,8 @@ def load_lm(
         )
     model.to(device).eval()
     return model, tokenizer
+
+
+def is_causal_lm_type(model_type: str | None) -> bool:
+    """Does transformers build a causal LM for this ``model_type`` (``AutoModelForCausalLM``)?"""
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

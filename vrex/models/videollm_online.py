@@ -42,8 +42,9 @@ from torch import nn
 
 from vrex.models.connector import Connector
 from vrex.models.encoders import HFVisionEncoder
-from vrex.models.lm import SMOLLM2_PRESET, SUPPORTED_LM_TYPES, load_lm
-from vrex.models.videollm import LiveFormat, VideoLLM
+from vrex.models.lm import SMOLLM2_PRESET, is_causal_lm_type, load_lm
+from vrex.models.live_format import LiveFormat
+from vrex.models.model import VideoLLM
 from vrex.models.weights import WeightsNotFound
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ VISION_TYPES = ("siglip", "siglip_vision_model", "clip", "clip_vision_model")
 
 #: The model layouts vrex accepts where it takes a model directory or repo id.
 LAYOUTS = (
-    f"a transformers causal-LM directory (config.json with model_type {' or '.join(SUPPORTED_LM_TYPES)}, "
-    "weights, tokenizer)",
+    "a transformers causal-LM directory (config.json of a model AutoModelForCausalLM builds, weights, tokenizer)",
     f"a VideoLLM-online checkpoint (a PEFT LoRA adapter: {ADAPTER_CONFIG} naming the base Llama LM + "
     f"{ADAPTER_WEIGHTS[0]} with the LoRA and the connector)",
 )
@@ -155,7 +155,7 @@ def detect_layout(path: str | Path) -> str:
         )
     if (path / "config.json").is_file():
         model_type = _read_json(path / "config.json").get("model_type")
-        if model_type in SUPPORTED_LM_TYPES:
+        if is_causal_lm_type(model_type):
             return "lm"
         if model_type in VISION_TYPES:
             raise UnknownModelLayout(
@@ -163,8 +163,8 @@ def detect_layout(path: str | Path) -> str:
                 f"(--encoder / encoder=); as the model vrex loads {accepted}"
             )
         raise UnknownModelLayout(
-            f"{path} is a '{model_type}' model; vrex supports the LM types {', '.join(SUPPORTED_LM_TYPES)} and "
-            f"loads {accepted}"
+            f"{path} is a '{model_type}' model, not a causal language model (transformers' AutoModelForCausalLM has "
+            f"no class for it); vrex loads {accepted}"
         )
     raise UnknownModelLayout(
         f"{path} has neither config.json nor {ADAPTER_CONFIG}; vrex loads {accepted}"
