@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
-from vrex.cli.options import POLICY_NAMES, fail, recent_tokens_error, require_extra
+from vrex.cli.options import LM_PRESETS, POLICY_NAMES, fail, model_ref_error, recent_tokens_error, require_extra
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 err = Console(stderr=True, width=160)
@@ -35,6 +35,7 @@ def bench_stream(
     tokens: Annotated[int, typer.Option(min=1, help="Decode steps timed per row.")] = 8,
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
     peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
+    lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
     out: Annotated[Path, typer.Option(help="Output directory: stream.json (rows), stream-full.json, stream.png.")] = Path("bench-out/stream"),
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
@@ -46,13 +47,17 @@ def bench_stream(
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
     if peer is not None and not peer.is_file():
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
+    if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
+        fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
     size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else list(QUICK_SIZES if quick else FULL_SIZES)
     specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
     try:
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
-                         log=_log)
+                         log=_log, lm=lm)
     except PolicySpecError as e:
         raise typer.BadParameter(str(e), param_hint="--policies")
+    except _lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
+        fail(f"--lm: {e}")
 
 
 @app.command("streams")
@@ -109,6 +114,16 @@ def bench_engine(
     err.print(f"wrote {out / 'engine.json'} and {out / 'engine.png'}", markup=False)
 
 
+def _lm_errors() -> tuple[type[Exception], ...]:
+    """What loading ``--lm`` raises for a user's model (each message names the model and the problem)."""
+    from vrex.kv.layers import UnsupportedModel
+    from vrex.models.live_format import LiveFormatError
+    from vrex.models.videollm_online import UnknownModelLayout
+    from vrex.models.weights import WeightsNotFound
+
+    return (WeightsNotFound, UnknownModelLayout, UnsupportedModel, LiveFormatError)
+
+
 def _parse_size(text: str) -> int:
     from vrex.sizes import parse_count
 
@@ -128,6 +143,7 @@ def bench_kv(
     device_tokens: Annotated[int, typer.Option(help="Device-tier budget for offloading policies, in tokens (all layers).")] = 1024,
     recent_tokens: Annotated[int, typer.Option(help="Always-kept recent window, in tokens, for every policy.")] = 22,
     quick: Annotated[bool, typer.Option(help="Smaller sweep: all policies, 1k/2k/4k, 3 frames, 1 question.")] = False,
+    lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
     out: Annotated[Path, typer.Option(help="Output directory (kv.json, kv_latency.png, kv_heat.png).")] = Path("bench-out/kv"),
 ) -> None:
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
@@ -138,6 +154,8 @@ def bench_kv(
 
     if recent_tokens_error(recent_tokens):
         fail(recent_tokens_error(recent_tokens))
+    if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
+        fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
     names = []
     try:
         specs = split_spec_list(policies)
@@ -153,8 +171,12 @@ def bench_kv(
     size_list = [1024, 2048, 4096] if quick else [_parse_size(s) for s in sizes.split(",")]
     if quick:
         frames, questions = min(frames, 3), 1
-    rows = run_kv_bench(names, size_list, frames=frames, n_questions=max(1, min(questions, len(QUESTIONS))), answer_tokens=answer_tokens,
-                        device_tokens=device_tokens, recent_tokens=recent_tokens, out=out, log=_log)
+    try:
+        rows = run_kv_bench(names, size_list, frames=frames, n_questions=max(1, min(questions, len(QUESTIONS))),
+                            answer_tokens=answer_tokens, device_tokens=device_tokens, recent_tokens=recent_tokens, out=out,
+                            log=_log, lm=lm)
+    except _lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
+        fail(f"--lm: {e}")
     _kv_table(rows)
     err.print(f"wrote {out / 'kv.json'}, {out / 'kv_latency.png'}, {out / 'kv_heat.png'}", markup=False)
 
