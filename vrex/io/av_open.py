@@ -27,16 +27,20 @@ def _explain_open_failure(target: Target) -> str | None:
     PyAV keeps FFmpeg's log switched off, so the exception alone only says "Invalid data". Opening
     a local file again with the log captured is cheap and only happens on this error path.
     """
-    previous = av.logging.get_level()
+    previous, skip = av.logging.get_level(), av.logging.get_skip_repeated()
     try:
         av.logging.set_level(av.logging.ERROR)
+        # PyAV drops a log line equal to the previous one: the second damaged file in a process lost its
+        # reason ('moov atom not found'), found by the media fuzzer running before tests/io/test_io_damaged.py.
+        av.logging.set_skip_repeated(False)
         with av.logging.Capture(local=True) as logs:
             try:
                 av.open(target.location, format=target.format, options=target.options).close()
-            except (av.error.FFmpegError, OSError):
+            except (av.error.FFmpegError, OSError, UnicodeDecodeError):
                 pass
     finally:
         av.logging.set_level(previous)
+        av.logging.set_skip_repeated(skip)
     messages = [str(entry[2]).strip() for entry in logs if entry[2] and str(entry[2]).strip()]
     return messages[-1] if messages else None
 
