@@ -83,7 +83,7 @@ def test_fit_cannot_leave_the_plausible_ranges():
     for x in ([-50.0, 50.0], [50.0, -50.0], [0.0, 0.0]):
         p = fitmod._decode(x)
         assert all(fitmod.RANGES[k][0] <= v <= fitmod.RANGES[k][1] for k, v in p.items())
-    assert fitmod._decode(fitmod._encode([0.5, 0.4])) == pytest.approx({"vision_eff_lxe": 0.5, "vision_eff_gpu": 0.4})
+    assert fitmod._decode(fitmod._encode([0.5, 0.4])) == pytest.approx({"vision_eff": 0.5, "cpu_attn_eff": 0.4})
 
 
 def test_nelder_mead_finds_a_quadratic_minimum():

@@ -68,6 +68,9 @@ class Hardware:
     reserve_bytes: float = 0.0  # device memory the runtime/OS keeps
     dre: bool = True  # V-Rex cores carry the DRE (HCU, WTU, KVMU); False: plain LPU cores
     vision_eff: float = 1.0  # achieved fraction of the compute bound on the frame encoder
+    host_cpu_flops: float = 0.0  # achieved FP32 FLOP/s of the host CPU on attention (FlexGen's CPU delegation)
+    host_cpu_bw: float = 0.0  # achieved bytes/s the host CPU reads from its DRAM
+    host_cpu_eff: float = 0.0  # host_cpu_flops / the CPU's FP32 peak
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Method:
     kv_bits: float = 16.0  # bits per stored KV value (Oaken-like quantisation: ~4)
     device_first: bool = False  # keep the KV on the device until it no longer fits (no retrieval budget)
     sched_tasks_per_layer: int = 0  # host-side scheduling tasks per layer, synchronised (FlexGen)
+    cpu_attention: bool = False  # attention over an offloaded KV on the host CPU (FlexGen's CPU delegation)
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,13 @@ def load_hardware(name: str, fitted: dict[str, float] | None = None) -> Hardware
         cores=int(d.get("cores", 0)), freq_hz=float(d.get("freq_mhz", 0.0)) * 1e6, sms=int(d.get("sms", 0)),
         idle_w=float(d.get("idle_w", 0.0)), reserve_bytes=float(d.get("reserve_gb", 0.0)) * 1e9,
         dre=bool(d.get("dre", d["kind"] == "vrex")), vision_eff=float(resolve(d.get("vision_eff", 1.0), fitted)),
+        host_cpu_flops=_cpu(d, "peak_gflops", fitted) * _cpu(d, "eff", fitted) * 1e9,
+        host_cpu_bw=_cpu(d, "gbps", fitted) * 1e9, host_cpu_eff=_cpu(d, "eff", fitted),
     )
+
+
+def _cpu(d: dict, key: str, fitted: dict[str, float]) -> float:
+    return float(resolve((d.get("host_cpu") or {}).get(key, 0.0), fitted))
 
 
 @lru_cache(maxsize=None)

@@ -215,6 +215,10 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
              + cp.matmul(hw, T * g, na, D, count=B * hk, weight_bytes=n_att * D * bpp * kv_scale))
     vpe_att = cp.vpe_time(hw, B * T * hq * n_att)
     w_att = cp.Work(w_att.seconds + vpe_att, w_att.flops, w_att.dram_bytes, w_att.compute_s + vpe_att)
+    on_cpu = me.cpu_attention and hw.host_cpu_flops > 0 and pl.offloaded_tokens > 0
+    if on_cpu:  # FlexGen's CPU delegation: the KV arrives in host memory, attention runs on the CPU
+        t_cpu = max(w_att.flops / hw.host_cpu_flops, w_att.dram_bytes / hw.host_cpu_bw)
+        w_att = cp.Work(t_cpu, w_att.flops, w_att.dram_bytes, t_cpu)
     w_off = (cp.matmul(hw, B * T, hq * D, d) + cp.matmul(hw, B * T, d, 2 * model.intermediate_size)
              + cp.matmul(hw, B * T, model.intermediate_size, d))
     exec_t = w_qkv.seconds + w_att.seconds + w_off.seconds
@@ -309,9 +313,12 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
     f_ar = L * (w_att.flops + w_hash.flops + w_score.flops)
     d_ar = L * (w_att.dram_bytes + w_hash.dram_bytes + w_score.dram_bytes)
     l_ar = L * xf.link_bytes
-    # time of these operations on their own (hidden or not): attention, prediction, DRE + link, fill
-    t_ar = L * (w_att.seconds + pe_hash + pe_score + side) + (fill - side if fill else 0.0)
-    bound = min(hw.peak_flops, f_ar / d_ar * hw.dram_bw if d_ar else math.inf, f_ar / l_ar * hw.link_bw if l_ar else math.inf)
+    # time these operations occupy: attention + prediction on the engine, overlapped per layer with the
+    # DRE + link (the pipeline above), plus the exposed first-layer fill; the roof is that of the engine
+    # the attention ran on (the host CPU under FlexGen's delegation)
+    t_ar = L * max(w_att.seconds + pe_hash + pe_score, side) + (fill - side if fill else 0.0)
+    peak, dbw = (hw.host_cpu_flops / max(hw.host_cpu_eff, 1e-9), hw.host_cpu_bw) if on_cpu else (hw.peak_flops, hw.dram_bw)
+    bound = min(peak, f_ar / d_ar * dbw if d_ar else math.inf, f_ar / l_ar * hw.link_bw if l_ar else math.inf)
     roof = (f_ar / t_ar) / bound if t_ar > 0 and f_ar > 0 else 0.0
     flops = sum(act.flops.values())
     dram = sum(act.dram_bytes.values())
