@@ -89,7 +89,9 @@ def test_short_real_soak_spills_within_budgets_and_samples_on_the_stream_clock(v
     budget = 2 * 2**20  # each tier: about 45 tokens of the 30-layer LM at float32
     config = SoakConfig(policy="resv", minutes=0.5, fps=1.0, stride=4, device_budget=budget, host_budget=budget,
                         disk_dir=str(tmp_path / "kv"), size=64, ask_every=15.0, sample_every=10.0)
+    grad = torch.is_grad_enabled()
     res = run_soak(config, model=videollm, log=lambda line: None)
+    assert torch.is_grad_enabled() == grad  # the soak's no-grad run does not leak into the caller's process
     samples = res["samples"]
     assert [round(s["t"]) for s in samples[:-1]] == [0, 10, 20]  # start + every 10 s of stream
     assert samples[-1]["t"] >= 29

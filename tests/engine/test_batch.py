@@ -53,6 +53,7 @@ def _alone(videollm, photos, sid: str):
 
 
 def test_batched_streams_equal_alone(videollm, photos):
+    grad_before = torch.is_grad_enabled()
     engine = BatchEngine(videollm)
     got: dict[str, list] = {sid: [] for sid in STREAMS}
     frames = {sid: _frames(photos, sid, n) for sid, (_, _, _, n) in STREAMS.items()}
@@ -75,7 +76,7 @@ def test_batched_streams_equal_alone(videollm, photos):
         step += 1
     assert engine.counters["lm_rows"] > engine.counters["lm_forwards"], "no LM step was batched"
     assert engine.counters["encode_images"] > engine.counters["encode_batches"], "no encoder batch"
-    assert torch.is_grad_enabled()
+    assert torch.is_grad_enabled() == grad_before  # the engine's no-grad step restores the caller's mode
     for sid in STREAMS:
         ref = _alone(videollm, photos, sid)
         assert [e.stats.get("stream") for e in got[sid] if e.kind == "frame"] == [sid] * STREAMS[sid][3]

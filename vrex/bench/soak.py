@@ -168,6 +168,11 @@ def run_soak(config: SoakConfig, *, model=None, log: Callable[[str], None] = pri
     """Play ``config.minutes`` of stream and sample memory every minute; returns the result dict."""
     import torch
 
+    with torch.no_grad():  # the soak only runs the model; the caller's grad mode comes back afterwards
+        return _run_soak(config, model=model, log=log)
+
+
+def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
     from vrex.bench.engine import machine
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.kv.policies import make_policy
@@ -220,7 +225,6 @@ def run_soak(config: SoakConfig, *, model=None, log: Callable[[str], None] = pri
             f"device {tiers['device'] / 2**20:5.0f} host {tiers['host'] / 2**20:5.0f} disk {tiers['disk'] / 2**20:6.0f} MB  "
             f"wall {row['wall_s']:5.0f} s")
 
-    torch.set_grad_enabled(False)
     sample(0.0)
     frames = looped_clips(config.fps, config.size)
     for i, (t, image) in enumerate(frames):
