@@ -16,14 +16,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
-from vrex.cli.options import LM_PRESETS, POLICY_NAMES, fail, model_ref_error, recent_tokens_error, require_extra
+from vrex.cli.options import LM_PRESETS, POLICY_NAMES, fail, lm_errors, log, model_ref_error, recent_tokens_error, require_extra
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 err = Console(stderr=True, width=160)
-
-
-def _log(line: str) -> None:
-    err.print(line, markup=False, highlight=False)
 
 
 @app.command("stream")
@@ -53,10 +49,10 @@ def bench_stream(
     specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
     try:
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
-                         log=_log, lm=lm)
+                         log=log, lm=lm)
     except PolicySpecError as e:
         raise typer.BadParameter(str(e), param_hint="--policies")
-    except _lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
+    except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
         fail(f"--lm: {e}")
 
 
@@ -93,7 +89,7 @@ def bench_streams(
     specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(base["policies"])
     try:
         run_streams_bench(counts=count_list, sizes=size_list, modes=mode_list, policies=specs, frames=frames,
-                          kernels=kernels, out=out, log=_log)
+                          kernels=kernels, out=out, log=log)
     except PolicySpecError as e:
         fail(f"--policies: {e}")
 
@@ -109,19 +105,9 @@ def bench_engine(
     cached-token counts, and peak memory, on real clips. The baseline the ReSV policies must beat."""
     from vrex.bench.engine import run_engine_bench
 
-    rows = run_engine_bench([_parse_size(s) for s in sizes.split(",")], frames=frames, tokens=tokens, out=out, log=_log)
+    rows = run_engine_bench([_parse_size(s) for s in sizes.split(",")], frames=frames, tokens=tokens, out=out, log=log)
     _engine_table(rows)
     err.print(f"wrote {out / 'engine.json'} and {out / 'engine.png'}", markup=False)
-
-
-def _lm_errors() -> tuple[type[Exception], ...]:
-    """What loading ``--lm`` raises for a user's model (each message names the model and the problem)."""
-    from vrex.kv.layers import UnsupportedModel
-    from vrex.models.live_format import LiveFormatError
-    from vrex.models.videollm_online import UnknownModelLayout
-    from vrex.models.weights import WeightsNotFound
-
-    return (WeightsNotFound, UnknownModelLayout, UnsupportedModel, LiveFormatError)
 
 
 def _parse_size(text: str) -> int:
@@ -174,8 +160,8 @@ def bench_kv(
     try:
         rows = run_kv_bench(names, size_list, frames=frames, n_questions=max(1, min(questions, len(QUESTIONS))),
                             answer_tokens=answer_tokens, device_tokens=device_tokens, recent_tokens=recent_tokens, out=out,
-                            log=_log, lm=lm)
-    except _lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
+                            log=log, lm=lm)
+    except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
         fail(f"--lm: {e}")
     _kv_table(rows)
     err.print(f"wrote {out / 'kv.json'}, {out / 'kv_latency.png'}, {out / 'kv_heat.png'}", markup=False)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vrex.cli.options import fail, recent_tokens_error
+from vrex.cli.options import LM_PRESETS, fail, lm_errors, model_ref_error, recent_tokens_error
 
 app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 
@@ -44,6 +44,9 @@ def eval_live(
     connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
                                             "run directory), or a shipped model: 'tags' (the default: ImageNet tag tokens + long context), 'long' "
                                             "(long context, no tags) or 'plain' (connector only)."),
+    lm: str = typer.Option(LM_PRESETS[0], "--lm", help="Language model: the preset, a causal-LM directory or a repo id (see vrex run "
+                           "--lm). The connectors (shipped or from vrex train) are trained for the preset, so another LM is "
+                           "evaluated with the untrained connector only."),
     minutes: Optional[str] = typer.Option(None, help="Comma-separated haystack lengths in minutes (default 1,2,5; quick: 1,2)."),
     seed: int = typer.Option(0, help="Seed of the evaluation streams."),
     threads: int = typer.Option(1, help="torch threads."),
@@ -73,7 +76,13 @@ def eval_live(
         fail(recent_tokens_error(recent_tokens))
     if only not in (None, "trained", "untrained"):
         raise typer.BadParameter(f"must be 'trained' or 'untrained', got '{only}'", param_hint="--only")
-    weights = resolve_eval_connector(connector)
+    if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
+        fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
+    other_lm = lm not in LM_PRESETS
+    if other_lm and (connector is not None or only == "trained"):
+        fail(f"--lm '{lm}': the connectors (shipped or from vrex train) are trained for {LM_PRESETS[0]}; another LM is "
+             f"evaluated with the untrained connector only (drop --connector and --only trained)")
+    weights = None if other_lm else resolve_eval_connector(connector)
     cfg = EvalConfig.make(quick=quick, seed=seed, threads=threads,
                           minutes=[float(x) for x in minutes.split(",")] if minutes else None)
     cfg.recent_tokens = recent_tokens
@@ -88,7 +97,10 @@ def eval_live(
         cfg.needle_sets = sets
     if not needles:
         cfg.minutes = []
-    rows = run_eval(cfg, connector=weights, policies=policy, only=only)
+    try:
+        rows = run_eval(cfg, connector=weights, policies=policy, only=only, lm=None if lm in LM_PRESETS else lm)
+    except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
+        fail(f"--lm: {e}")
     _eval_table(rows)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,12 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def log(line: str) -> None:
+    """A progress line of a long command (the benchmarks) on stderr, printed as is (policy specs hold
+    brackets, so nothing is read as markup)."""
+    typer.echo(line, err=True)
+
+
 def require_extra(command: str, extra: str, *modules: str) -> None:
     """An optional extra's modules must be installed for ``command``; if one is missing, say which extra
     installs it. Only *absence* is caught: a module that is there but fails to import raises as usual."""
@@ -99,6 +105,17 @@ def model_ref_error(option: str, value: str, presets: tuple[str, ...], what: str
     preset = f"a preset ({', '.join(presets)}), " if presets else ""
     return (f"{option} '{value}': no such directory, and not a Hugging Face repo id (owner/name); {option} takes "
             f"{preset}an existing directory or a repo id for the {what}")
+
+
+def lm_errors() -> tuple[type[Exception], ...]:
+    """What loading ``--lm`` raises for a user's model (each message names the model and the problem):
+    catch these around the load and ``fail(f"--lm: {e}")``. Imports the model code: call after the checks."""
+    from vrex.kv.layers import UnsupportedModel
+    from vrex.models.live_format import LiveFormatError
+    from vrex.models.videollm_online import UnknownModelLayout
+    from vrex.models.weights import WeightsNotFound
+
+    return (WeightsNotFound, UnknownModelLayout, UnsupportedModel, LiveFormatError)
 
 
 def connector_error(value: str) -> str | None:

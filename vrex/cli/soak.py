@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vrex.cli.options import directory_error, fail, policy_error, size_error
+from vrex.cli.options import directory_error, fail, log, policy_error, size_error
 
 
 def bench_soak(
@@ -49,13 +49,12 @@ def bench_soak(
         raise typer.Exit(2)
 
     from vrex.bench.soak import run_soak_isolated, table, write_outputs
-    from vrex.cli.bench import _log
     from vrex.kv.store import KVStoreDiskError
 
     results = []
     try:
         for config in configs:  # each in its own process: a run must not start on the heap another freed
-            _log(f"soak: {config.policy}, {config.minutes:g} stream minutes at {config.fps:g} fps, every {config.stride}. frame real")
+            log(f"soak: {config.policy}, {config.minutes:g} stream minutes at {config.fps:g} fps, every {config.stride}. frame real")
             results.append(run_soak_isolated(config))
             write_outputs(results, out)  # each finished run survives an interrupted sweep
     except KVStoreDiskError as e:
@@ -66,6 +65,6 @@ def bench_soak(
     for res in results:
         v = res["verdict"]
         growth = "n/a" if v["growth"] is None else f"{100 * v['growth']:+.1f}%"
-        _log(f"{res['config']['policy']}: RSS growth after the budgets filled {growth} "
+        log(f"{res['config']['policy']}: RSS growth after the budgets filled {growth} "
              f"({'flat' if v['flat'] else 'NOT flat' if v['flat'] is not None else v.get('note', '')})")
-    _log(f"wrote {out / 'soak.json'}, {out / 'soak.png'} and {out / 'soak.md'}")
+    log(f"wrote {out / 'soak.json'}, {out / 'soak.png'} and {out / 'soak.md'}")

@@ -62,11 +62,13 @@ class BatchedCache(Cache):
         super().__init__(layers=layers)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> torch.Tensor:
+               scaling: float, **kwargs) -> torch.Tensor:
         """``query`` ``[B, H_q, T, D]``, ``key``/``value`` ``[B, H_kv, T, D]`` -> ``[B, T, H_q, D]``:
-        row ``b`` attended by stream ``b``'s cache alone."""
+        row ``b`` attended by stream ``b``'s cache alone. ``kwargs`` (``softcap``: Gemma 2's score
+        capping, whatever else the ``"vrex"`` attention function passes) go to every stream's
+        ``VrexCache.attend`` unchanged, so a batched row computes what the stream computes alone."""
         if query.shape[0] != len(self.caches):
             raise ValueError(f"BatchedCache holds {len(self.caches)} streams; got a batch of {query.shape[0]}")
-        outs = [cache.attend(layer, query[b:b + 1], key[b:b + 1], value[b:b + 1], scaling)
+        outs = [cache.attend(layer, query[b:b + 1], key[b:b + 1], value[b:b + 1], scaling, **kwargs)
                 for b, cache in enumerate(self.caches)]
         return torch.cat(outs, dim=0)

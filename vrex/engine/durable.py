@@ -50,7 +50,7 @@ def model_fingerprint(model) -> dict[str, Any]:
     crc = 0
     tensors = [p for _, p in sorted(model.connector.state_dict().items())] if hasattr(model.connector, "state_dict") else []
     emb = lm.get_input_embeddings().weight
-    tensors += [emb[:256], next(iter(lm.model.layers[0].parameters()))]
+    tensors += [emb[:256], next(iter(lm.base_model.layers[0].parameters()))]  # base_model: lm.model, GPT-NeoX's lm.gpt_neox
     for t in tensors:
         crc = zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
     cfg = getattr(lm.config, "text_config", None) or lm.config

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from vrex.engine.session import SessionConfig, StreamingSession
+from vrex.kv.layers import model_geometry
 from vrex.serve.limits import ClientError, ServeLimits
 from vrex.serve.timeline import ReadRecorder, ReadTimeline, per_layer, summarize
 
@@ -66,8 +67,8 @@ class LiveSession:
         self.recorder = ReadRecorder(policy)
         config = SessionConfig(theta=settings.theta, min_response_gap=settings.min_response_gap, recent_tokens=settings.recent_tokens)
         self.session = StreamingSession(model, self.recorder, config)
-        cfg = model.lm.config
-        self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, cfg.num_hidden_layers, cfg.num_key_value_heads)
+        geo = model_geometry(model.lm)  # GPT-NeoX configs have no num_key_value_heads
+        self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, geo.num_layers, geo.num_kv_heads)
         self.session.trace = lambda record, extra: self.timeline.on_step(record, self.session.spans)
         # The timeline needs the selections, not the policies' telemetry-only statistics (the cache
         # turns those on with a trace): keep them off the frame path.

@@ -229,13 +229,15 @@ def policy_metrics(needle_sets: tuple[str, ...], model_name: str) -> list[Callab
 
 
 def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("full",), progress: bool = True,
-             log=print, only: str | None = None) -> list[dict]:
-    """Rows {model, policy, metric, value} for the trained and the untrained connector."""
+             log=print, only: str | None = None, lm: str | None = None) -> list[dict]:
+    """Rows {model, policy, metric, value} for the trained and the untrained connector. ``lm``: the
+    language model (``load_videollm``'s ``lm``; None: the preset the connectors are trained for)."""
     torch.set_num_threads(cfg.threads)
     from vrex.engine.session import DEFAULT_THETA, SessionConfig, recent_window
     from vrex.models.videollm import load_videollm
 
-    base = load_videollm(connector=None)
+    base = load_videollm(connector=None) if lm is None else load_videollm(lm=lm, connector=None)
+    log(f"  model: {base.name}")
     cache = build_feature_cache(progress=progress)
     catalog = load_catalog()
     models = {"untrained": base}

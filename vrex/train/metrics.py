@@ -32,9 +32,10 @@ def teacher_forced(model, builder: LayoutBuilder, cache: FeatureCache, streams: 
     for stream in streams:
         layout = builder.build(stream.steps)
         embeds = embed_layout(model, layout, stream_features(cache, stream))
-        hidden = model.lm.model(inputs_embeds=embeds[None]).last_hidden_state[0]
         sup = (layout.kinds != 0).nonzero().flatten()
-        logits = model.lm.lm_head(hidden[sup]).float()
+        # the whole causal LM, any family (its decoder and head go by different names; Gemma 2 caps the
+        # final logits), the head applied only at the supervised positions
+        logits = model.lm(inputs_embeds=embeds[None], logits_to_keep=sup, use_cache=False).logits[0].float()
         targets, kinds = layout.targets[sup], layout.kinds[sup]
         ce = F.cross_entropy(logits, targets, reduction="none")
         lm = kinds == LM
