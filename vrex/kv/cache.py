@@ -116,6 +116,7 @@ class VrexCache(Cache):
         self._window_lo = [0] * store.num_layers  # sliding layers: tokens below this id were dropped
         super().__init__(layers=[VrexCacheLayer(self, i) for i in range(store.num_layers)])
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
+        policy.kernels = self.kernels
         self._pending: set[int] = set()  # layers whose step keys await VrexCache.attend
         self.stage: Stage = "text"
         self.frame_id: int | None = None

@@ -90,6 +90,9 @@ class KVPolicy:
     #: True when the policy expects the store to keep the full KV offloaded (tiers) and fetch
     #: only the selection; False when it keeps everything on the device tier (``full``).
     offloads: ClassVar[bool] = True
+    #: "fast" when the cache runs the C++ kernels (vrex.kv.fast), set by VrexCache: a policy with a
+    #: fused implementation of its own bookkeeping (ReSV's HC table) uses it then. Not a parameter.
+    kernels = "reference"
 
     def setup(self, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int) -> None:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads

@@ -136,14 +136,21 @@ class HCTable:
         self.active_ok = ok.gather(1, order)
         self.active = torch.where(self.active_ok, ids, torch.zeros_like(ids)).reshape(H, A)
 
-    def add(self, keys: torch.Tensor, start: int, *, is_frame: bool = True, codes: torch.Tensor | None = None) -> torch.Tensor:
-        """Cluster tokens ``start .. start+T-1`` (keys ``[H, T, D]``); returns their cluster ids ``[H, T]``."""
+    def add(self, keys: torch.Tensor, start: int, *, is_frame: bool = True, codes: torch.Tensor | None = None,
+            fast: bool = False) -> torch.Tensor:
+        """Cluster tokens ``start .. start+T-1`` (keys ``[H, T, D]``); returns their cluster ids ``[H, T]``.
+
+        ``fast``: run the fused C++ ``hc_add`` (vrex.kv.fast) where it applies (the default table:
+        intra "tokens", code update "leader", a scope window, no candidate cap; CPU keys, own hashing);
+        it leaves the table exactly as this method's PyTorch path does (tests/resv/test_table_fast.py)."""
         if start != self.n_tokens:
             raise ValueError(f"HC table expects token {self.n_tokens} next, got start={start}")
         H, T, _ = keys.shape
         if is_frame:
             self.clock += 1
         k32 = keys.to(torch.float32)
+        if fast and codes is None and self.fused_add_applies and k32.device.type == "cpu":
+            return self._add_fused(k32.contiguous(), start)
         if codes is None:
             codes = hash_codes(k32, self.planes)
         cand_ids, cand_valid = self.candidates()
@@ -155,6 +162,25 @@ class HCTable:
         self.last_comparisons = fa.comparisons
         ids = new_cluster_ids(fa, cand_ids, self.n_clusters)
         self._commit(k32, codes, ids, fa.is_leader, start)
+        return ids
+
+    @property
+    def fused_add_applies(self) -> bool:
+        """The table options the fused ``hc_add`` kernel implements."""
+        return (self.intra == "tokens" and self.code_update == "leader" and self.scope_frames is not None
+                and self.max_candidates is None)
+
+    def _add_fused(self, k32: torch.Tensor, start: int) -> torch.Tensor:
+        from vrex.kv.fast import load
+
+        T = k32.shape[1]
+        proj = torch.matmul(k32, self.planes)  # the same product as hash_bits, so the same sign bits
+        self._ensure(int(self.n_clusters.max()) + T if self.H else 0, start + T)  # room for T new clusters
+        ids, self.active, self.active_ok, self.last_comparisons = load().hc_add(
+            proj, k32, self.active, self.active_ok, self.last, self.count, self.key_sum, self.codes,
+            self.leader_tok, self.token_cluster, self.n_clusters, start, self.clock, self.scope_frames,
+            self.threshold, self.inclusive, self.rule == "first")
+        self.n_tokens = start + T
         return ids
 
     def add_singletons(self, keys: torch.Tensor, start: int, *, hash: bool = True) -> torch.Tensor:

@@ -1,7 +1,9 @@
 // vrex fast path: WiCSum cluster selection, selection -> store slots, and one gather of the planned
 // slots into the padded buffer the BLAS attention reads. CPU only.
-// Measured and dropped: attention computed in place over the slots with an online softmax (a
-// hand-vectorised flash-decoding loop) ran 2x slower on this CPU than this gather + MKL's matmul.
+// Measured and dropped (twice): attention computed in place over the slots with an online softmax (a
+// flash-decoding loop over 16-key blocks, per KV head with its GQA rows, split into 1024-slot chunks)
+// ran 2.9x slower than this gather + MKL's matmul for a 13-token frame step at 16K (8.6 vs 3.0 ms per
+// layer, 44% selected) and no faster for one decode row; the gather only costs when much is selected.
 // The PyTorch reference lives in vrex/kv/cache.py (_attention), vrex/resv/wicsum.py and
 // vrex/resv/table.py; tests/kv/test_fast_path.py holds the two equal.
 #include <torch/extension.h>
@@ -54,8 +56,7 @@ static void radix_order(RadixScratch& s, std::vector<int64_t>& order, int64_t n)
     std::swap(k, kt);
     std::swap(o, ot);
   }
-  if (o != order.data()) std::copy(o, o + n, order.data());
-  if (k != s.key.data()) std::copy(k, k + n, s.key.data());
+  if (o != order.data()) std::copy(o, o + n, order.data());  // the keys' final buffer is not needed
 }
 
 // WiCSum union over rows (vrex.resv.wicsum.wicsum_select + WiCSumResult.union, same rules):
@@ -294,9 +295,141 @@ std::vector<Tensor> gather_plan(std::vector<Tensor> kbufs, std::vector<Tensor> v
   return {k_out, v_out, at::tensor(lens, at::kLong)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// HCTable.add for the default table (intra "tokens", code update "leader", a scope window, no
+// candidate cap), fused: sign bits -> packed codes, candidates from the active list, Hamming
+// assignment (rule "nearest" or "first", as vrex.resv.clustering.cluster_frame), the commit into
+// the table's buffers (count, key sum in token order as index_add_ does, last touch, leader code
+// and token, token -> cluster) and the new active list. The PyTorch path in vrex/resv/table.py is
+// the reference; tests/resv/test_table_fast.py holds the two equal, tensor for tensor.
+// The caller ticks the clock and grows the buffers (room for T new clusters and T tokens).
+// Returns (cluster ids int64 [H, T], active int64 [H, A], active_ok bool [H, A], comparisons int64 [H]).
+std::vector<Tensor> hc_add(Tensor proj, Tensor keys, Tensor active, Tensor active_ok, Tensor last, Tensor count,
+                           Tensor key_sum, Tensor codes, Tensor leader_tok, Tensor token_cluster, Tensor n_clusters,
+                           int64_t start, int64_t clock, int64_t scope, int64_t threshold, bool inclusive, bool first) {
+  TORCH_CHECK(proj.dim() == 3 && proj.scalar_type() == at::kFloat, "proj must be float32 [H, T, n_hp]");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous(), "keys must be contiguous float32 [H, T, D]");
+  for (const Tensor* t : {&last, &count, &key_sum, &codes, &leader_tok, &token_cluster, &n_clusters})
+    TORCH_CHECK(t->is_contiguous(), "HC table buffers must be contiguous");
+  proj = proj.contiguous();
+  active = active.contiguous();
+  active_ok = active_ok.contiguous();
+  const int64_t H = proj.size(0), T = proj.size(1), P = proj.size(2), D = keys.size(2);
+  const int64_t B = codes.size(2), Ccap = count.size(1), Ncap = token_cluster.size(1), A = active.size(1);
+  TORCH_CHECK(B == (P + 7) / 8, "codes hold ", B, " bytes per code, n_hp=", P, " needs ", (P + 7) / 8);
+  TORCH_CHECK(start + T <= Ncap, "token_cluster has room for ", Ncap, " tokens, needs ", start + T);
+  int64_t* ncl = n_clusters.data_ptr<int64_t>();
+  for (int64_t h = 0; h < H; ++h)
+    TORCH_CHECK(ncl[h] + T <= Ccap, "HC table has room for ", Ccap, " clusters, head ", h, " may need ", ncl[h] + T);
+  auto ids_out = at::empty({H, T}, at::kLong);
+  auto comps = at::zeros({H}, at::kLong);
+  std::vector<std::vector<int64_t>> next_active(H);
+  const float* pp = proj.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const int64_t* ap = active.data_ptr<int64_t>();
+  const bool* aok = active_ok.data_ptr<bool>();
+  int64_t* lastp = last.data_ptr<int64_t>();
+  int64_t* cntp = count.data_ptr<int64_t>();
+  float* ksp = key_sum.data_ptr<float>();
+  uint8_t* cdp = codes.data_ptr<uint8_t>();
+  int64_t* ltp = leader_tok.data_ptr<int64_t>();
+  int64_t* tcp = token_cluster.data_ptr<int64_t>();
+  int64_t* idp = ids_out.data_ptr<int64_t>();
+  int64_t* cmp = comps.data_ptr<int64_t>();
+  auto eligible = [&](int64_t d) { return inclusive ? d <= threshold : d < threshold; };
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<uint8_t> cur(T * B);
+    std::vector<int64_t> cand;
+    for (int64_t h = h0; h < h1; ++h) {
+      // packed codes of the step's tokens (little-endian bit order, as vrex.resv.hashing.pack_bits)
+      std::fill(cur.begin(), cur.end(), 0);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t p = 0; p < P; ++p)
+          if (pp[(h * T + t) * P + p] > 0.0f) cur[t * B + p / 8] |= (uint8_t)(1u << (p % 8));
+      // candidates: the active list's in-scope clusters, ascending id (the clock already ticked)
+      cand.clear();
+      for (int64_t a = 0; a < A; ++a) {
+        int64_t c = ap[h * A + a];
+        if (aok[h * A + a] && clock - lastp[h * Ccap + c] <= scope) cand.push_back(c);
+      }
+      const int64_t nv = (int64_t)cand.size();
+      auto dist = [&](const uint8_t* x, const uint8_t* y) {
+        int64_t d = 0;
+        for (int64_t b = 0; b < B; ++b) d += __builtin_popcount((unsigned)(x[b] ^ y[b]));
+        return d;
+      };
+      int64_t* ids = idp + h * T;
+      int64_t n_new = 0, comparisons = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const uint8_t* code = cur.data() + t * B;
+        int64_t target = -1;  // a table cluster id
+        if (!first) {
+          int64_t be = -1, bed = 0, bf = -1, bfd = 0;
+          for (int64_t j = 0; j < nv; ++j) {
+            int64_t d = dist(code, cdp + (h * Ccap + cand[j]) * B);
+            if (eligible(d) && (be < 0 || d < bed)) { be = j; bed = d; }
+          }
+          for (int64_t s = 0; s < t; ++s) {
+            int64_t d = dist(code, cur.data() + s * B);
+            if (eligible(d) && (bf < 0 || d < bfd)) { bf = s; bfd = d; }
+          }
+          comparisons += nv + t;
+          if (be >= 0 && (bf < 0 || bed <= bfd)) target = cand[be];
+          else if (bf >= 0) target = ids[bf];
+        } else {
+          int64_t k = 0;
+          for (; k < nv; ++k)
+            if (eligible(dist(code, cdp + (h * Ccap + cand[k]) * B))) { target = cand[k]; break; }
+          if (target >= 0) {
+            comparisons += k + 1;
+          } else {
+            int64_t s = 0;
+            for (; s < t; ++s)
+              if (eligible(dist(code, cur.data() + s * B))) { target = ids[s]; break; }
+            comparisons += target >= 0 ? nv + s + 1 : nv + t;
+          }
+        }
+        if (target < 0) {  // a leader opens a new cluster (ids in leader-position order)
+          target = ncl[h] + n_new++;
+          std::memcpy(cdp + (h * Ccap + target) * B, code, B);
+          ltp[h * Ccap + target] = start + t;
+        }
+        ids[t] = target;
+        cntp[h * Ccap + target] += 1;
+        float* sum = ksp + (h * Ccap + target) * D;
+        const float* k = kp + (h * T + t) * D;
+        for (int64_t d = 0; d < D; ++d) sum[d] += k[d];
+        lastp[h * Ccap + target] = clock;
+        tcp[h * Ncap + start + t] = target;
+      }
+      ncl[h] += n_new;
+      cmp[h] = comparisons;
+      // new active list: old in-scope entries and this step's clusters, unique, ascending
+      auto& na = next_active[h];
+      for (int64_t a = 0; a < A; ++a) {
+        int64_t c = ap[h * A + a];
+        if (aok[h * A + a] && clock - lastp[h * Ccap + c] <= scope) na.push_back(c);
+      }
+      na.insert(na.end(), ids, ids + T);
+      std::sort(na.begin(), na.end());
+      na.erase(std::unique(na.begin(), na.end()), na.end());
+    }
+  });
+  int64_t A2 = 0;
+  for (const auto& na : next_active) A2 = std::max(A2, (int64_t)na.size());
+  auto act = at::zeros({H, A2}, at::kLong);
+  auto act_ok = at::zeros({H, A2}, at::kBool);
+  for (int64_t h = 0; h < H; ++h) {
+    std::copy(next_active[h].begin(), next_active[h].end(), act.data_ptr<int64_t>() + h * A2);
+    std::fill(act_ok.data_ptr<bool>() + h * A2, act_ok.data_ptr<bool>() + h * A2 + next_active[h].size(), true);
+  }
+  return {ids_out, act, act_ok, comps};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wicsum_union", &wicsum_union, "WiCSum over rows, union per head");
   m.def("cluster_token_ids", &cluster_token_ids, "token ids of chosen clusters per head");
   m.def("plan_reads", &plan_reads, "selection + always-kept -> tier slots");
+  m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("gather_plan", &gather_plan, "planned tier slots + new tokens -> padded contiguous K, V");
 }

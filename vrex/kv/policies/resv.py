@@ -140,7 +140,7 @@ class ReSVPolicy(KVPolicy):
         elif frame_id is None and self.text_clustering == "singleton":
             tab.add_singletons(keys, start)
         else:
-            tab.add(keys, start, is_frame=frame_id is not None)
+            tab.add(keys, start, is_frame=frame_id is not None, fast=self.kernels == "fast")
 
     def on_positions_changed(self, layer, keys) -> None:
         self.tables[layer].rebuild(keys.detach().float().cpu())
