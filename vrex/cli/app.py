@@ -1,16 +1,17 @@
 """The root ``vrex`` command: the top-level commands and the command groups, each group in its own module.
 
-| command                                   | module                 |
-|-------------------------------------------|------------------------|
-| ``vrex run``                              | ``vrex/cli/run.py``    |
-| ``vrex setup``, ``vrex policies``         | ``vrex/cli/setup.py``  |
-| ``vrex serve``                            | ``vrex/cli/serve.py``  |
-| ``vrex bench stream|engine|kv|serve|peer``| ``vrex/cli/bench.py``  |
-| ``vrex train``                            | ``vrex/cli/train.py``  |
-| ``vrex eval live|plot|tags``              | ``vrex/cli/eval.py``   |
-| ``vrex hw check|simulate|figure|systems|fit`` | ``vrex/cli/hw.py`` |
+| command                                           | module                                          |
+|---------------------------------------------------|-------------------------------------------------|
+| ``vrex run``                                      | ``vrex/cli/run.py`` (``--session``, signals: ``durable.py``) |
+| ``vrex setup``, ``vrex policies``                 | ``vrex/cli/setup.py``                           |
+| ``vrex serve``                                    | ``vrex/cli/serve.py``                           |
+| ``vrex bench stream|streams|engine|kv|serve|peer``| ``vrex/cli/bench.py``                           |
+| ``vrex bench soak``                               | ``vrex/cli/soak.py``                            |
+| ``vrex train``                                    | ``vrex/cli/train.py``                           |
+| ``vrex eval live|plot|tags``                      | ``vrex/cli/eval.py``                            |
+| ``vrex hw check|simulate|figure|systems|fit``     | ``vrex/cli/hw.py``                              |
 
-Option checks shared by commands live in ``vrex/cli/options.py``.
+Option checks shared by commands, ``fail`` and the benchmarks' progress ``log`` live in ``vrex/cli/options.py``.
 """
 
 from __future__ import annotations
