@@ -28,6 +28,10 @@ def test_stream_bench_tiny_run(tmp_path):
         # a 13-token window forgets almost everything: further from full than ReSV's selection
         assert sllm["kl"] > resv["kl"]
         assert sllm["resident_bytes"] < full["resident_bytes"]
+        # shares of the past read: everything for full; a 13-token window reads less than ReSV
+        assert full["frame_selected_ratio"] == full["token_selected_ratio"] == 1.0
+        assert 0 < sllm["token_selected_ratio"] < resv["token_selected_ratio"] <= 1.0
+        assert 0 < sllm["frame_selected_ratio"] < resv["frame_selected_ratio"] <= 1.0
 
 
 def test_stream_bench_refuses_bad_spec_before_loading():

@@ -22,7 +22,7 @@ import torch
 
 from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
-from vrex.engine.session import SessionConfig, StreamingSession
+from vrex.engine.session import SessionConfig, StreamingSession, selection_summary
 from vrex.kv.policies import make_policy
 from vrex.models.lm import SMOLLM2_PRESET
 from vrex.models.videollm import load_videollm
@@ -62,24 +62,29 @@ def _fidelity(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, flo
 
 def measure(session: StreamingSession, frames, tokens: int, text_ids: torch.Tensor, chunk: int) -> dict:
     model = session.model
-    frame_ms, vision_ms, logits = [], [], []
+    frame_ms, vision_ms, frame_ratio, logits = [], [], [], []
     for t, image in frames:
         stats = session.push_frame(t, image)[0].stats
         frame_ms.append(stats["total_ms"])
         vision_ms.append(stats["vision_ms"])
+        frame_ratio.append(stats.get("selected_ratio", 1.0))
         logits.append(session.last_logits[None])
-    token_ms = []
+    token_ms, decode_records = [], []
     ids = torch.tensor([model.token_id(model.fmt.interval)])
     for _ in range(tokens):  # decode the interval token's continuation: the same ids for every policy
         t0 = time.perf_counter()
         out = session.feed(ids, "decode")
         token_ms.append(1e3 * (time.perf_counter() - t0))
         logits.append(out[-1:])
+        decode_records.append(session.last_record)
     for lo in range(0, len(text_ids), chunk):
         logits.append(session.feed(text_ids[lo:lo + chunk], "text"))
     resident = session.store.resident_bytes()
     return {"frame_ms": statistics.median(frame_ms), "vision_ms": statistics.median(vision_ms),
             "token_ms": statistics.median(token_ms), "p99_frame_ms": max(frame_ms),
+            # mean share of the past tokens each attention step read (layers x KV heads; 1.0 = everything)
+            "frame_selected_ratio": statistics.mean(frame_ratio),
+            "token_selected_ratio": selection_summary(*decode_records).get("selected_ratio", 1.0),
             "realtime_factor_2fps": statistics.median(frame_ms) / 500.0, "resident_bytes": int(sum(resident.values())),
             "resident": {k: int(v) for k, v in resident.items()}, "rss_bytes": psutil.Process().memory_info().rss,
             "_logits": logits}
@@ -123,6 +128,7 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
             rows.append(row)
             (out / "stream.json").write_text(json.dumps(rows, indent=2))  # progress survives an interrupted sweep
             log(f"{size:>6} {spec:<14} frame {row['frame_ms']:7.1f} ms  token {row['token_ms']:6.1f} ms  "
+                f"read {row['frame_selected_ratio']:.0%} / {row['token_selected_ratio']:.0%}  "
                 f"top1 {fid['top1_agreement']:.3f}  KL {fid['kl']:.4f}  ({fid['positions']} positions)")
             del session
         base.fast_forward([t for t, _ in steps], features[cursor:cursor + frames])

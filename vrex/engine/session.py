@@ -110,6 +110,7 @@ class StreamingSession:
         self.model, self.policy = model, policy
         self.config = config or SessionConfig()
         self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
+        self.last_record: StepRecord | None = None
         lm = model.lm
         lm.set_attn_implementation("vrex")
         cfg = text_config(lm.config)
@@ -186,7 +187,7 @@ class StreamingSession:
         stats = {
             "frame": self.frames - 1, "vision_ms": 1e3 * (t_vision - t0), "prefill_ms": 1e3 * (t_prefill - t_vision),
             "total_ms": 1e3 * (t_prefill - t0), "cached_tokens": self.cached_tokens, "p_interval": p_interval,
-            **self.memory(), **_selection_summary(record),
+            **self.memory(), **selection_summary(record),
         }
         events = [Event(self.t, "frame", "", stats)]
         answers = self._answer_due()
@@ -399,7 +400,7 @@ class StreamingSession:
         text = self.model.tokenizer.decode(out[:-1] if ended else out, skip_special_tokens=True).strip()
         stats = {"prompt_ms": 1e3 * (t_prefill - t0), "tokens": len(out), "token_ms": token_ms,
                  "mean_token_ms": sum(token_ms) / len(token_ms) if token_ms else None,
-                 "cached_tokens": self.cached_tokens, **_selection_summary(*records)}
+                 "cached_tokens": self.cached_tokens, **selection_summary(*records)}
         return text, stats
 
     def _next_token(self, logits: torch.Tensor) -> int:
@@ -432,6 +433,7 @@ class StreamingSession:
             self.spans.append((start, length, fid))
             start += length
         record = self.cache.end_step()
+        self.last_record = record  # what the step read, per layer (benchmarks and evaluation read it)
         if self._durable is not None:
             self._durable.journal.end_step(n, frame_spans or [(n, frame_id)])
         if self.trace is not None:
@@ -469,7 +471,7 @@ def _make_store(cfg, head_dim: int, dtype: torch.dtype, device, policy: KVPolicy
                    device_budget_bytes=budget, host_budget_bytes=config.host_budget_bytes, disk_dir=config.disk_dir)
 
 
-def _selection_summary(*records: StepRecord) -> dict[str, Any]:
+def selection_summary(*records: StepRecord) -> dict[str, Any]:
     """Mean fraction of past tokens read per attention step, over layers and KV heads."""
     ratios = []
     for record in records:
