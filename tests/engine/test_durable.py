@@ -18,11 +18,15 @@ from vrex.kv.policies import POLICIES, make_policy
 # Small windows so a few frames cross every path: positions re-indexed (max_position), blocks
 # offloaded to host and disk (device/host budgets), questions and narrations.
 QUESTIONS = [(1.0, "What do you see?"), (3.0, "What was shown before?")]
+# Short narrations and answers: the suite's untrained connector narrates at every frame up to the
+# 48/64-token limits, and decoding them was ~90% of these tests' time (streamingllm: 70 s). Six tokens
+# still run every decode path (selection, tiers, saved dialogue) and still cross max_position by the save.
+SHORT = dict(max_response_tokens=6, max_answer_tokens=6)
 
 
 def _config(tmp_path, **kw) -> SessionConfig:
     base = dict(positions=PositionConfig(max_position=100), device_budget_bytes=30 * 46080,
-                host_budget_bytes=40 * 46080, disk_dir=str(tmp_path / "tiers"))
+                host_budget_bytes=40 * 46080, disk_dir=str(tmp_path / "tiers"), **SHORT)
     return SessionConfig(**{**base, **kw})
 
 
@@ -57,6 +61,7 @@ def test_load_continues_exactly_like_the_uninterrupted_run(videollm, photos, tmp
     events = list(session.run(frames, should_stop=lambda: session.frames >= 3))  # saved after each frame
     assert [e for e in _key(events)] == [x for frame in reference[:3] for x in frame]
     assert session.saved_frames == 3
+    assert session.cached_tokens > 100  # so positions past max_position were re-indexed before the save
     session.close()
     loaded = StreamingSession.load(tmp_path / "s", videollm)
     assert loaded.frames == 3 and loaded.t == frames[2][0] and loaded.cached_tokens == session.cached_tokens
@@ -67,10 +72,18 @@ def test_load_continues_exactly_like_the_uninterrupted_run(videollm, photos, tmp
     loaded.close()
 
 
-def test_a_second_load_continues_from_the_later_save(videollm, photos, tmp_path):
-    config = _config(tmp_path, disk_dir=None, host_budget_bytes=None)
+@pytest.fixture(scope="module")
+def resident_resv(videollm, photos, tmp_path_factory) -> tuple[SessionConfig, list, list]:
+    """ReSV with the device tier only (no host or disk budget): config, 6 frames and the uninterrupted
+    run's events per frame, computed once for the two tests that continue from it."""
+    config = _config(tmp_path_factory.mktemp("resident"), disk_dir=None, host_budget_bytes=None)
     frames = _frames(photos, 6)
     reference, _ = _uninterrupted(videollm, "resv", config, frames)
+    return config, frames, reference
+
+
+def test_a_second_load_continues_from_the_later_save(videollm, resident_resv, tmp_path):
+    config, frames, reference = resident_resv
     session = StreamingSession(videollm, make_policy("resv"), config)
     session.save(tmp_path / "s")
     for t, q in QUESTIONS:
@@ -84,11 +97,10 @@ def test_a_second_load_continues_from_the_later_save(videollm, photos, tmp_path)
     assert got == reference[4:]
 
 
-def test_save_of_a_running_session_writes_a_checkpoint(videollm, photos, tmp_path):
+def test_save_of_a_running_session_writes_a_checkpoint(videollm, resident_resv, tmp_path):
     """save(dir) on a session that was never saved: the checkpoint path (policy state_dict + store)."""
-    config = _config(tmp_path, disk_dir=None, host_budget_bytes=None)
-    frames = _frames(photos, 5)
-    reference, _ = _uninterrupted(videollm, "resv", config, frames)
+    config, frames, reference = resident_resv
+    frames, reference = frames[:5], reference[:5]
     session = StreamingSession(videollm, make_policy("resv"), config)
     for t, q in QUESTIONS:
         session.ask(q, t)
@@ -102,7 +114,7 @@ def test_save_of_a_running_session_writes_a_checkpoint(videollm, photos, tmp_pat
 def test_fork_equals_the_original_on_the_following_frames(videollm, photos):
     """fork goes through from_state: with the same policy it continues exactly as the original (no
     re-indexing before the fork: a forked policy indexes the keys as they are cached now)."""
-    config = SessionConfig()
+    config = SessionConfig(**SHORT)
     a = StreamingSession(videollm, make_policy("resv"), config)
     for t, im in _frames(photos, 3):
         a.push_frame(t, im)
