@@ -31,12 +31,23 @@ def _signal_after_frames(p: subprocess.Popen, sig: int, frames: int) -> tuple[li
     return lines + out.splitlines(keepends=True), err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_cleanly_and_the_session_resumes(tmp_path, sig):
-    tiers, d, trace = tmp_path / "tiers", tmp_path / "session", tmp_path / "trace.jsonl"
-    tier_args = ["--disk-dir", str(tiers), "--device-budget", "1MB", "--host-budget", "1MB"]
-    rc, full, err = run_vrex(run_args(*tier_args, "--session", str(tmp_path / "ref")))  # uninterrupted, same settings
+def _tier_args(tiers) -> list[str]:
+    return ["--disk-dir", str(tiers), "--device-budget", "1MB", "--host-budget", "1MB"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[list[tuple]]:
+    """The uninterrupted run with the same settings, once for both signals (a whole `vrex run`)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    rc, full, err = run_vrex(run_args(*_tier_args(tmp / "tiers"), "--session", str(tmp / "ref")))
     assert rc == 0, err
+    return groups(full)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_cleanly_and_the_session_resumes(uninterrupted, tmp_path, sig):
+    tiers, d, trace = tmp_path / "tiers", tmp_path / "session", tmp_path / "trace.jsonl"
+    tier_args = _tier_args(tiers)
     extra = ["--session", str(d), "--trace", str(trace), *tier_args]
     p = _start(run_args(*extra))
     lines, err = _signal_after_frames(p, sig, 2)
@@ -55,7 +66,7 @@ def test_a_signal_stops_cleanly_and_the_session_resumes(tmp_path, sig):
     assert rc == 0, err
     resume = [e for e in resumed if e["kind"] == "resume"][0]
     assert resume["frame"] == stopped["frames"]
-    ref = groups(full)
+    ref = uninterrupted
     assert groups(events) == ref[: stopped["frames"]] and groups(resumed) == ref[stopped["frames"]:]
 
 
