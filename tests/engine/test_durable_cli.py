@@ -40,7 +40,10 @@ def vrex_cmd(args: list[str]) -> list[str]:
 
 def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if k != "VREX_CRASH_AT"}
-    e.update(OMP_NUM_THREADS="2", **extra)
+    # One intra-op thread, as the suite's own processes (tests/conftest.py): with 2 threads, a vrex run
+    # beside the other pytest worker took 41.5 s instead of 8 s (OpenMP threads waiting on a busy core);
+    # alone, 1 thread is no slower here (8.0 s against 8.7 s for the 5-frame run).
+    e.update(OMP_NUM_THREADS="1", **extra)
     return e
 
 
