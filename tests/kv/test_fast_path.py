@@ -94,6 +94,30 @@ def test_planned_gather_equals_reference_gather(tiers, dtype):
         assert fast_store.counters()["fetch_host_bytes"] > 0
 
 
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("G,T", [(3, 1), (1, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_attention_equals_gather_then_attention(D, G, T, dtype):
+    """Decode attention read in place from the planned slots == the reference gather + attention: per-head
+    selections of different lengths (one head reading nothing but the step's own tokens), a host tier and
+    ring slots, more slots than one 512-slot work item, bf16 storage, causal rows when T > 1."""
+    H = 2
+    tiers = {"device_budget_bytes": 300 * 2 * H * D * torch.empty(0, dtype=dtype).element_size()}
+    store = _filled_store(n_blocks=160, block=7, H=H, D=D, dtype=dtype, **tiers)
+    n_past = store.length(0)
+    g = torch.Generator().manual_seed(D + G + T)
+    picks = [torch.nonzero(torch.rand(n_past, generator=g) < 0.6).flatten(), torch.zeros(0, dtype=torch.int64)]
+    q = 3 * torch.randn(H * G, T, D, generator=g)  # large logits: the online softmax must rescale
+    k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    k, v, valid = store.gather(0, picks)
+    want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125)
+    packed = PackedSelection.pack(Selection(picks), H)
+    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    assert plan.selected[0] > 512 and plan.selected[1] == 0 and plan.slots[0].numel() > 0  # host and device tiers
+    got = ext.attend_slots(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
 def test_attention_masks_against_dense_reference():
     """The column-limited masks (padding on the past, causality on the step's tokens) == a dense
     masked softmax written out in full."""

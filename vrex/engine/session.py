@@ -25,7 +25,7 @@ from vrex.engine.persist import crash_point
 from vrex.engine.positions import PositionConfig, compressed_positions
 from vrex.engine.stream_state import StreamState
 from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
-from vrex.kv.layers import layer_specs, text_config
+from vrex.kv.layers import Geometry, layer_specs, model_geometry, text_config
 from vrex.kv.policy import KVPolicy, Stage
 from vrex.kv.store import KVStore
 from vrex.models.videollm import VideoLLM
@@ -114,10 +114,10 @@ class StreamingSession:
         lm = model.lm
         lm.set_attn_implementation("vrex")
         cfg = text_config(lm.config)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.store = _make_store(cfg, head_dim, lm.dtype, lm.device, policy, self.config)
+        geometry = model_geometry(lm)
+        self.store = _make_store(geometry, lm.dtype, lm.device, policy, self.config)
         self.cache = VrexCache(self.store, policy, KeepConfig(recent_tokens=recent_window(self.config, model.tokens_per_frame)),
-                               num_q_heads=cfg.num_attention_heads, kernels=self.config.kernels, layers=layer_specs(lm))
+                               num_q_heads=geometry.num_q_heads, kernels=self.config.kernels, layers=layer_specs(lm))
         self.cache.record_stats = trace is not None
         self.max_position = self.config.positions.max_position or cfg.max_position_embeddings
         fmt = model.fmt
@@ -457,17 +457,17 @@ class StreamingSession:
         return int(new[-1]) + 1
 
 
-def _make_store(cfg, head_dim: int, dtype: torch.dtype, device, policy: KVPolicy, config: SessionConfig) -> KVStore:
+def _make_store(geometry: Geometry, dtype: torch.dtype, device, policy: KVPolicy, config: SessionConfig) -> KVStore:
     if config.kv_dtype is not None:
         if config.kv_dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"kv_dtype must be None, 'bfloat16', 'float16' or 'float32', got {config.kv_dtype!r}")
         dtype = getattr(torch, config.kv_dtype)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # GPT-NeoX: one per query head
+    g = geometry
     budget = config.device_budget_bytes
     if budget is None and policy.offloads:
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        budget = config.device_tokens * 2 * head_dim * kv_heads * cfg.num_hidden_layers * itemsize
-    return KVStore(cfg.num_hidden_layers, kv_heads, head_dim, dtype=dtype, device=device,
+        budget = config.device_tokens * 2 * g.head_dim * g.num_kv_heads * g.num_layers * itemsize
+    return KVStore(g.num_layers, g.num_kv_heads, g.head_dim, dtype=dtype, device=device,
                    device_budget_bytes=budget, host_budget_bytes=config.host_budget_bytes, disk_dir=config.disk_dir)
 
 

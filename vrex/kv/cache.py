@@ -36,6 +36,12 @@ Kernels = Literal["fast", "reference"]
 _EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
+# Up to this many query rows per KV head (a decode step: the G query heads of one token) the fast path
+# attends in place over the selected slots (vrex.kv.fast attend_slots); more rows (frame and text steps)
+# gather the selection once and run BLAS, which is faster there (measured in vrex/kv/fast/kernels.cpp).
+_SLOT_ATTENTION_ROWS = 4
+
+
 @dataclass
 class KeepConfig:
     """Tokens every step attends to whatever the policy selects ([U] in the V-Rex paper: implied).
@@ -202,6 +208,14 @@ class VrexCache(Cache):
                                     n_new=key.shape[-2])
         if plan is None:
             return None
+        rows = q.shape[0] // key.shape[1] * key.shape[-2]  # query rows per KV head
+        if rows <= _SLOT_ATTENTION_ROWS and softcap is None and q.shape[-1] in (32, 64, 128):
+            # decode: attention read in place from the selected slots (each row read once, no copy)
+            t_fetch = time.perf_counter()
+            out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
+            self._store_and_index(layer, key[0], value[0])
+            selected = n_past if selection.everything else plan.selected
+            return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)
         k, v, lens = load().gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
         t_fetch = time.perf_counter()
         lmax = k.shape[1] - key.shape[-2]
