@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from vrex.models.efficientnet_lite import INPUT_SIZE, MEAN, STD, EfficientNetLite0, load_lukemelas_state_dict
-from vrex.models.weights import WeightsNotFound, efficientnet_lite0_checkpoint
+from vrex.models.weights import WeightsNotFound, efficientnet_lite0_checkpoint, hub_config
 
 EFFNET_PRESET = "efficientnet-lite0"
 
@@ -94,16 +94,10 @@ class HFVisionEncoder(FrameEncoder):
 
     def __init__(self, spec: str, grid: int = 3):
         super().__init__()
-        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+        from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
         local = Path(spec).is_dir()
-        try:
-            config = AutoConfig.from_pretrained(spec, local_files_only=local)
-        except OSError as err:
-            raise WeightsNotFound(
-                f"vision encoder '{spec}' not found locally or on the hub; download it where there is network "
-                f"access (`hf download {spec} --local-dir DIR`) and pass DIR"
-            ) from err
+        config = hub_config(spec, "vision encoder")
         kind = config.model_type
         classes = {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel,
                    "clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}

