@@ -28,6 +28,7 @@ from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
 from vrex.kv.layers import Geometry, layer_specs, model_geometry, text_config
 from vrex.kv.policy import KVPolicy, Stage
 from vrex.kv.store import KVStore
+from vrex.kv.telemetry import selected_ratios
 from vrex.models.videollm import VideoLLM
 
 EventKind = Literal["frame", "response", "answer"]
@@ -477,7 +478,5 @@ def selection_summary(*records: StepRecord) -> dict[str, Any]:
     for record in records:
         for layer in record.layers:
             if layer["n_past"]:
-                sel = layer["selected"]
-                sel = sel if isinstance(sel, list) else [sel]
-                ratios += [s / layer["n_past"] for s in sel]
+                ratios += selected_ratios(layer["selected"], layer["n_past"])
     return {"selected_ratio": sum(ratios) / len(ratios)} if ratios else {}

@@ -82,6 +82,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def selected_ratios(selected: int | list[int], n_past: int) -> list[float]:
+    """Fraction of the past each KV head read in one layer's step (an int: one value for every head;
+    1.0 with no past). The one computation behind the session's events and the telemetry records."""
+    sel = selected if isinstance(selected, (list, tuple)) else [selected]
+    return [s / n_past if n_past else 1.0 for s in sel]
+
+
 def _layer_json(layer: dict[str, Any]) -> dict[str, Any]:
     n_past = int(layer.get("n_past", 0))
     stats = _plain(layer.get("stats") or {})
@@ -94,7 +101,7 @@ def _layer_json(layer: dict[str, Any]) -> dict[str, Any]:
         "layer": int(layer.get("layer", -1)),
         "n_past": n_past,
         "selected": sel,
-        "selected_ratio": [s / n_past if n_past else 1.0 for s in sel],
+        "selected_ratio": selected_ratios(sel, n_past),
         "fetch_s": layer.get("fetch_s"),
         "attend_s": layer.get("attend_s"),
         "policy": stats,
