@@ -63,7 +63,8 @@ class SessionConfig:
     #: ``DEFAULT_RECENT_FRAMES`` frames with their interval tokens (``recent_window``); 0: the policy
     #: alone (how policies are compared bare). Why a default: ReKV and ReSV select by similarity to the
     #: current query, and without the frames just seen they lose narration and short-range answers
-    #: (docs/train.md, accuracy per policy: narration 0.08/0.19 bare, 0.31 with two frames, as full).
+    #: (docs/train.md, accuracy per policy: bare, their narration scores fall far below full's; with
+    #: the last two frames kept they match it).
     recent_tokens: int | None = None
     positions: PositionConfig = field(default_factory=PositionConfig)
     #: Device-tier budget. None: ``device_tokens`` tokens (all layers) for offloading policies
