@@ -58,7 +58,7 @@ def bench_stream(
 
 @app.command("streams")
 def bench_streams(
-    quick: Annotated[bool, typer.Option(help="1 and 4 streams at 1K, batched and separate, full (about 10 minutes).")] = False,
+    quick: Annotated[bool, typer.Option(help="1 and 4 streams at 1K, batched and separate, full only (the shortest run).")] = False,
     counts: Annotated[Optional[str], typer.Option(help="Stream counts, comma-separated. Default 1,2,4,8.")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Cached tokens per stream, comma-separated (k = 1024). Default 1k,16k.")] = None,
     policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated. Default: full;resv.")] = None,
