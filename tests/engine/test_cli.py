@@ -320,3 +320,17 @@ def test_run_every_policy_with_a_trace(policy, tmp_path):
         assert min(ratios) == pytest.approx(1.0), ratios
     else:
         assert min(ratios) < 0.9, ratios
+
+
+def test_run_with_a_bfloat16_lm():
+    """--lm-dtype bfloat16: the LM runs in bf16 (attention and the KV in float32 on CPU), the float32 frame features are cast
+    at the LM's input, and the run narrates and answers like the float32 one; a bad value is refused first."""
+    proc = _vrex("run", _clip(), "--ask", "1:What do you see?", "--max-frames", "4", "--theta", "0", "--json",
+                 "--lm-dtype", "bfloat16", "--policy", "resv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LM weights in bfloat16" in proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert sum(e["kind"] == "frame" for e in lines) == 4
+    assert [e for e in lines if e["kind"] == "answer"][0]["text"]
+    bad = _vrex("run", "webcam", "--lm-dtype", "float16")
+    assert bad.returncode == 2 and "--lm-dtype" in bad.stderr and "float16" in bad.stderr

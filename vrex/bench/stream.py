@@ -92,11 +92,11 @@ def measure(session: StreamingSession, frames, tokens: int, text_ids: torch.Tens
 
 def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, tokens: int = 8, text_chunk: int = 24,
                      kernels: str = "fast", out: Path, peer: Path | None = None, log=print,
-                     lm: str = SMOLLM2_PRESET) -> list[dict]:
+                     lm: str = SMOLLM2_PRESET, lm_dtype: str = "float32") -> list[dict]:
     for spec in policies:  # refuse a bad spec before any model work
         make_policy(spec)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_videollm(lm=lm)  # another LM (``--lm``) runs with an untrained connector: the notes say so
+    model = load_videollm(lm=lm, lm_dtype=getattr(torch, lm_dtype))  # another LM (``--lm``) runs with an untrained connector: the notes say so
     for note in model.notes:
         log(f"note: {note}")
     sizes = sorted(sizes)
@@ -124,6 +124,7 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
             ref = ref or logits
             fid = _fidelity(ref, logits)
             row.update({"policy": spec, "target_tokens": size, "cached_tokens": base.cached_tokens, "kernels": kernels,
+                        "lm_dtype": lm_dtype,
                         "index_build_s": index_s, **fid})
             rows.append(row)
             (out / "stream.json").write_text(json.dumps(rows, indent=2))  # progress survives an interrupted sweep

@@ -32,6 +32,7 @@ def bench_stream(
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
     peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
     lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
+    lm_dtype: Annotated[str, typer.Option(help="LM weights type: float32 or bfloat16 (see vrex run --lm-dtype).")] = "float32",
     out: Annotated[Path, typer.Option(help="Output directory: stream.json (rows), stream-full.json, stream.png.")] = Path("bench-out/stream"),
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
@@ -41,6 +42,8 @@ def bench_stream(
 
     if kernels not in ("fast", "reference"):
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
+    if lm_dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"'{lm_dtype}': choose float32 or bfloat16", param_hint="--lm-dtype")
     if peer is not None and not peer.is_file():
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
     if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
@@ -49,7 +52,7 @@ def bench_stream(
     specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
     try:
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
-                         log=log, lm=lm)
+                         log=log, lm=lm, lm_dtype=lm_dtype)
     except PolicySpecError as e:
         raise typer.BadParameter(str(e), param_hint="--policies")
     except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run

@@ -235,6 +235,7 @@ def run_option_errors(o: dict[str, Any]) -> list[str]:
         policy_error(o["policy"]),
         choice_error("--kernels", o.get("kernels", "fast"), ("fast", "reference")),
         choice_error("--kv-dtype", o.get("kv_dtype", "auto"), ("auto", "bfloat16", "float32")),
+        choice_error("--lm-dtype", o.get("lm_dtype", "float32"), ("float32", "bfloat16")),
         session_error(o.get("session")),
     ]
     if o["base_lm"] is not None and o["lm"] in LM_PRESETS:

@@ -76,7 +76,8 @@ class SessionConfig:
     #: "fast": fused C++ selection + attention over the store (vrex.kv.fast); "reference": the PyTorch
     #: path it is tested against. Both compute the same selections.
     kernels: str = "fast"
-    #: KV storage type: None = the LM's dtype; "bfloat16" halves KV memory (keys and values rounded).
+    #: KV storage type: None = float32 on CPU (the type attention runs in there), the LM's type elsewhere;
+    #: "bfloat16" halves KV memory (keys and values rounded).
     kv_dtype: str | None = None
 
 
@@ -117,7 +118,10 @@ class StreamingSession:
         lm.set_attn_implementation("vrex")
         cfg = text_config(lm.config)
         geometry = model_geometry(lm)
-        self.store = _make_store(geometry, lm.dtype, lm.device, policy, self.config)
+        # KV type by default: float32 on CPU whatever the LM's type (the attention runs in float32 there, and a
+        # bf16 store made full attention convert the whole cache every layer), the LM's type elsewhere.
+        kv_default = torch.float32 if lm.device.type == "cpu" else lm.dtype
+        self.store = _make_store(geometry, kv_default, lm.device, policy, self.config)
         self.cache = VrexCache(self.store, policy, KeepConfig(recent_tokens=recent_window(self.config, model.tokens_per_frame)),
                                num_q_heads=geometry.num_q_heads, kernels=self.config.kernels, layers=layer_specs(lm))
         self.cache.record_stats = trace is not None
@@ -426,7 +430,7 @@ class StreamingSession:
             crash_point("prefill")  # tests: VREX_CRASH_AT=prefill:N kills before the N-th frame step
         self.cache.begin_step(stage, frame_id, frame_spans)
         out = self.model.lm(
-            inputs_embeds=embeds[None], position_ids=positions[None].to(self.model.device), past_key_values=self.cache,
+            inputs_embeds=embeds[None].to(self.model.lm.dtype), position_ids=positions[None].to(self.model.device), past_key_values=self.cache,
             use_cache=True, vrex_cache=self.cache,
         )
         start = self.cached_tokens

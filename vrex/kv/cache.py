@@ -151,6 +151,11 @@ class VrexCache(Cache):
         ``softcap``: tanh soft-capping of the scores (Gemma 2), as transformers' eager attention does.
         Returns ``[1, T, H_q, D]`` as transformers' attention functions do.
         """
+        if query.dtype != torch.float32 and query.device.type == "cpu":
+            # A bf16 LM: attention runs in float32 on CPU (the fast kernels' type; bf16 score matmuls and
+            # softmax were slower here at long contexts), the output goes back in the LM's type.
+            out = self.attend(layer, query.float(), key.float(), value.float(), scaling, softcap)
+            return out.to(query.dtype)
         t0 = time.perf_counter()
         self._pending.discard(layer)
         if self.specs[layer].sliding:

@@ -47,6 +47,7 @@ def load_videollm(
     device: str | torch.device = "cpu",
     base_lm: str | None = None,
     temporal: bool = True,
+    lm_dtype: torch.dtype = torch.float32,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
     ships for this encoder+LM, if any: ``DEFAULT_VARIANT``) or ``None`` (seeded untrained init), or a shipped
@@ -62,14 +63,17 @@ def load_videollm(
     ``encoder`` (other than the default preset) / ``connector`` (a file) / ``system`` say otherwise;
     ``base_lm`` replaces the base LM it names (e.g. a local copy of Meta-Llama-3-8B-Instruct).
     ``temporal``: the architecture of an *untrained* connector (see ``vrex.models.connector``); a
-    weights file carries its own.
+    weights file carries its own. ``lm_dtype``: the LM's weights type after loading (and after merging
+    LoRA); ``torch.bfloat16`` halves the weights each step reads, the vision side stays float32.
     """
+    if lm_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"lm_dtype must be torch.float32 or torch.bfloat16, got {lm_dtype}")
     if videollm_online.is_videollm_online(lm):
-        return videollm_online.load_videollm_online(
+        return _cast_lm(videollm_online.load_videollm_online(
             lm, base_lm=base_lm, vision=None if encoder == EFFNET_PRESET else encoder,
             connector=None if connector in ("auto", None) else connector,
             system=None if system == DEFAULT_SYSTEM else system, device=device,
-        )
+        ), lm_dtype)
     if base_lm is not None:
         raise ValueError(f"base_lm applies to VideoLLM-online checkpoints only; '{lm}' is a plain LM")
     lm_model, tokenizer = load_lm(lm, device=device)
@@ -102,4 +106,11 @@ def load_videollm(
         model.notes.append(f"LM family '{family}' is not among the families vrex's tests run ({', '.join(TESTED_LM_TYPES)})")
     if lora:
         model.notes.append(f"LM has LoRA adapters from {connector} (merged into its weights)")
+    return _cast_lm(model, lm_dtype)
+
+
+def _cast_lm(model: VideoLLM, dtype: torch.dtype) -> VideoLLM:
+    if dtype != model.lm.dtype:
+        model.lm.to(dtype)
+        model.notes.append(f"LM weights in {str(dtype).removeprefix('torch.')} (the session casts its inputs to it)")
     return model
