@@ -216,7 +216,7 @@ def load(cls, directory: Path, model, *, policy=None, config=None, extra: dict[s
          check_extra: bool = True) -> "StreamingSession":
     """Rebuild the session saved in ``directory`` (see the module docstring). ``policy``/``config``
     default to the saved ones; given, they must equal them, as must the model and ``extra``."""
-    from vrex.engine.session import SessionConfig
+    from vrex.engine.config import SessionConfig
     from vrex.engine.positions import PositionConfig
     from vrex.kv.policies import make_policy
 
