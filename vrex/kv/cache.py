@@ -160,7 +160,7 @@ class VrexCache(Cache):
         self._pending.discard(layer)
         if self.specs[layer].sliding:
             return self._attend_window(layer, query, key, value, scaling, softcap, t0)
-        if self.kernels == "fast" and query.dtype == torch.float32:
+        if self.kernels == "fast":  # CPU only, and attention runs in float32 there (above)
             out = self._attend_fast(layer, query, key, value, scaling, t0, softcap)
             if out is not None:
                 return out
@@ -218,14 +218,12 @@ class VrexCache(Cache):
             # decode: attention read in place from the selected slots (each row read once, no copy)
             t_fetch = time.perf_counter()
             out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
-            self._store_and_index(layer, key[0], value[0])
-            selected = n_past if selection.everything else plan.selected
-            return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)
-        k, v, lens = load().gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
-        t_fetch = time.perf_counter()
-        lmax = k.shape[1] - key.shape[-2]
-        valid = None if bool((lens == lmax).all()) else torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)
-        out = _attention(q.float(), k, v, key.shape[-2], valid, scaling, softcap)
+        else:
+            k, v, lens = load().gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
+            t_fetch = time.perf_counter()
+            lmax = k.shape[1] - key.shape[-2]
+            valid = None if bool((lens == lmax).all()) else torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)
+            out = _attention(q.float(), k, v, key.shape[-2], valid, scaling, softcap)
         self._store_and_index(layer, key[0], value[0])
         selected = n_past if selection.everything else plan.selected
         return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)

@@ -35,7 +35,7 @@ import torch
 
 from .clustering import AssignRule, IntraMode, cluster_frame, majority_codes, new_cluster_ids
 from .grow import grow
-from .hashing import code_bytes, hash_codes, pack_bits, unpack_bits
+from .hashing import code_bytes, hash_bits, hash_codes, pack_bits, unpack_bits
 
 CodeUpdate = Literal["leader", "majority", "mean"]
 
@@ -174,10 +174,9 @@ class HCTable:
         from vrex.kv.fast import load
 
         T = k32.shape[1]
-        proj = torch.matmul(k32, self.planes)  # the same product as hash_bits, so the same sign bits
         self._ensure(int(self.n_clusters.max()) + T if self.H else 0, start + T)  # room for T new clusters
         ids, self.active, self.active_ok, self.last_comparisons = load().hc_add(
-            proj, k32, self.active, self.active_ok, self.last, self.count, self.key_sum, self.codes,
+            hash_bits(k32, self.planes), k32, self.active, self.active_ok, self.last, self.count, self.key_sum, self.codes,
             self.leader_tok, self.token_cluster, self.n_clusters, start, self.clock, self.scope_frames,
             self.threshold, self.inclusive, self.rule == "first")
         self.n_tokens = start + T

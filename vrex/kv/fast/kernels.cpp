@@ -300,24 +300,24 @@ std::vector<Tensor> gather_plan(std::vector<Tensor> kbufs, std::vector<Tensor> v
 
 // ---------------------------------------------------------------------------------------------
 // HCTable.add for the default table (intra "tokens", code update "leader", a scope window, no
-// candidate cap), fused: sign bits -> packed codes, candidates from the active list, Hamming
+// candidate cap), fused: sign bits (vrex.resv.hashing.hash_bits) -> packed codes, candidates from the active list, Hamming
 // assignment (rule "nearest" or "first", as vrex.resv.clustering.cluster_frame), the commit into
 // the table's buffers (count, key sum in token order as index_add_ does, last touch, leader code
 // and token, token -> cluster) and the new active list. The PyTorch path in vrex/resv/table.py is
 // the reference; tests/resv/test_table_fast.py holds the two equal, tensor for tensor.
 // The caller ticks the clock and grows the buffers (room for T new clusters and T tokens).
 // Returns (cluster ids int64 [H, T], active int64 [H, A], active_ok bool [H, A], comparisons int64 [H]).
-std::vector<Tensor> hc_add(Tensor proj, Tensor keys, Tensor active, Tensor active_ok, Tensor last, Tensor count,
+std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor active_ok, Tensor last, Tensor count,
                            Tensor key_sum, Tensor codes, Tensor leader_tok, Tensor token_cluster, Tensor n_clusters,
                            int64_t start, int64_t clock, int64_t scope, int64_t threshold, bool inclusive, bool first) {
-  TORCH_CHECK(proj.dim() == 3 && proj.scalar_type() == at::kFloat, "proj must be float32 [H, T, n_hp]");
+  TORCH_CHECK(bits.dim() == 3 && bits.scalar_type() == at::kBool, "bits must be bool [H, T, n_hp]");
   TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous(), "keys must be contiguous float32 [H, T, D]");
   for (const Tensor* t : {&last, &count, &key_sum, &codes, &leader_tok, &token_cluster, &n_clusters})
     TORCH_CHECK(t->is_contiguous(), "HC table buffers must be contiguous");
-  proj = proj.contiguous();
+  bits = bits.contiguous();
   active = active.contiguous();
   active_ok = active_ok.contiguous();
-  const int64_t H = proj.size(0), T = proj.size(1), P = proj.size(2), D = keys.size(2);
+  const int64_t H = bits.size(0), T = bits.size(1), P = bits.size(2), D = keys.size(2);
   const int64_t B = codes.size(2), Ccap = count.size(1), Ncap = token_cluster.size(1), A = active.size(1);
   TORCH_CHECK(B == (P + 7) / 8, "codes hold ", B, " bytes per code, n_hp=", P, " needs ", (P + 7) / 8);
   TORCH_CHECK(start + T <= Ncap, "token_cluster has room for ", Ncap, " tokens, needs ", start + T);
@@ -327,7 +327,7 @@ std::vector<Tensor> hc_add(Tensor proj, Tensor keys, Tensor active, Tensor activ
   auto ids_out = at::empty({H, T}, at::kLong);
   auto comps = at::zeros({H}, at::kLong);
   std::vector<std::vector<int64_t>> next_active(H);
-  const float* pp = proj.data_ptr<float>();
+  const bool* bp = bits.data_ptr<bool>();
   const float* kp = keys.data_ptr<float>();
   const int64_t* ap = active.data_ptr<int64_t>();
   const bool* aok = active_ok.data_ptr<bool>();
@@ -348,7 +348,7 @@ std::vector<Tensor> hc_add(Tensor proj, Tensor keys, Tensor active, Tensor activ
       std::fill(cur.begin(), cur.end(), 0);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t p = 0; p < P; ++p)
-          if (pp[(h * T + t) * P + p] > 0.0f) cur[t * B + p / 8] |= (uint8_t)(1u << (p % 8));
+          if (bp[(h * T + t) * P + p]) cur[t * B + p / 8] |= (uint8_t)(1u << (p % 8));
       // candidates: the active list's in-scope clusters, ascending id (the clock already ticked)
       cand.clear();
       for (int64_t a = 0; a < A; ++a) {
@@ -480,7 +480,6 @@ static inline v16 sum16(v16 a[16]) {
   return __builtin_shuffle(d[0], d[1], l4) + __builtin_shuffle(d[0], d[1], h4);
 }
 static inline float hmax(v16 x) { float m = x[0]; for (int i = 1; i < 16; ++i) m = std::max(m, x[i]); return m; }
-static inline float hsum(v16 x) { float s = 0.f; for (int i = 0; i < 16; ++i) s += x[i]; return s; }
 
 template <typename T>
 static inline v16 load16(const T* p) {
