@@ -66,3 +66,14 @@ def test_step_to_json_handles_full_policy_and_tensors():
     assert out["layers"][0]["policy"]["x"] == [1.0, None]
     assert out["wall_s"] == 0.5 and out["io"] is None
     json.dumps(out)
+
+
+def test_record_keys_are_the_schema():
+    """The trace format (vrex.kv.step/1) read by vrex hw simulate and vrex serve: its keys stay put."""
+    rec, extra = make_steps()[-1]
+    out = step_to_json(rec, extra)
+    assert set(out) == {"schema", "stage", "t", "frame_id", "n_new", "cached_tokens", "wall_s", "layers", "summary",
+                        "io", "moved", "resident"}
+    assert set(out["layers"][0]) == {"layer", "n_past", "selected", "selected_ratio", "fetch_s", "attend_s", "policy"}
+    assert set(out["summary"]) == {"selected_ratio", "policy_selected_ratio", "clusters", "mean_cluster_size",
+                                   "scan_fraction", "hc_ratio"}

@@ -22,8 +22,9 @@ import torch
 
 from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
-from vrex.engine.session import SessionConfig, StreamingSession, selection_summary
+from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
+from vrex.kv.telemetry import selection_summary
 from vrex.models.lm import SMOLLM2_PRESET
 from vrex.models.videollm import load_videollm
 

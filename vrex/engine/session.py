@@ -29,7 +29,7 @@ from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
 from vrex.kv.layers import Geometry, layer_specs, model_geometry, text_config
 from vrex.kv.policy import KVPolicy, Stage
 from vrex.kv.store import KVStore
-from vrex.kv.telemetry import selected_ratios
+from vrex.kv.telemetry import selection_summary
 from vrex.models.videollm import VideoLLM
 
 EventKind = Literal["frame", "response", "answer"]
@@ -428,12 +428,3 @@ def _make_store(geometry: Geometry, dtype: torch.dtype, device, policy: KVPolicy
     return KVStore(g.num_layers, g.num_kv_heads, g.head_dim, dtype=dtype, device=device,
                    device_budget_bytes=budget, host_budget_bytes=config.host_budget_bytes, disk_dir=config.disk_dir)
 
-
-def selection_summary(*records: StepRecord) -> dict[str, Any]:
-    """Mean fraction of past tokens read per attention step, over layers and KV heads."""
-    ratios = []
-    for record in records:
-        for layer in record.layers:
-            if layer["n_past"]:
-                ratios += selected_ratios(layer["selected"], layer["n_past"])
-    return {"selected_ratio": sum(ratios) / len(ratios)} if ratios else {}

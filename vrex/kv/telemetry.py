@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -82,30 +83,68 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def selected_ratios(selected: int | list[int], n_past: int) -> list[float]:
-    """Fraction of the past each KV head read in one layer's step (an int: one value for every head;
-    1.0 with no past). The one computation behind the session's events and the telemetry records."""
-    sel = selected if isinstance(selected, (list, tuple)) else [selected]
-    return [s / n_past if n_past else 1.0 for s in sel]
+@dataclass
+class LayerRecord:
+    """One attention layer's part of a step: what the cache read, typed.
+
+    ``VrexCache`` appends one entry per layer to ``StepRecord.layers`` (a dict with these keys;
+    ``vrex serve``'s timeline reads more keys from it); :meth:`of` reads either form, so the session,
+    the telemetry records and the benchmarks share one parsing and one :meth:`selected_ratio`.
+    """
+
+    layer: int
+    n_past: int  # past tokens before the step
+    selected: list[int]  # tokens read per KV head, always-kept sink/recent tokens included
+    stats: dict[str, Any] = field(default_factory=dict)  # the policy's Selection.stats (a sliding layer: its window)
+    fetch_s: float | None = None
+    attend_s: float | None = None
+
+    @classmethod
+    def of(cls, entry: "LayerRecord | Mapping[str, Any]") -> "LayerRecord":
+        """The typed record of one ``StepRecord.layers`` entry. A policy that read everything reports
+        one count for all heads (an int): it is repeated once per head the policy's statistics list
+        (one head when they list none), so every layer's ratios are per KV head."""
+        if isinstance(entry, LayerRecord):
+            return entry
+        n_past = int(entry.get("n_past", 0))
+        stats = dict(entry.get("stats") or {})
+        sel = entry.get("selected", n_past)
+        if isinstance(sel, torch.Tensor):
+            sel = sel.tolist()
+        if not isinstance(sel, (list, tuple)):
+            heads = stats.get("selected")
+            n_heads = len(heads) if isinstance(heads, (list, tuple)) or (isinstance(heads, torch.Tensor) and heads.dim() == 1) else 0
+            sel = [int(sel)] * (n_heads or 1)
+        return cls(layer=int(entry.get("layer", -1)), n_past=n_past, selected=[int(s) for s in sel], stats=stats,
+                   fetch_s=entry.get("fetch_s"), attend_s=entry.get("attend_s"))
+
+    def selected_ratio(self) -> list[float]:
+        """Fraction of the past each KV head read (1.0 with no past): the one computation behind the
+        session's events, the telemetry records and the benchmarks."""
+        return [s / self.n_past if self.n_past else 1.0 for s in self.selected]
+
+    def to_json(self) -> dict[str, Any]:
+        """The layer's object in a telemetry record (schema above)."""
+        return {"layer": self.layer, "n_past": self.n_past, "selected": list(self.selected),
+                "selected_ratio": self.selected_ratio(), "fetch_s": self.fetch_s, "attend_s": self.attend_s,
+                "policy": _plain(self.stats)}
 
 
-def _layer_json(layer: dict[str, Any]) -> dict[str, Any]:
-    n_past = int(layer.get("n_past", 0))
-    stats = _plain(layer.get("stats") or {})
-    sel = layer.get("selected", n_past)
-    if not isinstance(sel, (list, tuple)):
-        heads = stats.get("selected")
-        sel = [int(sel)] * (len(heads) if isinstance(heads, list) and heads else 1)
-    sel = [int(s) for s in sel]
-    return {
-        "layer": int(layer.get("layer", -1)),
-        "n_past": n_past,
-        "selected": sel,
-        "selected_ratio": selected_ratios(sel, n_past),
-        "fetch_s": layer.get("fetch_s"),
-        "attend_s": layer.get("attend_s"),
-        "policy": stats,
-    }
+def step_layers(record: Any) -> list[LayerRecord]:
+    """The typed per-layer records of a ``StepRecord`` (none for an object without ``layers``)."""
+    return [LayerRecord.of(entry) for entry in getattr(record, "layers", None) or []]
+
+
+def selection_summary(*records: Any) -> dict[str, Any]:
+    """``{"selected_ratio": mean}`` over the steps' layers with a past and their KV heads (``{}`` when
+    none has a past): the session's event statistic, equal to the telemetry summary's."""
+    ratios = _past_ratios(ly for record in records for ly in step_layers(record))
+    return {"selected_ratio": sum(ratios) / len(ratios)} if ratios else {}
+
+
+def _past_ratios(layers: Iterable[LayerRecord]) -> list[float]:
+    """Per-head selected ratios of the layers that had a past (a first step reads nothing to choose from)."""
+    return [r for ly in layers if ly.n_past for r in ly.selected_ratio()]
 
 
 def step_to_json(record: Any, extra: dict[str, Any] | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -116,13 +155,14 @@ def step_to_json(record: Any, extra: dict[str, Any] | None = None, previous: dic
     record of the same stream (for ``moved``).
     """
     extra = dict(extra or {})
-    layers = [_layer_json(ly) for ly in getattr(record, "layers", [])]
+    typed = step_layers(record)
+    layers = [ly.to_json() for ly in typed]
     per_head: dict[str, list[float]] = {k: [] for k in ("selected_ratio", "policy_selected_ratio", "clusters",
                                                          "mean_cluster_size", "scan_fraction")}
+    per_head["selected_ratio"] = _past_ratios(typed)
     hc: list[float] = []
     for ly in layers:
         if ly["n_past"]:
-            per_head["selected_ratio"] += ly["selected_ratio"]
             ps = ly["policy"].get("selected")
             if isinstance(ps, list):
                 per_head["policy_selected_ratio"] += [s / ly["n_past"] for s in ps]
@@ -202,4 +242,4 @@ def stage_means(records: Iterable[dict[str, Any]], key: str = "selected_ratio") 
     return {k: _mean(v) for k, v in acc.items()}
 
 
-__all__ = ["SCHEMA", "step_to_json", "TelemetryWriter", "read_jsonl", "stage_means"]
+__all__ = ["SCHEMA", "LayerRecord", "step_layers", "selection_summary", "step_to_json", "TelemetryWriter", "read_jsonl", "stage_means"]
