@@ -15,6 +15,8 @@ forward over the same embeddings with transformers' own masks (sliding windows i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import FAMILIES, WINDOW
@@ -23,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from vrex.engine.positions import PositionConfig
 from vrex.engine.session import SessionConfig, StreamingSession
-from vrex.kv.layers import layer_specs, rerotate
+from vrex.kv.layers import HALF, PAIRS, UnsupportedModel, layer_specs, rerotate
 from vrex.kv.policies import POLICIES, make_policy
 
 SLIDING = ["gemma3_text", "gemma2", "mistral", "qwen2_sliding"]
@@ -194,9 +196,14 @@ def test_reindex_equals_forward_at_new_positions(family, models):
         model.lm(inputs_embeds=embeds, position_ids=torch.arange(37, 37 + n)[None])
     specs = layer_specs(model.lm)
     before, after = keys[:len(specs)], keys[len(specs):]
+    # which dimensions rotate together, as each family's modeling code does it (measured by layer_specs)
+    layout = PAIRS if family in ("cohere", "glm") else HALF
+    assert [spec.rope_layout for spec in specs] == [layout] * len(specs)
     for spec, k0, k1 in zip(specs, before, after):
-        moved = rerotate(k0, torch.full((n,), 37), spec.inv_freq)
+        moved = rerotate(k0, torch.full((n,), 37), spec.inv_freq, spec.rope_layout)
         torch.testing.assert_close(moved, k1, atol=1e-4, rtol=1e-4)
+        other = rerotate(k0, torch.full((n,), 37), spec.inv_freq, HALF if layout == PAIRS else PAIRS)
+        assert not torch.allclose(other, k1, atol=1e-2)  # the other layout would move the keys wrongly
         if 2 * spec.inv_freq.numel() < k0.shape[-1]:  # partial rotary: the tail passes through unrotated
             torch.testing.assert_close(k0[..., 2 * spec.inv_freq.numel():], k1[..., 2 * spec.inv_freq.numel():])
     assert not torch.allclose(before[0], after[0], atol=1e-3)
@@ -204,7 +211,35 @@ def test_reindex_equals_forward_at_new_positions(family, models):
         assert not torch.equal(specs[0].inv_freq, specs[1].inv_freq)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gpt_neox", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "cohere", "glm"])
+def test_cache_reindex_moves_stored_keys_to_a_forward_at_the_new_positions(family, models):
+    """``VrexCache.reindex`` rotates each layer with the layer's own RoPE (frequencies, rotary width and
+    dimension layout: interleaved pairs on Cohere and GLM): a session's stored keys moved by 37 equal the
+    keys transformers computes for the same tokens at positions 37 later."""
+    model = models(family)
+    session = StreamingSession(model, make_policy("full"), SessionConfig(positions=PositionConfig(mode="absolute")))
+    n = session.cached_tokens
+    embeds = model.embed_text(model.tokenize(model.fmt.prefix))[None]
+    assert embeds.shape[1] == n
+    reference = DynamicCache(config=model.lm.config)
+    with torch.no_grad():
+        model.lm(inputs_embeds=embeds, position_ids=torch.arange(37, 37 + n)[None], past_key_values=reference)
+    session.cache.reindex(torch.full((n,), 37))
+    for layer in range(session.store.num_layers):
+        want = reference.layers[layer].keys[0]  # a sliding layer keeps its last tokens only: compare those
+        torch.testing.assert_close(session.store.keys(layer)[:, -want.shape[1]:], want, atol=1e-4, rtol=1e-4)
+
+
+def test_reindex_refuses_a_layer_whose_rope_layout_was_not_found(models):
+    session = StreamingSession(models("llama"), make_policy("full"), SessionConfig(positions=PositionConfig(mode="absolute")))
+    keys = session.store.keys(1).clone()
+    session.cache.specs[1] = replace(session.cache.specs[1], rope_layout=None)
+    with pytest.raises(UnsupportedModel, match="layer 1: its RoPE moves keys neither as half-split nor as interleaved"):
+        session.cache.reindex(torch.full((session.cached_tokens,), 5))
+    assert torch.equal(session.store.keys(1), keys)  # checked before any layer moved
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_neox", "mistral", "glm"])
 def test_stream_past_position_limit_equals_forward_over_reindexed_cache(family, models, frames):
     model = models(family)
     limit = len(model.tokenize(model.fmt.prefix)) + 40  # the prefix is the sink; frames pass the limit twice

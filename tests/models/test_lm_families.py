@@ -44,6 +44,9 @@ EXPECTED = {
                "<end_of_turn>"),
     "phi3": ("Phi3ForCausalLM", "phi3", "<|system|>\nYou are", "<|end|>\n<|assistant|>\n", "<|end|>"),
     "gpt_neox": ("GPTNeoXForCausalLM", "gpt_neox", "You are", "]\nAssistant:", "<|endoftext|>"),  # no template: plain layout
+    "cohere": ("CohereForCausalLM", "cohere", "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are",
+               "<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+    "glm": ("GlmForCausalLM", "glm", "<|im_start|>system\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
 }
 
 

@@ -47,6 +47,14 @@ PHI3 = {"special": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", 
         "bos": None,
         "template": "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
                     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"}
+#: Cohere's turns: <|START_OF_TURN_TOKEN|> + a role token, the reply ends with <|END_OF_TURN_TOKEN|>
+COHERE = {"special": ["<PAD>", "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>",
+                      "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"], "eos": "<|END_OF_TURN_TOKEN|>", "bos": "<BOS_TOKEN>",
+          "template": "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{% set role = "
+                      "'<|SYSTEM_TOKEN|>' %}{% elif message['role'] == 'user' %}{% set role = '<|USER_TOKEN|>' %}{% else %}"
+                      "{% set role = '<|CHATBOT_TOKEN|>' %}{% endif %}{{ '<|START_OF_TURN_TOKEN|>' + role + message['content']"
+                      " + '<|END_OF_TURN_TOKEN|>' }}{% endfor %}{% if add_generation_prompt %}"
+                      "{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"}
 NEOX = {"special": ["<|endoftext|>"], "eos": "<|endoftext|>", "bos": "<|endoftext|>", "template": None}
 #: family -> (tokenizer style, config overrides); WINDOW: the sliding window of the tiny sliding models
 WINDOW = 16
@@ -61,6 +69,9 @@ FAMILIES = {
                        "attn_logit_softcapping": 2.0, "final_logit_softcapping": 30.0}),
     "phi3": (PHI3, {"partial_rotary_factor": 0.5}),
     "gpt_neox": (NEOX, {"rotary_pct": 0.5}),
+    # interleaved-pair RoPE (2i with 2i + 1), found by vrex.kv.layers.rope_layouts; GLM also partial (half the dims)
+    "cohere": (COHERE, {}),
+    "glm": (CHATML, {"partial_rotary_factor": 0.5, "head_dim": 12}),
 }
 
 
@@ -95,7 +106,7 @@ def save_lm(path: Path, family: str, style: dict | None = None, *, seed: int = 0
     if family == "gpt_neox":
         del kw["num_key_value_heads"]  # GPT-NeoX: one KV head per query head, no such config field
     name = {"llama": "Llama", "qwen2": "Qwen2", "qwen2_sliding": "Qwen2", "mistral": "Mistral", "gemma3_text": "Gemma3Text",
-            "gemma2": "Gemma2", "phi3": "Phi3", "gpt_neox": "GPTNeoX"}[family]
+            "gemma2": "Gemma2", "phi3": "Phi3", "gpt_neox": "GPTNeoX", "cohere": "Cohere", "glm": "Glm"}[family]
     config = getattr(transformers, f"{name}Config")(**kw)
     model_cls = getattr(transformers, "Gemma3ForCausalLM" if family == "gemma3_text" else f"{name}ForCausalLM")
     torch.manual_seed(seed)

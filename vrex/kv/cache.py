@@ -304,8 +304,12 @@ class VrexCache(Cache):
                 raise UnsupportedModel(
                     f"layer {spec.index}: RoPE type '{spec.rope_type}' changes its frequencies with the sequence length, "
                     f"so stored keys cannot be moved to new positions; use positions 'absolute'")
+            if spec.rope_layout is None:
+                raise UnsupportedModel(
+                    f"layer {spec.index}: its RoPE moves keys neither as half-split nor as interleaved-pair rotation "
+                    f"(measured by vrex.kv.layers.rope_layouts), so stored keys cannot be moved; use positions 'absolute'")
         for spec in self.specs:
-            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq)
+            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout)
             self.store.set_keys(spec.index, keys)
             if not spec.sliding:
                 self.policy.on_positions_changed(spec.index, keys)

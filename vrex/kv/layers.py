@@ -10,6 +10,12 @@ re-indexing follow the model layer by layer instead of assuming one Llama-shaped
 * RoPE per layer: the model's rotary module(s) (``inv_freq``; Gemma 3 keeps one per layer type,
   ``{layer_type}_inv_freq``, base 10K local and 1M global). ``2 * len(inv_freq)`` is the rotary
   width: GPT-NeoX and Phi rotate only the first ``partial_rotary_factor * head_dim`` dimensions.
+* How RoPE pairs the dimensions it rotates: half-split (``rotate_half``: dimension ``i`` with
+  ``i + R/2``; Llama, Qwen2, Mistral, Gemma, Phi, GPT-NeoX) or interleaved pairs (``2i`` with
+  ``2i + 1``; Cohere, GLM, Helium, GPT-J). Nothing in the config says which, so it is measured on the
+  model itself (``rope_layouts``): RoPE attention sees only relative positions, so a forward at
+  positions shifted by ``s`` gives every layer the keys of the unshifted forward rotated by ``s``;
+  the layout whose rotation reproduces them is the model's.
 
 ``model_geometry`` and ``layer_specs`` raise :class:`UnsupportedModel`, whose message names the
 capability the engine lacks (not the model type), for what the engine cannot run.
@@ -17,7 +23,8 @@ capability the engine lacks (not the model type), for what the engine cannot run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -25,6 +32,9 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 #: RoPE types whose frequencies do not depend on the sequence length, so a stored key can be moved
 #: to another position exactly (``vrex.engine.positions.rerotate``).
 STATIC_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
+#: RoPE layouts (which dimensions rotate together): ``i`` with ``i + R/2``, or ``2i`` with ``2i + 1``
+HALF, PAIRS = "half", "pairs"
+ROPE_LAYOUTS = (HALF, PAIRS)
 
 
 class UnsupportedModel(ValueError):
@@ -42,6 +52,9 @@ class LayerSpec:
     inv_freq: torch.Tensor | None = None
     #: the RoPE type (``rope_type``); re-indexing needs one of ``STATIC_ROPE``
     rope_type: str = "default"
+    #: how this layer's RoPE pairs dimensions (``HALF`` or ``PAIRS``, measured by ``rope_layouts``);
+    #: None: neither reproduces the model's keys, so stored keys cannot be moved (no re-indexing)
+    rope_layout: str | None = HALF
 
     @property
     def sliding(self) -> bool:
@@ -131,7 +144,47 @@ def layer_specs(lm) -> list[LayerSpec]:
         rope = ropes[0] if len(ropes) == 1 else ropes[i] if ropes else None
         specs.append(LayerSpec(i, int(window) if t == SLIDING else None,
                                None if rope is None else _inv_freq(rope, t), _rope_type(cfg, t)))
+    if ropes:
+        specs = [replace(spec, rope_layout=layout) for spec, layout in zip(specs, rope_layouts(lm, specs))]
     return specs
+
+
+#: rope_layouts' answers per model object: one probe (two short forwards) per model, not per session
+_LAYOUTS: WeakKeyDictionary = WeakKeyDictionary()
+#: the probe: a few tokens, moved by a shift that turns even the slowest-rotating pair measurably
+_PROBE_TOKENS, _PROBE_SHIFT = 4, 37
+
+
+def rope_layouts(lm, specs: list[LayerSpec]) -> tuple[str | None, ...]:
+    """Each layer's RoPE layout (``HALF``/``PAIRS``), measured on ``lm``: its post-RoPE keys of a short
+    input at positions ``0..n-1`` and at ``s..s+n-1``; a layout counts when moving the first keys by
+    ``s`` with it reproduces the second within the dtype's rounding (None when neither does)."""
+    if lm not in _LAYOUTS:
+        first, moved = _probe_keys(lm, 0), _probe_keys(lm, _PROBE_SHIFT)
+        tol = 1e-3 if next(lm.parameters()).dtype == torch.float32 else 5e-2
+        layouts = []
+        for spec, k0, k1 in zip(specs, first, moved):
+            delta = torch.full((k0.shape[-2],), _PROBE_SHIFT)
+            err = {layout: float((rerotate(k0.float(), delta, spec.inv_freq, layout) - k1.float()).norm()
+                                 / k1.float().norm().clamp_min(1e-12)) for layout in ROPE_LAYOUTS}
+            best = min(err, key=err.get)
+            layouts.append(best if err[best] < tol else None)
+        _LAYOUTS[lm] = tuple(layouts)
+    return _LAYOUTS[lm]
+
+
+def _probe_keys(lm, start: int) -> list[torch.Tensor]:
+    """Every layer's post-RoPE keys [H, n, D] of ``_PROBE_TOKENS`` fixed tokens at positions from ``start``
+    (transformers' own cache collects them; the ``"vrex"`` attention falls back to SDPA without a VrexCache)."""
+    from transformers import DynamicCache
+
+    device = next(lm.parameters()).device
+    ids = (torch.arange(_PROBE_TOKENS) * 7 + 3) % text_config(lm.config).vocab_size
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad():
+        lm(input_ids=ids[None].to(device), position_ids=torch.arange(start, start + _PROBE_TOKENS, device=device)[None],
+           past_key_values=cache, use_cache=True)
+    return [layer.keys[0].cpu() for layer in cache.layers]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -139,9 +192,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Move post-RoPE ``keys`` [..., N, D] by ``delta`` [N] positions (half-split RoPE, as Llama, Qwen2,
-    Mistral, Gemma, Phi and GPT-NeoX apply it).
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` for interleaved RoPE: each pair ``(x[2i], x[2i+1])`` becomes ``(-x[2i+1], x[2i])``."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = HALF) -> torch.Tensor:
+    """Move post-RoPE ``keys`` [..., N, D] by ``delta`` [N] positions. ``layout``: which dimensions rotate
+    together, ``HALF`` (``i`` with ``i + R/2``: Llama, Qwen2, Mistral, Gemma, Phi, GPT-NeoX) or
+    ``PAIRS`` (``2i`` with ``2i + 1``: Cohere, GLM; see ``rope_layouts``).
 
     ``inv_freq`` [R/2] is the layer's own: its length gives the rotary width R, and only the first R
     dimensions rotate (partial rotary: GPT-NeoX ``rotary_pct``, Phi ``partial_rotary_factor``); the
@@ -151,13 +210,16 @@ def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) ->
     rot = 2 * inv_freq.shape[-1]
     if rot > keys.shape[-1]:
         raise ValueError(f"RoPE width {rot} exceeds the key width {keys.shape[-1]}")
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"RoPE layout '{layout}' is not one of: {', '.join(ROPE_LAYOUTS)}")
     freqs = delta.to(device=inv_freq.device, dtype=inv_freq.dtype)[:, None] * inv_freq[None, :]  # [N, R/2]
-    emb = torch.cat((freqs, freqs), dim=-1).to(keys.device)
+    emb = (torch.cat((freqs, freqs), dim=-1) if layout == HALF else freqs.repeat_interleave(2, dim=-1)).to(keys.device)
     cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
+    turn = rotate_half if layout == HALF else rotate_pairs
     if rot == keys.shape[-1]:
-        return keys * cos + rotate_half(keys) * sin
+        return keys * cos + turn(keys) * sin
     head, tail = keys[..., :rot], keys[..., rot:]
-    return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
+    return torch.cat((head * cos + turn(head) * sin, tail), dim=-1)
 
 
 def check_supported(lm) -> list[LayerSpec]:
