@@ -25,6 +25,7 @@ from vrex.bench.media import long_stream
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
 from vrex.kv.telemetry import selection_summary
+from vrex.models.dtypes import DEFAULT_LM_DTYPE
 from vrex.models.lm import SMOLLM2_PRESET
 from vrex.models.videollm import load_videollm
 
@@ -93,11 +94,11 @@ def measure(session: StreamingSession, frames, tokens: int, text_ids: torch.Tens
 
 def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, tokens: int = 8, text_chunk: int = 24,
                      kernels: str = "fast", out: Path, peer: Path | None = None, log=print,
-                     lm: str = SMOLLM2_PRESET, lm_dtype: str = "float32") -> list[dict]:
+                     lm: str = SMOLLM2_PRESET, lm_dtype: str = DEFAULT_LM_DTYPE) -> list[dict]:
     for spec in policies:  # refuse a bad spec before any model work
         make_policy(spec)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_videollm(lm=lm, lm_dtype=getattr(torch, lm_dtype))  # another LM (``--lm``) runs with an untrained connector: the notes say so
+    model = load_videollm(lm=lm, lm_dtype=lm_dtype)  # another LM (``--lm``) runs with an untrained connector: the notes say so
     for note in model.notes:
         log(f"note: {note}")
     sizes = sorted(sizes)

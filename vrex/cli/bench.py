@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
-from vrex.cli.options import LM_PRESETS, POLICY_NAMES, fail, lm_errors, log, model_ref_error, recent_tokens_error, require_extra
+from vrex.cli.options import LM_PRESETS, POLICY_NAMES, choice_error, fail, lm_errors, log, model_ref_error, recent_tokens_error, require_extra
+from vrex.models.dtypes import DEFAULT_LM_DTYPE, LM_DTYPES
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 err = Console(stderr=True, width=160)
@@ -32,7 +33,7 @@ def bench_stream(
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
     peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
     lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
-    lm_dtype: Annotated[str, typer.Option(help="LM weights type: float32 or bfloat16 (see vrex run --lm-dtype).")] = "float32",
+    lm_dtype: Annotated[str, typer.Option(help=f"LM weights type: {' or '.join(LM_DTYPES)} (see vrex run --lm-dtype).")] = DEFAULT_LM_DTYPE,
     out: Annotated[Path, typer.Option(help="Output directory: stream.json (rows), stream-full.json, stream.png.")] = Path("bench-out/stream"),
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
@@ -42,8 +43,8 @@ def bench_stream(
 
     if kernels not in ("fast", "reference"):
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
-    if lm_dtype not in ("float32", "bfloat16"):
-        raise typer.BadParameter(f"'{lm_dtype}': choose float32 or bfloat16", param_hint="--lm-dtype")
+    if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
+        fail(choice_error("--lm-dtype", lm_dtype, LM_DTYPES))
     if peer is not None and not peer.is_file():
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
     if model_ref_error("--lm", lm, LM_PRESETS, "language model"):

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from vrex.cli.options import POLICY_NAMES, fail
+from vrex.models.dtypes import DEFAULT_LM_DTYPE, LM_DTYPES
 
 err = Console(stderr=True)
 
@@ -60,7 +61,7 @@ def run(
     disk_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Disk tier: memory-mapped KV files in a fresh vrex-kv-* directory inside DIR (created if needed, removed at exit). Needed by --host-budget; without a host budget nothing reaches disk.")] = None,
     kernels: Annotated[str, typer.Option(help="Selection + attention kernels: 'fast' (C++: fused selection, attention read in place from the KV tiers) or 'reference' (the PyTorch path the fast one is tested against: same selections, same outputs within float tolerance).")] = "fast",
     kv_dtype: Annotated[str, typer.Option(help="KV storage type: 'auto' (float32 on CPU, where attention runs in float32; the LM's type elsewhere), 'bfloat16' (half the KV memory; keys and values rounded) or 'float32'.")] = "auto",
-    lm_dtype: Annotated[str, typer.Option(help="LM weights type: 'float32' or 'bfloat16' (half the weights each step reads: faster frame and decode steps on CPUs with bf16 matrix units; outputs differ slightly from float32's).")] = "float32",
+    lm_dtype: Annotated[str, typer.Option(help=f"LM weights type: one of {', '.join(LM_DTYPES)} (bfloat16: half the weights each step reads: faster frame and decode steps on CPUs with bf16 matrix units; outputs differ slightly from float32's).")] = DEFAULT_LM_DTYPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (frame, response, answer) on stdout instead of the live display.")] = False,
     session_dir: Annotated[Optional[Path], typer.Option("--session", metavar="DIR", help="Keep the session on disk in DIR as it goes (K/V, policy state, positions, dialogue, the source's position, every setting; saved after each frame, atomically). Running the same command again after a crash or a stop resumes from the last saved frame and continues exactly as an uninterrupted run. DIR: a new or empty directory, or a saved session (its settings must match).")] = None,
 ) -> None:
@@ -115,11 +116,10 @@ def run(
     from vrex.kv.store import KVStoreDiskError
     from vrex.kv.telemetry import TelemetryWriter
     from vrex.models.videollm import load_videollm
-    import torch
 
     try:
         model = load_videollm(lm=lm, encoder=encoder, connector=None if connector == "none" else connector, base_lm=base_lm,
-                              lm_dtype=getattr(torch, lm_dtype))
+                              lm_dtype=lm_dtype)
     except (FileNotFoundError, ValueError) as e:  # weights a download or a path could not provide, an unsupported model
         fail(str(e))
     for note in model.notes:
@@ -134,7 +134,7 @@ def run(
     # What must match for --session to resume (the config is compared too).
     settings = {"source": source, "fps": fps, "max_frames": max_frames, "ask": [list(q) for q in questions], "lm": lm,
                 "base_lm": base_lm, "encoder": encoder, "connector": connector,
-                **({"lm_dtype": lm_dtype} if lm_dtype != "float32" else {})}  # sessions saved before the option still resume
+                **({"lm_dtype": lm_dtype} if lm_dtype != DEFAULT_LM_DTYPE else {})}  # sessions saved before the option still resume
     session = None
     try:  # the session prefills the system prompt: the first store and trace writes happen here
         session, resumed = open_session(session_dir, model, make_policy(policy), config, settings,

@@ -13,6 +13,7 @@ import torch
 from vrex.kv.layers import text_config
 from vrex.models import videollm_online
 from vrex.models.connector import Connector
+from vrex.models.dtypes import DEFAULT_LM_DTYPE, lm_torch_dtype
 from vrex.models.encoders import EFFNET_PRESET, load_encoder
 from vrex.models.live_format import DEFAULT_SYSTEM, LiveFormat, LiveFormatError  # noqa: F401  (public here too)
 from vrex.models.lm import SMOLLM2_PRESET, TESTED_LM_TYPES, load_lm
@@ -47,7 +48,7 @@ def load_videollm(
     device: str | torch.device = "cpu",
     base_lm: str | None = None,
     temporal: bool = True,
-    lm_dtype: torch.dtype = torch.float32,
+    lm_dtype: str | torch.dtype = DEFAULT_LM_DTYPE,
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
     ships for this encoder+LM, if any: ``DEFAULT_VARIANT``) or ``None`` (seeded untrained init), or a shipped
@@ -64,10 +65,10 @@ def load_videollm(
     ``base_lm`` replaces the base LM it names (e.g. a local copy of Meta-Llama-3-8B-Instruct).
     ``temporal``: the architecture of an *untrained* connector (see ``vrex.models.connector``); a
     weights file carries its own. ``lm_dtype``: the LM's weights type after loading (and after merging
-    LoRA); ``torch.bfloat16`` halves the weights each step reads, the vision side stays float32.
+    LoRA), a name of ``vrex.models.dtypes.LM_DTYPES`` or its torch dtype; ``"bfloat16"`` halves the weights
+    each step reads, the vision side stays float32.
     """
-    if lm_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"lm_dtype must be torch.float32 or torch.bfloat16, got {lm_dtype}")
+    lm_dtype = lm_torch_dtype(lm_dtype)
     if videollm_online.is_videollm_online(lm):
         return _cast_lm(videollm_online.load_videollm_online(
             lm, base_lm=base_lm, vision=None if encoder == EFFNET_PRESET else encoder,
