@@ -22,7 +22,7 @@ from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.layers import UnsupportedModel
 from vrex.kv.policies import POLICIES, make_policy
 from vrex.models.live_format import DEFAULT_SYSTEM, LiveFormat, LiveFormatError
-from vrex.models.lm import load_lm
+from vrex.models.lm import TESTED_LM_TYPES, load_lm
 from vrex.models.videollm import load_videollm
 from vrex.models.videollm_online import UnknownModelLayout
 from vrex.models.weights import WeightsNotFound
@@ -52,6 +52,8 @@ EXPECTED = {
 
 def test_every_family_has_expectations():
     assert set(EXPECTED) == set(FAMILIES)
+    # the families vrex calls tested (no "not among the families" note) are exactly those tested here
+    assert {EXPECTED[family][1] for family in FAMILIES} == set(TESTED_LM_TYPES)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

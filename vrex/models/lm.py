@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: Families run end to end by the tests (tests/models/test_lm_families.py), on tiny random-weight models
 #: saved in the Hugging Face layout. Any other causal LM transformers runs loads too, unless it lacks
 #: something the engine needs (``vrex.kv.layers.check_supported`` names what).
-TESTED_LM_TYPES = ("llama", "qwen2", "mistral", "gemma3_text", "gemma2", "phi3", "gpt_neox")
+TESTED_LM_TYPES = ("llama", "qwen2", "mistral", "gemma3_text", "gemma2", "phi3", "gpt_neox", "cohere", "glm")
 SMOLLM2_PRESET = "smollm2-135m"
 
 
