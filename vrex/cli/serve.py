@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +28,10 @@ def serve(
     allow_origin: Annotated[Optional[list[str]], typer.Option(help="Extra page origin allowed to use the API from a browser (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads for the model (default: torch's choice).")] = None,
     connector: Annotated[str, typer.Option(help="Model weights, as `vrex run --connector`.")] = "auto",
+    sessions_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Save every session in DIR/<id> as it goes (the format of `vrex run --session`). "
+                                                         "A server restarted on the same DIR resumes a session when a client names its id "
+                                                         "(POST /api/sessions/<id>/resume, or any request for it), from its last saved frame; "
+                                                         "DELETE /api/sessions/<id> removes its directory.")] = None,
 ) -> None:
     """Serve a live video assistant: open the printed address, point a camera (or upload a video),
     read the narrations, ask questions, and see which moments each answer read.
@@ -42,6 +47,13 @@ def serve(
         raise typer.Exit(2)
     if media_dir is not None and not media_dir.is_dir():
         raise typer.BadParameter(f"{media_dir} is not a folder", param_hint="--media-dir")
+    if sessions_dir is not None:
+        try:
+            sessions_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise typer.BadParameter(f"{sessions_dir}: cannot create it ({e.strerror or e})", param_hint="--sessions-dir")
+        if not os.access(sessions_dir, os.W_OK | os.X_OK):
+            raise typer.BadParameter(f"{sessions_dir} is not writable", param_hint="--sessions-dir")
     if max_sessions < 1 or max_fps <= 0 or max_upload_mb <= 0:
         raise typer.BadParameter("--max-sessions, --max-fps and --max-upload-mb must be positive")
     from vrex.kv.policies import make_policy
@@ -54,7 +66,8 @@ def serve(
         raise typer.BadParameter(str(e), param_hint="--policy")
     limits = ServeLimits(max_sessions=max_sessions, max_fps=max_fps, max_upload_bytes=int(max_upload_mb * 2**20))
     config = ServeConfig(host=host, port=port, token=secret, limits=limits, media_dir=media_dir, allow_urls=allow_urls,
-                         allowed_origins=tuple(allow_origin or ()), threads=threads, default_policy=policy)
+                         allowed_origins=tuple(allow_origin or ()), threads=threads, default_policy=policy,
+                         sessions_dir=sessions_dir)
     from vrex.models.videollm import load_videollm
     from vrex.serve.server import serve_forever
 

@@ -118,7 +118,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/api/config")
     def server_config() -> dict[str, Any]:
         return {"policies": hub.policies(), "default_policy": config.default_policy, "limits": limits.__dict__,
-                "media": list_media(config.media_dir), "allow_urls": config.allow_urls,
+                "media": list_media(config.media_dir), "allow_urls": config.allow_urls, "saves_sessions": hub.saved is not None,
                 "model": getattr(hub.model, "name", type(hub.model).__name__)}
 
     @app.post("/api/sessions", status_code=201)
@@ -128,8 +128,25 @@ def create_app(hub: Hub) -> FastAPI:
         return session.describe()
 
     @app.get("/api/sessions")
-    def list_sessions() -> list[dict[str, Any]]:
-        return [s.describe() for s in hub.list()]
+    def list_sessions(saved: bool = Query(False, description="Also list the sessions saved in --sessions-dir but not loaded (state `saved`).")) -> list[dict[str, Any]]:
+        live = [s.describe() for s in hub.list()]
+        if saved and hub.saved is not None:
+            ids = {s["id"] for s in live}
+            live += [s for s in hub.saved.saved() if s["id"] not in ids]
+        return live
+
+    @app.post("/api/sessions/{sid}/resume")
+    def resume_session(sid: str) -> dict[str, Any]:
+        """Resume a session saved by a server started with `--sessions-dir DIR` (this one, or an earlier
+        one on the same DIR that stopped or crashed): it continues from its last save, exactly as if it
+        had never stopped (greedy decoding). `resumed` says where (`frame`: frames it holds, `t`: the
+        last one's time): send the frames after `t`. A failed session is replaced by its last save; a
+        live one is returned as is. Any other request naming a saved session's id resumes it too, so a
+        client that reconnects with its id just goes on. 404: no such saved session; 409: it cannot
+        resume (damaged, saved with another model); 429: the server is full."""
+        session = hub.resume(sid)
+        s = session.session
+        return {**session.describe(), "resumed": {"t": round(s.t, 3), "frame": s.frames, "cached_tokens": s.cached_tokens}}
 
     @app.get("/api/sessions/{sid}")
     def get_session(sid: str) -> dict[str, Any]:
@@ -144,7 +161,7 @@ def create_app(hub: Hub) -> FastAPI:
               openapi_extra={"requestBody": {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}})
     async def post_frame(sid: str, request: Request, t: Optional[float] = Query(None, description="Stream time in s (default: arrival).")) -> dict[str, Any]:
         """One frame as the raw request body (JPEG, PNG or WebP)."""
-        session = hub.get(sid)
+        session = await _session(hub, sid)
         data = await _read_body(request, limits.max_frame_bytes, "frame")
         image = await asyncio.to_thread(decode_frame, data, limits)
         accepted = session.offer_frame(image, t)
@@ -153,7 +170,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.post("/api/sessions/{sid}/ask")
     async def ask(sid: str, body: Ask) -> dict[str, Any]:
         """Queue a question; with `wait`, return its answer and the timeline of what it read."""
-        session = hub.get(sid)
+        session = await _session(hub, sid)
         text = check_question(body.text, limits)
         if not body.wait:
             return {"id": session.ask(text)}
@@ -176,7 +193,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/api/sessions/{sid}/events")
     async def events(sid: str, after: int = 0, wait: float = Query(0.0, ge=0, le=30)) -> list[dict[str, Any]]:
         """Events with `seq` > `after` (frame stats, narrations, answers, errors); `wait` long-polls."""
-        session = hub.get(sid)
+        session = await _session(hub, sid)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             out = session.events_after(after)
@@ -199,7 +216,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.post("/api/sessions/{sid}/upload", openapi_extra={"requestBody": {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload(sid: str, request: Request, name: str = "upload") -> dict[str, Any]:
         """A video file as the raw body; the server plays it at real speed into the session."""
-        session = hub.get(sid)
+        session = await _session(hub, sid)
         session._check_live()
         suffix = Path(name).suffix[:8] or ".mp4"
         tmp = Path(tempfile.mkstemp(prefix="vrex-upload-", suffix=suffix)[1])
@@ -226,7 +243,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.post("/api/sessions/{sid}/source")
     async def set_source(sid: str, body: SourceRequest) -> dict[str, Any]:
         """Play a file from --media-dir or a URL (--allow-urls) into the session."""
-        session = hub.get(sid)
+        session = await _session(hub, sid)
         session._check_live()
         if (body.url is None) == (body.media is None):
             raise ClientError(422, "give exactly one of 'url' and 'media'")
@@ -255,7 +272,7 @@ def create_app(hub: Hub) -> FastAPI:
             await websocket.close(code=1008, reason="missing or wrong token")
             return
         try:
-            session = hub.get(sid)
+            session = await _session(hub, sid)
         except ClientError as e:
             await websocket.close(code=1008, reason=e.message[:120])
             return
@@ -295,6 +312,11 @@ async def _handle_ws_message(session: LiveSession, msg: dict[str, Any], limits: 
     if not isinstance(data, dict) or data.get("type") != "ask":
         raise ClientError(400, "unknown message: send {\"type\": \"ask\", \"text\": ...} or a binary image frame")
     session.ask(check_question(data.get("text"), limits))
+
+
+async def _session(hub: Hub, sid: str) -> LiveSession:
+    """``hub.get`` off the event loop: it may resume a saved session (disk reads, the model lock)."""
+    return await asyncio.to_thread(hub.get, sid)
 
 
 def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):

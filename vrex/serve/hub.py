@@ -11,7 +11,9 @@ from typing import Any
 from vrex.kv.policies import POLICIES, make_policy
 from vrex.serve.limits import ClientError, ServeLimits, check_fps
 from vrex.serve.live import LiveSession, SessionSettings
+from vrex.serve.saved import SessionsDir
 from vrex.serve.worker import Worker
+
 
 @dataclass
 class ServeConfig:
@@ -24,6 +26,7 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()  # extra page origins allowed to open WebSockets / POST
     threads: int | None = None  # torch threads of the worker (None: torch's default)
     default_policy: str = "full"
+    sessions_dir: Path | None = None  # save every session there as it goes; resume by id after a restart
 
 
 def build_policy(spec: str) -> Any:
@@ -42,6 +45,8 @@ class Hub:
         self.model_lock = threading.Lock()  # one model step at a time: the worker's steps and session set-up
         self.worker = Worker(self.list, threads=config.threads, on_idle=self.reap, model_lock=self.model_lock)
         self.started = time.monotonic()
+        self.saved = SessionsDir(config.sessions_dir) if config.sessions_dir is not None else None
+        self._resume_lock = threading.Lock()  # one resume of a session at a time
 
     def start(self) -> "Hub":
         self.worker.start()
@@ -57,11 +62,44 @@ class Hub:
             return list(self.sessions.values())
 
     def get(self, sid: str) -> LiveSession:
+        """A session by id; one saved in ``--sessions-dir`` but not loaded (after a restart, or reaped
+        while idle) is resumed first, so a client reconnecting with its id just goes on."""
         with self._lock:
             session = self.sessions.get(sid)
+        if session is None and self.saved is not None and self.saved.has(sid):
+            return self.resume(sid)
         if session is None:
             raise ClientError(404, f"no session {sid!r}")
         return session
+
+    def resume(self, sid: str) -> LiveSession:
+        """The session ``sid`` from its last save: loaded if not live here (a failed or closed one is
+        replaced by its last save); a live one is returned as it is."""
+        if self.saved is None:
+            raise ClientError(409, "sessions are not saved on this server: start it with --sessions-dir DIR to resume sessions")
+        with self._resume_lock:
+            with self._lock:
+                current = self.sessions.get(sid)
+            if current is not None and current.state == "live":
+                return current
+            if not self.saved.has(sid):
+                raise ClientError(404, f"no saved session {sid!r} in the server's sessions directory")
+            self._check_room()
+            with self.model_lock:  # rebuilding the cache sets the shared LM up (as creating a session does)
+                session = LiveSession.resume(self.model, sid, self.saved, self.config.limits)
+            if current is not None:
+                current.close("replaced by its last save")
+            session.wake = self.worker.wake
+            with self._lock:
+                self.sessions[sid] = session
+        return session
+
+    def _check_room(self) -> None:
+        limits = self.config.limits
+        with self._lock:
+            live = sum(s.state == "live" for s in self.sessions.values())
+        if live >= limits.max_sessions:
+            raise ClientError(429, f"the server already hosts {live} sessions (limit {limits.max_sessions}); close one first")
 
     def create(self, settings: SessionSettings) -> LiveSession:
         limits = self.config.limits
@@ -72,25 +110,32 @@ class Hub:
             raise ClientError(422, f"recent_tokens must be >= 0, got {settings.recent_tokens}")
         policy = build_policy(settings.policy)
         self.reap()
-        with self._lock:
-            live = sum(s.state == "live" for s in self.sessions.values())
-            if live >= limits.max_sessions:
-                raise ClientError(429, f"the server already hosts {live} sessions (limit {limits.max_sessions}); close one first")
+        self._check_room()
         # Building the session runs the system prompt through the shared model: under the model lock.
         with self.model_lock:
-            session = LiveSession(self.model, policy, settings, limits)
+            try:
+                session = LiveSession(self.model, policy, settings, limits, self.saved)
+            except OSError as e:  # the first save (SessionSaveError names the directory and why)
+                raise ClientError(507, f"the session could not be saved: {e}") from None
         with self._lock:
             if sum(s.state == "live" for s in self.sessions.values()) >= limits.max_sessions:
+                if self.saved is not None:
+                    self.saved.remove(session.id)
                 raise ClientError(429, f"the server already hosts {limits.max_sessions} sessions (the limit); close one first")
             session.wake = self.worker.wake
             self.sessions[session.id] = session
         return session
 
     def remove(self, sid: str) -> None:
-        session = self.get(sid)
-        session.close("closed by client")
+        """Close a session for good: with ``--sessions-dir`` its saved directory goes too."""
         with self._lock:
-            self.sessions.pop(sid, None)
+            session = self.sessions.pop(sid, None)
+        if session is None and not (self.saved is not None and self.saved.has(sid)):
+            raise ClientError(404, f"no session {sid!r}")
+        if session is not None:
+            session.close("closed by client")
+        if self.saved is not None:
+            self.saved.remove(sid)
 
     def reap(self) -> None:
         """Close and forget sessions idle longer than the limit with no client attached."""
@@ -98,7 +143,8 @@ class Hub:
         now = time.monotonic()
         for session in self.list():
             if not session._subscribers and now - session.last_active > idle:
-                session.close(f"idle for more than {idle:.0f} s")
+                kept = "; saved: its id resumes it" if session.sidecar is not None else ""
+                session.close(f"idle for more than {idle:.0f} s{kept}")
                 with self._lock:
                     self.sessions.pop(session.id, None)
 

@@ -9,7 +9,6 @@ counted as dropped, so a slow machine never builds up lag behind a live source.
 from __future__ import annotations
 
 import io
-import itertools
 import threading
 import time
 import uuid
@@ -19,9 +18,13 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from vrex.engine.durable import open_manifest
+from vrex.engine.persist import SessionError
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.layers import model_geometry
+from vrex.kv.policies import make_policy
 from vrex.serve.limits import ClientError, ServeLimits
+from vrex.serve.saved import SessionsDir, Sidecar, frame_line, replay_frames
 from vrex.serve.timeline import ReadRecorder, ReadTimeline, per_layer, summarize
 
 MAX_EVENTS = 2000  # events kept for polling clients (older ones are dropped from the log)
@@ -59,14 +62,57 @@ class Counters:
 
 
 class LiveSession:
-    def __init__(self, model: Any, policy: Any, settings: SessionSettings, limits: ServeLimits):
-        self.id = uuid.uuid4().hex[:12]
+    def __init__(self, model: Any, policy: Any, settings: SessionSettings, limits: ServeLimits,
+                 saved: SessionsDir | None = None):
+        """A new session; with ``saved`` (``--sessions-dir``) it is saved there at once and after every step."""
+        recorder = ReadRecorder(policy)
+        config = SessionConfig(theta=settings.theta, min_response_gap=settings.min_response_gap, recent_tokens=settings.recent_tokens)
+        self._setup(uuid.uuid4().hex[:12], settings, limits, recorder, StreamingSession(model, recorder, config))
+        if saved is not None:
+            directory = saved.path(self.id)
+            self.session.save(directory, {"serve": settings.describe()})  # raises SessionSaveError (OSError)
+            self.sidecar = Sidecar(directory)
+
+    @classmethod
+    def resume(cls, model: Any, sid: str, saved: SessionsDir, limits: ServeLimits) -> "LiveSession":
+        """The session saved as ``saved/sid``, at its last save (a ``resume`` event says where); ClientError
+        409 naming the directory when it cannot resume (damaged, another model, at its frame limit)."""
+        directory = saved.path(sid)
+        try:
+            settings = SessionSettings(**open_manifest(directory)["settings"]["run"]["serve"])
+            recorder = ReadRecorder(make_policy(settings.policy))
+            session = StreamingSession.load(directory, model, policy=recorder)
+            sidecar = Sidecar(directory)
+            times, thumbs, counts = replay_frames(sidecar.read(), session.frames)
+        except (SessionError, KeyError, TypeError, ValueError) as e:  # SessionError is a ValueError
+            raise ClientError(409, f"session {sid} cannot resume from {directory}: {e}") from None
+        if session.frames >= limits.max_session_frames:
+            raise ClientError(409, f"session {sid} reached the limit of {limits.max_session_frames} frames; it cannot go on")
+        self = cls.__new__(cls)
+        self._setup(sid, settings, limits, recorder, session)
+        self.sidecar, self.frame_times, self.thumbs = sidecar, times, thumbs
+        c = self.counters
+        c.received, c.processed = counts.get("received", session.frames), session.frames
+        c.dropped_behind, c.dropped_rate = counts.get("dropped_behind", 0), counts.get("dropped_rate", 0)
+        c.narrations = sum(d["kind"] == "response" for d in session.dialogue)
+        c.answers = sum(d["kind"] == "answer" for d in session.dialogue)
+        self.seq = sidecar.seq_limit  # past every number handed out before the restart
+        # The stream clock goes on from the saved time: frames without a time are stamped after it.
+        self.created = self.last_active - session.t - 1.0 / settings.fps
+        self._last_accepted_t = session.t if session.frames else float("-inf")
+        self.resumed = {"t": round(session.t, 3), "frame": session.frames, "cached_tokens": session.cached_tokens}
+        self.emit({"type": "resume", **self.resumed})
+        return self
+
+    def _setup(self, sid: str, settings: SessionSettings, limits: ServeLimits, recorder: ReadRecorder,
+               session: StreamingSession) -> None:
+        self.id = sid
         self.settings, self.limits = settings, limits
         self.created = self.last_active = time.monotonic()
         self.last_served = 0.0  # when the worker last stepped this session (its scheduling key)
-        self.recorder = ReadRecorder(policy)
-        config = SessionConfig(theta=settings.theta, min_response_gap=settings.min_response_gap, recent_tokens=settings.recent_tokens)
-        self.session = StreamingSession(model, self.recorder, config)
+        self.recorder = recorder
+        self.session = session
+        model = session.model
         geo = model_geometry(model.lm)  # GPT-NeoX configs have no num_key_value_heads
         self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, geo.num_layers, geo.num_kv_heads)
         self.session.trace = lambda record, extra: self.timeline.on_step(record, self.session.spans)
@@ -82,7 +128,9 @@ class LiveSession:
         self.answers: dict[str, dict[str, Any]] = {}  # id -> answer/narration with its timeline
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.last_stats: dict[str, Any] = {}
-        self._seq = itertools.count(1)
+        self.seq = 0  # number of the last event
+        self.sidecar: Sidecar | None = None  # set when the session is saved (--sessions-dir)
+        self.resumed: dict[str, Any] | None = None  # where a resumed session started again
         self._lock = threading.Lock()
         self._slot: _Pending | None = None
         self._questions: deque[tuple[str, str, float]] = deque()
@@ -158,6 +206,7 @@ class LiveSession:
             qid, text, asked = question
             for event in self.session.ask(text):
                 self._publish(event.to_dict(), qid=qid, asked=asked)
+            self._save(None)
         elif pending:
             self._push(pending)
 
@@ -182,6 +231,7 @@ class LiveSession:
                 data["stats"].update(latency_ms=latency, **self.counts())
                 self.last_stats = data["stats"]
             self._publish(data)
+        self._save(frame_line(fid, t, self.thumbs[fid], self.counts()))
         if self.session.frames >= self.limits.max_session_frames:
             self.close(f"reached the limit of {self.limits.max_session_frames} frames per session")
 
@@ -206,9 +256,28 @@ class LiveSession:
         data["stats"] = {k: v for k, v in data["stats"].items() if k != "token_ms"}
         self.emit({"type": kind, **data})
 
+    def _save(self, line: dict[str, Any] | None) -> None:
+        """After a step of a saved session: the server's line, then the session's own save (see
+        ``vrex.serve.saved``). A failed save is reported and the stream goes on; the directory keeps
+        the last good save and the next step's save tries again."""
+        if self.sidecar is None:
+            return
+        try:
+            if line is not None:
+                self.sidecar.append(line)
+            self.session.save()
+        except OSError as e:  # SessionSaveError is an OSError
+            self.emit({"type": "error", "fatal": False, "message": f"session {self.id} not saved: {e}"})
+
     def emit(self, message: dict[str, Any]) -> None:
         with self._lock:
-            message["seq"] = next(self._seq)
+            self.seq += 1
+            message["seq"] = self.seq
+            if self.sidecar is not None:
+                try:
+                    self.sidecar.reserve(self.seq)
+                except OSError:
+                    pass  # the step's save reports the disk; numbers may then repeat after a crash
             self.events.append(message)
             subscribers = list(self._subscribers)
         for callback in subscribers:
@@ -225,6 +294,8 @@ class LiveSession:
             self.emit({"type": "closed", "reason": reason})
         if self.source is not None:
             self.source.stop()
+        if self.sidecar is not None:
+            self.sidecar.close()  # reopened by a save still under way; the session's log closes with it
 
     # -- readers ---------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -252,4 +323,5 @@ class LiveSession:
                 "memory": {k: v for k, v in self.last_stats.items() if k.endswith("_bytes")}, "counters": self.counts(), "narrations": self.counters.narrations,
                 "answers": self.counters.answers, "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)},
                 "source": self.source.describe() if self.source is not None else None,
+                "saved_frames": self.session.saved_frames, "resumed": self.resumed,
                 "uptime_s": round(self.now(), 1)}
