@@ -10,6 +10,7 @@ from vrex.kv.policy import KVPolicy, Selection
 from vrex.kv.store import KVStore
 
 from _policy_cases import EVERYTHING
+from _synthetic_keys import correlated_frames
 
 L, HKV, HQ, D, T = 2, 2, 4, 16, 6
 
@@ -42,13 +43,7 @@ def test_make_policy_errors_list_valid_choices():
 
 
 def frames(n, seed=0, noise=0.3):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(HKV, T, D, generator=g)
-    out = []
-    for _ in range(n):
-        base = base + noise * torch.randn(HKV, T, D, generator=g)
-        out.append(base.clone())
-    return out
+    return correlated_frames(n, HKV, T, D, noise, seed)
 
 
 def run(policy: KVPolicy, n_frames=6, seed=0, qseed=100, with_store=False):

@@ -4,16 +4,7 @@ import torch
 
 from vrex.resv.table import HCTable
 
-
-def correlated_frames(n_frames: int, H: int, T: int, D: int, noise: float, seed: int) -> list[torch.Tensor]:
-    """Key blocks ``[H, T, D]`` of a drifting scene: each frame is the previous plus ``noise``."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(H, T, D, generator=g)
-    frames = []
-    for _ in range(n_frames):
-        base = base + noise * torch.randn(H, T, D, generator=g)
-        frames.append(base.clone())
-    return frames
+from _synthetic_keys import correlated_frames  # noqa: F401  (shared with tests/kv; imported from here by this folder's tests)
 
 
 def check_invariants(tab: HCTable, keys: torch.Tensor):

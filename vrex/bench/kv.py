@@ -27,13 +27,12 @@ from typing import Callable
 
 import torch
 
-from vrex.bench.engine import encode_all, machine
-from vrex.bench.media import long_stream
+from vrex.bench.engine import machine
+from vrex.bench.fill import open_fill
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
 from vrex.kv.telemetry import step_to_json
 from vrex.models.lm import SMOLLM2_PRESET
-from vrex.models.videollm import load_videollm
 
 QUESTIONS = ("What is shown in the video right now?", "What happened earlier in the video?", "Is there a person in the video?")
 
@@ -124,21 +123,14 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
     """Rows (one per size and policy spec, specs checked by the caller) written to ``out/kv.json`` with
     the plots; ``log`` gets one line per row as it is measured."""
     out.mkdir(parents=True, exist_ok=True)
-    model = load_videollm(lm=lm)  # another LM (``--lm``) runs with an untrained connector: the notes say so
-    for note in model.notes:
-        log(f"note: {note}")
     sizes = sorted(sizes)
-    tpf = model.tokens_per_frame + 1
-    stream = long_stream(sizes[-1] // tpf + frames * len(sizes) + 8)
-    features = encode_all(model, stream)
-    base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0))
+    fill = open_fill(sizes, frames, lm=lm, log=log)
+    model, base = fill.model, fill.base
     questions = list(QUESTIONS[:n_questions])
-    rows, heat, cursor = [], {}, 0
+    rows, heat = [], {}
     for size in sizes:
-        need = max(0, (size - base.cached_tokens) // tpf)
-        base.fast_forward([t for t, _ in stream[cursor:cursor + need]], features[cursor:cursor + need])
-        cursor += need
-        steps = stream[cursor:cursor + frames]
+        fill.fill_to(size)
+        steps = fill.next_frames(frames)
         ref_trace = None
         for name in ["full"] + [p for p in policies if p != "full"]:
             policy = make_policy(name)  # a spec, checked by the command before the model loaded
@@ -171,8 +163,7 @@ def run_kv_bench(policies: list[str], sizes: list[int], *, frames: int, n_questi
             log(f"{size:>6} {name:<13} frame {row['frame_ms']:7.1f} ms  token {row['token_ms'] or 0:6.1f} ms  "
                 f"ratio {pct(row['frame_ratio'])}/{pct(row['decode_ratio'])}  top1 {row['top1_agreement']:.3f}  KL {row['kl']:.4f}")
             del session
-        base.fast_forward([t for t, _ in steps], features[cursor:cursor + frames])
-        cursor += frames
+        fill.skip(frames)
     result = {"bench": "kv", "machine": machine(), "model": model.describe(), "frames": frames, "questions": questions,
               "answer_tokens": answer_tokens, "device_tokens": device_tokens, "recent_tokens": recent_tokens, "rows": rows, "heat": heat}
     (out / "kv.json").write_text(json.dumps(result, indent=2))

@@ -20,14 +20,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from vrex.bench.engine import encode_all, machine
-from vrex.bench.media import long_stream
+from vrex.bench.engine import machine
+from vrex.bench.fill import open_fill
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
 from vrex.kv.telemetry import selection_summary
 from vrex.models.dtypes import DEFAULT_LM_DTYPE
 from vrex.models.lm import SMOLLM2_PRESET
-from vrex.models.videollm import load_videollm
 
 QUICK_SIZES = (1024, 16384, 65536)
 FULL_SIZES = (1024, 4096, 16384, 32768, 65536, 86400)
@@ -98,24 +97,15 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
     for spec in policies:  # refuse a bad spec before any model work
         make_policy(spec)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_videollm(lm=lm, lm_dtype=lm_dtype)  # another LM (``--lm``) runs with an untrained connector: the notes say so
-    for note in model.notes:
-        log(f"note: {note}")
     sizes = sorted(sizes)
-    tpf = model.tokens_per_frame + 1
-    n_frames = sizes[-1] // tpf + (frames + 1) * len(sizes) + 4
-    stream = long_stream(n_frames)
-    features = encode_all(model, stream)
+    fill = open_fill(sizes, frames, lm=lm, lm_dtype=lm_dtype, kernels=kernels, log=log)
+    model, base = fill.model, fill.base
     text_ids = model.tokenize(FIDELITY_TEXT)
-    base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0, kernels=kernels))
-    rows, cursor = [], 0
+    rows = []
     for size in sizes:
-        need = max(0, (size - base.cached_tokens) // tpf)
-        t0 = time.perf_counter()
-        base.fast_forward([t for t, _ in stream[cursor:cursor + need]], features[cursor:cursor + need])
-        cursor += need
-        log(f"{size:>6}: filled to {base.cached_tokens} tokens in {time.perf_counter() - t0:.0f} s")
-        steps = stream[cursor:cursor + frames]
+        fill_s = fill.fill_to(size)
+        log(f"{size:>6}: filled to {base.cached_tokens} tokens in {fill_s:.0f} s")
+        steps = fill.next_frames(frames)
         ref = None
         for spec in ["full"] + [p for p in policies if p != "full"]:
             t0 = time.perf_counter()
@@ -134,8 +124,7 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
                 f"read {row['frame_selected_ratio']:.0%} / {row['token_selected_ratio']:.0%}  "
                 f"top1 {fid['top1_agreement']:.3f}  KL {fid['kl']:.4f}  ({fid['positions']} positions)")
             del session
-        base.fast_forward([t for t, _ in steps], features[cursor:cursor + frames])
-        cursor += frames
+        fill.skip(frames)
     peer_rows = json.loads(peer.read_text()).get("rows", []) if peer else []
     result = {"bench": "stream", "machine": machine(), "model": model.describe(), "frames": frames, "tokens": tokens,
               "rows": rows, "peer_rows": peer_rows}
