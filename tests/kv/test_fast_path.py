@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from vrex.kv.cache import KeepConfig, VrexCache, _attention
 from vrex.kv.fast import load
+from vrex.kv.index import PagedIndex
 from vrex.kv.policies import POLICIES, ReSVPolicy, make_policy
 from vrex.kv.policy import PackedSelection, Selection
 from vrex.kv.store import KVStore
@@ -47,7 +48,9 @@ def test_cluster_token_ids_equal_table_mask():
     g = torch.Generator().manual_seed(3)
     tc = torch.randint(0, 12, (3, 200), generator=g)
     chosen = torch.rand(3, 12, generator=g) > 0.5
-    ids, offs = ext.cluster_token_ids(chosen, tc, 150)
+    paged = PagedIndex(3, "token_cluster", page=64)  # 150 tokens over three pages, the last one partly
+    paged.write(0, tc)
+    ids, offs = ext.cluster_token_ids(chosen, paged.pages, paged.shift, 150)
     for h in range(3):
         want = torch.nonzero(chosen[h][tc[h, :150]]).flatten()
         assert torch.equal(ids[offs[h]:offs[h + 1]], want)
@@ -239,6 +242,6 @@ def test_resv_blocks_written_in_cluster_order(filled):
         if policy.block_order is not None:
             layer, start, n = 3, s.spans[-1][0], s.spans[-1][1]
             order = policy.block_order(layer, start, n)
-            pos = s.store._layers[layer].pos[:, start:start + n]
+            pos = s.store._layers[layer].pos.read(start, start + n)
             assert torch.equal(pos.gather(1, order) - pos.min(1, keepdim=True).values, torch.arange(n).expand_as(order))
     assert transfers["ReSVPolicy"] < transfers["ArrivalOrder"]

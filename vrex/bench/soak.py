@@ -12,7 +12,7 @@ frame. ``stride=1`` makes every frame a real step.
 
 At every minute of stream time it records RSS (and its anonymous and file-backed parts, and the
 peak since the previous sample), each tier's resident bytes, the disk tier's bytes on disk, cached
-tokens and the wall time so far. The verdict: RSS growth after both budgets are full (the first
+tokens, the per-token indexes' bytes (store and policy) and ReSV's per-cluster bytes, and the wall time so far. The verdict: RSS growth after both budgets are full (the first
 sample with bytes on disk), against the 10% target. Nothing here accumulates per event: events are
 counted, not kept, so the benchmark itself does not grow.
 """
@@ -213,7 +213,7 @@ def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
         row = {"minute": round(t / 60.0, 3), "t": t, "wall_s": time.perf_counter() - started,
                "frames": session.frames, "cached_tokens": session.cached_tokens, **mem,
                **{f"{k}_bytes": int(v) for k, v in tiers.items()},
-               "disk_file_bytes": _disk_bytes(session.store.disk_dir),
+               "disk_file_bytes": _disk_bytes(session.store.disk_dir), **_index_bytes(session),
                "step_ms_median": statistics.median(step_ms) if step_ms else None, **counts}
         samples.append(row)
         step_ms.clear()
@@ -221,7 +221,8 @@ def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
             f"RSS {row.get('rss', 0) / 2**20:7.0f} MB (anon {row.get('rss_anon', 0) / 2**20:6.0f}, "
             f"file {row.get('rss_file', 0) / 2**20:5.0f}, peak {row.get('rss_peak', 0) / 2**20:6.0f}, "
             f"malloc used {row.get('malloc_in_use', 0) / 2**20:5.0f} free {row.get('malloc_free', 0) / 2**20:5.0f}, "
-            f"tensors {row.get('tensors_live', 0) / 2**20:5.0f})  "
+            f"tensors {row.get('tensors_live', 0) / 2**20:5.0f}; indexes {row['index_bytes'] / 2**20:4.1f}, "
+            f"clusters {row.get('hc_cluster_bytes', 0) / 2**20:4.1f})  "
             f"device {tiers['device'] / 2**20:5.0f} host {tiers['host'] / 2**20:5.0f} disk {tiers['disk'] / 2**20:6.0f} MB  "
             f"wall {row['wall_s']:5.0f} s")
 
@@ -255,6 +256,18 @@ def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
         tmp.cleanup()
     return {"bench": "soak", "config": asdict(config), "machine": machine(), "model": model.describe(),
             "samples": samples, "verdict": verdict(samples, config)}
+
+
+def _index_bytes(session) -> dict[str, int]:
+    """What the session keeps per cached token in memory: the store's and the policy's per-token maps
+    (``index_bytes``), and the HC tables' per-cluster buffers (``hc_cluster_bytes``, ReSV only)."""
+    out = {"index_bytes": session.store.index_nbytes()}
+    tables = [t for t in getattr(session.policy, "tables", None) or [] if hasattr(t, "memory_bytes")]
+    if tables:
+        mem = [t.memory_bytes() for t in tables]
+        out["index_bytes"] += sum(m["tokens"] for m in mem)
+        out["hc_cluster_bytes"] = sum(m["clusters"] for m in mem)
+    return out
 
 
 def log_stderr(line: str) -> None:

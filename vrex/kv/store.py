@@ -55,6 +55,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vrex.kv.heap import bound_heap
+from vrex.kv.index import PagedIndex
+
 DEVICE, HOST, DISK = "device", "host", "disk"
 
 
@@ -84,7 +87,8 @@ class _Block:
 
 
 class _Ring:
-    """Ring buffer of slots for one tier of one layer: K, V ``[H, cap, D]`` and slot -> token ids ``[H, cap]``."""
+    """Ring buffer of slots for one tier of one layer: K, V ``[H, cap, D]`` and slot -> token ids ``int32 [H, cap]``
+    (token ids fit: the layer's token -> slot map refuses more than 2^31 tokens, see ``vrex.kv.index``)."""
 
     def __init__(self, H: int, D: int, dtype, device, cap: int | None):
         self.H, self.D, self.dtype, self.device = H, D, dtype, device
@@ -92,7 +96,7 @@ class _Ring:
         c = cap if cap is not None else 64
         self.k = torch.zeros(H, c, D, dtype=dtype, device=device)
         self.v = torch.zeros(H, c, D, dtype=dtype, device=device)
-        self.ids = torch.full((H, c), -1, dtype=torch.int64)
+        self.ids = torch.full((H, c), -1, dtype=torch.int32)
         self.front = 0  # absolute slot of the oldest occupied slot
         self.hi = 0  # absolute slot one past the newest
 
@@ -116,7 +120,7 @@ class _Ring:
         slots = self._idx(torch.arange(self.front, self.hi))
         k = torch.zeros(self.H, new_cap, self.D, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
-        ids = torch.full((self.H, new_cap), -1, dtype=torch.int64)
+        ids = torch.full((self.H, new_cap), -1, dtype=torch.int32)
         new_slots = torch.arange(self.front, self.hi) % new_cap
         k[:, new_slots.to(self.device)] = self.k[:, slots.to(self.device)]
         v[:, new_slots.to(self.device)] = self.v[:, slots.to(self.device)]
@@ -136,15 +140,15 @@ class _Ring:
             dev_idx = idx.to(self.device)
             self.k[:, dev_idx] = k.to(self.device, self.dtype)
             self.v[:, dev_idx] = v.to(self.device, self.dtype)
-            self.ids[:, idx] = ids
+            self.ids[:, idx] = ids.to(self.ids.dtype)
         self.hi += n
         return p0
 
     def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``abs_slots`` ``[H, n]`` -> K, V ``[H, n, D]`` and ids ``[H, n]``."""
+        """``abs_slots`` ``[H, n]`` -> K, V ``[H, n, D]`` and ids ``int64 [H, n]``."""
         idx = self._idx(abs_slots)
         di = idx.to(self.device).unsqueeze(-1).expand(-1, -1, self.D)
-        return self.k.gather(1, di), self.v.gather(1, di), self.ids.gather(1, idx)
+        return self.k.gather(1, di), self.v.gather(1, di), self.ids.gather(1, idx).long()
 
     def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
         idx = self._idx(abs_slots).to(self.device)
@@ -168,14 +172,17 @@ class _Ring:
         if v is not None:
             self.v.scatter_(1, di, v.to(self.device, self.dtype))
         if ids is not None:
-            self.ids.scatter_(1, idx, ids)
+            self.ids.scatter_(1, idx, ids.to(self.ids.dtype))
 
     def pop_front(self, n: int) -> None:
         self.front += n
 
 
 class _Disk:
-    """Append-only memory-mapped slot files of one layer: K and V ``[cap, H, D * esize]`` bytes."""
+    """Append-only memory-mapped slot files of one layer: K and V ``[cap, H, D * esize]`` bytes.
+
+    No slot -> token map in memory (the rings keep one for compaction and migration; nothing reads the
+    disk tier's back: it was 8 bytes per token and KV head that grew with the stream)."""
 
     def __init__(self, directory: Path, layer: int, H: int, D: int, dtype):
         self.dir, self.H, self.D, self.dtype = directory, H, D, dtype
@@ -185,7 +192,6 @@ class _Disk:
         self.cap = 0
         self.hi = 0
         self.mm: list[np.memmap] = []
-        self.ids = torch.zeros(H, 0, dtype=torch.int64)
         self._touched = 0  # bytes written or read since the pages were last unmapped (see touch)
 
     def reserve(self, n_slots: int) -> None:
@@ -206,9 +212,7 @@ class _Disk:
                 e.errno, f"KV disk tier: cannot grow files in directory '{self.dir}' to {new_cap * self.row} bytes ({why})"
             ) from e
         self.mm = [np.memmap(p, dtype=np.uint8, mode="r+", shape=(new_cap, self.H, self.D * self.es)) for p in self.paths]
-        ids = torch.full((self.H, new_cap), -1, dtype=torch.int64)
-        ids[:, : self.cap] = self.ids
-        self.ids, self.cap = ids, new_cap
+        self.cap = new_cap
 
     def _to_np(self, x: Tensor) -> np.ndarray:  # [H, n, D] -> [n, H, D*es] uint8
         return x.detach().cpu().contiguous().view(torch.uint8).transpose(0, 1).numpy()
@@ -223,7 +227,6 @@ class _Disk:
         if n:
             self.mm[0][p0 : p0 + n] = self._to_np(k)
             self.mm[1][p0 : p0 + n] = self._to_np(v)
-            self.ids[:, p0 : p0 + n] = ids
             self.touch(2 * n * self.row)
         self.hi += n
         return p0
@@ -255,9 +258,10 @@ class _Disk:
         k_out.copy_(k)
         v_out.copy_(v)
 
-    def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, None]:
+        """K, V ``[H, n, D]``; no token ids (see the class docstring)."""
         ks, vs = zip(*(self.read_head(h, abs_slots[h]) for h in range(self.H)))
-        return torch.stack(ks), torch.stack(vs), self.ids.gather(1, abs_slots)
+        return torch.stack(ks), torch.stack(vs), None
 
     def write(self, abs_slots: Tensor, k: Tensor | None, v: Tensor | None, ids: Tensor | None) -> None:
         for h in range(self.H):
@@ -266,8 +270,6 @@ class _Disk:
                 self.mm[0][s, h] = k[h].detach().cpu().contiguous().view(torch.uint8).numpy()
             if v is not None:
                 self.mm[1][s, h] = v[h].detach().cpu().contiguous().view(torch.uint8).numpy()
-        if ids is not None:
-            self.ids.scatter_(1, abs_slots, ids)
         self.release()
 
 
@@ -275,7 +277,7 @@ class _Layer:
     def __init__(self, store: "KVStore", layer: int):
         s = store
         self.n = 0
-        self.pos = torch.zeros(s.num_kv_heads, 64, dtype=torch.int64)  # token -> absolute slot in its tier
+        self.pos = PagedIndex(s.num_kv_heads, f"layer {layer}'s token -> slot map")  # absolute slot in its tier
         self.evicted = torch.zeros(64, dtype=torch.bool)
         self.n_evicted = 0
         self.d_end = 0  # tokens < d_end are on disk
@@ -288,15 +290,13 @@ class _Layer:
         self.permuted = False
 
     def grow(self, n: int) -> None:
+        self.pos.ensure(n)  # raises IndexOverflow past 2^31 tokens, before anything changes
         cap = self.evicted.shape[0]
         if n <= cap:
             return
-        new = max(n, 2 * cap)
-        pos = torch.zeros(self.pos.shape[0], new, dtype=torch.int64)
-        pos[:, :cap] = self.pos
-        ev = torch.zeros(new, dtype=torch.bool)
+        ev = torch.zeros(max(n, 2 * cap), dtype=torch.bool)  # 1 byte per token: doubling costs little here
         ev[:cap] = self.evicted
-        self.pos, self.evicted = pos, ev
+        self.evicted = ev
 
 
 @dataclass
@@ -340,6 +340,7 @@ class KVStore:
         if disk_dir is not None:
             self.disk_dir = _session_dir(Path(disk_dir))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.disk_dir), True)
+            bound_heap()  # a store with a disk tier runs for hours: freed temporaries must not pile up (vrex.kv.heap)
         self._layers = [_Layer(self, i) for i in range(num_layers)]
         self._c = {k: 0 for k in (
             "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
@@ -409,9 +410,9 @@ class KVStore:
             p0, tier = self._push_below_device(L, start, T, keys, values, ids)
         L.live[tier] += T
         if rel is None:
-            L.pos[:, start : start + T] = torch.arange(p0, p0 + T)
+            L.pos.write(start, torch.arange(p0, p0 + T))
         else:
-            L.pos[:, start : start + T] = torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T))
+            L.pos.write(start, torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T)))
             L.permuted = L.permuted or T > 1
         L.n = start + T
         return start
@@ -480,7 +481,7 @@ class KVStore:
             self._count("offload_host_disk", n * H, H if n else 0)
         L.live[dst_name] += n
         if n:
-            L.pos.scatter_(1, ids, torch.arange(p0, p0 + n).expand(H, n).contiguous())
+            L.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
 
     # ------------------------------------------------------------------ layout
     def set_block_order(self, layer: int, start: int, order: Tensor) -> None:
@@ -500,7 +501,7 @@ class KVStore:
         if tier == DEVICE and start < L.h_end:
             raise ValueError(f"tokens {start}..{start + T - 1} span two tiers")
         if tier == DISK:
-            cur = L.pos[:, start : start + T]
+            cur = L.pos.read(start, start + T)
             p0 = int(cur.min())
             if not bool((cur.min(1).values == p0).all() and (cur.max(1).values == p0 + T - 1).all()):
                 raise ValueError(f"tokens {start}..{start + T - 1} are not one stored block")
@@ -513,10 +514,10 @@ class KVStore:
             raise ValueError(f"block at {start} has {block.length} tokens ({block.phys} live slots); order has {T}")
         ring = self._tier_of(L, tier)
         tok = start + order  # [H, T]: token for slot p
-        k, v, _ = ring.read(L.pos.gather(1, tok))
+        k, v, _ = ring.read(L.pos.gather(tok))
         slots = torch.arange(block.p0, block.p0 + T).expand(H, T).contiguous()
         ring.write(slots, k, v, tok)
-        L.pos.scatter_(1, tok, slots)
+        L.pos.scatter(tok, slots)
         L.permuted = True
 
     # ------------------------------------------------------------------ eviction
@@ -558,7 +559,7 @@ class KVStore:
             p0 = fresh.hi
             if n:
                 fresh.push(k, v, ids)
-                L.pos.scatter_(1, ids, torch.arange(p0, p0 + n).expand(H, n).contiguous())
+                L.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
             if n == 0 and new_blocks:  # merge empty blocks into their predecessor
                 prev = new_blocks[-1]
                 prev.length = b.start + b.length - prev.start
@@ -623,7 +624,7 @@ class KVStore:
             for tier, a, b in segs:
                 if b <= a:
                     continue
-                slots = L.pos[h].index_select(0, idx[a:b])
+                slots = L.pos.take(idx[a:b], row=h)
                 self._tier_of(L, tier).read_head_into(h, slots, k_out[h, a:b], v_out[h, a:b])
                 n = b - a
                 if tier == DEVICE:
@@ -659,7 +660,8 @@ class KVStore:
         if L.disk is not None and L.d_end > 0:
             return None
         hs, ho, ds, do, disk, runs, sel = load().plan_reads(
-            ids, offs, everything, n_past, sink, recent_start, L.pos, L.evicted, L.n_evicted > 0, L.d_end, L.h_end)
+            ids, offs, everything, n_past, sink, recent_start, L.pos.pages, L.pos.shift, H, L.evicted, L.n_evicted > 0,
+            L.d_end, L.h_end)
         if bool(disk.any()):
             return None
         self._c["gathers"] += 1
@@ -678,7 +680,7 @@ class KVStore:
             n = b - a
             if n <= 0:
                 continue
-            p = int(L.pos[0, a])
+            p = int(L.pos.read(a, a + 1)[0, 0])
             store = self._tier_of(L, tier)
             if tier == DISK:
                 for out, mm in ((k_out, store.mm[0]), (v_out, store.mm[1])):
@@ -712,7 +714,7 @@ class KVStore:
         H, D = self.num_kv_heads, self.head_dim
         out = torch.zeros(H, L.n, D, dtype=self.dtype, device=self.device)
         for store, sel in self._live_by_tier(L):
-            slots = L.pos[:, sel]
+            slots = L.pos.take(sel)
             for h in range(H):
                 k, v = store.read_head(h, slots[h])
                 out[h, sel.to(self.device)] = (v if want_values else k).to(self.device)
@@ -724,7 +726,7 @@ class KVStore:
         if tuple(keys.shape) != (self.num_kv_heads, L.n, self.head_dim):
             raise ValueError(f"set_keys expects [{self.num_kv_heads}, {L.n}, {self.head_dim}], got {tuple(keys.shape)}")
         for store, sel in self._live_by_tier(L):
-            store.write(L.pos[:, sel].contiguous(), keys[:, sel.to(keys.device)], None, None)
+            store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
 
     def _live_by_tier(self, L: _Layer):
         """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""
@@ -742,6 +744,16 @@ class KVStore:
             for t in out:
                 out[t] += L.live[t] * self.token_bytes_all_heads
         return out
+
+    def index_nbytes(self) -> int:
+        """Bytes of the per-token bookkeeping held in memory, all layers: the token -> slot maps
+        (int32 pages, ``vrex.kv.index``), the eviction flags and the rings' slot -> token ids. The K/V
+        itself is in ``resident_bytes``; the disk tier keeps no per-token map in memory."""
+        total = 0
+        for L in self._layers:
+            total += L.pos.nbytes() + L.evicted.untyped_storage().nbytes()
+            total += L.dev.ids.untyped_storage().nbytes() + L.host.ids.untyped_storage().nbytes()
+        return total
 
     def counters(self) -> dict:
         """Flat dict of link counters and resident bytes (see the module docstring)."""

@@ -4,7 +4,10 @@ Per KV head ``h`` and cluster ``c`` (ids ``0 .. n_clusters[h]-1``, in creation o
 frame new clusters are numbered in leader-position order) the table holds: the code
 (``uint8 [B]``), the member count ``TC``, the sum of member keys (mean key = sum / TC, float32),
 the leader token, the creation and last-touch clock, and for every token its cluster id (so the
-member list of a cluster is ``where(token_cluster[h] == c)``).
+member list of a cluster is ``where(token_cluster[h] == c)``). The token -> cluster map grows with
+the stream and is kept as int32 in fixed pages (:class:`vrex.kv.index.PagedIndex`: half the bytes
+of int64, never reallocated); ``token_cluster`` reads it as an int64 copy, ``token_clusters(a, b)``
+reads a range.
 
 Documented choices ([U] in the paper), all constructor knobs:
 
@@ -32,6 +35,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from vrex.kv.index import PagedIndex
 
 from .clustering import AssignRule, IntraMode, cluster_frame, majority_codes, new_cluster_ids
 from .grow import grow
@@ -73,7 +78,7 @@ class HCTable:
         self.last = torch.zeros(H, 0, dtype=torch.int64)
         self.leader_tok = torch.zeros(H, 0, dtype=torch.int64)
         self.bit_count = torch.zeros(H, 0, self.n_hp, dtype=torch.int32)
-        self.token_cluster = torch.zeros(H, 0, dtype=torch.int64)
+        self.tc = PagedIndex(H, "ReSV's token -> cluster map")
         self.n_tokens = 0
         self.clock = 0
         self.last_comparisons = torch.zeros(H, dtype=torch.int64)
@@ -89,7 +94,16 @@ class HCTable:
         self.leader_tok = grow(self.leader_tok, 1, n_clusters_max)
         if self.code_update == "majority":
             self.bit_count = grow(self.bit_count, 1, n_clusters_max)
-        self.token_cluster = grow(self.token_cluster, 1, n_tokens)
+        self.tc.ensure(n_tokens)
+
+    @property
+    def token_cluster(self) -> torch.Tensor:
+        """Cluster id of every indexed token, ``int64 [H, n_tokens]`` (a copy; see the module docstring)."""
+        return self.tc.read(0, self.n_tokens)
+
+    def token_clusters(self, a: int, b: int) -> torch.Tensor:
+        """Cluster ids of tokens ``a .. b-1``, ``int64 [H, b - a]``."""
+        return self.tc.read(a, b)
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """In-scope cluster ids ``int64 [H, A]`` (padded, ascending id) and validity ``bool [H, A]``.
@@ -177,7 +191,7 @@ class HCTable:
         self._ensure(int(self.n_clusters.max()) + T if self.H else 0, start + T)  # room for T new clusters
         ids, self.active, self.active_ok, self.last_comparisons = load().hc_add(
             hash_bits(k32, self.planes), k32, self.active, self.active_ok, self.last, self.count, self.key_sum, self.codes,
-            self.leader_tok, self.token_cluster, self.n_clusters, start, self.clock, self.scope_frames,
+            self.leader_tok, self.tc.pages, self.tc.shift, self.n_clusters, start, self.clock, self.scope_frames,
             self.threshold, self.inclusive, self.rule == "first")
         self.n_tokens = start + T
         return ids
@@ -222,7 +236,7 @@ class HCTable:
             proj = torch.einsum("nd,ndp->np", mean, self.planes[head])
             self.codes.view(-1, self.B)[touched] = pack_bits(proj > 0)
         self.n_clusters += n_new
-        self.token_cluster[:, start : start + T] = ids
+        self.tc.write(start, ids)
         if self.scope_frames is not None:
             self._update_active(ids)
         self.n_tokens = start + T
@@ -234,7 +248,7 @@ class HCTable:
             raise ValueError(f"rebuild expects {self.n_tokens} tokens, got {N}")
         k32 = keys.to(torch.float32)
         C = self.codes.shape[1]
-        flat = (self.token_cluster[:, :N] + torch.arange(H).unsqueeze(1) * C).reshape(-1)
+        flat = (self.tc.read(0, N) + torch.arange(H).unsqueeze(1) * C).reshape(-1)
         self.key_sum.zero_()
         self.key_sum.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
         codes = hash_codes(k32, self.planes)  # [H, N, B]
@@ -255,7 +269,7 @@ class HCTable:
         self.codes[:, :nmax] = torch.where(valid.unsqueeze(-1), new, cur)
 
     # ------------------------------------------------------------------ persistence
-    _STATE = ("n_clusters", "codes", "key_sum", "count", "last", "leader_tok", "bit_count", "token_cluster",
+    _STATE = ("n_clusters", "codes", "key_sum", "count", "last", "leader_tok", "bit_count",
               "last_comparisons", "active", "active_ok")
 
     def state_dict(self) -> dict:
@@ -267,7 +281,7 @@ class HCTable:
             out[k] = out[k][:, :nmax]
         if self.code_update == "majority":
             out["bit_count"] = out["bit_count"][:, :nmax]
-        out["token_cluster"] = out["token_cluster"][:, : self.n_tokens]
+        out["token_cluster"] = self.token_cluster
         out.update(n_tokens=self.n_tokens, clock=self.clock, planes=self.planes.clone())
         return out
 
@@ -276,6 +290,8 @@ class HCTable:
             raise ValueError("HC table state was hashed with other hyperplanes (another seed or sharing)")
         for k in self._STATE:
             setattr(self, k, state[k].clone())
+        self.tc = PagedIndex(self.H, self.tc.name)
+        self.tc.write(0, state["token_cluster"])  # saved as int64 (or int32): checked on the way in
         self.n_tokens, self.clock = int(state["n_tokens"]), int(state["clock"])
 
     # ------------------------------------------------------------------ reading
@@ -294,14 +310,14 @@ class HCTable:
 
     def token_mask(self, selected: torch.Tensor, n_past: int) -> torch.Tensor:
         """Tokens ``< n_past`` whose cluster is selected: ``bool [H, n_past]`` from ``selected bool [H, Cmax]``."""
-        tc = self.token_cluster[:, :n_past]
+        tc = self.tc.read(0, n_past)
         if selected.shape[1] == 0:
             return torch.zeros(self.H, n_past, dtype=torch.bool)
         return selected.gather(1, tc.clamp(max=selected.shape[1] - 1)) & (tc < selected.shape[1])
 
     def members(self, head: int, cluster: int) -> torch.Tensor:
         """Member token ids of one cluster (sorted)."""
-        return torch.nonzero(self.token_cluster[head, : self.n_tokens] == cluster).flatten()
+        return torch.nonzero(self.token_cluster[head] == cluster).flatten()
 
     def block_order(self, start: int, length: int) -> torch.Tensor:
         """Cluster-contiguous physical order ``int64 [H, T]`` of tokens ``start .. start+T-1``.
@@ -309,9 +325,24 @@ class HCTable:
         ``order[h, p]`` is the block-relative token placed at physical slot ``p``: tokens grouped by
         cluster id (ascending), arrival order inside a cluster.
         """
-        ids = self.token_cluster[:, start : start + length]
+        ids = self.tc.read(start, start + length)
         key = ids * length + torch.arange(length)
         return torch.argsort(key, dim=1, stable=True)
+
+    def chosen_token_ids(self, chosen: torch.Tensor, n_past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast path (C++): ascending ids ``< n_past`` of the tokens whose cluster is ``chosen`` (``bool [H, C]``),
+        packed per head: ``(ids int64 [total], offs int64 [H + 1])``."""
+        from vrex.kv.fast import load
+
+        return load().cluster_token_ids(chosen, self.tc.pages, self.tc.shift, n_past)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this table holds in memory now (allocated, not the hardware model's ``nbytes``):
+        ``tokens``, the token -> cluster map; ``clusters``, the per-cluster buffers (codes, key sums,
+        counts, clocks, leaders, active list)."""
+        per_cluster = ("codes", "key_sum", "count", "last", "leader_tok", "bit_count", "active", "active_ok")
+        return {"tokens": self.tc.nbytes(),
+                "clusters": sum(getattr(self, k).untyped_storage().nbytes() for k in per_cluster)}
 
     def nbytes(self, key_bytes: int = 2, id_bytes: int = 4) -> int:
         """HC table size in bytes (see module docstring)."""

@@ -144,26 +144,42 @@ static std::vector<Tensor> pack_per_head(const std::vector<std::vector<int64_t>>
   return {values, offs};
 }
 
+// A per-token index of vrex.kv.index.PagedIndex: int32 pages [H, 1 << shift]; entry t of row h is
+// page(t >> shift)[h, t & (P - 1)]. The pages are checked once per call, then read through raw pointers.
+struct Paged {
+  std::vector<int32_t*> base;
+  int64_t shift, P, rows;
+  Paged(const std::vector<Tensor>& pages, int64_t shift_, int64_t rows_, int64_t need, const char* what)
+      : shift(shift_), P(int64_t(1) << shift_), rows(rows_) {
+    TORCH_CHECK((int64_t)pages.size() * P >= need, what, " has room for ", (int64_t)pages.size() * P, " tokens, needs ", need);
+    for (const auto& p : pages) {
+      TORCH_CHECK(p.scalar_type() == at::kInt && p.is_contiguous() && p.size(0) == rows && p.size(1) == P,
+                  what, " pages must be contiguous int32 [", rows, ", ", P, "]");
+      base.push_back(p.data_ptr<int32_t>());
+    }
+  }
+  int32_t& at(int64_t h, int64_t t) const { return base[t >> shift][h * P + (t & (P - 1))]; }
+};
+
 // Token ids (ascending) of the chosen clusters, per head: ids < n_past whose cluster is chosen.
-// Returns (ids int64 [total], offs int64 [H + 1]).
-std::vector<Tensor> cluster_token_ids(Tensor chosen, Tensor token_cluster, int64_t n_past) {
+// token_cluster: the pages of ReSV's token -> cluster map. Returns (ids int64 [total], offs int64 [H + 1]).
+std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_pages, int64_t shift, int64_t n_past) {
   chosen = chosen.to(at::kBool).contiguous();
   const int64_t H = chosen.size(0), C = chosen.size(1);
-  TORCH_CHECK(token_cluster.size(0) == H && token_cluster.size(1) >= n_past, "token_cluster too short");
-  auto tc = token_cluster.to(at::kLong);
-  const int64_t stride = tc.stride(0);
-  TORCH_CHECK(tc.stride(1) == 1, "token_cluster rows must be contiguous");
-  const int64_t* tcp = tc.data_ptr<int64_t>();
+  const Paged tc(tc_pages, shift, H, n_past, "token_cluster");
   const bool* ch = chosen.data_ptr<bool>();
   std::vector<std::vector<int64_t>> per(H);
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       auto& out = per[h];
       out.reserve(n_past / 2);
-      const int64_t* row = tcp + h * stride;
-      for (int64_t t = 0; t < n_past; ++t) {
-        int64_t c = row[t];
-        if (c >= 0 && c < C && ch[h * C + c]) out.push_back(t);
+      for (int64_t t0 = 0; t0 < n_past; t0 += tc.P) {  // one page at a time: a plain loop over its row
+        const int32_t* row = &tc.at(h, t0);
+        const int64_t n = std::min(tc.P, n_past - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          int64_t c = row[i];
+          if (c >= 0 && c < C && ch[h * C + c]) out.push_back(t0 + i);
+        }
       }
     }
   });
@@ -175,13 +191,11 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, Tensor token_cluster, int64
 // Tiers by id: [0, d_end) disk, [d_end, h_end) host, [h_end, n) device.
 // Returns (host_slots, host_offs, dev_slots, dev_offs, disk_count, host_runs, selected_per_head)
 // Slots of each head and tier are sorted (memory order: fewer cache misses; runs counted on it).
+// pos: the pages of the layer's token -> slot map (vrex.kv.index.PagedIndex).
 std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n_past, int64_t sink, int64_t mid_end,
-                               Tensor pos, Tensor evicted, bool any_evicted, int64_t d_end, int64_t h_end) {
-  const int64_t H = pos.size(0);
-  auto posc = pos.to(at::kLong);
-  TORCH_CHECK(posc.stride(1) == 1, "pos rows must be contiguous");
-  const int64_t pstride = posc.stride(0);
-  const int64_t* pp = posc.data_ptr<int64_t>();
+                               std::vector<Tensor> pos_pages, int64_t shift, int64_t H, Tensor evicted, bool any_evicted,
+                               int64_t d_end, int64_t h_end) {
+  const Paged pos(pos_pages, shift, H, n_past, "pos");
   const bool* ev = any_evicted ? evicted.data_ptr<bool>() : nullptr;
   ids = ids.to(at::kLong).contiguous();
   offs = offs.to(at::kLong).contiguous();
@@ -191,11 +205,10 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
   std::vector<int64_t> disk(H, 0), runs(H, 0), sel(H, 0);
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t* prow = pp + h * pstride;
       auto take = [&](int64_t t) {
         if (ev && ev[t]) return;
         sel[h]++;
-        int64_t s = prow[t];
+        int64_t s = pos.at(h, t);
         if (t < d_end) disk[h]++;
         else if (t < h_end) host[h].push_back(s);
         else dev[h].push_back(s);
@@ -308,19 +321,20 @@ std::vector<Tensor> gather_plan(std::vector<Tensor> kbufs, std::vector<Tensor> v
 // The caller ticks the clock and grows the buffers (room for T new clusters and T tokens).
 // Returns (cluster ids int64 [H, T], active int64 [H, A], active_ok bool [H, A], comparisons int64 [H]).
 std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor active_ok, Tensor last, Tensor count,
-                           Tensor key_sum, Tensor codes, Tensor leader_tok, Tensor token_cluster, Tensor n_clusters,
-                           int64_t start, int64_t clock, int64_t scope, int64_t threshold, bool inclusive, bool first) {
+                           Tensor key_sum, Tensor codes, Tensor leader_tok, std::vector<Tensor> tc_pages, int64_t tc_shift,
+                           Tensor n_clusters, int64_t start, int64_t clock, int64_t scope, int64_t threshold, bool inclusive, bool first) {
   TORCH_CHECK(bits.dim() == 3 && bits.scalar_type() == at::kBool, "bits must be bool [H, T, n_hp]");
   TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous(), "keys must be contiguous float32 [H, T, D]");
-  for (const Tensor* t : {&last, &count, &key_sum, &codes, &leader_tok, &token_cluster, &n_clusters})
+  for (const Tensor* t : {&last, &count, &key_sum, &codes, &leader_tok, &n_clusters})
     TORCH_CHECK(t->is_contiguous(), "HC table buffers must be contiguous");
   bits = bits.contiguous();
   active = active.contiguous();
   active_ok = active_ok.contiguous();
   const int64_t H = bits.size(0), T = bits.size(1), P = bits.size(2), D = keys.size(2);
-  const int64_t B = codes.size(2), Ccap = count.size(1), Ncap = token_cluster.size(1), A = active.size(1);
+  const int64_t B = codes.size(2), Ccap = count.size(1), A = active.size(1);
   TORCH_CHECK(B == (P + 7) / 8, "codes hold ", B, " bytes per code, n_hp=", P, " needs ", (P + 7) / 8);
-  TORCH_CHECK(start + T <= Ncap, "token_cluster has room for ", Ncap, " tokens, needs ", start + T);
+  const Paged tc(tc_pages, tc_shift, H, start + T, "token_cluster");
+  TORCH_CHECK(Ccap <= std::numeric_limits<int32_t>::max(), "cluster ids past int32 (", Ccap, " clusters)");
   int64_t* ncl = n_clusters.data_ptr<int64_t>();
   for (int64_t h = 0; h < H; ++h)
     TORCH_CHECK(ncl[h] + T <= Ccap, "HC table has room for ", Ccap, " clusters, head ", h, " may need ", ncl[h] + T);
@@ -336,7 +350,6 @@ std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor activ
   float* ksp = key_sum.data_ptr<float>();
   uint8_t* cdp = codes.data_ptr<uint8_t>();
   int64_t* ltp = leader_tok.data_ptr<int64_t>();
-  int64_t* tcp = token_cluster.data_ptr<int64_t>();
   int64_t* idp = ids_out.data_ptr<int64_t>();
   int64_t* cmp = comps.data_ptr<int64_t>();
   auto eligible = [&](int64_t d) { return inclusive ? d <= threshold : d < threshold; };
@@ -403,7 +416,7 @@ std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor activ
         const float* k = kp + (h * T + t) * D;
         for (int64_t d = 0; d < D; ++d) sum[d] += k[d];
         lastp[h * Ccap + target] = clock;
-        tcp[h * Ncap + start + t] = target;
+        tc.at(h, start + t) = (int32_t)target;  // < Ccap, checked above
       }
       ncl[h] += n_new;
       cmp[h] = comparisons;

@@ -171,7 +171,7 @@ class ReSVPolicy(KVPolicy):
         mean, valid = tab.mean_keys()
         counts = tab.counts()
         if n_past < tab.n_tokens:  # tokens of the current step already indexed: count past members only
-            tail = tab.token_cluster[:, n_past : tab.n_tokens]
+            tail = tab.token_clusters(n_past, tab.n_tokens)
             counts = counts - torch.zeros_like(counts).scatter_add_(1, tail, torch.ones_like(tail))
             valid = counts > 0
         rows = gqa_rows(queries.detach().float().cpu(), self.num_kv_heads)  # [H, R, D]
@@ -205,7 +205,7 @@ class ReSVPolicy(KVPolicy):
             part, taken = ext.wicsum_union(w, counts, valid, float(self.stage_ratio(stage)), self.sort_by == "weighted")
             chosen |= part
             scanned += taken.sum(1)
-        ids, offs = ext.cluster_token_ids(chosen, tab.token_cluster, n_past)
+        ids, offs = tab.chosen_token_ids(chosen, n_past)
         stats = self._stats(tab, valid, chosen, n_past, R, (offs[1:] - offs[:-1]).tolist(), scanned, None) if want_stats else {}
         return PackedSelection(ids, offs, False, stats)
 

@@ -1,0 +1,149 @@
+"""Per-token indexes of a long stream: int32, in fixed-size pages that are never moved (issue 18).
+
+A stream keeps a few integers per cached token and KV head in memory even when its K/V went to
+disk: the store's token -> slot map (``vrex.kv.store``) and ReSV's token -> cluster map
+(``vrex.resv.table``). Two choices bound what they cost over hours:
+
+* **int32**, not int64: half the bytes. The values are slots, token ids and cluster ids, each at
+  most the number of tokens ever appended (a tier's slots count the tokens pushed into it; every
+  cluster has a member), so they fit while the token count does: up to ``INT32_MAX`` tokens (at
+  2 fps and 13 tokens per frame, about 2.6 years of stream). Past that :class:`IndexOverflow`
+  names the index instead of wrapping silently.
+* **Fixed pages** of ``page`` tokens (``[rows, page]`` each), allocated when needed and never
+  reallocated. A capacity-doubling buffer copies itself at every doubling and frees the old copy;
+  over a 15-minute ``vrex bench soak`` those freed blocks stayed in the allocator as free heap that
+  grew with the stream. Pages are appended, so the index never frees and never copies; the unused
+  tail is less than one page.
+
+Reading: ``read(a, b)`` (a range, every row), ``take(ids)`` (sorted ids, every row), ``gather``
+(``[rows, n]`` ids, any order); they return int64 copies (per-step temporaries that torch's gather,
+scatter and index arithmetic take as they are). Writing: ``write(start, values)`` and
+``scatter(ids, values)``.
+The C++ kernels (``vrex.kv.fast``) read and write ``pages`` directly (``t >> shift``,
+``t & (page - 1)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INT32_MAX = 2**31 - 1
+#: Tokens per page: a power of two (the kernels split an id with a shift and a mask). 4096 tokens of
+#: 3 KV heads are 48 KiB per page; an hour at 2 fps is about 24 pages per index and layer.
+PAGE_TOKENS = 4096
+
+
+class IndexOverflow(OverflowError):
+    """A per-token index would hold a value or a token count past ``INT32_MAX``; the message names it."""
+
+
+class PagedIndex:
+    """``rows`` x (growing) tokens of int32 in pages ``[rows, page]`` (see the module docstring).
+
+    ``name`` is used in error messages. Entries not written yet hold ``fill``. ``page`` None:
+    ``PAGE_TOKENS`` (read when the index is made)."""
+
+    def __init__(self, rows: int, name: str, *, page: int | None = None, fill: int = 0) -> None:
+        page = PAGE_TOKENS if page is None else page
+        if page < 1 or page & (page - 1):
+            raise ValueError(f"page must be a power of two, got {page}")
+        self.rows, self.name, self.page, self.fill = rows, name, page, fill
+        self.shift = page.bit_length() - 1
+        self.pages: list[Tensor] = []
+
+    @property
+    def capacity(self) -> int:
+        return len(self.pages) * self.page
+
+    def nbytes(self) -> int:
+        return sum(p.untyped_storage().nbytes() for p in self.pages)
+
+    def ensure(self, n: int) -> None:
+        """Room for tokens ``0 .. n-1`` (new pages only; existing ones stay where they are)."""
+        if n > INT32_MAX + 1:
+            raise IndexOverflow(f"{self.name}: {n} tokens do not fit an int32 index (at most 2^31 = {INT32_MAX + 1})")
+        while self.capacity < n:
+            self.pages.append(torch.full((self.rows, self.page), self.fill, dtype=torch.int32))
+
+    def _narrow(self, values: Tensor) -> Tensor:
+        """``values`` as int32, refusing any outside the int32 range (never a silent wrap)."""
+        if values.dtype != torch.int32 and values.numel():
+            lo, hi = int(values.min()), int(values.max())
+            if hi > INT32_MAX or lo < -INT32_MAX - 1:
+                raise IndexOverflow(f"{self.name}: value {hi if hi > INT32_MAX else lo} does not fit an int32 index")
+        return values.to(torch.int32)
+
+    def _spans(self, a: int, b: int):
+        """``(page, offset in page, offset in a..b, length)`` for the range ``a .. b-1``."""
+        t = a
+        while t < b:
+            p, o = t >> self.shift, t & (self.page - 1)
+            n = min(b - t, self.page - o)
+            yield p, o, t - a, n
+            t += n
+
+    def write(self, start: int, values: Tensor) -> None:
+        """Entries ``start .. start+T-1`` of every row from ``values`` ``[rows, T]`` (or ``[T]``: every row)."""
+        T = values.shape[-1]
+        self.ensure(start + T)
+        v = self._narrow(values.cpu())
+        for p, o, i, n in self._spans(start, start + T):
+            self.pages[p][:, o : o + n] = v[..., i : i + n]
+
+    def read(self, a: int, b: int) -> Tensor:
+        """Entries ``a .. b-1`` of every row, ``int64 [rows, b - a]`` (a copy)."""
+        if b > self.capacity:
+            raise IndexError(f"{self.name}: entries up to {b} asked, {self.capacity} allocated")
+        out = torch.empty(self.rows, max(b - a, 0), dtype=torch.int64)
+        for p, o, i, n in self._spans(a, b):
+            out[:, i : i + n] = self.pages[p][:, o : o + n]
+        return out
+
+    def take(self, ids: Tensor, row: int | None = None) -> Tensor:
+        """Entries at the ascending ``ids`` ``[n]``: ``int64 [rows, n]``, or ``[n]`` of one ``row``."""
+        ids = ids.to(torch.int64)
+        out = torch.empty((ids.numel(),) if row is not None else (self.rows, ids.numel()), dtype=torch.int64)
+        if not ids.numel():
+            return out
+        if int(ids[-1]) >= self.capacity or int(ids[0]) < 0:
+            raise IndexError(f"{self.name}: ids must be sorted and in [0, {self.capacity})")
+        first, last = int(ids[0]) >> self.shift, int(ids[-1]) >> self.shift
+        bounds = torch.arange(first, last + 2, dtype=torch.int64) << self.shift
+        cuts = torch.searchsorted(ids, bounds).tolist()
+        for j, p in enumerate(range(first, last + 1)):
+            a, b = cuts[j], cuts[j + 1]
+            if b > a:
+                off = ids[a:b] & (self.page - 1)
+                src = self.pages[p] if row is None else self.pages[p][row]
+                out[..., a:b] = src.index_select(src.dim() - 1, off)
+        return out
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """Entries at ``ids`` ``[rows, n]`` (row ``h`` reads its own ids, any order): ``int64 [rows, n]``."""
+        ids = ids.to(torch.int64)
+        out = torch.empty(ids.shape, dtype=torch.int64)
+        if not ids.numel():
+            return out
+        pg = ids >> self.shift
+        for p in torch.unique(pg).tolist():
+            m = pg == p
+            flat = (torch.arange(self.rows).unsqueeze(1).expand_as(ids)[m] << self.shift) + (ids[m] & (self.page - 1))
+            out[m] = self.pages[p].view(-1)[flat].long()
+        return out
+
+    def scatter(self, ids: Tensor, values: Tensor) -> None:
+        """Entry ``ids[h, j]`` of row ``h`` gets ``values[h, j]`` (``ids``, ``values`` ``[rows, n]``)."""
+        ids = ids.to(torch.int64)
+        if not ids.numel():
+            return
+        self.ensure(int(ids.max()) + 1)
+        v = self._narrow(values.cpu()).expand(ids.shape)
+        pg = ids >> self.shift
+        for p in torch.unique(pg).tolist():
+            m = pg == p
+            flat = (torch.arange(self.rows).unsqueeze(1).expand_as(ids)[m] << self.shift) + (ids[m] & (self.page - 1))
+            self.pages[p].view(-1)[flat] = v[m]
+
+
+__all__ = ["INT32_MAX", "PAGE_TOKENS", "IndexOverflow", "PagedIndex"]
