@@ -7,20 +7,15 @@ test's last part kills an actor.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import ray
+from cluster_helpers import CONFIG, alone, texts
 from PIL import Image
 
-from vrex.cluster import Cluster, ClusterStepError, SessionLost
-from vrex.engine.session import SessionConfig, StreamingSession
+from vrex.cluster import Cluster, ClusterStepError, SessionError, SessionLost
 from vrex.io import assets_dir
-from vrex.kv.policies import make_policy
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-CONFIG = {"theta": 1.0, "max_response_tokens": 3, "max_answer_tokens": 4}  # theta 1: speaks after every frame
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +25,6 @@ def photos() -> list[Image.Image]:
         pytest.fail("shared test media not found (set VREX_ASSETS to the assets folder)")
     names = ["astronaut.png", "chelsea.png", "coffee.png", "horse.png", "parrot.jpg", "owl.jpg"]
     return [Image.open(Path(root) / "images" / n).convert("RGB") for n in names]
-
-
-def _alone(videollm, policy: str, frames) -> list:
-    s = StreamingSession(videollm, make_policy(policy), SessionConfig(**CONFIG))
-    events = [e.to_dict() for t, im in frames for e in s.push_frame(t, im)]
-    return events + [e.to_dict() for e in s.ask("What do you see?")]
-
-
-def _texts(events) -> list:
-    return [(e["kind"], e["text"], e["stats"].get("cached_tokens")) for e in events]
 
 
 def test_sessions_on_ray_actors(videollm, photos):
@@ -56,15 +41,17 @@ def test_sessions_on_ray_actors(videollm, photos):
         got["full"] += a.ask("What do you see?")
         got["resv"] += b.ask("What do you see?")
         for policy, events in got.items():
-            ref = _alone(videollm, policy, frames[policy])
-            assert _texts(events) == _texts(ref), policy
+            ref = alone(videollm, policy, frames[policy])
+            assert texts(events) == texts(ref), policy
             p = [e["stats"]["p_interval"] for e in events if e["kind"] == "frame"]
             assert p == pytest.approx([e["stats"]["p_interval"] for e in ref if e["kind"] == "frame"], abs=1e-4)
         assert a.memory()["kv_bytes"] > 0
 
         ray.kill(a._actor, no_restart=True)  # the process holding session a dies
-        with pytest.raises(SessionLost, match=r"session 's0' is lost: its actor .*pid \d+.* died"):
+        with pytest.raises(SessionLost, match=r"session 's0' is lost: its actor .*pid \d+.* died.*open a new session"):
             a.push_frame(2.0, photos[0])
+        with pytest.raises(SessionError, match="does not save sessions"):
+            a.restart()
         with pytest.raises(ClusterStepError) as info:
             cluster.step({a: (2.5, photos[1]), b: (1.5, photos[2])})
         assert set(info.value.errors) == {a} and info.value.results[b][0]["kind"] == "frame"

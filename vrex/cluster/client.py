@@ -7,19 +7,27 @@ every later call goes to that actor. ``Cluster.step`` sends each actor its sessi
 call (stepped as one batch there), all actors at once. An actor that dies (its process or node
 lost) turns every later call of its sessions into ``SessionLost``, naming the session and where
 it ran; the other actors' sessions go on.
+
+With ``sessions_dir`` every session is a durable session (``vrex.engine.durable``, the format of
+``vrex run --session``) in ``sessions_dir/<id>``, saved by its actor after each of its steps; then
+``Cluster.restart(session)`` (or ``session.restart()``) starts a new actor in the dead one's place,
+rebuilds the session there from its last save and says where it stands: the stream goes on from
+that frame exactly as if nothing had happened (greedy decoding). On several machines the directory
+must be one every node sees at the same path (a shared file system): the new actor may run elsewhere.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from PIL import Image
 
 try:
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 except ImportError as e:  # pragma: no cover - the extra is installed by make setup
     raise ImportError("vrex.cluster needs Ray: `make setup` installs it (requirements.lock), or "
                       "pip install 'vrex[cluster]'") from e
@@ -46,8 +54,9 @@ class ClusterStepError(RuntimeError):
 class RemoteSession:
     """A live session on one actor of the cluster (returned by ``Cluster.open_session``)."""
 
-    def __init__(self, cluster: "Cluster", sid: str, actor, where: dict[str, Any]):
+    def __init__(self, cluster: "Cluster", sid: str, actor, where: dict[str, Any], index: int):
         self.cluster, self.id, self._actor, self.where = cluster, sid, actor, where
+        self._index = index  # the actor slot it was placed in (a restarted actor takes the same slot)
 
     def __repr__(self) -> str:
         return f"RemoteSession({self.id!r} on {self.where.get('host')} pid {self.where.get('pid')})"
@@ -62,9 +71,14 @@ class RemoteSession:
     def memory(self) -> dict[str, Any]:
         return self._get(self._actor.memory.remote())["streams"][self.id]
 
+    def restart(self) -> dict[str, Any]:
+        """``Cluster.restart(self)``: rebuild this session from its last save; where it stands."""
+        return self.cluster.restart(self)
+
     def close(self) -> None:
+        """End the session (its saved directory is removed with it)."""
         try:
-            self._get(self._actor.close.remote(self.id))
+            self._get(self._actor.close.remote(self.id, self.cluster._save_dir(self.id)))
         finally:
             self.cluster._sessions.pop(self.id, None)
 
@@ -88,13 +102,16 @@ class Cluster:
     CPUs); ``"auto"`` joins the cluster this machine belongs to (``ray start --head`` / ``--address``);
     ``"ray://HOST:10001"`` connects a client to a remote head. ``actors``: engine actors to spread
     sessions over, each with ``cpus_per_actor`` CPUs and ``threads`` torch threads. ``connector``:
-    the model each actor loads (``load_videollm``'s argument)."""
+    the model each actor loads (``load_videollm``'s argument). ``sessions_dir``: save every session
+    there as it goes, so ``restart`` can bring back a session whose actor died (see the module docstring)."""
 
     def __init__(self, address: str | None = None, *, actors: int = 1, cpus_per_actor: float = 1,
                  threads: int | None = None, num_cpus: int | None = None, connector: str | None = "auto",
-                 device_budget_bytes: int | None = None, max_streams: int = 8):
+                 device_budget_bytes: int | None = None, max_streams: int = 8,
+                 sessions_dir: str | os.PathLike | None = None):
         if actors < 1:
             raise ValueError(f"actors must be >= 1, got {actors}")
+        self.sessions_dir = _sessions_dir(sessions_dir)
         self._started = False
         if not ray.is_initialized():
             if address is None:
@@ -104,10 +121,11 @@ class Cluster:
             else:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             self._started = True
-        remote = ray.remote(EngineActor).options(num_cpus=cpus_per_actor, max_restarts=0,
-                                                 scheduling_strategy="SPREAD")
-        self._actors = [remote.remote(threads=threads, connector=connector, device_budget_bytes=device_budget_bytes,
-                                      max_streams=max_streams) for _ in range(actors)]
+        # max_restarts=0: a restart by Ray would bring the actor back empty; restart() brings back its sessions.
+        self._remote = ray.remote(EngineActor).options(num_cpus=cpus_per_actor, max_restarts=0, scheduling_strategy="SPREAD")
+        self._actor_options = {"threads": threads, "connector": connector, "device_budget_bytes": device_budget_bytes,
+                               "max_streams": max_streams}
+        self._actors = [self._remote.remote(**self._actor_options) for _ in range(actors)]
         self._dead: set[int] = set()
         self._sessions: dict[str, RemoteSession] = {}
         self._ids = itertools.count()
@@ -126,36 +144,88 @@ class Cluster:
     def open_session(self, policy: str = "resv", sid: str | None = None, **config) -> RemoteSession:
         """A new session (``policy``: any ``make_policy`` spec; ``config``: ``SessionConfig`` fields) on
         the live actor with the fewest sessions."""
+        from vrex.engine.session import SessionConfig
+        from vrex.kv.policies import make_policy
+
         sid = sid or f"s{next(self._ids)}"
         if sid in self._sessions:
             raise ValueError(f"session {sid!r} already exists")
+        try:  # checked here, so a bad spec is one clear line rather than an actor's traceback
+            make_policy(policy)
+            SessionConfig(**config)
+        except (ValueError, TypeError, SyntaxError) as e:
+            raise ValueError(f"session {sid!r}: policy {policy!r} or config {config}: {e}") from None
+        save_dir = self._save_dir(sid)
+        if save_dir is not None and Path(save_dir).exists() and any(Path(save_dir).iterdir()):
+            raise ValueError(f"session {sid!r}: {save_dir} already holds a saved session; pick another id")
         load = {i: 0 for i in range(len(self._actors)) if i not in self._dead}
         if not load:
             raise SessionLost("every actor of this cluster has died; start a new Cluster")
         for s in self._sessions.values():
-            i = self._actors.index(s._actor)
-            if i in load:
-                load[i] += 1
+            if s._index in load and self._current(s):
+                load[s._index] += 1
         index = min(load, key=lambda i: (load[i], i))
         actor = self._actors[index]
         try:
-            where = ray.get(actor.open.remote(sid, policy, config))
+            where = ray.get(actor.open.remote(sid, policy, config, save_dir))
         except RayActorError as e:
             self._dead.add(index)
             raise SessionLost(f"session {sid!r} could not start: its actor died ({_cause(e)})") from e
-        session = RemoteSession(self, sid, actor, where)
+        except RayTaskError as e:
+            raise SessionError(f"session {sid!r} could not start: {e.cause!r}") from None
+        session = RemoteSession(self, sid, actor, where, index)
         self._sessions[sid] = session
         return session
 
+    def restart(self, session: RemoteSession) -> dict[str, Any]:
+        """Bring ``session`` back from its last save (needs ``sessions_dir``): if its actor died, a new
+        actor takes its place (once: the dead actor's other sessions restart there too); a session
+        whose actor lives (its last step raised) is reloaded there. The same ``RemoteSession`` goes on
+        working; returns where it stands: ``frame`` (frames it holds), ``t`` (the last one's time),
+        ``cached_tokens``. Send the frames after ``t``."""
+        if self.sessions_dir is None:
+            raise SessionError(f"session {session.id!r} cannot restart: this cluster does not save sessions "
+                               "(Cluster(sessions_dir=DIR) does)")
+        if self._sessions.get(session.id) is not session:
+            raise ValueError(f"{session!r} is not a session of this cluster")
+        i = session._index
+        for attempt in range(2):  # a second try when the actor turns out dead only now
+            if i in self._dead:
+                self._actors[i] = self._remote.remote(**self._actor_options)
+                self._dead.discard(i)
+            actor = self._actors[i]
+            try:
+                info = ray.get(actor.resume.remote(session.id, self._save_dir(session.id)))
+                break
+            except RayActorError as e:
+                self._dead.add(i)
+                if attempt:
+                    raise SessionLost(f"session {session.id!r} could not restart: its new actor died ({_cause(e)})") from e
+            except RayTaskError as e:  # the saved directory cannot be loaded (damaged, another model...)
+                raise SessionError(f"session {session.id!r} cannot restart from {self._save_dir(session.id)}: {e.cause}") from None
+        session._actor = actor
+        session.where = {k: info[k] for k in ("id", "host", "pid", "streams")}
+        return {k: info[k] for k in ("frame", "t", "cached_tokens")}
+
+    def _save_dir(self, sid: str) -> str | None:
+        return None if self.sessions_dir is None else os.path.join(self.sessions_dir, sid)
+
+    def _current(self, session: RemoteSession) -> bool:
+        """The session's actor is the one in its slot and not known dead."""
+        return self._actors[session._index] is session._actor and session._index not in self._dead
+
     def step(self, frames: Mapping[RemoteSession, tuple[float, Image.Image]]) -> dict[RemoteSession, list[dict]]:
         """A frame for each given session: one batched call per actor, all actors in parallel."""
-        by_actor: dict[int, dict[str, tuple]] = {}
-        for session, tf in frames.items():
-            by_actor.setdefault(self._actors.index(session._actor), {})[session.id] = tf
-        refs = {i: self._actors[i].step.remote(part) for i, part in by_actor.items()}
+        by_actor: dict[int, list[RemoteSession]] = {}
         results, errors = {}, {}
+        for session in frames:
+            if self._current(session):
+                by_actor.setdefault(session._index, []).append(session)
+            else:
+                errors[session] = SessionLost(self._lost(session, "died earlier"))
+        refs = {i: self._actors[i].step.remote({s.id: frames[s] for s in members}) for i, members in by_actor.items()}
         for i, ref in refs.items():
-            members = [s for s in frames if self._actors.index(s._actor) == i]
+            members = by_actor[i]
             try:
                 out = self._get(members[0], ref)
             except SessionLost:
@@ -172,19 +242,19 @@ class Cluster:
         return results
 
     def _get(self, session: RemoteSession, ref):
-        index = self._actors.index(session._actor)
-        if index in self._dead:
+        if not self._current(session):
             raise SessionLost(self._lost(session, "died earlier"))
         try:
             return ray.get(ref)
         except RayActorError as e:
-            self._dead.add(index)
+            self._dead.add(session._index)
             raise SessionLost(self._lost(session, _cause(e))) from e
 
-    @staticmethod
-    def _lost(session: RemoteSession, cause: str) -> str:
+    def _lost(self, session: RemoteSession, cause: str) -> str:
+        then = ("cluster.restart(session) brings it back from its last save" if self.sessions_dir is not None
+                else "open a new session (Cluster(sessions_dir=DIR) would let it restart)")
         return (f"session {session.id!r} is lost: its actor (host {session.where.get('host')}, pid "
-                f"{session.where.get('pid')}) died ({cause}); open a new session")
+                f"{session.where.get('pid')}) died ({cause}); {then}")
 
     def shutdown(self) -> None:
         for actor in self._actors:
@@ -192,6 +262,20 @@ class Cluster:
         self._actors, self._sessions = [], {}
         if self._started and ray.is_initialized():
             ray.shutdown()
+
+
+def _sessions_dir(path: str | os.PathLike | None) -> str | None:
+    """An absolute, writable directory (actors may run in another working directory), or None."""
+    if path is None:
+        return None
+    p = Path(path).expanduser().resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"sessions_dir {str(path)!r}: cannot create it ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"sessions_dir {str(path)!r} is not writable")
+    return str(p)
 
 
 def _loopback_only() -> None:
