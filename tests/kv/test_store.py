@@ -1,5 +1,6 @@
 import errno
 import os
+from collections import deque
 
 import pytest
 import torch
@@ -286,3 +287,59 @@ def test_stale_disk_dirs_of_killed_runs_are_removed(tmp_path):
     assert live.disk_dir.exists() and other.disk_dir.exists()
     live.close()
     other.close()
+
+
+def _held_bytes(objs, skip=("k", "v")) -> int:
+    """Bytes of every tensor reachable from ``objs`` through attributes, lists, dicts and deques, each storage
+    once, except attributes named in ``skip`` (the K/V buffers): whatever per-token map a layer keeps."""
+    seen: dict[int, int] = {}
+    stack, visited = list(objs), set()
+    while stack:
+        o = stack.pop()
+        if id(o) in visited:
+            continue
+        visited.add(id(o))
+        if isinstance(o, torch.Tensor):
+            seen[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+        elif isinstance(o, (list, tuple, deque)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif hasattr(o, "__dict__") and not isinstance(o, (KVStore, type)):
+            stack.extend(v for k, v in vars(o).items() if k not in skip)
+    return sum(seen.values())
+
+
+def test_index_bytes_per_cached_token_on_a_real_session(videollm, tmp_path, monkeypatch):
+    """A real ReSV session spilling to disk (tiny budgets): what it keeps in memory per cached token, its
+    token -> slot and token -> cluster maps plus the eviction flags, stays within what int32 entries,
+    one partly filled page per map and the flags' doubling allow for the model's geometry (pages of
+    64 tokens here so that several fill). The int64 maps this replaced (slot, cluster and the disk
+    tier's slot -> token map) needed 24 bytes per token and KV head, above this bound."""
+    import vrex.kv.index as index_mod
+    from vrex.bench.media import long_stream
+    from vrex.engine.session import SessionConfig, StreamingSession
+    from vrex.kv.layers import model_geometry
+    from vrex.kv.policies import make_policy
+
+    page = 64
+    monkeypatch.setattr(index_mod, "PAGE_TOKENS", page)
+    g = model_geometry(videollm.lm)
+    per_token_layer = 2 * g.head_dim * g.num_kv_heads * 4
+    s = StreamingSession(videollm, make_policy("resv"), SessionConfig(
+        theta=0.0, device_budget_bytes=40 * g.num_layers * per_token_layer,
+        host_budget_bytes=60 * g.num_layers * per_token_layer, disk_dir=str(tmp_path)))
+    frames = long_stream(48)
+    s.fast_forward([t for t, _ in frames], videollm.encode_frames([im for _, im in frames]))
+    n = s.store.length(0)
+    assert s.store.tier_bounds(0)[0] > n // 2  # most of the stream is on disk
+    L, H = g.num_layers, g.num_kv_heads
+    rings = sum(lay.dev.ids.numel() + lay.host.ids.numel() for lay in s.store._layers) * 4  # fixed by the budgets
+    flags = sum(lay.evicted.numel() for lay in s.store._layers)
+    assert flags <= 2 * n * L  # one byte per token, capacity at most doubled
+    measured = _held_bytes(s.store._layers) + _held_bytes([t.tc for t in s.policy.tables])
+    assert measured == s.store.index_nbytes() + sum(t.memory_bytes()["tokens"] for t in s.policy.tables)
+    bound = 2 * L * H * 4 * (n + page) + rings + flags  # int32 entries of two maps, less than a page unused each
+    assert measured <= bound
+    assert bound - rings - flags < L * H * 24 * n
+    s.close()

@@ -1,0 +1,117 @@
+"""vrex.kv.index.PagedIndex (int32 per-token maps in fixed pages) against a plain int64 tensor, its
+overflow checks, and vrex.kv.heap (freed large temporaries leave the heap) in fresh processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from vrex.kv.index import INT32_MAX, IndexOverflow, PagedIndex
+
+ops = st.lists(st.tuples(st.sampled_from(["write", "scatter", "read", "take", "gather"]),
+                         st.integers(0, 60), st.integers(0, 25), st.integers(0, 10**6)), min_size=1, max_size=25)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 3), page=st.sampled_from([1, 4, 8, 16]), ops=ops)
+def test_paged_index_equals_a_plain_tensor(rows, page, ops):
+    """Writes, scatters and the three reads over page boundaries (pages of 1 to 16 tokens) give what one
+    int64 tensor gives; values include negatives (-1: no slot) and large ones (up to 2^31 - 1)."""
+    idx = PagedIndex(rows, "test map", page=page)
+    model = torch.zeros(rows, 0, dtype=torch.int64)
+    for op, a, n, seed in ops:
+        g = torch.Generator().manual_seed(seed)
+        values = torch.randint(-1, INT32_MAX, (rows, n), generator=g)
+        if op == "write":
+            idx.write(a, values)
+            if model.shape[1] < a + n:
+                model = torch.cat([model, torch.zeros(rows, a + n - model.shape[1], dtype=torch.int64)], 1)
+            model[:, a : a + n] = values
+            assert idx.capacity - model.shape[1] < page  # less than one page unused
+            continue
+        N = model.shape[1]
+        if N == 0:
+            continue
+        if op == "scatter":
+            ids = torch.stack([torch.randperm(N, generator=g)[: min(n, N)] for _ in range(rows)])
+            idx.scatter(ids, values[:, : ids.shape[1]])
+            model.scatter_(1, ids, values[:, : ids.shape[1]])
+        elif op == "read":
+            a = min(a, N)
+            b = min(N, a + n)
+            assert torch.equal(idx.read(a, b), model[:, a:b])
+        elif op == "take":
+            ids = torch.unique(torch.randint(0, N, (n,), generator=g))
+            assert torch.equal(idx.take(ids), model[:, ids])
+            assert torch.equal(idx.take(ids, row=rows - 1), model[rows - 1, ids])
+        else:
+            ids = torch.randint(0, N, (rows, n), generator=g)
+            assert torch.equal(idx.gather(ids), model.gather(1, ids))
+
+
+def test_pages_never_move():
+    """Growing to many pages keeps every existing page where it was (no copy, nothing freed)."""
+    idx = PagedIndex(3, "test map", page=16)
+    idx.write(0, torch.arange(10).expand(3, 10))
+    first = idx.pages[0].data_ptr()
+    for start in range(10, 1000, 30):  # the last write ends at 1000: 63 pages, the last one half full
+        idx.write(start, torch.arange(start, start + 30).expand(3, 30))
+    assert idx.pages[0].data_ptr() == first and len(idx.pages) == 63
+    assert all(p.dtype == torch.int32 for p in idx.pages)
+    assert idx.nbytes() == len(idx.pages) * 3 * 16 * 4
+
+
+def test_overflow_is_refused_by_name_before_anything_changes():
+    idx = PagedIndex(2, "layer 7's token -> slot map", page=8)
+    idx.write(0, torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(IndexOverflow, match="layer 7's token -> slot map: 2147483649 tokens"):
+        idx.ensure(2**31 + 1)  # would need 2^28 pages: refused before allocating one
+    assert len(idx.pages) == 1
+    with pytest.raises(IndexOverflow, match=f"value {2**31} does not fit"):
+        idx.write(2, torch.tensor([[5, 2**31], [6, 7]]))
+    with pytest.raises(IndexOverflow, match=f"value {-2**31 - 1} does not fit"):
+        idx.scatter(torch.tensor([[0], [1]]), torch.tensor([[-2**31 - 1], [0]]))
+    assert torch.equal(idx.read(0, 2), torch.tensor([[1, 2], [3, 4]]))  # nothing was written
+    idx.write(2, torch.tensor([[INT32_MAX], [-2**31]]))  # the extremes fit
+    assert idx.read(2, 3).flatten().tolist() == [INT32_MAX, -2**31]
+
+
+_HEAP_CHILD = """
+import sys, torch
+from vrex.bench.soak import _malloc_stats
+if sys.argv[1] == "bound":
+    from vrex.kv.heap import bound_heap
+    assert bound_heap()
+big = torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)
+del big  # a freed large block: glibc raises its dynamic mmap threshold to 8 MiB (a model load does the same)
+keep = []
+for i in range(40):  # a temporary that grows a little at every step, and a small block that stays
+    tmp = torch.empty(2**20 + i * 2**16, dtype=torch.uint8).fill_(1)
+    keep.append(torch.ones(4096))
+    del tmp
+print(_malloc_stats()["malloc_free"])
+"""
+
+
+def _heap_free_after_steps(mode: str) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_bound_heap_returns_freed_temporaries():
+    """40 growing 1-3.5 MiB temporaries, each freed below a small live block: with glibc's dynamic threshold
+    their holes stay in the heap (tens of MiB free); after bound_heap they are unmapped when freed."""
+    pytest.importorskip("ctypes").CDLL(None).mallinfo2  # glibc only (AttributeError elsewhere fails loudly)
+    free_default = _heap_free_after_steps("default")
+    free_bound = _heap_free_after_steps("bound")
+    assert free_default > 40 * 2**20
+    assert free_bound < 4 * 2**20
