@@ -5,12 +5,13 @@ interval token after a silent frame, or the text that resumes the stream after a
 frame's visual tokens are prefilled together into the KV cache. Then, unless a question is due,
 the gate reads P(interval) at the frame's last token: at or above ``theta`` the model stays
 silent; below it the model speaks, i.e. decodes a narration. Questions are answered after the
-frame at or past their timestamp.
+frame at or past their timestamp. Who speaks (the question queue, the gate, the next token) is
+decided in ``vrex.engine.turns``; what the stream is (positions, spans, pending text) lives in
+``vrex.engine.stream_state``; this module runs the steps.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from vrex.engine.config import DEFAULT_RECENT_FRAMES, DEFAULT_THETA, SessionConf
 from vrex.engine.persist import crash_point
 from vrex.engine.positions import compressed_positions
 from vrex.engine.stream_state import StreamState
+from vrex.engine.turns import QuestionQueue, gate_opens, interval_probability, late_answer_note, next_token
 from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
 from vrex.kv.layers import Geometry, layer_specs, model_geometry, text_config
 from vrex.kv.policy import KVPolicy, Stage
@@ -93,7 +95,6 @@ class StreamingSession:
     frames = property(lambda self: self.state.frames, lambda self, v: setattr(self.state, "frames", v))
     t = property(lambda self: self.state.t, lambda self, v: setattr(self.state, "t", v))
     _pending = property(lambda self: self.state.pending, lambda self, v: setattr(self.state, "pending", v))
-    _questions = property(lambda self: self.state.questions, lambda self, v: setattr(self.state, "questions", v))
     _last_features = property(lambda self: self.state.last_features, lambda self, v: setattr(self.state, "last_features", v))
     _last_response_t = property(lambda self: self.state.last_response_t, lambda self, v: setattr(self.state, "last_response_t", v))
 
@@ -113,17 +114,15 @@ class StreamingSession:
     def cached_tokens(self) -> int:
         return int(self.positions.numel())
 
+    @property
+    def questions(self) -> QuestionQueue:
+        """The questions not yet answered (kept in the stream state, so saves and forks carry them)."""
+        return QuestionQueue(self.state)
+
     def ask(self, text: str, t: float | None = None) -> list[Event]:
         """Queue a question for time ``t`` (default: now). Answered at once if ``t`` is not in the future."""
-        t = self._queue(text, self.t if t is None else t)
+        t = self.questions.add(text, self.t if t is None else t)
         return self._answer_due() if self.frames and t <= self.t else []
-
-    def _queue(self, text: str, t: float) -> float:
-        if not text.strip():
-            raise ValueError("question text is empty")
-        heapq.heappush(self._questions, (float(t), self.state.next_question, text))
-        self.state.next_question += 1
-        return float(t)
 
     def push_frame(self, t: float, image: Image.Image) -> list[Event]:
         """Prefill one frame; return the events it caused (frame stats, maybe a response or answers)."""
@@ -141,7 +140,7 @@ class StreamingSession:
         self.frames += 1
         self.t = float(t)
         self.last_logits = logits[-1]
-        p_interval = float(logits[-1].float().softmax(-1)[self.interval_id])
+        p_interval = interval_probability(logits[-1], self.interval_id)
         stats = {
             "frame": self.frames - 1, "vision_ms": 1e3 * (t_vision - t0), "prefill_ms": 1e3 * (t_prefill - t_vision),
             "total_ms": 1e3 * (t_prefill - t0), "cached_tokens": self.cached_tokens, "p_interval": p_interval,
@@ -151,7 +150,7 @@ class StreamingSession:
         answers = self._answer_due()
         if answers:
             events += answers
-        elif p_interval < self.config.theta and self.t - self._last_response_t >= self.config.min_response_gap:
+        elif gate_opens(p_interval, self.t, self._last_response_t, self.config):
             text, gen_stats = self._generate(self.model.fmt.respond, self.config.max_response_tokens)
             events.append(Event(self.t, "response", text, gen_stats))
             self.state.dialogue.append({"t": self.t, "kind": "response", "text": text})
@@ -294,7 +293,7 @@ class StreamingSession:
         A saved session (``save``/``load``) is saved after each frame, once its events were consumed.
         ``should_stop`` is asked before each frame: True ends the run there (saved, questions kept)."""
         for tq, q in questions:
-            self._queue(q, tq)  # due once a frame at or past its time arrives
+            self.questions.add(q, tq)  # due once a frame at or past its time arrives
         for t, image in frames:
             yield from self.push_frame(t, image)
             if self._durable is not None:
@@ -302,12 +301,9 @@ class StreamingSession:
             if should_stop is not None and should_stop():
                 return
         # Questions after the last frame are answered at the end of the stream, saying so.
-        while self._questions:
-            t, _, q = heapq.heappop(self._questions)
+        for t, q in self.questions.rest():
             event = self._answer(q, min(t, self.t) if self.frames else t)
-            if t > self.t:
-                event.stats["note"] = f"asked for {t:g} s; the stream ended at {self.t:g} s, answered there"
-                event.stats["asked_at"] = t
+            event.stats.update(late_answer_note(t, self.t))
             yield event
             if self._durable is not None:
                 self._durable.save()
@@ -319,11 +315,7 @@ class StreamingSession:
 
     # -- internals ---------------------------------------------------------------------------
     def _answer_due(self) -> list[Event]:
-        events = []
-        while self._questions and self._questions[0][0] <= self.t:
-            t, _, q = heapq.heappop(self._questions)
-            events.append(self._answer(q, t))
-        return events
+        return [self._answer(q, t) for t, q in self.questions.due(self.t)]
 
     def _answer(self, question: str, t: float) -> Event:
         prompt = self.model.fmt.question.format(question=question)
@@ -343,7 +335,7 @@ class StreamingSession:
         records: list[StepRecord] = []
         for _ in range(max_tokens):
             crash_point("decode")  # tests: VREX_CRASH_AT=decode:N kills here (vrex.engine.persist)
-            nxt = self._next_token(logits[-1])
+            nxt = next_token(logits[-1], self.config, self._rng)
             out.append(nxt)
             if nxt in self.stop_ids:
                 break
@@ -360,16 +352,6 @@ class StreamingSession:
                  "mean_token_ms": sum(token_ms) / len(token_ms) if token_ms else None,
                  "cached_tokens": self.cached_tokens, **selection_summary(*records)}
         return text, stats
-
-    def _next_token(self, logits: torch.Tensor) -> int:
-        if not self.config.sample:
-            return int(logits.argmax())
-        probs = (logits.float() / self.config.temperature).softmax(-1)
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < self.config.top_p
-        sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self._rng)
-        return int(order[choice])
 
     @torch.no_grad()
     def _forward(
