@@ -61,6 +61,7 @@ class Hardware:
     gemm_eff: float  # achievable fraction of peak on large GEMMs (GPUs); 1.0 on V-Rex (tiling model)
     op_overhead_s: float
     link_eff: float
+    sync_s: float = 0.0  # host->device->host round trip a synchronising op adds on top of its host cost
     cores: int = 0
     freq_hz: float = 0.0
     sms: int = 0  # GPU streaming multiprocessors (wave quantisation)
@@ -89,6 +90,8 @@ class Method:
     predict_frames: bool = True
     ops_per_layer: int = 0
     clustering_ops_per_layer: int = 0  # of ops_per_layer: hashing + clustering (ReSV), the rest scores/selects
+    syncs_per_layer: int = 0  # of ops_per_layer: ops whose output size depends on data (the host waits)
+    clustering_syncs_per_layer: int = 0  # of syncs_per_layer: in hashing + clustering
     partial_dim_frac: float = 1.0
     kv_bits: float = 16.0  # bits per stored KV value (Oaken-like quantisation: ~4)
     device_first: bool = False  # keep the KV on the device until it no longer fits (no retrieval budget)
@@ -137,7 +140,8 @@ def load_hardware(name: str, fitted: dict[str, float] | None = None) -> Hardware
         link_kind=d["link"]["kind"], link_bw=float(d["link"]["gbps"]) * 1e9, lanes=int(d["link"]["lanes"]),
         offload=d["offload"], power_w=float(d["power_w"]),
         mem_eff=float(resolve(d["mem_eff"], fitted)), gemm_eff=float(resolve(d["gemm_eff"], fitted)),
-        op_overhead_s=float(d.get("op_overhead_us", 0.0)) * 1e-6, link_eff=float(resolve(d["link_eff"], fitted)),
+        op_overhead_s=float(d.get("op_overhead_us", 0.0)) * 1e-6, sync_s=float(d.get("sync_us", 0.0)) * 1e-6,
+        link_eff=float(resolve(d["link_eff"], fitted)),
         cores=int(d.get("cores", 0)), freq_hz=float(d.get("freq_mhz", 0.0)) * 1e6, sms=int(d.get("sms", 0)),
         idle_w=float(d.get("idle_w", 0.0)), reserve_bytes=float(d.get("reserve_gb", 0.0)) * 1e9,
         dre=bool(d.get("dre", d["kind"] == "vrex")), vision_eff=float(resolve(d.get("vision_eff", 1.0), fitted)),

@@ -3,8 +3,9 @@
 On a GPU baseline (AGX Orin + ReSV, A100 + ReSV) the prediction runs as eager PyTorch: every aten op
 costs host time (Python glue, dispatcher, kernel launch) whatever its size, and an op whose output
 size depends on data (``nonzero``, ``.item()``) makes the host wait for the GPU. The simulator charges
-``ops_per_layer x op_overhead_us`` (``configs/methods.yaml``, ``hardware/*.yaml``); this module
-measures the first factor on the real ``vrex.kv.policies.resv.ReSVPolicy`` (one layer of a frame step:
+``ops_per_layer x op_overhead_us + syncs_per_layer x sync_us`` (``configs/methods.yaml``,
+``hardware/*.yaml``); this module measures the op and sync counts on the real
+``vrex.kv.policies.resv.ReSVPolicy`` (one layer of a frame step:
 ``on_append`` of the frame's keys + ``select`` for its query rows) with a ``TorchDispatchMode``, and
 the host time per op on this machine (``python -m vrex.hw.opcount``), from which the per-op overhead
 on the Orin's Cortex-A78AE is derived (docs/hw.md, "Constants"). ``tests/hw`` holds the configured
@@ -35,6 +36,7 @@ class OpCount:
     clustering: int  # of ``total``: hashing + clustering (``on_append``); the rest scores and selects
     views: int  # no kernel: host cost only
     syncs: int  # data-dependent output size: the host waits for the device
+    clustering_syncs: int  # of ``syncs``: in hashing + clustering
     by_op: dict[str, int]
 
     @property
@@ -84,8 +86,11 @@ def count_ops(past_frames: int = 100, frame_tokens: int = 10, kv_heads: int = 8,
         pol.select(0, q, n + frame_tokens, "frame")
     c = dict(ca.c + cs.c)
     views = sum(v for o, v in c.items() if o in VIEWS)
-    syncs = sum(v for o, v in c.items() if o in SYNCS or o == "index(bool)")
-    return OpCount(sum(c.values()), sum(ca.c.values()), views, syncs, c)
+    return OpCount(sum(c.values()), sum(ca.c.values()), views, _syncs(c), _syncs(ca.c), c)
+
+
+def _syncs(c: dict[str, int]) -> int:
+    return sum(v for o, v in c.items() if o in SYNCS or o == "index(bool)")
 
 
 def host_us_per_op(past_frames: int = 20, repeats: int = 30, seed: int = 0) -> float:
@@ -109,7 +114,7 @@ def host_us_per_op(past_frames: int = 20, repeats: int = 30, seed: int = 0) -> f
 def main() -> None:
     oc = count_ops()
     print(f"ReSV ops per layer (frame step, 8 KV heads, D=128): {oc.total} ({oc.clustering} clustering; "
-          f"{oc.kernels} kernels, {oc.views} views, {oc.syncs} syncs)")
+          f"{oc.kernels} kernels, {oc.views} views, {oc.syncs} syncs, {oc.clustering_syncs} of them clustering)")
     print(f"host time per op on this CPU (1 thread): {host_us_per_op():.1f} us")
 
 

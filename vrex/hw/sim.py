@@ -163,6 +163,17 @@ LLM_OPS_PER_LAYER = 70  # aten ops of one transformers Llama decoder layer (eage
 #                         TorchDispatchMode: the host-side floor of a GPU layer (launches are async)
 
 
+def host_ops_time(me: Method, hw: Hardware, clustering: bool = False) -> float:
+    """Host-side seconds of a method's eager prediction ops per layer (all of them, or the hashing +
+    clustering ones): every op costs the host ``op_overhead_s`` (Python glue, dispatch, launch), and
+    every *synchronising* op (``nonzero``, ``.item()``, boolean indexing: output size depends on data)
+    also waits ``sync_s`` for the device round trip -- the last kernel's launch latency, its run and
+    the completion signal (plus the small device-to-host copy) -- during which neither side works."""
+    if clustering:
+        return me.clustering_ops_per_layer * hw.op_overhead_s + me.clustering_syncs_per_layer * hw.sync_s
+    return me.ops_per_layer * hw.op_overhead_s + me.syncs_per_layer * hw.sync_s
+
+
 def _vision(hw: Hardware, model: ModelShape, B: int) -> tuple[cp.Work, float]:
     """Frame encoder of ``B`` frames (dense layers share weights across the batch) + VPE seconds."""
     v = model.vision
@@ -230,7 +241,7 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
     w_hash = w_score = cp.ZERO
     cyc = UnitCycles(0.0, 0.0, 0.0)
     if predicting:
-        ops = me.ops_per_layer * hw.op_overhead_s
+        ops = host_ops_time(me, hw)
         if me.predictor == "resv":
             n_cl = max(1, int(round(n / stats.cluster_size)))
             hc_bytes = stats.hc_overhead * n * model.kv_bytes_per_token_layer / hk
@@ -242,9 +253,9 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
                 freq_cores = hw.freq_hz * max(hw.cores, 1)  # KV heads spread over the cores' DREs
                 dre_hcu, dre_wtu = B * hk * cyc.hcu / freq_cores, B * hk * cyc.wtu / freq_cores
             else:  # framework ops (counted by vrex.hw.opcount): clustering, then scoring/selection
-                share = me.clustering_ops_per_layer / me.ops_per_layer if me.ops_per_layer else 0.5
-                pe_hash += ops * share
-                pe_score += ops * (1.0 - share)
+                cl = host_ops_time(me, hw, clustering=True)
+                pe_hash += cl
+                pe_score += ops - cl
         elif me.predictor == "infinigen":
             pd = max(1, int(round(D * me.partial_dim_frac)))
             w_score = cp.matmul(hw, T * g, pd, max(n, 1), count=B * hk, weight_bytes=n * pd * bpp)
@@ -361,4 +372,4 @@ def episode(steps: dict[str, StepResult], wl: Workload) -> dict[str, float]:
 
 
 __all__ = ["Stage", "PHASES", "Workload", "StepResult", "Transfer", "selected_ratio", "transfer",
-           "simulate_step", "simulate", "episode", "rows_per_stream", "LLM_OPS_PER_LAYER"]
+           "simulate_step", "simulate", "episode", "rows_per_stream", "host_ops_time", "LLM_OPS_PER_LAYER"]
