@@ -85,8 +85,9 @@ class Hub:
             if not self.saved.has(sid):
                 raise ClientError(404, f"no saved session {sid!r} in the server's sessions directory")
             self._check_room()
-            with self.model_lock:  # rebuilding the cache sets the shared LM up (as creating a session does)
-                session = LiveSession.resume(self.model, sid, self.saved, self.config.limits)
+            # Not under the model lock: loading replays the saved steps into the session's own cache
+            # and policy without running the model, so the other sessions keep streaming meanwhile.
+            session = LiveSession.resume(self.model, sid, self.saved, self.config.limits)
             if current is not None:
                 current.close("replaced by its last save")
             session.wake = self.worker.wake
