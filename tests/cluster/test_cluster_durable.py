@@ -32,12 +32,21 @@ def test_killed_actor_restarts_from_the_last_save(videollm, photos, tmp_path):
         # A live actor: the session is reloaded there from its last save (as after a failed step).
         assert (a.restart()["frame"], a.where["pid"]) == (6, new_pid)
         got += a.ask("What do you see?")
-        b = cluster.open_session("full", **CONFIG)  # no dying here: restart needs sessions_dir only
         a.close()
         assert not (sessions / a.id).exists()
         with pytest.raises(ValueError, match="policy 'bogus'"):
             cluster.open_session("bogus")
-        assert b.push_frame(*frames[0])[0]["kind"] == "frame"
+        b = cluster.open_session("full", **CONFIG)
+        got_b = [e for tf in frames[:2] for e in b.push_frame(*tf)]
+        # A new driver on the same directory (its own actor; the first cluster's actor stops stepping b).
+        with Cluster(actors=1, cpus_per_actor=1, threads=1, connector=None, sessions_dir=sessions) as driver2:
+            with pytest.raises(ValueError, match="no saved session 'nope'"):
+                driver2.resume("nope")
+            assert driver2.open_session("full", **CONFIG).id != b.id  # automatic ids skip saved ones
+            b2 = driver2.resume(b.id)
+            assert b2.resumed["frame"] == 2 and b2.where["pid"] != b.where["pid"]
+            got_b += [e for tf in frames[2:4] for e in b2.push_frame(*tf)] + b2.ask("What do you see?")
+    assert texts(got_b) == texts(alone(videollm, "full", frames[:4]))
     ref = alone(videollm, "resv", frames)
     assert texts(got) == texts(ref)
     assert [e["stats"]["p_interval"] for e in got if e["kind"] == "frame"] == \

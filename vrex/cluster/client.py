@@ -12,7 +12,8 @@ With ``sessions_dir`` every session is a durable session (``vrex.engine.durable`
 ``vrex run --session``) in ``sessions_dir/<id>``, saved by its actor after each of its steps; then
 ``Cluster.restart(session)`` (or ``session.restart()``) starts a new actor in the dead one's place,
 rebuilds the session there from its last save and says where it stands: the stream goes on from
-that frame exactly as if nothing had happened (greedy decoding). On several machines the directory
+that frame exactly as if nothing had happened (greedy decoding). ``Cluster.resume(id)`` does the
+same for a session of an earlier driver (whose actors died with it). On several machines the directory
 must be one every node sees at the same path (a shared file system): the new actor may run elsewhere.
 """
 
@@ -57,6 +58,7 @@ class RemoteSession:
     def __init__(self, cluster: "Cluster", sid: str, actor, where: dict[str, Any], index: int):
         self.cluster, self.id, self._actor, self.where = cluster, sid, actor, where
         self._index = index  # the actor slot it was placed in (a restarted actor takes the same slot)
+        self.resumed: dict[str, Any] | None = None  # where a session from Cluster.resume stood when it came back
 
     def __repr__(self) -> str:
         return f"RemoteSession({self.id!r} on {self.where.get('host')} pid {self.where.get('pid')})"
@@ -147,7 +149,8 @@ class Cluster:
         from vrex.engine.session import SessionConfig
         from vrex.kv.policies import make_policy
 
-        sid = sid or f"s{next(self._ids)}"
+        if sid is None:  # the next free id (sessions_dir may hold an earlier driver's s0, s1...)
+            sid = next(s for s in (f"s{i}" for i in self._ids) if s not in self._sessions and not self._is_saved(s))
         if sid in self._sessions:
             raise ValueError(f"session {sid!r} already exists")
         try:  # checked here, so a bad spec is one clear line rather than an actor's traceback
@@ -157,14 +160,9 @@ class Cluster:
             raise ValueError(f"session {sid!r}: policy {policy!r} or config {config}: {e}") from None
         save_dir = self._save_dir(sid)
         if save_dir is not None and Path(save_dir).exists() and any(Path(save_dir).iterdir()):
-            raise ValueError(f"session {sid!r}: {save_dir} already holds a saved session; pick another id")
-        load = {i: 0 for i in range(len(self._actors)) if i not in self._dead}
-        if not load:
-            raise SessionLost("every actor of this cluster has died; start a new Cluster")
-        for s in self._sessions.values():
-            if s._index in load and self._current(s):
-                load[s._index] += 1
-        index = min(load, key=lambda i: (load[i], i))
+            raise ValueError(f"session {sid!r}: {save_dir} already holds a saved session; cluster.resume({sid!r}) "
+                             "continues it, or pick another id")
+        index = self._least_loaded()
         actor = self._actors[index]
         try:
             where = ray.get(actor.open.remote(sid, policy, config, save_dir))
@@ -175,6 +173,27 @@ class Cluster:
             raise SessionError(f"session {sid!r} could not start: {e.cause!r}") from None
         session = RemoteSession(self, sid, actor, where, index)
         self._sessions[sid] = session
+        return session
+
+    def resume(self, sid: str) -> RemoteSession:
+        """A session saved in ``sessions_dir`` that this cluster does not hold (one of an earlier driver,
+        whose actors died with it), rebuilt from its last save on the live actor with the fewest
+        sessions; ``session.resumed`` says where it stands (as ``restart`` returns). Only one live
+        copy of a session may save into its directory: resume a session once its old actor is gone."""
+        if self.sessions_dir is None:
+            raise SessionError(f"session {sid!r} cannot resume: this cluster does not save sessions (Cluster(sessions_dir=DIR) does)")
+        if sid in self._sessions:
+            raise ValueError(f"session {sid!r} is open in this cluster: cluster.restart(session) reloads it")
+        if not self._is_saved(sid):
+            raise ValueError(f"no saved session {sid!r} in {self.sessions_dir}")
+        index = self._least_loaded()
+        session = RemoteSession(self, sid, self._actors[index], {}, index)
+        self._sessions[sid] = session
+        try:
+            session.resumed = self.restart(session)
+        except BaseException:
+            del self._sessions[sid]
+            raise
         return session
 
     def restart(self, session: RemoteSession) -> dict[str, Any]:
@@ -206,6 +225,18 @@ class Cluster:
         session._actor = actor
         session.where = {k: info[k] for k in ("id", "host", "pid", "streams")}
         return {k: info[k] for k in ("frame", "t", "cached_tokens")}
+
+    def _least_loaded(self) -> int:
+        load = {i: 0 for i in range(len(self._actors)) if i not in self._dead}
+        if not load:
+            raise SessionLost("every actor of this cluster has died; start a new Cluster")
+        for s in self._sessions.values():
+            if s._index in load and self._current(s):
+                load[s._index] += 1
+        return min(load, key=lambda i: (load[i], i))
+
+    def _is_saved(self, sid: str) -> bool:
+        return self.sessions_dir is not None and os.path.exists(os.path.join(self.sessions_dir, sid, "manifest.json"))
 
     def _save_dir(self, sid: str) -> str | None:
         return None if self.sessions_dir is None else os.path.join(self.sessions_dir, sid)
