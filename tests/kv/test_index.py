@@ -1,5 +1,5 @@
 """vrex.kv.index.PagedIndex (int32 per-token maps in fixed pages) against a plain int64 tensor, its
-overflow checks, and vrex.kv.heap (freed large temporaries leave the heap) in fresh processes."""
+overflow checks, and vrex.kv.heap (the heap's free pages returned) in a fresh process."""
 
 from __future__ import annotations
 
@@ -82,11 +82,13 @@ def test_overflow_is_refused_by_name_before_anything_changes():
 
 
 _HEAP_CHILD = """
-import sys, torch
-from vrex.bench.soak import _malloc_stats
-if sys.argv[1] == "bound":
-    from vrex.kv.heap import bound_heap
-    assert bound_heap()
+import torch
+from vrex.kv.heap import HeapTrimmer
+
+def rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
 big = torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)
 del big  # a freed large block: glibc raises its dynamic mmap threshold to 8 MiB (a model load does the same)
 keep = []
@@ -94,24 +96,24 @@ for i in range(40):  # a temporary that grows a little at every step, and a smal
     tmp = torch.empty(2**20 + i * 2**16, dtype=torch.uint8).fill_(1)
     keep.append(torch.ones(4096))
     del tmp
-print(_malloc_stats()["malloc_free"])
+trimmer = HeapTrimmer(every=2**20)
+before = rss_anon()
+trimmer.note(2**19)  # below the interval: nothing happens
+middle = rss_anon()
+trimmer.note(2**19)
+print(before, middle, rss_anon(), trimmer.trims)
 """
 
 
-def _heap_free_after_steps(mode: str) -> int:
+def test_heap_trimmer_returns_the_free_heap():
+    """40 growing 1-3.5 MiB temporaries, each freed below a small live block, leave their pages resident in
+    the heap (glibc's dynamic threshold serves them from it); the trimmer returns them once its interval
+    of appended bytes is reached, not before."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
         env.pop(k, None)
-    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    return int(out.stdout.split()[-1])
-
-
-def test_bound_heap_returns_freed_temporaries():
-    """40 growing 1-3.5 MiB temporaries, each freed below a small live block: with glibc's dynamic threshold
-    their holes stay in the heap (tens of MiB free); after bound_heap they are unmapped when freed."""
-    pytest.importorskip("ctypes").CDLL(None).mallinfo2  # glibc only (AttributeError elsewhere fails loudly)
-    free_default = _heap_free_after_steps("default")
-    free_bound = _heap_free_after_steps("bound")
-    assert free_default > 40 * 2**20
-    assert free_bound < 4 * 2**20
+    before, middle, after, trims = map(int, out.stdout.split()[-4:])
+    assert abs(middle - before) < 2**20 and trims == 1
+    assert before - after > 40 * 2**20
