@@ -1,11 +1,7 @@
-"""vrex.kv.index.PagedIndex (int32 per-token maps in fixed pages) against a plain int64 tensor, its
-overflow checks, and vrex.kv.heap (the heap's free pages returned) in a fresh process."""
+"""vrex.kv.index.PagedIndex (int32 per-token maps in fixed pages) against a plain int64 tensor, and its
+overflow checks."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -79,41 +75,3 @@ def test_overflow_is_refused_by_name_before_anything_changes():
     assert torch.equal(idx.read(0, 2), torch.tensor([[1, 2], [3, 4]]))  # nothing was written
     idx.write(2, torch.tensor([[INT32_MAX], [-2**31]]))  # the extremes fit
     assert idx.read(2, 3).flatten().tolist() == [INT32_MAX, -2**31]
-
-
-_HEAP_CHILD = """
-import torch
-from vrex.kv.heap import HeapTrimmer
-
-def rss_anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-big = torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)
-del big  # a freed large block: glibc raises its dynamic mmap threshold to 8 MiB (a model load does the same)
-keep = []
-for i in range(40):  # a temporary that grows a little at every step, and a small block that stays
-    tmp = torch.empty(2**20 + i * 2**16, dtype=torch.uint8).fill_(1)
-    keep.append(torch.ones(4096))
-    del tmp
-trimmer = HeapTrimmer(every=2**20)
-before = rss_anon()
-trimmer.note(2**19)  # below the interval: nothing happens
-middle = rss_anon()
-trimmer.note(2**19)
-print(before, middle, rss_anon(), trimmer.trims)
-"""
-
-
-def test_heap_trimmer_returns_the_free_heap():
-    """40 growing 1-3.5 MiB temporaries, each freed below a small live block, leave their pages resident in
-    the heap (glibc's dynamic threshold serves them from it); the trimmer returns them once its interval
-    of appended bytes is reached, not before."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
-        env.pop(k, None)
-    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    before, middle, after, trims = map(int, out.stdout.split()[-4:])
-    assert abs(middle - before) < 2**20 and trims == 1
-    assert before - after > 40 * 2**20

@@ -55,7 +55,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vrex.kv.heap import HeapTrimmer
 from vrex.kv.index import PagedIndex
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -337,8 +336,6 @@ class KVStore:
         self._dev_cap = None if device_budget_bytes is None else self._cap(device_budget_bytes)
         self._host_cap = None if host_budget_bytes is None else self._cap(host_budget_bytes)
         self.disk_dir: Path | None = None  # this store's own session directory inside ``disk_dir``
-        # a store with a disk tier runs for hours: the heap's free pages go back as it grows (vrex.kv.heap)
-        self._trimmer = HeapTrimmer() if disk_dir is not None else None
         if disk_dir is not None:
             self.disk_dir = _session_dir(Path(disk_dir))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.disk_dir), True)
@@ -416,8 +413,6 @@ class KVStore:
             L.pos.write(start, torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T)))
             L.permuted = L.permuted or T > 1
         L.n = start + T
-        if self._trimmer is not None:
-            self._trimmer.note(T * self.token_bytes_all_heads)
         return start
 
     def _push_below_device(self, L: _Layer, start: int, length: int, k, v, ids) -> tuple[int, str]:
