@@ -25,6 +25,8 @@ from vrex.cli import app
     (["eval", "live", "--narration-streams", "0"], "--narration-streams", "must be >= 1"),
     (["eval", "live", "--connector", "no/such.safetensors"], "--connector", "neither a weights file"),
     (["eval", "live", "--needle-sets", "heldout,unseen"], "--needle-sets", "'heldout' and/or 'seen'"),
+    (["eval", "live", "--long-minutes", "-1"], "--long-minutes", "minutes >= 0"),
+    (["eval", "live", "--long-minutes", "nan"], "--long-minutes", "minutes >= 0"),
     (["eval", "tags", "--thresholds", "0.5,1.5"], "--thresholds", "in [0, 1]"),
     (["eval", "tags", "--thresholds", "half"], "--thresholds", "comma-separated probabilities"),
 ])

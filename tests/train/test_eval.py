@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vrex.engine.session import Event
-from vrex.train.data import split_names
-from vrex.train.evaluate import EvalConfig, eval_streams, policy_metrics
+from vrex.train.data import FPS, split_names
+from vrex.train.evaluate import LONG_SEGMENT_FRAMES, EvalConfig, eval_streams, long_narration_streams, policy_metrics
 from vrex.train.metrics import names_subject, narration_metrics, qa_results
 from vrex.train.layout import Step, Turn
 from vrex.train.streams import Segment, Stream
@@ -72,17 +72,39 @@ def test_eval_streams_use_heldout_media_only(cache, catalog):
         eval_streams(cache, EvalConfig(minutes=[1.0], needle_sets=("unseen",)))
 
 
+def test_long_narration_stream_is_long_heldout_and_changes_subject(cache, catalog):
+    assert long_narration_streams(cache, EvalConfig(long_minutes=0.0)) == []
+    (stream,) = long_narration_streams(cache, EvalConfig(long_minutes=10.0))
+    assert 600 <= stream.duration < 600 + LONG_SEGMENT_FRAMES[1] / FPS  # cut at the first segment past 10 min
+    assert stream.segments[-1].end == len(stream.steps) and stream.segments[0].start == 0
+    assert {seg.media for seg in stream.segments} <= set(split_names(catalog, "heldout"))
+    assert all(LONG_SEGMENT_FRAMES[0] <= seg.end - seg.start <= LONG_SEGMENT_FRAMES[1] for seg in stream.segments)
+    assert all(a.label != b.label for a, b in zip(stream.segments, stream.segments[1:]))  # every segment a change
+    assert not any(st.questions for st in stream.steps)
+    again = long_narration_streams(cache, EvalConfig(long_minutes=10.0))[0]
+    assert [(s.media, s.start) for s in again.segments] == [(s.media, s.start) for s in stream.segments]  # fixed seed
+
+
 def test_run_eval_rows_and_denominators(cache, catalog):
     """The real eval loop, shipped weights, two narration streams and no needles: every rate comes
     with its denominator, and the denominators are the stream's own segments and questions."""
     from vrex.train.evaluate import run_eval
     from vrex.train.trainer import DEFAULT_WEIGHTS
 
-    cfg = EvalConfig(narration_streams=2, minutes=[], seed=3)
+    cfg = EvalConfig(narration_streams=2, minutes=[], seed=3, long_minutes=1.0)
     narr, needles = eval_streams(cache, cfg)
     assert all(not by_len for by_len in needles.values())
+    (long,) = long_narration_streams(cache, cfg)
     rows = run_eval(cfg, DEFAULT_WEIGHTS, progress=False, log=lambda *_: None, only="trained")
     value = {r["metric"]: r["value"] for r in rows}
+    # the long stream: one row per minute in which a segment starts, rates of k out of n segments
+    minutes = sorted({int(seg.start / FPS // 60) + 1 for seg in long.segments})
+    assert sorted(m for m in value if m.startswith("long_narration_acc@")) == [f"long_narration_acc@min{m}" for m in minutes]
+    assert value["long_narration_segments"] == len(long.segments)
+    n_long = value["long_narration_segments"]
+    assert abs(value["long_narration_acc"] * n_long - round(value["long_narration_acc"] * n_long)) < 1e-3 * n_long
+    if value["long_narrations"]:
+        assert 1 / value["long_narrations"] - 1e-4 <= value["long_narration_top_share"] <= 1.0
     assert {r["model"] for r in rows} == {"trained"}
     assert value["narration_segments"] == sum(len(s.segments) for s in narr)
     n_questions = sum(len(st.questions) for s in narr for st in s.steps)
@@ -105,7 +127,8 @@ def test_run_eval_takes_a_connector_with_tag_tokens(cache, videollm, tmp_path):
     equip_tags(tagged, 2)
     tagged.connector.save(tmp_path / "tagged.safetensors")
     # the gate never opens (theta 0) and answers stop after 2 tokens: the loop runs, cheaply
-    cfg = EvalConfig(narration_streams=1, minutes=[0.1], needles_per_length=1, seed=3, theta=0.0, max_answer_tokens=2)
+    cfg = EvalConfig(narration_streams=1, minutes=[0.1], needles_per_length=1, seed=3, theta=0.0, max_answer_tokens=2,
+                     long_minutes=0.0)
     rows = run_eval(cfg, tmp_path / "tagged.safetensors", progress=False, log=lambda *_: None, only="trained")
     value = {r["metric"]: r["value"] for r in rows}
     assert value["lm_ppl"] > 1.0 and value["needle_acc_silent@0.1min"] in (0.0, 1.0) and value["needle_recognized"] in (0.0, 1.0)
@@ -129,8 +152,8 @@ def test_load_trained_keeps_the_files_tag_threshold(videollm, tmp_path):
 
 
 def test_metric_runner_table():
-    """Per model and policy: narration, then per needle set recognition, live and silent needles; the
-    seen-needle diagnostic only for the trained model."""
+    """Per model and policy: narration, the long narration stream (trained model only), then per needle
+    set recognition, live and silent needles; the seen-needle diagnostic only for the trained model."""
     from functools import partial
 
     def names(runners):
@@ -138,7 +161,7 @@ def test_metric_runner_table():
                 for r in runners]
 
     assert names(policy_metrics(("heldout", "seen"), "trained")) == [
-        "narration_rows", "recognition_rows:heldout", "needle_rows:heldout,live", "needle_rows:heldout,silent",
+        "narration_rows", "long_narration_rows", "recognition_rows:heldout", "needle_rows:heldout,live", "needle_rows:heldout,silent",
         "recognition_rows:seen", "needle_rows:seen,live", "needle_rows:seen,silent"]
     assert names(policy_metrics(("heldout", "seen"), "untrained")) == [
         "narration_rows", "recognition_rows:heldout", "needle_rows:heldout,live", "needle_rows:heldout,silent"]

@@ -4,6 +4,7 @@ accuracy of several evaluation files), ``tags`` (the ImageNet tag rules). The wo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,9 @@ def eval_live(
     narration_streams: Optional[int] = typer.Option(None, help="Number of narration streams (narration, TimeDiff, QA metrics; "
                                                     "default 10, quick 3). With other --seed values, more items for those rates."),
     needles: bool = typer.Option(True, "--needles/--no-needles", help="--no-needles: narration streams only (no needle streams)."),
+    long_minutes: Optional[float] = typer.Option(None, "--long-minutes", help="Length of the long many-segment narration stream "
+                                                 "(held-out subjects, a new one every 12-18 s; narration accuracy per minute, trained "
+                                                 "model only). Default 10, quick 0 (none); 0 turns it off."),
     needle_sets: Optional[str] = typer.Option(None, "--needle-sets", help="Comma-separated needle sets: 'heldout' (held-out needle "
                                               "subjects, the goal's metric) and/or 'seen' (needles of training subjects: retrieval "
                                               "without the recognition gap). Default both (quick: heldout); the streams of a set "
@@ -97,6 +101,10 @@ def eval_live(
         cfg.needle_sets = sets
     if not needles:
         cfg.minutes = []
+    if long_minutes is not None:
+        if not math.isfinite(long_minutes) or long_minutes < 0:
+            raise typer.BadParameter(f"must be a number of minutes >= 0, got {long_minutes}", param_hint="--long-minutes")
+        cfg.long_minutes = long_minutes
     try:
         rows = run_eval(cfg, connector=weights, policies=policy, only=only, lm=None if lm in LM_PRESETS else lm)
     except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run

@@ -38,6 +38,11 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
 * ``qa_acc`` (free-running): the present/past/occurrence questions inside the narration streams;
   Yes/No answers must start with the right word, the others must name the expected subject.
 * ``responses_per_min`` (free-running): how talkative the model is.
+* ``long_narration_acc@min{m}`` (trained model, free-running): one ``--long-minutes`` stream (default
+  10; quick: none) of held-out subjects changing every 12-18 s; narration accuracy of the segments
+  starting in minute m, overall ``long_narration_acc`` (denominator ``long_narration_segments``),
+  and ``long_narration_top_share``: the most frequent narration's share of all narrations
+  (``long_narrations``), which shows a model that repeats one narration whatever is shown.
 * ``narration_segments``, ``qa_questions``: the denominators of ``narration_acc`` and ``qa_acc``.
   The streams are drawn with a fixed seed from the feature cache, so they depend on the number of
   frames the decoder yields per clip: compare rows measured from the same cache.
@@ -45,8 +50,10 @@ Metrics (as in VideoLLM-online, adapted; all on held-out media):
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -87,16 +94,41 @@ class EvalConfig:
     #: which of NEEDLE_SETS to run; each stream depends only on its own set, seed and index, so a run of
     #: one set has the streams of a run of both
     needle_sets: tuple[str, ...] = NEEDLE_SETS
+    #: one long many-segment narration stream of this many minutes (0: none): held-out subjects in
+    #: segments of LONG_SEGMENT_FRAMES, narration accuracy per minute of stream (issue 22: after the
+    #: first minute the default model repeated one narration). The trained model only: the untrained
+    #: one speaks at ~every frame.
+    long_minutes: float = 10.0
 
     @staticmethod
     def make(quick: bool = False, seed: int = 0, threads: int = 1, minutes: list[float] | None = None) -> "EvalConfig":
         if quick:
             return EvalConfig(narration_streams=3, minutes=minutes or [1.0, 2.0], needles_per_length=3, seed=seed, threads=threads, quick=True,
-                              needle_sets=("heldout",))
+                              needle_sets=("heldout",), long_minutes=0.0)
         return EvalConfig(minutes=minutes or [1.0, 2.0, 5.0], seed=seed, threads=threads)
 
 
+#: segment length (frames at FPS) of the long narration stream: 12-18 s per subject, the pace of a
+#: real stream of clips, where the training's narration streams change every 2-4 s
+LONG_SEGMENT_FRAMES = (24, 36)
+
 RECOGNITION_QUESTION = PRESENT_QUESTIONS[0]  # "What is shown now?", asked by needle_recognized
+
+
+def long_narration_streams(cache: FeatureCache, cfg: EvalConfig) -> list[Stream]:
+    """One narration stream of ``cfg.long_minutes`` (at least) of held-out subjects, a new subject every
+    12-18 s, no questions (fixed seed; none when ``long_minutes`` is 0)."""
+    if cfg.long_minutes <= 0:
+        return []
+    catalog = load_catalog()
+    held = StreamMaker(cache, catalog, split_names(catalog, "heldout"))
+    n = math.ceil(cfg.long_minutes * 60 * FPS / LONG_SEGMENT_FRAMES[0])  # enough segments for the shortest draw
+    stream = held.narration_stream(random.Random(f"long-{cfg.seed}"), n_segments=(n, n), seg_len=LONG_SEGMENT_FRAMES,
+                                   question_prob=0.0)
+    end = next(k for k, seg in enumerate(stream.segments) if seg.end >= cfg.long_minutes * 60 * FPS) + 1
+    stream.segments[end:] = []
+    del stream.steps[stream.segments[-1].end:]
+    return [stream]
 
 
 def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], dict[str, dict[float, list[Stream]]]]:
@@ -146,6 +178,7 @@ class EvalRun:
     narration: list[Stream]
     needles: dict[str, dict[float, list[Stream]]]
     log: Callable[[str], None] = print
+    long: list[Stream] = field(default_factory=list)  # long many-segment narration streams
 
     def session(self):
         """A fresh session for one stream."""
@@ -175,6 +208,28 @@ def narration_rows(run: EvalRun) -> Iterable[Metric]:
     if qa:
         yield "qa_acc", sum(qa) / len(qa)
         yield "qa_questions", len(qa)
+
+
+def long_narration_rows(run: EvalRun) -> Iterable[Metric]:
+    """On the long many-segment stream: narration_acc per minute of stream (``long_narration_acc@min<m>``,
+    the segments that start in minute m, 1-based), overall with its denominator, and the share of the
+    most frequent narration text among all narrations (1.0: the model says one thing all along)."""
+    for stream in run.long:
+        events = run_stream(run.session(), run.cache, stream)
+        _, hits, _ = narration_metrics(events, stream, run.catalog)
+        by_minute: dict[int, list[bool]] = {}
+        for seg, hit in zip(stream.segments, hits):
+            by_minute.setdefault(int(seg.start / FPS // 60) + 1, []).append(hit)
+        for minute, minute_hits in sorted(by_minute.items()):
+            yield f"long_narration_acc@min{minute}", sum(minute_hits) / len(minute_hits)
+        yield "long_narration_acc", sum(hits) / len(hits)
+        yield "long_narration_segments", len(hits)
+        texts = [e.text for e in events if e.kind == "response"]
+        yield "long_narrations", len(texts)
+        if texts:
+            yield "long_narration_top_share", max(Counter(texts).values()) / len(texts)
+        top = Counter(texts).most_common(3)
+        run.log(f"    long narration {stream.duration / 60:.1f} min: most said {top}")
 
 
 def _suffix(kind: str) -> str:
@@ -220,6 +275,8 @@ def policy_metrics(needle_sets: tuple[str, ...], model_name: str) -> list[Callab
     """The table of metric runners for one model under one policy, in row order. The seen-needle set
     is a diagnostic of the trained model only (the untrained one names nothing)."""
     runners: list[Callable[[EvalRun], Iterable[Metric]]] = [narration_rows]
+    if model_name != "untrained":
+        runners.append(long_narration_rows)
     for kind in needle_sets:
         if kind == "seen" and model_name == "untrained":
             continue
@@ -246,6 +303,7 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
     if only:
         models = {only: models[only]}
     narr, needles = eval_streams(cache, cfg)
+    long = long_narration_streams(cache, cfg)
     theta = cfg.theta if cfg.theta is not None else DEFAULT_THETA
     rows: list[dict] = []
 
@@ -262,7 +320,7 @@ def run_eval(cfg: EvalConfig, connector: Path | None, policies: list[str] = ("fu
         for metric, value in teacher_forced(fmodel, LayoutBuilder.for_model(fmodel), cache, narr, theta).items():
             add(model_name, "-", metric, value)
         for policy in policies:
-            run = EvalRun(model_name, fmodel, policy, cfg, cache, catalog, narr, needles, log)
+            run = EvalRun(model_name, fmodel, policy, cfg, cache, catalog, narr, needles, log, long=long)
             for runner in policy_metrics(tuple(needles), model_name):
                 for metric, value in runner(run):
                     add(model_name, policy, metric, value, window)
