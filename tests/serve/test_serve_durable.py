@@ -20,6 +20,9 @@ import httpx
 import pytest
 from serve_helpers import feed, start, wait_for
 
+from vrex.engine.session import StreamingSession
+from vrex.kv.policies import make_policy
+
 VREX = [sys.executable, "-m", "vrex.cli"]
 SETTINGS = {"policy": "resv", "fps": 2, "theta": 1.0}  # theta 1: it narrates after (almost) every frame
 FRAMES = 6
@@ -138,6 +141,8 @@ def test_resume_routes_and_errors(model, jpegs, tmp_path):
     data = bytearray(checkpoint.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte: the checksum catches it
     checkpoint.write_bytes(bytes(data))
+    foreign = "abcdefabcdef"  # a session saved by Python (as vrex run --session does), not by the server
+    StreamingSession(model, make_policy("full")).save(sessions / foreign, {"source": "cam"})
     server = start(model, sessions_dir=sessions)
     try:
         with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -148,6 +153,8 @@ def test_resume_routes_and_errors(model, jpegs, tmp_path):
             assert c.get(f"/api/sessions/{sid}").json()["saved_frames"] == 3
             bad = c.post(f"/api/sessions/{other}/resume")
             assert bad.status_code == 409 and other in bad.json()["error"] and "checksum" in bad.json()["error"]
+            bad = c.post(f"/api/sessions/{foreign}/resume")
+            assert bad.status_code == 409 and "not by vrex serve" in bad.json()["error"]
             assert c.post("/api/sessions/0123456789ab/resume").status_code == 404
             assert c.post("/api/sessions/..%2F..%2Fetc/resume").status_code == 404
             assert c.delete(f"/api/sessions/{sid}").json() == {"closed": sid}

@@ -79,7 +79,10 @@ class LiveSession:
         409 naming the directory when it cannot resume (damaged, another model, at its frame limit)."""
         directory = saved.path(sid)
         try:
-            settings = SessionSettings(**open_manifest(directory)["settings"]["run"]["serve"])
+            run = open_manifest(directory)["settings"]["run"]
+            if "serve" not in run:
+                raise ValueError("it holds a session saved by another program (vrex run?), not by vrex serve")
+            settings = SessionSettings(**run["serve"])
             recorder = ReadRecorder(make_policy(settings.policy))
             session = StreamingSession.load(directory, model, policy=recorder)
             sidecar = Sidecar(directory)
