@@ -11,6 +11,9 @@ from vrex.cli import app
 @pytest.mark.parametrize("args, option, why", [
     (["train", "--needle-frames", "40"], "--needle-frames", "not MIN,MAX"),
     (["train", "--needle-frames", "60,20"], "--needle-frames", "8 <= MIN <= MAX"),
+    (["train", "--narration-segments", "4"], "--narration-segments", "not MIN,MAX"),
+    (["train", "--narration-segments", "0,3"], "--narration-segments", "1 <= MIN <= MAX"),
+    (["train", "--narration-frames", "9,3"], "--narration-frames", "1 <= MIN <= MAX"),
     (["train", "--long-frames", "600"], "--long-frames", "not MIN,MAX"),
     (["train", "--long-fraction", "0.5", "--memory-refresh", "30"], "--memory-refresh", "multiple of --memory-refresh"),
     (["train", "--long-fraction", "1.5"], "--long-fraction", "not a fraction"),

@@ -94,6 +94,23 @@ def test_heldout_media_never_trained_on(catalog, maker):
     assert len(seen) >= len(train_names) - 2
 
 
+def test_narration_streams_follow_the_recipes_ranges(maker):
+    """--narration-segments / --narration-frames shape the narration streams; the defaults draw exactly the
+    streams every shipped model trained on (StreamMaker.narration_stream's own defaults)."""
+    long = Recipe(needle_fraction=0.0, narration_segments=(6, 9), narration_frames=(12, 20))
+    short = Recipe(needle_fraction=0.0)
+    for step in range(20):
+        stream = draw_stream(maker, long, step)
+        assert 6 <= len(stream.segments) <= 9
+        assert all(12 <= seg.end - seg.start <= 20 for seg in stream.segments)
+        assert all(a.label != b.label for a, b in zip(stream.segments, stream.segments[1:]))
+        default = draw_stream(maker, short, step)
+        rng = random.Random(f"{short.seed}-{step}")
+        rng.random()  # draw_stream's needle-or-narration draw
+        reference = maker.narration_stream(rng)
+        assert [(s.media, s.start, s.end) for s in default.segments] == [(s.media, s.start, s.end) for s in reference.segments]
+
+
 def test_second_stage_starts_from_init_weights(tiny_videollm, cache, tmp_path):
     """--init: a second stage starts from the given connector (not the seeded init) and is itself resumable."""
     first = train(Recipe(steps=3, checkpoint_every=100, lr=3e-3, warmup=1, seed=1), tmp_path / "s1", out=tmp_path / "s1.safetensors",

@@ -14,13 +14,13 @@ from vrex.train.trainer import DEFAULT_WEIGHTS, Recipe
 app = typer.Typer(help="LIVE training of the connector (issue #5).", no_args_is_help=False, invoke_without_command=True)
 
 
-def _frame_range(text: str, option: str) -> tuple[int, int]:
+def _frame_range(text: str, option: str, least: int = 8, what: str = "needle streams need") -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"'{text}' is not MIN,MAX (two integers)", param_hint=option)
-    if not 8 <= lo <= hi:
-        raise typer.BadParameter(f"needle streams need 8 <= MIN <= MAX frames, got {lo},{hi}", param_hint=option)
+    if not least <= lo <= hi:
+        raise typer.BadParameter(f"{what} {least} <= MIN <= MAX, got {lo},{hi}", param_hint=option)
     return lo, hi
 
 
@@ -38,6 +38,11 @@ def train_cmd(
                                              "(cross-entropy of the interval / speak label at each frame's last token)."),
     needle_fraction: float = typer.Option(Recipe.needle_fraction, help="Fraction of training streams that are needle streams."),
     needle_frames: str = typer.Option(",".join(map(str, Recipe.needle_frames)), help="Needle-stream length range in frames (2 FPS), 'MIN,MAX'."),
+    narration_segments: str = typer.Option(",".join(map(str, Recipe.narration_segments)), help="Segments (subject changes) per "
+                                           "narration stream, 'MIN,MAX'. Longer runs of changes (e.g. 6,12) train narration after many "
+                                           "narrations of the model's own, as long live streams have."),
+    narration_frames: str = typer.Option(",".join(map(str, Recipe.narration_frames)), help="Frames per narration segment (2 FPS), "
+                                         "'MIN,MAX'."),
     silent_needle_fraction: float = typer.Option(Recipe.silent_needle_fraction, help="Fraction of needle streams with a silent haystack "
                                                  "(no narration: the answer must come from the frames)."),
     long_fraction: float = typer.Option(Recipe.long_fraction, help="Fraction of steps that are long needles: a 2-4 frame needle in a "
@@ -81,6 +86,8 @@ def train_cmd(
 
     lo, hi = _frame_range(needle_frames, "--needle-frames")
     lo_long, hi_long = _frame_range(long_frames, "--long-frames")
+    narration_segments_range = _frame_range(narration_segments, "--narration-segments", 1, "narration streams need")
+    narration_frames_range = _frame_range(narration_frames, "--narration-frames", 1, "narration segments need")
     if long_fraction and checkpoint_every % memory_refresh:
         raise typer.BadParameter(f"--checkpoint-every ({checkpoint_every}) must be a multiple of --memory-refresh ({memory_refresh}) "
                                  "so that a resumed run rebuilds the same haystack memory", param_hint="--memory-refresh")
@@ -113,7 +120,8 @@ def train_cmd(
         raise typer.BadParameter(f"'{lora_targets}': unknown layer(s) {unknown}; choose from {','.join(Recipe.lora_targets)}",
                                  param_hint="--lora-targets")
     recipe = Recipe(steps=steps, lr=lr, lora=lora, lora_targets=targets, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
-                    needle_frames=(lo, hi), long_fraction=long_fraction, long_frames=(lo_long, hi_long),
+                    needle_frames=(lo, hi), narration_segments=narration_segments_range, narration_frames=narration_frames_range,
+                    long_fraction=long_fraction, long_frames=(lo_long, hi_long),
                     long_narrate_fraction=long_narrate_fraction, memory_refresh=memory_refresh, silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
                     seed=seed, threads=threads, checkpoint_every=checkpoint_every,
                     tag_tokens=tag_tokens, tag_label_fraction=tag_label_fraction, tag_min_prob=tag_min_prob,

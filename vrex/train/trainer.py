@@ -45,6 +45,11 @@ class Recipe:
     needle_fraction: float = 0.4
     silent_needle_fraction: float = 0.3  # of needle streams: silent haystack (fast_forward layout)
     needle_frames: tuple[int, int] = (12, 64)
+    #: narration streams: segments per stream and frames per segment (2 FPS); the defaults are the
+    #: short streams every shipped model trained on; longer runs of changes teach the LM to narrate the
+    #: frame in front of it after many narrations of its own (issue 22: it repeated one after a minute)
+    narration_segments: tuple[int, int] = (2, 4)
+    narration_frames: tuple[int, int] = (3, 7)
     #: long needles (vrex.train.long_context): this fraction of steps is a needle in a detached haystack
     #: memory of up to long_frames[1] frames, rebuilt every memory_refresh steps
     long_fraction: float = 0.0
@@ -115,7 +120,7 @@ def draw_stream(maker: StreamMaker, recipe: Recipe, step: int):
     rng = random.Random(f"{recipe.seed}-{step}")
     if rng.random() < recipe.needle_fraction:
         return maker.needle_stream(rng, rng.randint(*recipe.needle_frames), narrate=rng.random() >= recipe.silent_needle_fraction)
-    return maker.narration_stream(rng)
+    return maker.narration_stream(rng, n_segments=recipe.narration_segments, seg_len=recipe.narration_frames)
 
 
 def trainable_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
