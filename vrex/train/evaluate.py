@@ -109,10 +109,15 @@ class EvalConfig:
 
 
 #: segment length (frames at FPS) of the long narration stream: 12-18 s per subject, the pace of a
-#: real stream of clips, where the training's narration streams change every 2-4 s
+#: real stream of clips, where the training's narration streams change every 1.5-3.5 s
 LONG_SEGMENT_FRAMES = (24, 36)
 
 RECOGNITION_QUESTION = PRESENT_QUESTIONS[0]  # "What is shown now?", asked by needle_recognized
+
+
+def heldout_maker(cache: FeatureCache, catalog: dict) -> StreamMaker:
+    """Streams of the held-out media only (``split: heldout``), the only media every eval stream shows."""
+    return StreamMaker(cache, catalog, split_names(catalog, "heldout"))
 
 
 def long_narration_streams(cache: FeatureCache, cfg: EvalConfig) -> list[Stream]:
@@ -120,8 +125,7 @@ def long_narration_streams(cache: FeatureCache, cfg: EvalConfig) -> list[Stream]
     12-18 s, no questions (fixed seed; none when ``long_minutes`` is 0)."""
     if cfg.long_minutes <= 0:
         return []
-    catalog = load_catalog()
-    held = StreamMaker(cache, catalog, split_names(catalog, "heldout"))
+    held = heldout_maker(cache, load_catalog())
     n = math.ceil(cfg.long_minutes * 60 * FPS / LONG_SEGMENT_FRAMES[0])  # enough segments for the shortest draw
     stream = held.narration_stream(random.Random(f"long-{cfg.seed}"), n_segments=(n, n), seg_len=LONG_SEGMENT_FRAMES,
                                    question_prob=0.0)
@@ -136,7 +140,7 @@ def eval_streams(cache: FeatureCache, cfg: EvalConfig) -> tuple[list[Stream], di
     ``heldout`` (haystack and needle held out: the issue's metric) and, unless quick, ``seen``
     (held-out haystack, needle from a *training* subject: retrieval without the recognition gap)."""
     catalog = load_catalog()
-    held = StreamMaker(cache, catalog, split_names(catalog, "heldout"))
+    held = heldout_maker(cache, catalog)
     train_names = split_names(catalog, "train")
     rng = random.Random(f"eval-{cfg.seed}")
     narr = [held.narration_stream(rng, n_segments=(3, 4), seg_len=(4, 8), question_prob=0.5) for _ in range(cfg.narration_streams)]
@@ -224,12 +228,12 @@ def long_narration_rows(run: EvalRun) -> Iterable[Metric]:
             yield f"long_narration_acc@min{minute}", sum(minute_hits) / len(minute_hits)
         yield "long_narration_acc", sum(hits) / len(hits)
         yield "long_narration_segments", len(hits)
-        texts = [e.text for e in events if e.kind == "response"]
-        yield "long_narrations", len(texts)
-        if texts:
-            yield "long_narration_top_share", max(Counter(texts).values()) / len(texts)
-        top = Counter(texts).most_common(3)
-        run.log(f"    long narration {stream.duration / 60:.1f} min: most said {top}")
+        said = Counter(e.text for e in events if e.kind == "response")
+        n_said = sum(said.values())
+        yield "long_narrations", n_said
+        if n_said:
+            yield "long_narration_top_share", said.most_common(1)[0][1] / n_said
+        run.log(f"    long narration {stream.duration / 60:.1f} min: most said {said.most_common(3)}")
 
 
 def _suffix(kind: str) -> str:
