@@ -15,6 +15,8 @@ from vrex.cli import app
     (["train", "--narration-segments", "0,3"], "--narration-segments", "1 <= MIN <= MAX"),
     (["train", "--narration-frames", "9,3"], "--narration-frames", "1 <= MIN <= MAX"),
     (["train", "--long-frames", "600"], "--long-frames", "not MIN,MAX"),
+    (["train", "--long-narration-fraction", "2"], "--long-narration-fraction", "not a fraction"),
+    (["train", "--long-narration-frames", "12"], "--long-narration-frames", "not MIN,MAX"),
     (["train", "--long-fraction", "0.5", "--memory-refresh", "30"], "--memory-refresh", "multiple of --memory-refresh"),
     (["train", "--long-fraction", "1.5"], "--long-fraction", "not a fraction"),
     (["train", "--init", "no/such/connector.safetensors"], "--init", "is not a file"),

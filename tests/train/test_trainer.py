@@ -111,6 +111,23 @@ def test_narration_streams_follow_the_recipes_ranges(maker):
         assert [(s.media, s.start, s.end) for s in default.segments] == [(s.media, s.start, s.end) for s in reference.segments]
 
 
+def test_long_narration_fraction_mixes_long_and_short_streams(maker):
+    """--long-narration-fraction draws that share of narration streams with the long shape and the rest
+    exactly as a recipe without it (the long/short draw has its own RNG)."""
+    mixed = Recipe(needle_fraction=0.0, long_narration_fraction=0.5, long_narration_segments=(7, 9), long_narration_frames=(14, 18))
+    short = Recipe(needle_fraction=0.0)
+    shapes = []
+    for step in range(40):
+        stream = draw_stream(maker, mixed, step)
+        is_long = len(stream.segments) >= 7 and all(14 <= seg.end - seg.start <= 18 for seg in stream.segments)
+        shapes.append(is_long)
+        if not is_long:
+            plain = draw_stream(maker, short, step)
+            assert [(s.media, s.start, s.end) for s in stream.segments] == [(s.media, s.start, s.end) for s in plain.segments]
+            assert 2 <= len(stream.segments) <= 4
+    assert 10 <= sum(shapes) <= 30, shapes  # about half of 40 draws
+
+
 def test_second_stage_starts_from_init_weights(tiny_videollm, cache, tmp_path):
     """--init: a second stage starts from the given connector (not the seeded init) and is itself resumable."""
     first = train(Recipe(steps=3, checkpoint_every=100, lr=3e-3, warmup=1, seed=1), tmp_path / "s1", out=tmp_path / "s1.safetensors",

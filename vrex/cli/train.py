@@ -43,6 +43,13 @@ def train_cmd(
                                            "narrations of the model's own, as long live streams have."),
     narration_frames: str = typer.Option(",".join(map(str, Recipe.narration_frames)), help="Frames per narration segment (2 FPS), "
                                          "'MIN,MAX'."),
+    long_narration_fraction: float = typer.Option(Recipe.long_narration_fraction, help="Fraction of narration streams drawn with the "
+                                                  "long shape (--long-narration-segments, --long-narration-frames) instead: a mix keeps "
+                                                  "quick changes narrated on time while teaching long live streams."),
+    long_narration_segments: str = typer.Option(",".join(map(str, Recipe.long_narration_segments)), help="Segments per long "
+                                                "narration stream, 'MIN,MAX'."),
+    long_narration_frames: str = typer.Option(",".join(map(str, Recipe.long_narration_frames)), help="Frames per segment of a long "
+                                              "narration stream (2 FPS), 'MIN,MAX'."),
     silent_needle_fraction: float = typer.Option(Recipe.silent_needle_fraction, help="Fraction of needle streams with a silent haystack "
                                                  "(no narration: the answer must come from the frames)."),
     long_fraction: float = typer.Option(Recipe.long_fraction, help="Fraction of steps that are long needles: a 2-4 frame needle in a "
@@ -88,6 +95,10 @@ def train_cmd(
     lo_long, hi_long = _frame_range(long_frames, "--long-frames")
     narration_segments_range = _frame_range(narration_segments, "--narration-segments", 1, "narration streams need")
     narration_frames_range = _frame_range(narration_frames, "--narration-frames", 1, "narration segments need")
+    long_narration_segments_range = _frame_range(long_narration_segments, "--long-narration-segments", 1, "narration streams need")
+    long_narration_frames_range = _frame_range(long_narration_frames, "--long-narration-frames", 1, "narration segments need")
+    if not 0.0 <= long_narration_fraction <= 1.0:
+        raise typer.BadParameter(f"{long_narration_fraction} is not a fraction in [0, 1]", param_hint="--long-narration-fraction")
     if long_fraction and checkpoint_every % memory_refresh:
         raise typer.BadParameter(f"--checkpoint-every ({checkpoint_every}) must be a multiple of --memory-refresh ({memory_refresh}) "
                                  "so that a resumed run rebuilds the same haystack memory", param_hint="--memory-refresh")
@@ -121,6 +132,8 @@ def train_cmd(
                                  param_hint="--lora-targets")
     recipe = Recipe(steps=steps, lr=lr, lora=lora, lora_targets=targets, stream_loss_weight=stream_loss_weight, needle_fraction=needle_fraction,
                     needle_frames=(lo, hi), narration_segments=narration_segments_range, narration_frames=narration_frames_range,
+                    long_narration_fraction=long_narration_fraction, long_narration_segments=long_narration_segments_range,
+                    long_narration_frames=long_narration_frames_range,
                     long_fraction=long_fraction, long_frames=(lo_long, hi_long),
                     long_narrate_fraction=long_narrate_fraction, memory_refresh=memory_refresh, silent_needle_fraction=silent_needle_fraction, init=str(init) if init else None,
                     seed=seed, threads=threads, checkpoint_every=checkpoint_every,

@@ -50,6 +50,11 @@ class Recipe:
     #: frame in front of it after many narrations of its own (issue 22: it repeated one after a minute)
     narration_segments: tuple[int, int] = (2, 4)
     narration_frames: tuple[int, int] = (3, 7)
+    #: this fraction of narration streams has the long shape instead: many changes, each longer, so
+    #: a model learns long live streams while the short ones keep its timing on quick changes
+    long_narration_fraction: float = 0.0
+    long_narration_segments: tuple[int, int] = (6, 12)
+    long_narration_frames: tuple[int, int] = (12, 24)
     #: long needles (vrex.train.long_context): this fraction of steps is a needle in a detached haystack
     #: memory of up to long_frames[1] frames, rebuilt every memory_refresh steps
     long_fraction: float = 0.0
@@ -116,11 +121,20 @@ def pick_maker(makers: dict[str, StreamMaker], recipe: Recipe, step: int) -> Str
     return makers["hand"]
 
 
+def narration_shape(recipe: Recipe, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(segments, frames per segment) of this step's narration stream. The long/short draw has its own
+    RNG, so recipes without long narration draw the streams they always drew."""
+    if recipe.long_narration_fraction and random.Random(f"{recipe.seed}-{step}-long-narration").random() < recipe.long_narration_fraction:
+        return recipe.long_narration_segments, recipe.long_narration_frames
+    return recipe.narration_segments, recipe.narration_frames
+
+
 def draw_stream(maker: StreamMaker, recipe: Recipe, step: int):
     rng = random.Random(f"{recipe.seed}-{step}")
     if rng.random() < recipe.needle_fraction:
         return maker.needle_stream(rng, rng.randint(*recipe.needle_frames), narrate=rng.random() >= recipe.silent_needle_fraction)
-    return maker.narration_stream(rng, n_segments=recipe.narration_segments, seg_len=recipe.narration_frames)
+    segments, frames = narration_shape(recipe, step)
+    return maker.narration_stream(rng, n_segments=segments, seg_len=frames)
 
 
 def trainable_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
@@ -165,7 +179,8 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
     saved = extra["recipe"]
     for key in ("seed", "lora", "lora_rank", "lora_targets", "steps", "lr", "stream_loss_weight", "temporal", "init", "needle_frames",
                 "long_fraction", "long_frames", "memory_refresh", "tag_tokens", "tag_label_fraction",
-                "tag_min_prob", "random_tag_prob"):
+                "tag_min_prob", "random_tag_prob", "narration_segments", "narration_frames", "long_narration_fraction",
+                "long_narration_segments", "long_narration_frames"):
         if _jsonable(saved.get(key, _OLD_DEFAULTS.get(key))) != _jsonable(getattr(recipe, key)):
             raise ValueError(f"cannot resume {run}: it was trained with {key}={saved.get(key)}, now {getattr(recipe, key)}")
     model.connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
@@ -176,7 +191,9 @@ def load_checkpoint(run: Path, model, recipe: Recipe, optimizer) -> TrainState:
 
 
 _OLD_DEFAULTS = {"lora_targets": list(LORA_TARGETS), "temporal": False, "long_fraction": 0.0, "long_frames": [120, 600], "memory_refresh": 25,
-                 "tag_tokens": 0, "tag_label_fraction": 0.0, "tag_min_prob": 0.5, "random_tag_prob": 0.3}  # runs saved before the key existed
+                 "tag_tokens": 0, "tag_label_fraction": 0.0, "tag_min_prob": 0.5, "random_tag_prob": 0.3,
+                 "narration_segments": [2, 4], "narration_frames": [3, 7], "long_narration_fraction": 0.0,
+                 "long_narration_segments": [6, 12], "long_narration_frames": [12, 24]}  # runs saved before the key existed
 
 
 def _jsonable(value):
