@@ -41,4 +41,4 @@ def start(model, **kw):
     from vrex.serve.hub import ServeConfig
     from vrex.serve.server import start_in_thread
 
-    return start_in_thread(model, ServeConfig(port=0, **kw))
+    return start_in_thread(model, ServeConfig(**{"port": 0, **kw}))  # port 0: any free one

@@ -106,6 +106,12 @@ def test_served_session_resumes_after_kill_9(model, jpegs, tmp_path):
             resumed = c.get(f"/api/sessions/{sid}/events").json()
             assert resumed[0]["type"] == "resume" and resumed[0]["frame"] == k
             assert resumed[0]["seq"] > max(e["seq"] for e in before)  # a client polling after=N misses nothing
+            # What was said before the kill comes back for a page that reattaches (its reads were not saved).
+            past = c.get(f"/api/sessions/{sid}/history").json()
+            assert past["seq"] >= resumed[0]["seq"] and past["session"]["resumed"]["frame"] == k
+            said = [(e["t"], e["text"]) for e in before if e["type"] == "response"]
+            assert said and [(i["t"], i["text"]) for i in past["items"] if i["t"] < 1.5] == said
+            assert not any(i["read_kept"] for i in past["items"])
             feed(c, sid, jpegs[k:FRAMES], t0=0.5 * k)
             answer = c.post(f"/api/sessions/{sid}/ask", json={"text": QUESTION, "wait": True}).json()
             events = wait_for(c, sid, lambda ev: any(e["type"] == "answer" for e in ev), after=resumed[0]["seq"])

@@ -201,6 +201,15 @@ def create_app(hub: Hub) -> FastAPI:
                 return out
             await asyncio.sleep(0.05)
 
+    @app.get("/api/sessions/{sid}/history")
+    async def history(sid: str) -> dict[str, Any]:
+        """The narrations and answers so far (oldest first; their timelines from `answers/{id}`; after a
+        resume from disk, `read_kept` is false: what they read is not saved), questions still waiting,
+        the last frame's stats and `seq`: open the WebSocket first, then take events with `seq` above
+        it from there. The page uses this to come back after a reload."""
+        session = await _session(hub, sid)
+        return session.history()
+
     @app.get("/api/sessions/{sid}/answers/{aid}")
     def answer_timeline(sid: str, aid: str, layers: bool = False) -> dict[str, Any]:
         """Per-frame share of tokens read while answering (mean over layers and KV heads); `layers=true` adds [layer][frame]."""

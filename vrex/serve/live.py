@@ -100,6 +100,11 @@ class LiveSession:
         c.narrations = sum(d["kind"] == "response" for d in session.dialogue)
         c.answers = sum(d["kind"] == "answer" for d in session.dialogue)
         self.seq = sidecar.seq_limit  # past every number handed out before the restart
+        # The narrations and answers so far, for a page that comes back (``history``); what they read
+        # is not saved, so their timelines are empty.
+        for i, d in enumerate(session.dialogue):
+            self.answers[f"saved{i}"] = {"id": f"saved{i}", "kind": d["kind"], "t": d["t"], "text": d["text"],
+                                         "question": d.get("question"), "shares": None, "steps": 0}
         # The stream clock goes on from the saved time: frames without a time are stamped after it.
         self.created = self.last_active - session.t - 1.0 / settings.fps
         self._last_accepted_t = session.t if session.frames else float("-inf")
@@ -301,6 +306,19 @@ class LiveSession:
             self.sidecar.close()  # reopened by a save still under way; the session's log closes with it
 
     # -- readers ---------------------------------------------------------------------------------
+    def history(self) -> dict[str, Any]:
+        """What a page that comes back (a reload, a new tab) shows again: the narrations and answers
+        so far, oldest first (each one's timeline from ``timeline_json``), the questions still waiting,
+        the last frame's stats, and ``seq``: the events after it are not in here (the page takes them
+        from its WebSocket, opened before it asks for the history, so nothing falls in between)."""
+        with self._lock:
+            seq, stats = self.seq, dict(self.last_stats)
+            waiting = [{"id": qid, "text": text} for qid, text, _ in self._questions]
+            entries = list(self.answers.values())
+        items = [{"type": e["kind"], "id": e["id"], "t": e["t"], "text": e["text"], "question": e["question"],
+                  "read_kept": e["shares"] is not None} for e in entries]
+        return {"seq": seq, "items": items, "waiting": waiting, "stats": stats, "session": self.describe()}
+
     def counts(self) -> dict[str, int]:
         c = self.counters
         return {"received": c.received, "processed": c.processed, "dropped": c.dropped_behind + c.dropped_rate,
