@@ -159,3 +159,37 @@ def test_restarted_server_resumes_the_session_from_its_save(model, clip_path, tm
                 second.stop()
         finally:
             browser.close()
+
+
+def test_open_page_reconnects_to_a_restarted_server(model, clip_path, tmp_path):
+    """The server goes away under an open page and comes back on the same --sessions-dir: the page
+    resumes its session by itself, without a reload, and the camera feeds it again."""
+    need_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    sessions = tmp_path / "sessions"
+    y4m = make_y4m(clip_path, tmp_path / "camera.y4m", seconds=2.0)
+    first = start(model, sessions_dir=sessions)
+    with sync_playwright() as p:
+        browser = launch(p, y4m)
+        try:
+            page = browser.new_page()
+            page.goto(first.url + "/")
+            expect(page.locator("#status")).to_contain_text("ready", timeout=15_000)
+            page.click("#start")
+            expect(page.locator("#status")).to_contain_text(STARTED, timeout=15_000)
+            sid = _sid(page)
+            _wait(lambda: _processed(first, sid) >= 2, what="2 frames processed")
+            first.stop()
+            saved = first.hub.sessions[sid].session.saved_frames
+            expect(page.locator("#status")).to_contain_text("reconnecting", timeout=15_000)
+            second = start(model, sessions_dir=sessions, port=first.port)
+            try:
+                expect(page.locator("#status")).to_contain_text(f"session {sid} · ", timeout=30_000)
+                expect(page.locator("#status")).to_contain_text(f"resumed at frame {saved}")
+                _wait(lambda: sid in second.hub.sessions and _processed(second, sid) >= saved + 2, what="frames after the restart")
+                assert list(second.hub.sessions) == [sid]
+            finally:
+                second.stop()
+        finally:
+            browser.close()
