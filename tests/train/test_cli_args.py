@@ -53,10 +53,11 @@ def test_eval_connector_names_shipped_variants():
     from vrex.train.trainer import DEFAULT_WEIGHTS
 
     assert resolve_eval_connector("plain") == DEFAULT_WEIGHTS  # the default recipe's --out
-    assert resolve_eval_connector(None) == resolve_eval_connector("tags")  # the shipped default model
+    assert resolve_eval_connector(None) == resolve_eval_connector("narrate")  # the shipped default model
     long = resolve_eval_connector("long")
     assert long != DEFAULT_WEIGHTS and long.is_file() and long.parent == DEFAULT_WEIGHTS.parent
-    assert len({long, DEFAULT_WEIGHTS, resolve_eval_connector("tags")}) == 3
+    files = {long, DEFAULT_WEIGHTS, resolve_eval_connector("tags"), resolve_eval_connector("narrate")}
+    assert len(files) == 4 and all(f.is_file() for f in files)
 
 
 def test_eval_connector_maps_a_run_directory_to_its_checkpoint(tmp_path):

@@ -37,7 +37,7 @@ import numpy as np
 from vrex.bench import parse_size
 from vrex.models.weights import cache_dir, smollm2_gguf
 
-FRAME_TOKENS = 12  # one vrex frame step: 10 visual + 2 tag tokens (the default 'tags' model)
+FRAME_TOKENS = 12  # one vrex frame step: 10 visual + 2 tag tokens (the default 'narrate' model, and 'tags')
 HOUR_TOKENS = 7200 * FRAME_TOKENS  # one hour at 2 fps
 DEFAULT_SIZES = f"1k,4k,16k,32k,64k,{HOUR_TOKENS}"
 WEIGHTS = ("Q4_1", "F16")

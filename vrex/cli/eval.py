@@ -19,7 +19,7 @@ app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 
 def resolve_eval_connector(connector: str | None) -> Path:
     """The weights file behind ``vrex eval live --connector``: the shipped default (``DEFAULT_VARIANT``), a
-    shipped variant by name ('plain', 'long', 'tags'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
+    shipped variant by name ('plain', 'long', 'tags', 'narrate'), a weights file, or a run directory (its ``checkpoint.safetensors``)."""
     from vrex.models.encoders import EFFNET_PRESET
     from vrex.models.lm import SMOLLM2_PRESET
     from vrex.models.videollm import DEFAULT_VARIANT, SHIPPED_VARIANTS, shipped_connector
@@ -43,7 +43,7 @@ def eval_live(
                                      "(repeatable; `vrex policies` lists them with their parameters), e.g. --policy full "
                                      "--policy 'resv\\[ratio=0.2]'; needle accuracy is reported per policy on the same streams."),
     connector: Optional[str] = typer.Option(None, "--connector", help="Trained connector to evaluate: a weights file (or a `vrex train` "
-                                            "run directory), or a shipped model: 'tags' (the default: ImageNet tag tokens + long context), 'long' "
+                                            "run directory), or a shipped model: 'narrate' (the default: 'tags' trained on long narration streams), 'tags' (ImageNet tag tokens + long context), 'long' "
                                             "(long context, no tags) or 'plain' (connector only)."),
     lm: str = typer.Option(LM_PRESETS[0], "--lm", help="Language model: the preset, a causal-LM directory or a repo id (see vrex run "
                            "--lm). The connectors (shipped or from vrex train) are trained for the preset, so another LM is "

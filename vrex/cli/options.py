@@ -25,7 +25,7 @@ from vrex.sizes import parse_bytes
 # holds them equal to vrex.models.lm.SMOLLM2_PRESET, encoders.EFFNET_PRESET and videollm.SHIPPED_VARIANTS.
 LM_PRESETS = ("smollm2-135m",)
 ENCODER_PRESETS = ("efficientnet-lite0",)
-CONNECTOR_NAMES = ("auto", "tags", "long", "plain", "none")
+CONNECTOR_NAMES = ("auto", "narrate", "tags", "long", "plain", "none")
 POSITION_MODES = ("compress", "absolute")
 POLICY_NAMES = ("full", "flexgen", "infinigen", "rekv", "streamingllm", "resv", "resv-noclust")  # for --help only
 

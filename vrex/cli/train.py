@@ -30,8 +30,8 @@ def train_cmd(
                               "The default recipe is stage 1 in docs/train.md (its timings are there)."),
     lr: float = typer.Option(Recipe.lr, help="Peak AdamW learning rate (linear warmup, cosine decay to 10%)."),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="Also train LoRA adapters (rank 8) on the LM's linear layers via peft. "
-                              "The shipped 'plain' model is connector-only; the shipped 'long' and 'tags' (the default) models "
-                              "(vrex run --connector long|tags) are connector + LoRA, see docs/train.md."),
+                              "The shipped 'plain' model is connector-only; the shipped 'long', 'tags' and 'narrate' (the default) models "
+                              "(vrex run --connector long|tags|narrate) are connector + LoRA, see docs/train.md."),
     lora_targets: str = typer.Option(",".join(Recipe.lora_targets), help="With --lora: comma-separated names of the LM's linear "
                                      "layers that get adapters (e.g. q_proj,k_proj,v_proj,o_proj for attention only)."),
     stream_loss_weight: float = typer.Option(Recipe.stream_loss_weight, help="Weight w of the streaming-EOS term "

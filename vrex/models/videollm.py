@@ -26,10 +26,12 @@ SHIPPED_CONNECTORS = Path(__file__).resolve().parent.parent / "weights"
 
 
 #: shipped weight files by name -> file suffix (docs/train.md measures them side by side)
-SHIPPED_VARIANTS = {"plain": "", "long": "-long", "tags": "-tags"}
-#: the shipped model behind ``"auto"`` (``vrex run``'s default): long-context recall, ImageNet tag tokens and
-#: the best narration in one model; ``"plain"`` (connector only, 10 tokens per frame) is the lightest
-DEFAULT_VARIANT = "tags"
+SHIPPED_VARIANTS = {"plain": "", "long": "-long", "tags": "-tags", "narrate": "-narrate"}
+#: the shipped model behind ``"auto"`` (``vrex run``'s default): ``"tags"`` trained further on long
+#: many-segment narration streams, so it keeps naming what it sees over a 10-minute stream where ``"tags"``
+#: repeats one narration after the first minute (issue 22; docs/train.md); ``"plain"`` (connector only,
+#: 10 tokens per frame) is the lightest
+DEFAULT_VARIANT = "narrate"
 
 
 def shipped_connector(encoder_name: str, lm_name: str, variant: str = "") -> Path | None:
@@ -52,8 +54,9 @@ def load_videollm(
 ) -> VideoLLM:
     """Assemble a video LLM. ``connector``: a safetensors file, ``"auto"`` (the trained weights vrex
     ships for this encoder+LM, if any: ``DEFAULT_VARIANT``) or ``None`` (seeded untrained init), or a shipped
-    variant (docs/train.md): ``"tags"`` (the default: connector with ImageNet tag tokens + LoRA, ``vrex.models.tags``,
-    trained on minutes-long needle streams; names subjects it was never trained on, narrates best), ``"long"``
+    variant (docs/train.md): ``"narrate"`` (the default: ``"tags"`` trained further on long many-segment narration
+    streams, keeps narrating right over long streams), ``"tags"`` (connector with ImageNet tag tokens + LoRA,
+    ``vrex.models.tags``, trained on minutes-long needle streams; names subjects it was never trained on), ``"long"``
     (connector + LoRA, the long-context training without tags) or ``"plain"`` (connector only, no LoRA: the
     lightest, 10 tokens per frame). A weights file with LoRA adapters (``vrex train --lora``) also loads them into the LM
     (``vrex.models.lora``), merged into its weights (inference: the plain LM's cost), and one with tag tokens
