@@ -42,6 +42,15 @@ def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mod
     chosen, taken = ext.wicsum_union(w, counts, valid, ratio, weighted)
     assert torch.equal(chosen, ref.union() & valid)
     assert torch.equal(taken, ref.taken)
+    if mode != "softmax":  # normalised in C++ from the raw scores: the same weights, so the same choice
+        mode_id = {"shift_min": 0, "relu": 1, "raw": 2}[mode]
+        if ties:
+            scores[..., ::3] = -0.0 * scores[..., ::3].abs()
+            ref = wicsum_select(normalize_scores(scores, valid, mode=mode, scale=0.125), counts, ratio, valid,
+                                sort_by="weighted" if weighted else "score")
+        chosen, taken = ext.wicsum_union_scores(scores, counts, valid, mode_id, 0.125, ratio, weighted)
+        assert torch.equal(chosen, ref.union() & valid)
+        assert torch.equal(taken, ref.taken)
 
 
 def test_cluster_token_ids_equal_table_mask():
@@ -119,6 +128,36 @@ def test_slot_attention_equals_gather_then_attention(D, G, T, dtype):
     assert plan.selected[0] > 512 and plan.selected[1] == 0 and plan.slots[0].numel() > 0  # host and device tiers
     got = ext.attend_slots(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("G,T", [(3, 13), (1, 5), (2, 1)])
+def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T):
+    """Frame-step attention over the planned slots, head by head with no padding (attend_plan) == the
+    reference gather + attention: heads reading 60%, 10% and nothing of the past, a host tier and ring
+    slots, bf16 storage, soft-capping, causal rows; the workspace grows once and is reused."""
+    H, D = 3, 16
+    tiers = {"device_budget_bytes": 300 * 2 * H * D * torch.empty(0, dtype=dtype).element_size()}
+    store = _filled_store(n_blocks=120, block=7, H=H, D=D, dtype=dtype, **tiers)
+    n_past = store.length(0)
+    g = torch.Generator().manual_seed(G * 100 + T)
+    picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.6, 0.1)] + [torch.zeros(0, dtype=torch.int64)]
+    packed = PackedSelection.pack(Selection(picks), H)
+    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    assert plan.slots[0].numel() > 0 and plan.slots[1].numel() > 0  # host and device tiers
+    k, v, valid = store.gather(0, picks)
+    ws = torch.empty(0)
+    for step in range(2):
+        q = 3 * torch.randn(H * G, T, D, generator=g)
+        k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+        want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125, softcap)
+        got = ext.attend_plan(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, softcap or 0.0, ws)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        if step == 0:
+            grown = ws.data_ptr()
+            assert ws.numel() >= (2 * D + G * T) * (max(plan.selected) + T)
+    assert ws.data_ptr() == grown  # the second step reused the workspace
 
 
 def test_attention_masks_against_dense_reference():

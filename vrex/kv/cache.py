@@ -124,6 +124,7 @@ class VrexCache(Cache):
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
         policy.kernels = self.kernels
         self._pending: set[int] = set()  # layers whose step keys await VrexCache.attend
+        self._workspace = torch.empty(0)  # the fast path's gather + scores scratch, reused by every layer and step
         self.stage: Stage = "text"
         self.frame_id: int | None = None
         self.frame_spans: list[tuple[int, int | None]] | None = None
@@ -219,11 +220,11 @@ class VrexCache(Cache):
             t_fetch = time.perf_counter()
             out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
         else:
-            k, v, lens = load().gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
+            # frame/text steps: per KV head, its own rows gathered into a reused workspace, MKL attention
+            # (the gather is inside: fetch_s is the planning only)
             t_fetch = time.perf_counter()
-            lmax = k.shape[1] - key.shape[-2]
-            valid = None if bool((lens == lmax).all()) else torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)
-            out = _attention(q.float(), k, v, key.shape[-2], valid, scaling, softcap)
+            out = load().attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
+                                     softcap or 0.0, self._workspace)
         self._store_and_index(layer, key[0], value[0])
         selected = n_past if selection.everything else plan.selected
         return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)

@@ -1,9 +1,10 @@
-// vrex fast path: WiCSum cluster selection, selection -> store slots, one gather of the planned
-// slots into the padded buffer the BLAS attention reads (frame and text steps), attention read in
-// place from the slots for decode steps (attend_slots), ReSV's HC-table update (hc_add). CPU only.
+// vrex fast path: WiCSum cluster selection, selection -> store slots, attention over the planned slots
+// for frame and text steps (attend_plan: each KV head's rows gathered into a reused workspace, MKL's
+// matmul), attention read in place from the slots for decode steps (attend_slots), ReSV's HC-table
+// update (hc_add); gather_plan (one padded copy of every head's rows) is kept for tests. CPU only.
 // Measured and dropped (twice): attention computed in place over the slots with an online softmax (a
 // flash-decoding loop over 16-key blocks, per KV head with its GQA rows, split into 1024-slot chunks)
-// ran 2.9x slower than this gather + MKL's matmul for a 13-token frame step at 16K (8.6 vs 3.0 ms per
+// ran 2.9x slower than a gather + MKL's matmul for a 13-token frame step at 16K (8.6 vs 3.0 ms per
 // layer, 44% selected). For decode rows (a few rows per KV head) attend_slots below wins: 0.71 vs 1.13 ms
 // per layer at 16K with 26% selected (dense full over all 16K: 1.37 ms).
 // The PyTorch reference lives in vrex/kv/cache.py (_attention), vrex/resv/wicsum.py and
@@ -81,55 +82,93 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
   bool* outp = chosen.data_ptr<bool>();
   int64_t* tp = taken.data_ptr<int64_t>();
   std::mutex merge;
-  for (int64_t h = 0; h < H; ++h) {
-    // rows of one head are independent; each chunk of rows ORs its union into the head's row of `chosen`
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<int64_t> order(C);
-      std::vector<double> key(weighted ? C : 0), prod(C);
-      std::vector<char> mark(C, 0);
-      RadixScratch scratch;
-      if (!weighted) scratch.resize(C);
-      const float neg_inf = -std::numeric_limits<float>::infinity();
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = wp + (h * R + r) * C;
-        int64_t nv = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          bool ok = vp[h * C + c];
-          nv += ok;
-          double p = ok ? (double)row[c] * (double)cp[h * C + c] : 0.0;
-          prod[c] = p;
-          if (weighted)
-            key[c] = ok ? p : -std::numeric_limits<double>::infinity();
-          else
-            scratch.key[c] = descending_image(ok ? row[c] : neg_inf);
-        }
-        if (weighted) {
-          std::iota(order.begin(), order.end(), 0);
-          std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] > key[b]; });
-        } else {
-          radix_order(scratch, order, C);
-        }
-        int64_t t_star = 0;
-        if (nv > 0) {
-          double total = 0.0;
-          for (int64_t i = 0; i < nv; ++i) total += prod[order[i]];
-          const double th = ratio * total;
-          double acc = 0.0;
-          t_star = nv;
-          for (int64_t i = 0; i < nv; ++i) {
-            acc += prod[order[i]];
-            if (acc > th) { t_star = i + 1; break; }
-          }
-        }
-        tp[h * R + r] = t_star;
-        for (int64_t i = 0; i < t_star; ++i) mark[order[i]] = 1;
+  // every (head, row) pair is independent: one parallel region over all of them (one per head cost a
+  // thread hand-off per head per layer); each chunk ORs its union into `chosen`
+  at::parallel_for(0, H * R, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<int64_t> order(C);
+    std::vector<double> key(weighted ? C : 0), prod(C);
+    std::vector<char> mark(H * C, 0);
+    RadixScratch scratch;
+    if (!weighted) scratch.resize(C);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / R;
+      const float* row = wp + i * C;
+      int64_t nv = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        bool ok = vp[h * C + c];
+        nv += ok;
+        double p = ok ? (double)row[c] * (double)cp[h * C + c] : 0.0;
+        prod[c] = p;
+        if (weighted)
+          key[c] = ok ? p : -std::numeric_limits<double>::infinity();
+        else
+          scratch.key[c] = descending_image(ok ? row[c] : neg_inf);
       }
-      std::lock_guard<std::mutex> lock(merge);
-      for (int64_t c = 0; c < C; ++c)
-        if (mark[c] && vp[h * C + c]) outp[h * C + c] = true;
-    });
-  }
+      if (weighted) {
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] > key[b]; });
+      } else {
+        radix_order(scratch, order, C);
+      }
+      int64_t t_star = 0;
+      if (nv > 0) {
+        double total = 0.0;
+        for (int64_t j = 0; j < nv; ++j) total += prod[order[j]];
+        const double th = ratio * total;
+        double acc = 0.0;
+        t_star = nv;
+        for (int64_t j = 0; j < nv; ++j) {
+          acc += prod[order[j]];
+          if (acc > th) { t_star = j + 1; break; }
+        }
+      }
+      tp[i] = t_star;
+      for (int64_t j = 0; j < t_star; ++j) mark[h * C + order[j]] = 1;
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t c = 0; c < H * C; ++c)
+      if (mark[c] && vp[c]) outp[c] = true;
+  });
   return {chosen, taken};
+}
+
+// wicsum_union on raw scores s = q . Kc [H, R, C], normalised here as vrex.resv.wicsum.normalize_scores
+// does (same float32 operations, so the same weights bit for bit): mode 0 "shift_min"
+// ((s - min over valid) * scale), 1 "relu" (max(s * scale, 0)), 2 "raw" (s * scale); invalid clusters 0.
+// ("softmax" stays in PyTorch: its vectorised exp is not reproduced here.) Saves the ~10 small tensor
+// ops of the normalisation per layer.
+std::vector<Tensor> wicsum_union_scores(Tensor s, Tensor counts, Tensor valid, int64_t mode, double scale, double ratio,
+                                        bool weighted) {
+  TORCH_CHECK(s.dim() == 3 && s.scalar_type() == at::kFloat, "scores must be float32 [H, R, C]");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (shift_min), 1 (relu) or 2 (raw), got ", mode);
+  s = s.contiguous();
+  valid = valid.to(at::kBool).contiguous();
+  const int64_t H = s.size(0), R = s.size(1), C = s.size(2);
+  auto w = at::empty({H, R, C}, at::kFloat);
+  const float* sp = s.data_ptr<float>();
+  const bool* vp = valid.data_ptr<bool>();
+  float* wp = w.data_ptr<float>();
+  const float sc = (float)scale;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < H * R; ++i) {
+    const int64_t h = i / R;
+    const float* x = sp + i * C;
+    const bool* v = vp + h * C;
+    float* y = wp + i * C;
+    if (mode == 0) {
+      float mn = inf;
+      for (int64_t c = 0; c < C; ++c)
+        if (v[c]) mn = std::min(mn, x[c]);
+      if (!std::isfinite(mn)) mn = 0.f;
+      for (int64_t c = 0; c < C; ++c) y[c] = v[c] ? (x[c] - mn) * sc : 0.f;
+    } else if (mode == 1) {
+      for (int64_t c = 0; c < C; ++c) y[c] = v[c] ? std::max(x[c] * sc, 0.f) : 0.f;
+    } else {
+      for (int64_t c = 0; c < C; ++c) y[c] = v[c] ? x[c] * sc : 0.f;
+    }
+  }
+  return wicsum_union(w, counts, valid, ratio, weighted);
 }
 
 // Per-head lists -> (values int64 [total], offs int64 [H + 1]): head h's values at [offs[h], offs[h+1]).
@@ -186,6 +225,28 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_page
   return pack_per_head(per);
 }
 
+// Ascending order of a head's slots. Taken in id order they are sorted but within each block (a block
+// is written in its cluster order, and blocks take increasing slots), so an insertion sort moves each
+// slot a few places: O(n) where std::sort was O(n log n) (8.8 ms of a 16K frame step's 30 layers).
+// A budget of moves keeps the worst case (any other layout) at std::sort's cost.
+static void nearly_sorted(std::vector<int64_t>& a) {
+  int64_t budget = 32 * (int64_t)a.size() + 1024;
+  for (size_t i = 1; i < a.size(); ++i) {
+    const int64_t x = a[i];
+    size_t j = i;
+    while (j > 0 && a[j - 1] > x) {
+      a[j] = a[j - 1];
+      --j;
+      if (--budget < 0) {
+        a[j] = x;
+        std::sort(a.begin(), a.end());
+        return;
+      }
+    }
+    a[j] = x;
+  }
+}
+
 // Selection (token ids per head, ascending, or all when ids is empty and all_past) + always-kept
 // ranges [0, sink) and [mid_end, n_past) -> physical slots per tier, skipping evicted tokens.
 // Tiers by id: [0, d_end) disk, [d_end, h_end) host, [h_end, n) device.
@@ -224,8 +285,8 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
         }
       }
       for (int64_t t = hi; t < n_past; ++t) take(t);
-      std::sort(host[h].begin(), host[h].end());
-      std::sort(dev[h].begin(), dev[h].end());
+      nearly_sorted(host[h]);
+      nearly_sorted(dev[h]);
       const auto& hs = host[h];
       int64_t r = hs.empty() ? 0 : 1;
       for (size_t i = 1; i < hs.size(); ++i) r += (hs[i] - hs[i - 1] != 1);
@@ -235,6 +296,40 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
   auto h_packed = pack_per_head(host), d_packed = pack_per_head(dev);
   auto disk_t = at::tensor(disk, at::kLong), runs_t = at::tensor(runs, at::kLong), sel_t = at::tensor(sel, at::kLong);
   return {h_packed[0], h_packed[1], d_packed[0], d_packed[1], disk_t, runs_t, sel_t};
+}
+
+// Rows j0..j1 of head h's planned slots `sl` in tier buffers kb/vb ([H, cap, D], float32 or bfloat16,
+// slot s at s % cap: rings) -> float32 rows of kout/vout.
+static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64_t* sl, int64_t j0, int64_t j1,
+                      float* kout, float* vout) {
+  const int64_t cap = kb.size(1), D = kb.size(2);
+  if (kb.scalar_type() == at::kFloat) {
+    const float* kh = kb.data_ptr<float>() + h * cap * D;
+    const float* vh = vb.data_ptr<float>() + h * cap * D;
+    for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
+      const int64_t s = sl[j] % cap;
+      std::memcpy(kout, kh + s * D, D * sizeof(float));
+      std::memcpy(vout, vh + s * D, D * sizeof(float));
+    }
+  } else {
+    TORCH_CHECK(kb.scalar_type() == at::kBFloat16, "tier buffers must be float32 or bfloat16");
+    const c10::BFloat16* kh = kb.data_ptr<c10::BFloat16>() + h * cap * D;
+    const c10::BFloat16* vh = vb.data_ptr<c10::BFloat16>() + h * cap * D;
+    for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
+      const int64_t s = sl[j] % cap;
+      for (int64_t d = 0; d < D; ++d) {
+        kout[d] = static_cast<float>(kh[s * D + d]);
+        vout[d] = static_cast<float>(vh[s * D + d]);
+      }
+    }
+  }
+}
+
+static void check_tiers(const std::vector<Tensor>& kbufs, const std::vector<Tensor>& vbufs, int64_t D) {
+  for (size_t i = 0; i < kbufs.size(); ++i)
+    TORCH_CHECK(kbufs[i].is_contiguous() && vbufs[i].is_contiguous() && kbufs[i].size(2) == D &&
+                    (kbufs[i].scalar_type() == at::kFloat || kbufs[i].scalar_type() == at::kBFloat16),
+                "tier buffers must be contiguous float32 or bfloat16 [H, cap, D]");
 }
 
 // The planned slots of every tier, gathered once into one padded buffer per K and V, with the step's
@@ -271,32 +366,9 @@ std::vector<Tensor> gather_plan(std::vector<Tensor> kbufs, std::vector<Tensor> v
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a0, int64_t a1) {
     for (int64_t it = a0; it < a1; ++it) {
       const Item& w = items[it];
-      const int64_t h = w.h;
-      const size_t i = w.tier;
-      float* kh = kp + h * (lmax + T) * D;
-      float* vh = vp + h * (lmax + T) * D;
-      const int64_t cap = kbufs[i].size(1);
-      const int64_t* sl = slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h];
-      if (kbufs[i].scalar_type() == at::kFloat) {
-        const float* kb = kbufs[i].data_ptr<float>() + h * cap * D;
-        const float* vb = vbufs[i].data_ptr<float>() + h * cap * D;
-        for (int64_t j = w.j0, row = w.row0; j < w.j1; ++j, ++row) {
-          const int64_t s = sl[j] % cap;
-          std::memcpy(kh + row * D, kb + s * D, D * sizeof(float));
-          std::memcpy(vh + row * D, vb + s * D, D * sizeof(float));
-        }
-      } else {
-        TORCH_CHECK(kbufs[i].scalar_type() == at::kBFloat16, "tier buffers must be float32 or bfloat16");
-        const c10::BFloat16* kb = kbufs[i].data_ptr<c10::BFloat16>() + h * cap * D;
-        const c10::BFloat16* vb = vbufs[i].data_ptr<c10::BFloat16>() + h * cap * D;
-        for (int64_t j = w.j0, row = w.row0; j < w.j1; ++j, ++row) {
-          const int64_t s = sl[j] % cap;
-          for (int64_t d = 0; d < D; ++d) {
-            kh[row * D + d] = static_cast<float>(kb[s * D + d]);
-            vh[row * D + d] = static_cast<float>(vb[s * D + d]);
-          }
-        }
-      }
+      const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[w.h];
+      const int64_t base = (w.h * (lmax + T) + w.row0) * D;
+      copy_rows(kbufs[w.tier], vbufs[w.tier], w.h, sl, w.j0, w.j1, kp + base, vp + base);
     }
   });
   for (int64_t h = 0; h < H; ++h) {
@@ -563,10 +635,7 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
   TORCH_CHECK(D == 32 || D == 64 || D == 128, "attend_slots takes head_dim 32, 64 or 128, got ", D);
   const int64_t G = Hq / H, R = G * T;
   const size_t S = kbufs.size();
-  for (size_t i = 0; i < S; ++i)
-    TORCH_CHECK(kbufs[i].is_contiguous() && vbufs[i].is_contiguous() && kbufs[i].size(2) == D &&
-                    (kbufs[i].scalar_type() == at::kFloat || kbufs[i].scalar_type() == at::kBFloat16),
-                "tier buffers must be contiguous float32 or bfloat16 [H, cap, D]");
+  check_tiers(kbufs, vbufs, D);
   struct Item { int64_t h; size_t tier; int64_t j0, j1; };
   std::vector<Item> items;
   for (int64_t h = 0; h < H; ++h)
@@ -644,11 +713,116 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Frame and text steps (many query rows per KV head): one KV head at a time, its planned rows gathered
+// into a reused workspace, exactly as many as the head reads (no padding to the longest head), with the
+// step's own tokens after them; scores and output by MKL (at::mm_out), the causal mask on the step's
+// columns and the softmax in one pass per row. Why not gather_plan + vrex.kv.cache._attention: at 16K
+// cached tokens (ReSV, heads reading 9.8K / 7.3K / 4.8K tokens) that padded every head to the longest
+// (25% more copy and matmul, a [rows x past] mask pass) and allocated ~15 MB of fresh K/V copies per
+// layer, which the kernel then faulted in page by page: 10.4 ms per layer against 2.8 ms here.
+// q [Hq, T, D] float32, already scaled; tiers as gather_plan; k_new/v_new [H, T, D]; softcap <= 0: none
+// (else transformers' order: tanh(s / cap) * cap, then the mask). ws: a float32 scratch tensor the caller
+// keeps between calls (resized here when too small). Returns [Hq, T, D] float32.
+Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
+                   std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be float32 [Hq, T, D]");
+  TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.is_contiguous(), "ws must be a contiguous float32 tensor");
+  q = q.contiguous();
+  k_new = k_new.to(at::kFloat).contiguous();
+  v_new = v_new.to(at::kFloat).contiguous();
+  const int64_t Hq = q.size(0), T = q.size(1), D = q.size(2), H = k_new.size(0);
+  TORCH_CHECK(H > 0 && Hq % H == 0, "query heads must be a multiple of KV heads");
+  const int64_t G = Hq / H, R = G * T;
+  const size_t S = kbufs.size();
+  check_tiers(kbufs, vbufs, D);
+  std::vector<int64_t> lens(H, 0);
+  for (size_t i = 0; i < S; ++i) {
+    const int64_t* o = offs[i].data_ptr<int64_t>();
+    for (int64_t h = 0; h < H; ++h) lens[h] += o[h + 1] - o[h];
+  }
+  const int64_t lmax = *std::max_element(lens.begin(), lens.end()) + T;
+  const int64_t need = 2 * lmax * D + R * lmax;
+  if (ws.numel() < need) ws.resize_({need + need / 4});  // room to grow with the stream: fewer reallocations
+  float* kw = ws.data_ptr<float>();
+  float* vw = kw + lmax * D;
+  float* sw = vw + lmax * D;
+  auto out = at::empty({Hq, T, D}, at::kFloat);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t n = lens[h], L = n + T;
+    // the head's rows of every tier, in plan order, in chunks of 256 so both threads copy
+    struct Item { size_t tier; int64_t j0, j1, row0; };
+    std::vector<Item> items;
+    int64_t row = 0;
+    for (size_t i = 0; i < S; ++i) {
+      const int64_t* o = offs[i].data_ptr<int64_t>();
+      const int64_t m = o[h + 1] - o[h];
+      for (int64_t j = 0; j < m; j += 256) items.push_back({i, j, std::min(m, j + 256), row + j});
+      row += m;
+    }
+    at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a0, int64_t a1) {
+      for (int64_t it = a0; it < a1; ++it) {
+        const Item& w = items[it];
+        const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[h];
+        copy_rows(kbufs[w.tier], vbufs[w.tier], h, sl, w.j0, w.j1, kw + w.row0 * D, vw + w.row0 * D);
+      }
+    });
+    std::memcpy(kw + n * D, k_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
+    std::memcpy(vw + n * D, v_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
+    auto K = at::from_blob(kw, {L, D}, f32);
+    auto V = at::from_blob(vw, {L, D}, f32);
+    auto Sc = at::from_blob(sw, {R, L}, f32);
+    at::mm_out(Sc, q.view({H, R, D})[h], K.t());  // the G query heads of KV head h are adjacent: R rows
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* s = sw + r * L;
+        const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
+        const int64_t end = n + t + 1;
+        if (softcap > 0)
+          for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
+        // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
+        decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
+        int64_t j = 0;
+        for (; j + 16 <= end; j += 16) {
+          decode::v16 x;
+          std::memcpy(&x, s + j, sizeof x);
+          mv = x > mv ? x : mv;
+        }
+        float m = decode::hmax(mv);
+        for (; j < end; ++j) m = std::max(m, s[j]);
+        for (j = 0; j + 16 <= end; j += 16) {
+          decode::v16 x;
+          std::memcpy(&x, s + j, sizeof x);
+          x = decode::vexp(x - m);
+          std::memcpy(s + j, &x, sizeof x);
+          sv += x;
+        }
+        float sum = 0.f;
+        for (int e = 0; e < 16; ++e) sum += sv[e];
+        for (; j < end; ++j) {
+          s[j] = std::exp(s[j] - m);
+          sum += s[j];
+        }
+        const float inv = 1.f / sum;
+        for (j = 0; j < end; ++j) s[j] *= inv;
+        for (; j < L; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+      }
+    });
+    auto out_h = out.view({H, R, D})[h];
+    at::mm_out(out_h, Sc, V);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wicsum_union", &wicsum_union, "WiCSum over rows, union per head");
+  m.def("wicsum_union_scores", &wicsum_union_scores, "score normalisation (shift_min, relu, raw) + wicsum_union");
   m.def("cluster_token_ids", &cluster_token_ids, "token ids of chosen clusters per head");
   m.def("plan_reads", &plan_reads, "selection + always-kept -> tier slots");
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
+  m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding");
   m.def("gather_plan", &gather_plan, "planned tier slots + new tokens -> padded contiguous K, V");
 }

@@ -63,6 +63,8 @@ from vrex.resv.wicsum import normalize_scores, wicsum_select
 from ._common import gqa_rows
 from .spec import check, integer_at_least, number_in
 
+#: score normalisations the fast path's ``wicsum_union_scores`` computes itself (its mode numbers)
+_FUSED_NORM = {"shift_min": 0, "relu": 1, "raw": 2}
 _CHUNK_ELEMENTS = 1 << 21  # scores per WiCSum batch (rows x clusters x heads); bounds memory only
 
 _CHOICES = {
@@ -199,10 +201,15 @@ class ReSVPolicy(KVPolicy):
         step = self._row_step(mean.shape[1])
         chosen = torch.zeros_like(valid)
         scanned = torch.zeros(H, dtype=torch.int64)
+        ratio, weighted = float(self.stage_ratio(stage)), self.sort_by == "weighted"
+        fused_norm = _FUSED_NORM.get(self.score_norm)
         for r0 in range(0, R, step):
             scores = torch.bmm(rows[:, r0 : r0 + step], mean.transpose(1, 2))  # [H, r, C]
-            w = normalize_scores(scores, valid, mode=self.score_norm, scale=self._scale())
-            part, taken = ext.wicsum_union(w, counts, valid, float(self.stage_ratio(stage)), self.sort_by == "weighted")
+            if fused_norm is not None:  # the normalisation in C++ too (same float32 operations, same weights)
+                part, taken = ext.wicsum_union_scores(scores, counts, valid, fused_norm, self._scale(), ratio, weighted)
+            else:
+                w = normalize_scores(scores, valid, mode=self.score_norm, scale=self._scale())
+                part, taken = ext.wicsum_union(w, counts, valid, ratio, weighted)
             chosen |= part
             scanned += taken.sum(1)
         ids, offs = tab.chosen_token_ids(chosen, n_past)
