@@ -105,18 +105,21 @@ def test_session_feeds_tag_tokens(videollm, bird):
     assert session.cached_tokens - start == 2 * model.tokens_per_frame + 1  # interval owed by the last frame is pending
 
 
-def test_shipped_tags_model_names_a_subject_it_was_never_taught(videollm, bird):
-    """The shipped 'tags' variant (connector + tag tokens + LoRA), the default model, asked about a held-out photo whose
-    subject no training label names: it answers with the tag's ImageNet name (chickadee)."""
+@pytest.mark.parametrize("variant", ["tags", "narrate"])
+def test_shipped_tags_model_names_a_subject_it_was_never_taught(videollm, bird, variant):
+    """The shipped variants with tag tokens (connector + tag tokens + LoRA): 'tags', and 'narrate' (the default,
+    'tags' trained further on long narration streams), asked about a held-out photo whose subject no training
+    label names: each answers with the tag's ImageNet name (chickadee)."""
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.kv.policies import make_policy
-    from vrex.models.videollm import load_videollm, shipped_connector
+    from vrex.models.videollm import DEFAULT_VARIANT, SHIPPED_VARIANTS, load_videollm, shipped_connector
     from vrex.train.data import still_views
 
-    if shipped_connector(videollm.encoder.name, "smollm2-135m", "-tags") is None:
-        pytest.skip("the tags weights are not shipped in this checkout")
-    model = load_videollm(connector="tags")
-    assert load_videollm().connector.source == model.connector.source  # "auto", vrex run's default, is this model
+    if shipped_connector(videollm.encoder.name, "smollm2-135m", SHIPPED_VARIANTS[variant]) is None:
+        pytest.skip(f"the {variant} weights are not shipped in this checkout")
+    model = load_videollm(connector=variant)
+    if variant == DEFAULT_VARIANT:  # "auto", vrex run's default, is this model
+        assert load_videollm().connector.source == model.connector.source
     assert model.connector.tag_tokens == 2 and model.tokens_per_frame == videollm.tokens_per_frame + 2
     assert "10 tokens/frame + 2 ImageNet tag tokens" in model.describe()
     assert any("LoRA" in n for n in model.notes)  # adapters loaded (and merged)
