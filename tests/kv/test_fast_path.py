@@ -16,6 +16,7 @@ from vrex.kv.cache import KeepConfig, VrexCache, _attention
 from vrex.kv.fast import load
 from vrex.kv.index import PagedIndex
 from vrex.kv.policies import POLICIES, ReSVPolicy, make_policy
+from vrex.kv.policies.resv import _FUSED_NORM
 from vrex.kv.policy import PackedSelection, Selection
 from vrex.kv.store import KVStore
 from vrex.resv.wicsum import normalize_scores, wicsum_select
@@ -43,7 +44,7 @@ def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mod
     assert torch.equal(chosen, ref.union() & valid)
     assert torch.equal(taken, ref.taken)
     if mode != "softmax":  # normalised in C++ from the raw scores: the same weights, so the same choice
-        mode_id = {"shift_min": 0, "relu": 1, "raw": 2}[mode]
+        mode_id = _FUSED_NORM[mode]
         if ties:
             scores[..., ::3] = -0.0 * scores[..., ::3].abs()
             ref = wicsum_select(normalize_scores(scores, valid, mode=mode, scale=0.125), counts, ratio, valid,
@@ -78,7 +79,7 @@ def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
 @pytest.mark.parametrize("tiers", [{}, {"device_budget_bytes": 3 * 7 * 2 * 2 * 8 * 4}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planned_gather_equals_reference_gather(tiers, dtype):
-    """Slots planned in C++ and gathered in one copy == the reference gather of the same selection
+    """Slots planned in C++ and attended head by head (attend_plan) == the reference gather of the same selection
     (+ always-kept ranges): same attention output, same tokens read, same store counters; with
     per-head selections of different lengths, a host tier, ring slots and bf16 storage."""
     H, D, G, T = 2, 8, 3, 4
@@ -96,10 +97,8 @@ def test_planned_gather_equals_reference_gather(tiers, dtype):
     want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.3)
     packed = PackedSelection.pack(Selection(picks), H)
     plan = fast_store.read_plan(0, packed.ids, packed.offs, False, n_past, sink, recent_start)
-    k2, v2, lens = ext.gather_plan(plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
-    lmax = k2.shape[1] - T
-    got = _attention(q, k2, v2, T, torch.arange(lmax)[None] < lens[:, None], 0.3)
-    assert plan.selected == [int(i.numel()) for i in kept] == lens.tolist()
+    got = ext.attend_plan(q * 0.3, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, 0.0, torch.empty(0))
+    assert plan.selected == [int(i.numel()) for i in kept]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert fast_store.counters() == ref_store.counters()
     if tiers:

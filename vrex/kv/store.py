@@ -301,7 +301,7 @@ class _Layer:
 @dataclass
 class ReadPlan:
     """Tier buffers and the slots to read in each, per KV head (see :meth:`KVStore.read_plan`): the
-    arguments of ``vrex.kv.fast`` ``gather_plan``."""
+    arguments of ``vrex.kv.fast`` ``attend_plan`` and ``attend_slots``."""
 
     kbufs: list[Tensor]
     vbufs: list[Tensor]

@@ -1,7 +1,7 @@
 // vrex fast path: WiCSum cluster selection, selection -> store slots, attention over the planned slots
 // for frame and text steps (attend_plan: each KV head's rows gathered into a reused workspace, MKL's
 // matmul), attention read in place from the slots for decode steps (attend_slots), ReSV's HC-table
-// update (hc_add); gather_plan (one padded copy of every head's rows) is kept for tests. CPU only.
+// update (hc_add). CPU only.
 // Measured and dropped (twice): attention computed in place over the slots with an online softmax (a
 // flash-decoding loop over 16-key blocks, per KV head with its GQA rows, split into 1024-slot chunks)
 // ran 2.9x slower than a gather + MKL's matmul for a 13-token frame step at 16K (8.6 vs 3.0 ms per
@@ -332,57 +332,6 @@ static void check_tiers(const std::vector<Tensor>& kbufs, const std::vector<Tens
                 "tier buffers must be contiguous float32 or bfloat16 [H, cap, D]");
 }
 
-// The planned slots of every tier, gathered once into one padded buffer per K and V, with the step's
-// own tokens after the padding: [H, Lmax + T, D] float32 (the layout the BLAS attention expects,
-// vrex.kv.cache._attention), and the number of past tokens per head. One copy, no concatenation.
-std::vector<Tensor> gather_plan(std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
-                                std::vector<Tensor> offs, Tensor k_new, Tensor v_new) {
-  k_new = k_new.to(at::kFloat).contiguous();
-  v_new = v_new.to(at::kFloat).contiguous();
-  const int64_t H = k_new.size(0), T = k_new.size(1), D = k_new.size(2);
-  const size_t S = kbufs.size();
-  std::vector<int64_t> lens(H, 0);
-  for (size_t i = 0; i < S; ++i) {
-    const int64_t* o = offs[i].data_ptr<int64_t>();
-    for (int64_t h = 0; h < H; ++h) lens[h] += o[h + 1] - o[h];
-  }
-  const int64_t lmax = H ? *std::max_element(lens.begin(), lens.end()) : 0;
-  auto k_out = at::empty({H, lmax + T, D}, at::kFloat);
-  auto v_out = at::empty({H, lmax + T, D}, at::kFloat);
-  float* kp = k_out.data_ptr<float>();
-  float* vp = v_out.data_ptr<float>();
-  // work items: (head, tier, run of up to 256 rows), so two threads share even one head's copy
-  struct Item { int64_t h; size_t tier; int64_t j0, j1, row0; };
-  std::vector<Item> items;
-  for (int64_t h = 0; h < H; ++h) {
-    int64_t row = 0;
-    for (size_t i = 0; i < S; ++i) {
-      const int64_t* o = offs[i].data_ptr<int64_t>();
-      const int64_t n = o[h + 1] - o[h];
-      for (int64_t j = 0; j < n; j += 256) items.push_back({h, i, j, std::min(n, j + 256), row + j});
-      row += n;
-    }
-  }
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a0, int64_t a1) {
-    for (int64_t it = a0; it < a1; ++it) {
-      const Item& w = items[it];
-      const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[w.h];
-      const int64_t base = (w.h * (lmax + T) + w.row0) * D;
-      copy_rows(kbufs[w.tier], vbufs[w.tier], w.h, sl, w.j0, w.j1, kp + base, vp + base);
-    }
-  });
-  for (int64_t h = 0; h < H; ++h) {
-    float* kh = kp + h * (lmax + T) * D;
-    float* vh = vp + h * (lmax + T) * D;
-    // padding must be finite (masked attention still multiplies it by 0)
-    std::memset(kh + lens[h] * D, 0, (lmax - lens[h]) * D * sizeof(float));
-    std::memset(vh + lens[h] * D, 0, (lmax - lens[h]) * D * sizeof(float));
-    std::memcpy(kh + lmax * D, k_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
-    std::memcpy(vh + lmax * D, v_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
-  }
-  return {k_out, v_out, at::tensor(lens, at::kLong)};
-}
-
 // ---------------------------------------------------------------------------------------------
 // HCTable.add for the default table (intra "tokens", code update "leader", a scope window, no
 // candidate cap), fused: sign bits (vrex.resv.hashing.hash_bits) -> packed codes, candidates from the active list, Hamming
@@ -621,7 +570,7 @@ static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const
 }
 }  // namespace decode
 
-// q: [Hq, T, D] float32, already scaled; tiers as gather_plan; k_new/v_new [H, T, D]. D = 32, 64 or 128.
+// q: [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]. D = 32, 64 or 128.
 // Returns [Hq, T, D] float32. Query head h * G + g uses KV head h (transformers' repeat_kv order).
 Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
                     std::vector<Tensor> offs, Tensor k_new, Tensor v_new) {
@@ -717,11 +666,12 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 // Frame and text steps (many query rows per KV head): one KV head at a time, its planned rows gathered
 // into a reused workspace, exactly as many as the head reads (no padding to the longest head), with the
 // step's own tokens after them; scores and output by MKL (at::mm_out), the causal mask on the step's
-// columns and the softmax in one pass per row. Why not gather_plan + vrex.kv.cache._attention: at 16K
+// columns and the softmax in one pass per row. Why not one padded gather of all heads (the former
+// gather_plan) + vrex.kv.cache._attention: at 16K
 // cached tokens (ReSV, heads reading 9.8K / 7.3K / 4.8K tokens) that padded every head to the longest
 // (25% more copy and matmul, a [rows x past] mask pass) and allocated ~15 MB of fresh K/V copies per
 // layer, which the kernel then faulted in page by page: 10.4 ms per layer against 2.8 ms here.
-// q [Hq, T, D] float32, already scaled; tiers as gather_plan; k_new/v_new [H, T, D]; softcap <= 0: none
+// q [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]; softcap <= 0: none
 // (else transformers' order: tanh(s / cap) * cap, then the mask). ws: a float32 scratch tensor the caller
 // keeps between calls (resized here when too small). Returns [Hq, T, D] float32.
 Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
@@ -824,5 +774,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
   m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding");
-  m.def("gather_plan", &gather_plan, "planned tier slots + new tokens -> padded contiguous K, V");
 }
