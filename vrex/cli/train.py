@@ -97,15 +97,13 @@ def train_cmd(
     narration_frames_range = _frame_range(narration_frames, "--narration-frames", 1, "narration segments need")
     long_narration_segments_range = _frame_range(long_narration_segments, "--long-narration-segments", 1, "narration streams need")
     long_narration_frames_range = _frame_range(long_narration_frames, "--long-narration-frames", 1, "narration segments need")
-    if not 0.0 <= long_narration_fraction <= 1.0:
-        raise typer.BadParameter(f"{long_narration_fraction} is not a fraction in [0, 1]", param_hint="--long-narration-fraction")
     if long_fraction and checkpoint_every % memory_refresh:
         raise typer.BadParameter(f"--checkpoint-every ({checkpoint_every}) must be a multiple of --memory-refresh ({memory_refresh}) "
                                  "so that a resumed run rebuilds the same haystack memory", param_hint="--memory-refresh")
-    if not 0.0 <= long_fraction <= 1.0:
-        raise typer.BadParameter(f"{long_fraction} is not a fraction in [0, 1]", param_hint="--long-fraction")
-    if not 0.0 <= tag_label_fraction <= 1.0:
-        raise typer.BadParameter(f"{tag_label_fraction} is not a fraction in [0, 1]", param_hint="--tag-label-fraction")
+    for value, hint in ((long_narration_fraction, "--long-narration-fraction"), (long_fraction, "--long-fraction"),
+                        (tag_label_fraction, "--tag-label-fraction")):
+        if not 0.0 <= value <= 1.0:
+            raise typer.BadParameter(f"{value} is not a fraction in [0, 1]", param_hint=hint)
     if tag_label_fraction and not tag_tokens:
         raise typer.BadParameter("ImageNet-named streams teach the tag tokens; add --tag-tokens K", param_hint="--tag-label-fraction")
     for value, hint in ((tag_min_prob, "--tag-min-prob"), (random_tag_prob, "--random-tag-prob")):
