@@ -76,15 +76,19 @@ def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
     return store
 
 
-@pytest.mark.parametrize("tiers", [{}, {"device_budget_bytes": 3 * 7 * 2 * 2 * 8 * 4}])
+@pytest.mark.parametrize("tiers", ["device", "host", "disk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_planned_gather_equals_reference_gather(tiers, dtype):
+def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path):
     """Slots planned in C++ and attended head by head (attend_plan) == the reference gather of the same selection
     (+ always-kept ranges): same attention output, same tokens read, same store counters; with
-    per-head selections of different lengths, a host tier, ring slots and bf16 storage."""
+    per-head selections of different lengths, a host tier, a disk tier read in place through its
+    memory maps, ring slots and bf16 storage."""
     H, D, G, T = 2, 8, 3, 4
-    ref_store = _filled_store(H=H, D=D, dtype=dtype, **tiers)
-    fast_store = _filled_store(H=H, D=D, dtype=dtype, **tiers)
+    block = 7 * H * D * torch.empty(0, dtype=dtype).element_size()  # bytes of one 7-token block, one K or V
+    tiers = {"device": {}, "host": {"device_budget_bytes": 3 * 2 * block},
+             "disk": {"device_budget_bytes": 3 * 2 * block, "host_budget_bytes": 2 * 2 * block}}[tiers]
+    ref_store = _filled_store(H=H, D=D, dtype=dtype, **tiers, **({"disk_dir": tmp_path / "r"} if "host_budget_bytes" in tiers else {}))
+    fast_store = _filled_store(H=H, D=D, dtype=dtype, **tiers, **({"disk_dir": tmp_path / "f"} if "host_budget_bytes" in tiers else {}))
     n_past = ref_store.length(0)
     g = torch.Generator().manual_seed(9)
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.3, 0.7)]
@@ -100,9 +104,13 @@ def test_planned_gather_equals_reference_gather(tiers, dtype):
     got = ext.attend_plan(q * 0.3, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, 0.0, torch.empty(0))
     assert plan.selected == [int(i.numel()) for i in kept]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    plan.done()
     assert fast_store.counters() == ref_store.counters()
     if tiers:
         assert fast_store.counters()["fetch_host_bytes"] > 0
+    if "host_budget_bytes" in tiers:
+        assert fast_store.tier_bounds(0)[0] > 0 and len(plan.kbufs) == 3  # disk, host and device all read
+        assert fast_store.counters()["fetch_disk_bytes"] > 0
 
 
 @pytest.mark.parametrize("D", [32, 64, 128])
@@ -176,11 +184,30 @@ def test_attention_masks_against_dense_reference():
             torch.testing.assert_close(got[hq, i], p @ v[h], atol=1e-5, rtol=1e-4)
 
 
-def test_disk_tier_selection_falls_back(tmp_path):
-    store = _filled_store(device_budget_bytes=7 * 2 * 2 * 8 * 4, host_budget_bytes=7 * 2 * 2 * 8 * 4, disk_dir=tmp_path)
-    assert store.tier_bounds(0)[0] > 0
-    ids = torch.arange(store.length(0))
-    assert store.read_plan(0, torch.cat([ids, ids]), torch.tensor([0, len(ids), 2 * len(ids)]), False, len(ids), 0, len(ids)) is None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_attention_reads_the_disk_tier_in_place(dtype, tmp_path):
+    """Decode attention over a plan whose oldest slots are on the disk tier (the kernel reads the memory
+    maps through a transposed [H, cap, D] view, no copy) == the reference gather + attention; the pages
+    it touched are released after."""
+    H, D, G, T = 2, 64, 3, 1
+    block = 7 * H * D * torch.empty(0, dtype=dtype).element_size()
+    store = _filled_store(n_blocks=150, H=H, D=D, dtype=dtype, device_budget_bytes=20 * 2 * block,
+                          host_budget_bytes=20 * 2 * block, disk_dir=tmp_path)
+    n_past = store.length(0)
+    assert store.tier_bounds(0)[0] > 512  # more disk slots than one work item
+    g = torch.Generator().manual_seed(4)
+    picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.5, 0.9)]
+    k, v, valid = store.gather(0, picks)
+    q = 3 * torch.randn(H * G, T, D, generator=g)
+    k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125)
+    packed = PackedSelection.pack(Selection(picks), H)
+    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    assert plan.disk is not None and plan.kbufs[0].stride(1) == H * D  # the map itself, token-major
+    got = ext.attend_slots(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
+    plan.done()
+    assert plan.disk._touched == 0
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
 class _CheckedReSV(ReSVPolicy):
@@ -226,16 +253,22 @@ def test_resv_fused_selection_identical_on_real_keys(filled, params):
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-@pytest.mark.parametrize("device_tokens", [None, 64])
-def test_session_fast_equals_reference(filled, name, device_tokens):
+@pytest.mark.parametrize("tiers", ["device", "host", "disk"])
+def test_session_fast_equals_reference(filled, name, tiers, tmp_path):
     """Same frames and text through both kernel sets: same logits (float tolerance), same greedy
-    tokens, same tokens read and the same bytes and transfers counted by the store."""
+    tokens, same tokens read and the same bytes and transfers counted by the store; everything on the
+    device, a 64-token device tier over the host, or over a small host tier and the disk."""
     from vrex.engine.session import SessionConfig
 
     base, frames = filled
+    device_tokens = None if tiers == "device" else 64
     out = {}
     for kernels in ("reference", "fast"):
-        cfg = SessionConfig(theta=0.0, kernels=kernels, **({"device_tokens": device_tokens} if device_tokens else {}))
+        extra = {"device_tokens": device_tokens} if device_tokens else {}
+        if tiers == "disk":  # 100 tokens per layer on the host, the older ones on disk
+            extra.update(host_budget_bytes=100 * base.store.token_bytes_all_heads * base.store.num_layers,
+                         disk_dir=str(tmp_path / kernels))
+        cfg = SessionConfig(theta=0.0, kernels=kernels, **extra)
         s = base.fork(make_policy(name), cfg)
         logits, sel = [], []
         for t, im in frames[:3]:
@@ -247,6 +280,8 @@ def test_session_fast_equals_reference(filled, name, device_tokens):
         out[kernels] = (torch.stack(logits), sel, s.store.counters())
         if device_tokens and POLICIES[name].offloads:
             assert s.store.counters()["fetch_host_bytes"] > 0  # the host tier is really read
+            if tiers == "disk":
+                assert s.store.counters()["fetch_disk_bytes"] > 0  # and the disk tier
     (ref, ref_sel, ref_c), (got, got_sel, got_c) = out["reference"], out["fast"]
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
@@ -255,7 +290,7 @@ def test_session_fast_equals_reference(filled, name, device_tokens):
         if name in ("full", "flexgen"):
             # reading everything, the reference stores the step's block first (which may push an older
             # block from device to host) and reads back; the fast path reads first: the same bytes in all
-            read = ("device_read_bytes", "fetch_host_bytes")
+            read = ("device_read_bytes", "fetch_host_bytes", "fetch_disk_bytes")
             assert sum(got_c[k] for k in read) == sum(ref_c[k] for k in read)
             got_c, ref_c = ({k: v for k, v in c.items() if k not in read} for c in (got_c, ref_c))
         assert got_c == ref_c

@@ -162,9 +162,7 @@ class VrexCache(Cache):
         if self.specs[layer].sliding:
             return self._attend_window(layer, query, key, value, scaling, softcap, t0)
         if self.kernels == "fast":  # CPU only, and attention runs in float32 there (above)
-            out = self._attend_fast(layer, query, key, value, scaling, t0, softcap)
-            if out is not None:
-                return out
+            return self._attend_fast(layer, query, key, value, scaling, t0, softcap)
         n_new = key.shape[-2]
         n_past = self.store.length(layer)
         q = query[0]
@@ -188,11 +186,11 @@ class VrexCache(Cache):
         return self._finish(layer, out, n_new, n_past, selected, selection.stats, t0, t_fetch)
 
     def _attend_fast(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                     t0: float, softcap: float | None = None) -> torch.Tensor | None:
+                     t0: float, softcap: float | None = None) -> torch.Tensor:
         """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
-        (one copy per step and layer), attended with BLAS; reading everything with every token on the
-        device tier in order (full), no copy at all. ``None`` when a selected token is on the disk
-        tier (the reference path gathers it; the policy is asked again, as it keeps no state in select)."""
+        (one copy per step and layer, read from every tier in place, the disk tier through its memory
+        maps), attended with BLAS; reading everything with every token on the device tier in order
+        (full), no copy at all."""
         from vrex.kv.fast import load
 
         n_past = self.store.length(layer)
@@ -212,8 +210,6 @@ class VrexCache(Cache):
         recent_start = max(sink, n_past - self.keep.recent_tokens)
         plan = self.store.read_plan(layer, selection.ids, selection.offs, selection.everything, n_past, sink, recent_start,
                                     n_new=key.shape[-2])
-        if plan is None:
-            return None
         rows = q.shape[0] // key.shape[1] * key.shape[-2]  # query rows per KV head
         if rows <= _SLOT_ATTENTION_ROWS and softcap is None and q.shape[-1] in (32, 64, 128):
             # decode: attention read in place from the selected slots (each row read once, no copy)
@@ -225,6 +221,7 @@ class VrexCache(Cache):
             t_fetch = time.perf_counter()
             out = load().attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
                                      softcap or 0.0, self._workspace)
+        plan.done()
         self._store_and_index(layer, key[0], value[0])
         selected = n_past if selection.everything else plan.selected
         return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)

@@ -191,6 +191,7 @@ class _Disk:
         self.cap = 0
         self.hi = 0
         self.mm: list[np.memmap] = []
+        self._views: tuple[Tensor, Tensor] | None = None
         self._touched = 0  # bytes written or read since the pages were last unmapped (see touch)
 
     def reserve(self, n_slots: int) -> None:
@@ -212,6 +213,14 @@ class _Disk:
             ) from e
         self.mm = [np.memmap(p, dtype=np.uint8, mode="r+", shape=(new_cap, self.H, self.D * self.es)) for p in self.paths]
         self.cap = new_cap
+        self._views = None
+
+    def views(self) -> tuple[Tensor, Tensor]:
+        """K and V as ``[H, cap, D]`` tensors over the maps themselves (transposed views, no copy): what
+        the fast path's kernels read in place, through the page cache."""
+        if self._views is None:
+            self._views = tuple(torch.from_numpy(m).view(self.dtype).transpose(0, 1) for m in self.mm)
+        return self._views
 
     def _to_np(self, x: Tensor) -> np.ndarray:  # [H, n, D] -> [n, H, D*es] uint8
         return x.detach().cpu().contiguous().view(torch.uint8).transpose(0, 1).numpy()
@@ -308,6 +317,12 @@ class ReadPlan:
     slots: list[Tensor]
     offs: list[Tensor]
     selected: list[int]  # tokens read per KV head
+    disk: "_Disk | None" = None  # the disk tier the plan reads in place, if any
+
+    def done(self) -> None:
+        """The kernel has read the plan: unmap the disk pages it faulted in (RSS stays bounded)."""
+        if self.disk is not None:
+            self.disk.release()
 
 
 class KVStore:
@@ -645,29 +660,32 @@ class KVStore:
         return L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0
 
     def read_plan(self, layer: int, ids: Tensor, offs: Tensor, everything: bool, n_past: int, sink: int,
-                  recent_start: int, n_new: int = 0) -> "ReadPlan | None":
-        """Where the fast path reads (``vrex.kv.fast``): per in-memory tier, the physical slots of the
-        selected past tokens of each head, plus ``[0, sink)`` and ``[recent_start, n_past)``; evicted
-        tokens skipped. Counted exactly as :meth:`gather` counts the same selection (``everything``: the
-        step's ``n_new`` tokens too, which the reference stores first and reads back). ``None`` when a
-        selected token is on disk (the caller then gathers through the reference path)."""
+                  recent_start: int, n_new: int = 0) -> "ReadPlan":
+        """Where the fast path reads (``vrex.kv.fast``): per tier (disk, host, device), the physical slots
+        of the selected past tokens of each head, plus ``[0, sink)`` and ``[recent_start, n_past)``;
+        evicted tokens skipped. Counted exactly as :meth:`gather` counts the same selection
+        (``everything``: the step's ``n_new`` tokens too, which the reference stores first and reads
+        back). The disk tier is read in place through its memory maps; call :meth:`ReadPlan.done`
+        after the kernel so the pages it faulted in leave this process (see ``_Disk.touch``)."""
         from vrex.kv.fast import load
 
         L = self._layers[layer]
         H = self.num_kv_heads
-        if L.disk is not None and L.d_end > 0:
-            return None
-        hs, ho, ds, do, disk, runs, sel = load().plan_reads(
+        ks, ko, hs, ho, ds, do, disk_runs, host_runs, sel = load().plan_reads(
             ids, offs, everything, n_past, sink, recent_start, L.pos.pages, L.pos.shift, H, L.evicted, L.n_evicted > 0,
             L.d_end, L.h_end)
-        if bool(disk.any()):
-            return None
         self._c["gathers"] += 1
-        n_dev, n_host = int(ds.numel()), int(hs.numel())
+        n_dev, n_host, n_disk = int(ds.numel()), int(hs.numel()), int(ks.numel())
         self._c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
         if n_host:
-            self._count("fetch_host", n_host, int(runs.sum()))
-        return ReadPlan([L.host.k, L.dev.k], [L.host.v, L.dev.v], [hs, ds], [ho, do], sel.tolist())
+            self._count("fetch_host", n_host, int(host_runs.sum()))
+        kbufs, vbufs, slots, offsets, disk = [L.host.k, L.dev.k], [L.host.v, L.dev.v], [hs, ds], [ho, do], None
+        if n_disk:
+            self._count("fetch_disk", n_disk, int(disk_runs.sum()))
+            disk = L.disk
+            dk, dv = disk.views()
+            kbufs, vbufs, slots, offsets = [dk, *kbufs], [dv, *vbufs], [ks, *slots], [ko, *offsets]
+        return ReadPlan(kbufs, vbufs, slots, offsets, sel.tolist(), disk)
 
     def _gather_all_contiguous(self, L: _Layer) -> tuple[Tensor, Tensor, None]:
         """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""

@@ -250,9 +250,17 @@ static void nearly_sorted(std::vector<int64_t>& a) {
 // Selection (token ids per head, ascending, or all when ids is empty and all_past) + always-kept
 // ranges [0, sink) and [mid_end, n_past) -> physical slots per tier, skipping evicted tokens.
 // Tiers by id: [0, d_end) disk, [d_end, h_end) host, [h_end, n) device.
-// Returns (host_slots, host_offs, dev_slots, dev_offs, disk_count, host_runs, selected_per_head)
-// Slots of each head and tier are sorted (memory order: fewer cache misses; runs counted on it).
+// Returns (disk_slots, disk_offs, host_slots, host_offs, dev_slots, dev_offs, disk_runs, host_runs,
+// selected_per_head). Slots of each head and tier are sorted (memory order: fewer cache misses and page
+// faults; runs counted on it).
 // pos: the pages of the layer's token -> slot map (vrex.kv.index.PagedIndex).
+// Runs of consecutive slots in a sorted list: the transfers a tier link makes for it.
+static int64_t count_runs(const std::vector<int64_t>& v) {
+  int64_t r = v.empty() ? 0 : 1;
+  for (size_t i = 1; i < v.size(); ++i) r += (v[i] - v[i - 1] != 1);
+  return r;
+}
+
 std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n_past, int64_t sink, int64_t mid_end,
                                std::vector<Tensor> pos_pages, int64_t shift, int64_t H, Tensor evicted, bool any_evicted,
                                int64_t d_end, int64_t h_end) {
@@ -262,15 +270,15 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
   offs = offs.to(at::kLong).contiguous();
   const int64_t* ip = ids.data_ptr<int64_t>();
   const int64_t* op = offs.data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> host(H), dev(H);
-  std::vector<int64_t> disk(H, 0), runs(H, 0), sel(H, 0);
+  std::vector<std::vector<int64_t>> disk(H), host(H), dev(H);
+  std::vector<int64_t> disk_runs(H, 0), host_runs(H, 0), sel(H, 0);
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       auto take = [&](int64_t t) {
         if (ev && ev[t]) return;
         sel[h]++;
         int64_t s = pos.at(h, t);
-        if (t < d_end) disk[h]++;
+        if (t < d_end) disk[h].push_back(s);
         else if (t < h_end) host[h].push_back(s);
         else dev[h].push_back(s);
       };
@@ -285,41 +293,51 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
         }
       }
       for (int64_t t = hi; t < n_past; ++t) take(t);
+      nearly_sorted(disk[h]);
       nearly_sorted(host[h]);
       nearly_sorted(dev[h]);
-      const auto& hs = host[h];
-      int64_t r = hs.empty() ? 0 : 1;
-      for (size_t i = 1; i < hs.size(); ++i) r += (hs[i] - hs[i - 1] != 1);
-      runs[h] = r;
+      disk_runs[h] = count_runs(disk[h]);
+      host_runs[h] = count_runs(host[h]);
     }
   });
-  auto h_packed = pack_per_head(host), d_packed = pack_per_head(dev);
-  auto disk_t = at::tensor(disk, at::kLong), runs_t = at::tensor(runs, at::kLong), sel_t = at::tensor(sel, at::kLong);
-  return {h_packed[0], h_packed[1], d_packed[0], d_packed[1], disk_t, runs_t, sel_t};
+  auto k_packed = pack_per_head(disk), h_packed = pack_per_head(host), d_packed = pack_per_head(dev);
+  return {k_packed[0], k_packed[1], h_packed[0], h_packed[1], d_packed[0], d_packed[1], at::tensor(disk_runs, at::kLong),
+          at::tensor(host_runs, at::kLong), at::tensor(sel, at::kLong)};
 }
 
-// Rows j0..j1 of head h's planned slots `sl` in tier buffers kb/vb ([H, cap, D], float32 or bfloat16,
-// slot s at s % cap: rings) -> float32 rows of kout/vout.
+// A tier buffer as the kernels read it: [H, cap, D] with any head and slot strides and unit stride along
+// D. The rings are contiguous [H, cap, D] (slot s lives at s % cap); the disk tier is its memory map
+// [cap, H, D] seen through a transposed view (head stride D, slot stride H * D), so the page cache is
+// read in place. Slot s of head h starts at base + h * head_stride + (s % cap) * slot_stride.
+struct Tier {
+  int64_t head_stride, slot_stride, cap;
+  explicit Tier(const Tensor& b) : head_stride(b.stride(0)), slot_stride(b.stride(1)), cap(b.size(1)) {}
+  int64_t at(int64_t h, int64_t s) const { return h * head_stride + (s % cap) * slot_stride; }
+};
+
+// Rows j0..j1 of head h's planned slots `sl` in tier buffers kb/vb (float32 or bfloat16) -> float32 rows
+// of kout/vout.
 static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64_t* sl, int64_t j0, int64_t j1,
                       float* kout, float* vout) {
-  const int64_t cap = kb.size(1), D = kb.size(2);
+  const Tier t(kb);
+  const int64_t D = kb.size(2);
   if (kb.scalar_type() == at::kFloat) {
-    const float* kh = kb.data_ptr<float>() + h * cap * D;
-    const float* vh = vb.data_ptr<float>() + h * cap * D;
+    const float* kp = kb.data_ptr<float>();
+    const float* vp = vb.data_ptr<float>();
     for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
-      const int64_t s = sl[j] % cap;
-      std::memcpy(kout, kh + s * D, D * sizeof(float));
-      std::memcpy(vout, vh + s * D, D * sizeof(float));
+      const int64_t a = t.at(h, sl[j]);
+      std::memcpy(kout, kp + a, D * sizeof(float));
+      std::memcpy(vout, vp + a, D * sizeof(float));
     }
   } else {
     TORCH_CHECK(kb.scalar_type() == at::kBFloat16, "tier buffers must be float32 or bfloat16");
-    const c10::BFloat16* kh = kb.data_ptr<c10::BFloat16>() + h * cap * D;
-    const c10::BFloat16* vh = vb.data_ptr<c10::BFloat16>() + h * cap * D;
+    const c10::BFloat16* kp = kb.data_ptr<c10::BFloat16>();
+    const c10::BFloat16* vp = vb.data_ptr<c10::BFloat16>();
     for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
-      const int64_t s = sl[j] % cap;
+      const int64_t a = t.at(h, sl[j]);
       for (int64_t d = 0; d < D; ++d) {
-        kout[d] = static_cast<float>(kh[s * D + d]);
-        vout[d] = static_cast<float>(vh[s * D + d]);
+        kout[d] = static_cast<float>(kp[a + d]);
+        vout[d] = static_cast<float>(vp[a + d]);
       }
     }
   }
@@ -327,9 +345,11 @@ static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64
 
 static void check_tiers(const std::vector<Tensor>& kbufs, const std::vector<Tensor>& vbufs, int64_t D) {
   for (size_t i = 0; i < kbufs.size(); ++i)
-    TORCH_CHECK(kbufs[i].is_contiguous() && vbufs[i].is_contiguous() && kbufs[i].size(2) == D &&
+    TORCH_CHECK(kbufs[i].dim() == 3 && kbufs[i].size(2) == D && kbufs[i].stride(2) == 1 &&
+                    kbufs[i].sizes() == vbufs[i].sizes() && kbufs[i].strides() == vbufs[i].strides() &&
+                    kbufs[i].scalar_type() == vbufs[i].scalar_type() &&
                     (kbufs[i].scalar_type() == at::kFloat || kbufs[i].scalar_type() == at::kBFloat16),
-                "tier buffers must be contiguous float32 or bfloat16 [H, cap, D]");
+                "tier buffers must be float32 or bfloat16 [H, cap, D] with unit stride along D, K and V alike");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,8 +545,8 @@ static inline v16 load16(const T* p) {
 
 // n slots of one head into the running (m, l, acc) of R rows q [R, DV * 16].
 template <int DV, typename T>
-static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const int64_t* sl, int64_t cap, int64_t n,
-                      float* m, float* l, float* acc) {
+static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const int64_t* sl, int64_t cap,
+                      int64_t slot_stride, int64_t n, float* m, float* l, float* acc) {
   constexpr int64_t D = DV * 16;
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t j0 = 0; j0 < n; j0 += BK) {
@@ -534,9 +554,9 @@ static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const
     const T* kr[BK];
     const T* vr[BK];
     for (int64_t j = 0; j < nb; ++j) {
-      const int64_t s = sl[j0 + j] % cap;
-      kr[j] = kb + s * D;
-      vr[j] = vb + s * D;
+      const int64_t s = (sl[j0 + j] % cap) * slot_stride;
+      kr[j] = kb + s;
+      vr[j] = vb + s;
     }
     for (int64_t r = 0; r < R; ++r) {
       v16 qv[DV];
@@ -606,17 +626,18 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
       std::fill(l, l + R, 0.f);
       std::fill(acc, acc + R * D, 0.f);
       const float* qh = qp + w.h * R * D;  // the G query heads of KV head h are adjacent: R rows
-      const int64_t cap = kbufs[w.tier].size(1);
+      const Tier tier(kbufs[w.tier]);
+      const int64_t cap = tier.cap, ss = tier.slot_stride, hs = w.h * tier.head_stride;
       const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[w.h] + w.j0;
       const int64_t n = w.j1 - w.j0;
       const bool f32 = kbufs[w.tier].scalar_type() == at::kFloat;
 #define VREX_RUN(DV)                                                                                                 \
   if (f32)                                                                                                           \
-    run_chunk<DV, float>(qh, R, kbufs[w.tier].data_ptr<float>() + w.h * cap * D,                                     \
-                         vbufs[w.tier].data_ptr<float>() + w.h * cap * D, sl, cap, n, m, l, acc);                   \
+    run_chunk<DV, float>(qh, R, kbufs[w.tier].data_ptr<float>() + hs, vbufs[w.tier].data_ptr<float>() + hs, sl, cap, \
+                         ss, n, m, l, acc);                                                                          \
   else                                                                                                               \
-    run_chunk<DV, c10::BFloat16>(qh, R, kbufs[w.tier].data_ptr<c10::BFloat16>() + w.h * cap * D,                     \
-                                 vbufs[w.tier].data_ptr<c10::BFloat16>() + w.h * cap * D, sl, cap, n, m, l, acc);
+    run_chunk<DV, c10::BFloat16>(qh, R, kbufs[w.tier].data_ptr<c10::BFloat16>() + hs,                                \
+                                 vbufs[w.tier].data_ptr<c10::BFloat16>() + hs, sl, cap, ss, n, m, l, acc);
       if (D == 32) { VREX_RUN(2) } else if (D == 64) { VREX_RUN(4) } else { VREX_RUN(8) }
 #undef VREX_RUN
     }
