@@ -13,6 +13,7 @@ import torch
 
 from vrex.bench.soak import SoakConfig, memory_now, run_soak, table, verdict, write_outputs
 from vrex.io import list_demo_clips
+from vrex.kv.fast import load
 from vrex.kv.store import KVStore
 
 
@@ -40,13 +41,25 @@ def test_disk_tier_pages_are_not_kept_resident(tmp_path):
             store.append(layer, k, -k)
     assert store.resident_bytes()["disk"] > 100 * 2**20
     n = store.length(0)
+    ext = load()
     for layer in range(layers):
         sel = [torch.arange(0, n, 3)] * heads
         k, v, _ = store.gather(layer, sel)
         assert torch.equal(v, -k)  # the data is intact after its pages were dropped
         k_all, _, _ = store.gather(layer, None)
         assert k_all.shape[1] == n
+        # the fast path reads the disk tier in place (every token, through the maps), then lets go
+        plan = store.read_plan(layer, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), True, n, 0, n)
+        assert plan.disk is not None
+        out = ext.attend_plan(torch.randn(heads, 2, dim), plan.kbufs, plan.vbufs, plan.slots, plan.offs,
+                              torch.randn(heads, 2, dim), torch.randn(heads, 2, dim), 0.0, torch.empty(0))
+        plan.done()
+        assert torch.isfinite(out).all()
     assert _resident_kv_file_bytes() <= layers * 4 * 2**20
+    # the soak's tensor count leaves the maps' views out (file pages, sized as the files)
+    mapped = store.mapped_data_ptrs()
+    assert len(mapped) == 2 * layers
+    assert memory_now()["tensors_live"] - memory_now(mapped)["tensors_live"] >= store.resident_bytes()["disk"]
     store.close()
 
 

@@ -75,9 +75,10 @@ class SoakConfig:
         return errors
 
 
-def memory_now() -> dict[str, int]:
+def memory_now(mapped: set[int] = frozenset()) -> dict[str, int]:
     """RSS of this process in bytes: total, anonymous, file-backed (memory-mapped files), and the peak
-    since the last call (Linux ``/proc/self/status``; the peak is reset after reading it)."""
+    since the last call (Linux ``/proc/self/status``; the peak is reset after reading it). ``mapped``:
+    data pointers of tensors over memory-mapped files, left out of ``tensors_live``."""
     fields = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "VmHWM": "rss_peak"}
     out: dict[str, int] = {}
     try:
@@ -93,13 +94,14 @@ def memory_now() -> dict[str, int]:
 
         out.setdefault("rss", psutil.Process().memory_info().rss)
     out.update(_malloc_stats())
-    out["tensors_live"] = _live_tensor_bytes()
+    out["tensors_live"] = _live_tensor_bytes(mapped)
     return out
 
 
-def _live_tensor_bytes() -> int:
-    """Bytes of every CPU tensor storage alive in Python (model weights included; each storage once):
-    what grows here is data kept, what grows only in RSS is the allocator's or a library's."""
+def _live_tensor_bytes(mapped: set[int] = frozenset()) -> int:
+    """Bytes of every CPU tensor storage alive in Python (model weights included; each storage once),
+    but those at ``mapped`` (views of the disk tier's files, sized as the files are): what grows here is
+    data kept, what grows only in RSS is the allocator's or a library's."""
     import gc
 
     import torch
@@ -115,7 +117,8 @@ def _live_tensor_bytes() -> int:
                     storage = obj.untyped_storage()
                 except (RuntimeError, NotImplementedError):
                     continue
-                seen[storage.data_ptr()] = storage.nbytes()
+                if storage.data_ptr() not in mapped:
+                    seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
@@ -208,7 +211,7 @@ def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
             pending.clear()
 
     def sample(t: float) -> None:
-        mem = memory_now()
+        mem = memory_now(session.store.mapped_data_ptrs())
         tiers = session.store.resident_bytes()
         row = {"minute": round(t / 60.0, 3), "t": t, "wall_s": time.perf_counter() - started,
                "frames": session.frames, "cached_tokens": session.cached_tokens, **mem,

@@ -761,6 +761,12 @@ class KVStore:
                 out[t] += L.live[t] * self.token_bytes_all_heads
         return out
 
+    def mapped_data_ptrs(self) -> set[int]:
+        """Data pointers of the tensors that view the disk tier's memory maps (the fast path reads
+        through them): file pages, not heap, for whoever counts tensor memory (``vrex bench soak``)."""
+        return {t.untyped_storage().data_ptr() for L in self._layers if L.disk is not None and L.disk._views
+                for t in L.disk._views}
+
     def index_nbytes(self) -> int:
         """Bytes of the per-token bookkeeping held in memory, all layers: the token -> slot maps
         (int32 pages, ``vrex.kv.index``), the eviction flags and the rings' slot -> token ids. The K/V
