@@ -33,6 +33,7 @@ from vrex.bench.media import long_stream
 from vrex.engine.batch import BatchEngine
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
+from vrex.models.dtypes import DEFAULT_LM_DTYPE
 from vrex.models.videollm import load_videollm
 
 QUICK = {"counts": (1, 4), "sizes": (1024,), "modes": ("batched", "separate"), "policies": ("full",)}
@@ -55,6 +56,10 @@ def _row(streams: int, mode: str, policy: str, target: int, cached: int, frame_m
             "aggregate_fps": streams * frames / wall_s, "per_stream_fps": frames / wall_s,
             "p50_frame_ms": statistics.median(frame_ms), "p99_frame_ms": _percentile(frame_ms, 0.99),
             "frames_per_stream": frames, "wall_s": wall_s, "threads": threads}
+
+
+def _dtype_name(model) -> str:
+    return str(model.lm.dtype).removeprefix("torch.")
 
 
 def _fill(model, policy: str, kernels: str, fill_times: list[float], fill_features: torch.Tensor) -> StreamingSession:
@@ -88,25 +93,26 @@ def run_batched(model, base: StreamingSession, streams: int, policy: str, measur
     return frame_ms, wall, cached
 
 
-def _separate_child(index: int, threads: int, policy: str, kernels: str, fill_times, fill_features, frames, barrier,
-                    results) -> None:
+def _separate_child(index: int, threads: int, policy: str, kernels: str, lm_dtype: str, fill_times, fill_features, frames,
+                    barrier, results) -> None:
     torch.set_num_threads(threads)
     try:
-        model = load_videollm()
+        model = load_videollm(lm_dtype=lm_dtype)
         session = _fill(model, policy, kernels, fill_times, fill_features)
         for t, im in frames[:WARMUP]:  # warm-up, not measured
             session.push_frame(t, im)
         barrier.wait(timeout=1800)
         t0 = time.time()
         frame_ms = [session.push_frame(t, im)[0].stats["total_ms"] for t, im in frames[WARMUP:]]
-        results.put((index, {"frame_ms": frame_ms, "start": t0, "end": time.time(), "cached": session.cached_tokens}))
+        results.put((index, {"frame_ms": frame_ms, "start": t0, "end": time.time(), "cached": session.cached_tokens,
+                             "lm_dtype": _dtype_name(model)}))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         barrier.abort()
         results.put((index, {"error": f"{type(e).__name__}: {e}"}))
 
 
 def run_separate(streams: int, policy: str, fill_times, fill_features, measured: list[list], *, kernels: str,
-                 cores: int) -> tuple[list[float], float, int, int]:
+                 cores: int, lm_dtype: str = DEFAULT_LM_DTYPE) -> tuple[list[float], float, int, int]:
     """One spawned process per stream; returns (per-frame ms, wall s, cached tokens, threads per process)."""
     ctx = mp.get_context("spawn")
     threads = max(1, cores // streams)
@@ -114,8 +120,8 @@ def run_separate(streams: int, policy: str, fill_times, fill_features, measured:
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # children's OpenMP pools, set before they start
     try:
-        procs = [ctx.Process(target=_separate_child, args=(i, threads, policy, kernels, fill_times, fill_features,
-                                                            measured[i], barrier, results)) for i in range(streams)]
+        procs = [ctx.Process(target=_separate_child, args=(i, threads, policy, kernels, lm_dtype, fill_times,
+                                                            fill_features, measured[i], barrier, results)) for i in range(streams)]
         for p in procs:
             p.start()
         got = dict(results.get(timeout=3600) for _ in procs)
@@ -129,13 +135,17 @@ def run_separate(streams: int, policy: str, fill_times, fill_features, measured:
     errors = [g["error"] for g in got.values() if "error" in g]
     if errors:
         raise RuntimeError(f"a separate stream process failed: {errors[0]}")
+    dtypes = {g["lm_dtype"] for g in got.values()}
+    if dtypes != {lm_dtype}:  # the children load the model themselves: hold them to the row's setting
+        raise RuntimeError(f"separate stream processes ran the LM in {sorted(dtypes)}, the row says {lm_dtype}")
     frame_ms = [ms for g in got.values() for ms in g["frame_ms"]]
     wall = max(g["end"] for g in got.values()) - min(g["start"] for g in got.values())
     return frame_ms, wall, got[0]["cached"], threads
 
 
 def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUICK["modes"], policies=QUICK["policies"],
-                      frames: int = 16, kernels: str = "fast", out: Path, log=print) -> list[dict]:
+                      frames: int = 16, kernels: str = "fast", lm_dtype: str = DEFAULT_LM_DTYPE, out: Path,
+                      log=print) -> list[dict]:
     """Sweep and write ``out/streams.json`` (rows), ``out/streams-full.json`` (+ machine) and ``out/streams.png``."""
     for spec in policies:
         make_policy(spec)  # refuse a bad spec before any model work
@@ -147,7 +157,7 @@ def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUI
     out.mkdir(parents=True, exist_ok=True)
     cores = psutil.cpu_count(logical=True) or 1
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", cores)))
-    model = load_videollm()
+    model = load_videollm(lm_dtype=lm_dtype)
     tpf = model.tokens_per_frame + 1
     n_fill = max(sizes) // tpf + 1
     need = n_fill + max(counts) * (frames + WARMUP)
@@ -170,8 +180,10 @@ def run_streams_bench(*, counts=QUICK["counts"], sizes=QUICK["sizes"], modes=QUI
                         threads = torch.get_num_threads()
                     else:
                         frame_ms, wall, cached, threads = run_separate(streams, policy, fill_times, fill_features,
-                                                                       measured, kernels=kernels, cores=cores)
+                                                                       measured, kernels=kernels, cores=cores,
+                                                                       lm_dtype=lm_dtype)
                     row = _row(streams, mode, policy, size, base.cached_tokens, frame_ms, wall, frames, threads)
+                    row["lm_dtype"] = _dtype_name(model)
                     row["cached_tokens_end"] = cached
                     rows.append(row)
                     (out / "streams.json").write_text(json.dumps(rows, indent=2))  # progress survives an interrupt

@@ -69,6 +69,7 @@ def bench_streams(
     modes: Annotated[Optional[str], typer.Option(help="batched, separate or both (comma-separated). Default both.")] = None,
     frames: Annotated[int, typer.Option(min=2, help="Frame steps timed per stream and row (after 2 untimed).")] = 16,
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
+    lm_dtype: Annotated[str, typer.Option(help=f"LM weights type, in the batched engine and every separate process alike: {' or '.join(LM_DTYPES)} (see vrex run --lm-dtype).")] = DEFAULT_LM_DTYPE,
     out: Annotated[Path, typer.Option(help="Output directory: streams.json (rows), streams-full.json, streams.png.")] = Path("bench-out/streams"),
 ) -> None:
     """Aggregate frames/s and p50/p99 per-frame latency of B live streams at one cached length:
@@ -79,6 +80,8 @@ def bench_streams(
     base = QUICK if quick else FULL
     if kernels not in ("fast", "reference"):
         fail(f"--kernels: '{kernels}': choose fast or reference")
+    if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
+        fail(choice_error("--lm-dtype", lm_dtype, LM_DTYPES))
     try:
         count_list = [int(c) for c in counts.split(",")] if counts else list(base["counts"])
     except ValueError:
@@ -93,7 +96,7 @@ def bench_streams(
     specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(base["policies"])
     try:
         run_streams_bench(counts=count_list, sizes=size_list, modes=mode_list, policies=specs, frames=frames,
-                          kernels=kernels, out=out, log=log)
+                          kernels=kernels, lm_dtype=lm_dtype, out=out, log=log)
     except PolicySpecError as e:
         fail(f"--policies: {e}")
 
