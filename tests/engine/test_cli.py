@@ -334,3 +334,26 @@ def test_run_with_a_bfloat16_lm():
     assert [e for e in lines if e["kind"] == "answer"][0]["text"]
     bad = _vrex("run", "webcam", "--lm-dtype", "float16")
     assert bad.returncode == 2 and "--lm-dtype" in bad.stderr and "float16" in bad.stderr
+
+
+def test_run_loops_a_short_clip_into_a_longer_stream():
+    """--loop: a 1.2-second clip played for 12 frames at 2 fps, one clock, a question past the clip's end
+    answered, every frame reporting the process's RSS (what an hour-long run logs)."""
+    clip = list_demo_clips().get("realshort")
+    if clip is None:
+        pytest.skip("clip realshort.mp4 not available (shared test media, set VREX_ASSETS)")  # fails under CI=true
+    proc = _vrex("run", str(clip), "--loop", "--max-frames", "12", "--theta", "0", "--ask", "5:What do you see?", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    frames = [e for e in lines if e["kind"] == "frame"]
+    answers = [e for e in lines if e["kind"] == "answer"]
+    assert len(frames) == 12
+    times = [f["t"] for f in frames]
+    assert all(b > a for a, b in zip(times, times[1:])) and times[-1] > 3 * 1.2
+    assert all(f["stats"]["rss_bytes"] > 0 for f in frames)
+    assert len(answers) == 1 and answers[0]["stats"]["answered_at"] >= 5.0
+
+
+def test_run_refuses_to_loop_a_live_input():
+    result = CliRunner().invoke(app, ["run", "rtsp://127.0.0.1:9/none", "--loop"])
+    assert result.exit_code == 2 and "cannot loop" in result.output

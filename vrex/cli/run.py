@@ -55,6 +55,7 @@ def run(
     recent_tokens: Annotated[Optional[int], typer.Option(help="Always-kept window of the newest tokens on top of the policy's selection (retrieval policies need the frames just seen to narrate). Default: the last two frames; 0: the policy alone.")] = None,
     positions: Annotated[str, typer.Option(help="Position strategy past the LM's trained context: 'compress' (re-index old tokens) or 'absolute'.")] = "compress",
     realtime: Annotated[bool, typer.Option(help="Pace a file at its real speed, as if it were live.")] = False,
+    loop: Annotated[bool, typer.Option(help="Play a file or image folder again and again on one clock (each pass one frame after the last): a stream of any length from a short clip, e.g. an hour with --max-frames 7200 at 2 fps. Not for URLs and webcams.")] = False,
     trace: Annotated[Optional[Path], typer.Option(help="Write per-step KV telemetry (JSON lines) to this file (its directory must exist).")] = None,
     device_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Device tier: the KV kept where attention runs (the accelerator's memory; on a CPU a budgeted region of RAM with the same accounting). Default: 2048 tokens' worth for offloading policies (flexgen, infinigen, rekv, resv, resv-noclust), unbounded for full and streamingllm. " + _TIERS)] = None,
     host_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Host tier: the KV kept in RAM below the device tier; what exceeds it goes to --disk-dir (required with this option). Default: unbounded.")] = None,
@@ -106,7 +107,7 @@ def run(
 
         warnings.simplefilter("ignore", VideoDecodeWarning)  # the events carry them; keeps stderr clean
     try:
-        src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime, on_warning=on_warning)
+        src = open_source(source, fps=fps, max_frames=max_frames, realtime=realtime, on_warning=on_warning, loop=loop)
     except VideoSourceError as e:
         fail(str(e))
 
@@ -134,7 +135,8 @@ def run(
     # What must match for --session to resume (the config is compared too).
     settings = {"source": source, "fps": fps, "max_frames": max_frames, "ask": [list(q) for q in questions], "lm": lm,
                 "base_lm": base_lm, "encoder": encoder, "connector": connector,
-                **({"lm_dtype": lm_dtype} if lm_dtype != DEFAULT_LM_DTYPE else {})}  # sessions saved before the option still resume
+                **({"lm_dtype": lm_dtype} if lm_dtype != DEFAULT_LM_DTYPE else {}),  # sessions saved before the option still resume
+                **({"loop": True} if loop else {})}
     session = None
     try:  # the session prefills the system prompt: the first store and trace writes happen here
         session, resumed = open_session(session_dir, model, make_policy(policy), config, settings,
@@ -206,9 +208,9 @@ class _TraceSink:
 def _live_display(session, frames, questions, src, title: str, should_stop=None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    total = None
+    total = src.max_frames if src.loop else None  # a loop has no length of its own
     info = src.info
-    if info.duration and src.fps:
+    if info.duration and src.fps and not src.loop:
         total = int(info.duration * src.fps) + 1
         if src.max_frames:
             total = min(total, src.max_frames)

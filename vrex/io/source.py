@@ -8,7 +8,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .av_backend import AvDecoder
-from .datatypes import DecodeStats, Frame, SourceInfo
+from .datatypes import DecodeStats, Frame, Loader, SourceInfo
 from .errors import VideoSourceError
 from .events import EndStatus, SourceEnd, SourceWarning
 from .images import FrameTooLarge, ImageFolder, UnreadableImage
@@ -63,6 +63,10 @@ class VideoSource:
         max_frame_pixels: largest frame (width x height) decoded; larger ones are refused from
             the header, before decoding (:data:`vrex.io.limits.MAX_FRAME_PIXELS` by default).
         on_warning: called with each :class:`SourceWarning` as it happens (e.g. to print JSON).
+        loop: play a file or an image folder again and again on one clock (each pass starts one
+            frame period after the previous one's last frame): a stream of any length from short
+            clips. It ends only at ``max_frames``, ``end`` or when the consumer stops. Not for live
+            inputs (URLs, webcams), which have no second pass.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class VideoSource:
         reconnect: Reconnect | None = None,
         max_frame_pixels: int = MAX_FRAME_PIXELS,
         on_warning: Callable[[SourceWarning], None] | None = None,
+        loop: bool = False,
     ):
         if fps is not None and fps < 0:
             raise ValueError(f"fps must be positive, 0 or None, got {fps}")
@@ -97,6 +102,10 @@ class VideoSource:
         self.size, self.realtime = size, realtime
         self.image_duration = image_duration or (1.0 / self.fps if self.fps else 1.0)
         self._target = resolve(uri, webcam_format=webcam_format, av_options=av_options, timeout=timeout)
+        if loop and self._target.kind not in ("file", "images"):
+            raise VideoSourceError(self.uri, f"cannot loop a {self._target.kind} input: only files and image folders "
+                                             "have a second pass")
+        self.loop = loop
         self._timeout = timeout
         self.reconnect = reconnect or Reconnect()
         self.max_frame_pixels = check_limit(max_frame_pixels)
@@ -137,7 +146,7 @@ class VideoSource:
             if self.max_frames == 0:
                 reason = "max_frames is 0"
                 return
-            for t, load in backend.frames(stats, self.start):
+            for t, load in self._timeline(stats):
                 if self.end is not None and t >= self.end - EPS:
                     reason = f"end time {self.end:g} s reached"
                     break
@@ -182,10 +191,32 @@ class VideoSource:
             status, reason = "failed", f"{type(e).__name__}: {e}"
             raise
         finally:
-            backend.close()
+            self._backend.close()
             stats.finish()
             counts = dict(stats.counts)
             self.end_of_stream = SourceEnd(self.uri, status, reason, resampler.last_t, stats.emitted, counts)
+
+    def _timeline(self, stats: DecodeStats) -> Iterator[tuple[float, Loader]]:
+        """The input's frames as ``(t, loader)``; with ``loop``, pass after pass on one clock (the input
+        re-opened each time; ``start`` applies to the first pass only)."""
+        offset, start = 0.0, self.start
+        while True:
+            last = None
+            for t, load in self._backend.frames(stats, start):
+                last = t
+                yield offset + t, load
+            if not self.loop or last is None:  # a pass with no frame would loop forever
+                return
+            offset += last + self._period()
+            start = 0.0
+            self._backend.close()
+            self._backend = self._open()
+
+    def _period(self) -> float:
+        """One frame's duration: the gap left between two passes of a loop."""
+        if self.info.kind == "images":
+            return self.image_duration
+        return 1.0 / (self.info.native_fps or self.fps or 1.0)
 
     def _gap_limit(self) -> float | None:
         """Longest silence between two decoded frames that passes without a warning."""
