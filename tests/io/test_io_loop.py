@@ -43,3 +43,55 @@ def test_looped_folder(photo_dir):
 def test_live_inputs_cannot_loop():
     with pytest.raises(VideoSourceError, match="cannot loop a url input"):
         open_source("rtsp://127.0.0.1:9/none", loop=True)
+
+
+@pytest.fixture
+def clip_dir(tmp_path, video):
+    """Two real clips of different codecs and sizes, named so that natural order is a then b."""
+    import shutil
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    shutil.copy(video("realshort.mp4"), folder / "a_2.mp4")
+    shutil.copy(video("big_buck_bunny_432_433.webm"), folder / "a_10.webm")
+    return folder
+
+
+def _frames(path, **kw):
+    with open_source(path, fps=0, size=32, **kw) as src:
+        return [(f.t, np.asarray(f.image)) for f in src], src
+
+
+def test_folder_of_videos_plays_back_to_back(clip_dir):
+    first, _ = _frames(clip_dir / "a_2.mp4")
+    second, one = _frames(clip_dir / "a_10.webm")
+    both, src = _frames(clip_dir)
+    assert src.info.kind == "videos" and src.end_of_stream.status == "complete"
+    assert len(both) == len(first) + len(second)
+    shift = src.info.duration - one.info.duration  # the second file starts where the first one's declared length ends
+    assert shift > first[-1][0]
+    for (t, image), (t0, image0) in zip(both, first + [(t + shift, im) for t, im in second]):
+        assert t == pytest.approx(t0, abs=1e-6) and np.array_equal(image, image0)
+    later, _ = _frames(clip_dir, start=shift)  # a start past the first file skips it whole
+    assert [t for t, _ in later] == pytest.approx([t + shift for t, _ in second])
+
+
+def test_folder_of_videos_loops(clip_dir):
+    with open_source(clip_dir, fps=2, size=32, loop=True, max_frames=30) as src:
+        times = [f.t for f in src]
+    assert len(times) == 30 and times[-1] > 2 * src.info.duration
+    assert all(b > a for a, b in zip(times, times[1:]))
+
+
+def test_folder_mixing_videos_and_images_is_refused(clip_dir, image_paths):
+    import shutil
+
+    shutil.copy(image_paths[0], clip_dir / f"still{image_paths[0].suffix}")
+    with pytest.raises(VideoSourceError, match="both videos .* and images"):
+        open_source(clip_dir)
+
+
+def test_unplayable_file_in_a_folder_of_videos_is_named(clip_dir):
+    (clip_dir / "notes.mp4").write_text("not a video\n")
+    with pytest.raises(VideoSourceError, match="notes.mp4 in this folder is not a playable video"):
+        open_source(clip_dir)

@@ -38,7 +38,7 @@ _TIERS = ("KV tiers (all layers together; a tier that is full passes its oldest 
 
 
 def run(
-    source: Annotated[str, typer.Argument(help="Video file (mp4/webm/avi/gif...), image folder, stream URL (rtsp://, http://...), or webcam ('webcam', 'webcam:0', '/dev/video0').")],
+    source: Annotated[str, typer.Argument(help="Video file (mp4/webm/avi/gif...), folder of images or of videos (played back to back), stream URL (rtsp://, http://...), or webcam ('webcam', 'webcam:0', '/dev/video0').")],
     ask: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="Question at a stream time, 'SECONDS:text' or 'MM:SS:text'. Repeatable. Answered after the first frame at or past that time.")] = None,
     fps: Annotated[float, typer.Option(help="Frames per second fed to the model (resampled from the source with real timestamps). 0 = every frame at the source's native rate.")] = 2.0,
     policy: Annotated[str, typer.Option(help=f"KV selection policy, NAME or NAME\\[key=value,...]: {', '.join(POLICY_NAMES)}. "
@@ -55,7 +55,7 @@ def run(
     recent_tokens: Annotated[Optional[int], typer.Option(help="Always-kept window of the newest tokens on top of the policy's selection (retrieval policies need the frames just seen to narrate). Default: the last two frames; 0: the policy alone.")] = None,
     positions: Annotated[str, typer.Option(help="Position strategy past the LM's trained context: 'compress' (re-index old tokens) or 'absolute'.")] = "compress",
     realtime: Annotated[bool, typer.Option(help="Pace a file at its real speed, as if it were live.")] = False,
-    loop: Annotated[bool, typer.Option(help="Play a file or image folder again and again on one clock (each pass one frame after the last): a stream of any length from a short clip, e.g. an hour with --max-frames 7200 at 2 fps. Not for URLs and webcams.")] = False,
+    loop: Annotated[bool, typer.Option(help="Play a file or folder again and again on one clock (each pass one frame after the last): a stream of any length from short clips, e.g. an hour of a folder of clips with --max-frames 7200 at 2 fps. Not for URLs and webcams.")] = False,
     trace: Annotated[Optional[Path], typer.Option(help="Write per-step KV telemetry (JSON lines) to this file (its directory must exist).")] = None,
     device_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Device tier: the KV kept where attention runs (the accelerator's memory; on a CPU a budgeted region of RAM with the same accounting). Default: 2048 tokens' worth for offloading policies (flexgen, infinigen, rekv, resv, resv-noclust), unbounded for full and streamingllm. " + _TIERS)] = None,
     host_budget: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Host tier: the KV kept in RAM below the device tier; what exceeds it goes to --disk-dir (required with this option). Default: unbounded.")] = None,

@@ -15,7 +15,7 @@ from .events import SourceWarning, WarningKind
 
 log = logging.getLogger("vrex.io")
 
-SourceKind = Literal["file", "url", "webcam", "images"]
+SourceKind = Literal["file", "url", "webcam", "images", "videos"]
 
 # Deferred RGB conversion of a decoded frame: ``loader(size)`` -> image (shorter side = size).
 Loader = Callable[[int | None], Image.Image]

@@ -27,7 +27,7 @@ class FrameTooLarge(UnreadableImage):
     """An image in the folder is larger than the pixel limit (the stream skips it, undecoded)."""
 
 
-def _natural_key(path: Path) -> list[object]:
+def natural_key(path: Path) -> list[object]:
     # frame_2.png sorts before frame_10.png, as people number their stills.
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
@@ -35,7 +35,7 @@ def _natural_key(path: Path) -> list[object]:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder`` (other files are ignored), in natural name order."""
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(files, key=_natural_key)
+    return sorted(files, key=natural_key)
 
 
 def load_image(path: Path, size: int | None, max_pixels: int = MAX_FRAME_PIXELS) -> Image.Image:

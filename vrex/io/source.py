@@ -1,4 +1,4 @@
-"""VideoSource: one iterable over files, network streams, webcams and image folders."""
+"""VideoSource: one iterable over files, network streams, webcams, image folders and folders of videos."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .datatypes import DecodeStats, Frame, Loader, SourceInfo
 from .errors import VideoSourceError
 from .events import EndStatus, SourceEnd, SourceWarning
 from .images import FrameTooLarge, ImageFolder, UnreadableImage
+from .playlist import VideoFolder
 from .limits import MAX_FRAME_PIXELS, check_limit
 from .reconnect import Reconnect
 from .resample import EPS, Resampler
@@ -35,7 +36,7 @@ class VideoSource:
     """Frames of a video input, resampled to ``fps`` with real presentation timestamps.
 
     ``uri`` is a file (mp4, webm, avi, gif, ... and a single still image as a one-frame stream),
-    a folder of images, a network URL (rtsp, rtmp, http(s), udp, tcp, srt) or a webcam
+    a folder of images, a folder of videos (played back to back, :mod:`vrex.io.playlist`), a network URL (rtsp, rtmp, http(s), udp, tcp, srt) or a webcam
     (``webcam``, ``webcam:N``, ``/dev/videoN``). Opening happens in the constructor, so a bad
     input raises :class:`VideoSourceError` right away; ``info`` then describes the input.
 
@@ -63,7 +64,7 @@ class VideoSource:
         max_frame_pixels: largest frame (width x height) decoded; larger ones are refused from
             the header, before decoding (:data:`vrex.io.limits.MAX_FRAME_PIXELS` by default).
         on_warning: called with each :class:`SourceWarning` as it happens (e.g. to print JSON).
-        loop: play a file or an image folder again and again on one clock (each pass starts one
+        loop: play a file or a folder again and again on one clock (each pass starts one
             frame period after the previous one's last frame): a stream of any length from short
             clips. It ends only at ``max_frames``, ``end`` or when the consumer stops. Not for live
             inputs (URLs, webcams), which have no second pass.
@@ -102,8 +103,8 @@ class VideoSource:
         self.size, self.realtime = size, realtime
         self.image_duration = image_duration or (1.0 / self.fps if self.fps else 1.0)
         self._target = resolve(uri, webcam_format=webcam_format, av_options=av_options, timeout=timeout)
-        if loop and self._target.kind not in ("file", "images"):
-            raise VideoSourceError(self.uri, f"cannot loop a {self._target.kind} input: only files and image folders "
+        if loop and self._target.kind not in ("file", "images", "videos"):
+            raise VideoSourceError(self.uri, f"cannot loop a {self._target.kind} input: only files and folders "
                                              "have a second pass")
         self.loop = loop
         self._timeout = timeout
@@ -118,9 +119,12 @@ class VideoSource:
         self.end_of_stream: SourceEnd | None = None
         """How the latest pass ended; None before the first pass ends."""
 
-    def _open(self) -> AvDecoder | ImageFolder:
+    def _open(self) -> AvDecoder | ImageFolder | VideoFolder:
         if self._target.kind == "images":
             return ImageFolder(self.uri, Path(self._target.location), self.image_duration, self.max_frame_pixels)
+        if self._target.kind == "videos":
+            return VideoFolder(self.uri, Path(self._target.location), self._timeout, max_pixels=self.max_frame_pixels,
+                               reconnect=self.reconnect)
         return AvDecoder(self.uri, self._target, self._timeout, max_pixels=self.max_frame_pixels,
                          reconnect=self.reconnect)
 
@@ -135,7 +139,7 @@ class VideoSource:
         self._pass = self._run(self._backend, self.stats)
         return self._pass
 
-    def _run(self, backend: AvDecoder | ImageFolder, stats: DecodeStats) -> Iterator[Frame]:
+    def _run(self, backend: AvDecoder | ImageFolder | VideoFolder, stats: DecodeStats) -> Iterator[Frame]:
         resampler = Resampler(self.fps, self.start)
         pacer = _Pacer() if self.realtime else None
         last_seen: float | None = None
@@ -292,7 +296,8 @@ def open_source(uri: str | Path, fps: float | None = 2.0, **kw: object) -> Video
     Dispatch, in order: ``webcam``, ``webcam:N``, ``webcam:<name>`` and ``/dev/videoN`` are capture
     devices; ``rtsp://``, ``rtsps://``, ``rtmp://``, ``rtmps://``, ``http(s)://``, ``udp://``,
     ``tcp://`` and ``srt://`` are network streams; ``file://`` URLs and plain paths to an existing
-    folder are image folders (images sorted by name) and to an existing file are video files.
+    folder are image folders (images sorted by name) or, when the folder holds video files, folders of
+    videos played back to back (both in one folder is an error), and to an existing file are video files.
     Anything else raises :class:`VideoSourceError` naming the input.
     """
     return VideoSource(uri, fps, **kw)  # type: ignore[arg-type]

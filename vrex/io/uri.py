@@ -55,12 +55,28 @@ def resolve(
 
     path = Path(text).expanduser()
     if path.is_dir():
-        return Target("images", str(path))
+        return Target(_folder_kind(path), str(path))
     if path.is_file():
         return Target("file", str(path), None, extra)
     if path.exists():
         raise VideoSourceError(text, "not a regular file, folder, URL or webcam")
     raise VideoSourceError(text, "no such file")
+
+
+def _folder_kind(path: Path) -> SourceKind:
+    """A folder of videos plays them back to back; otherwise it is a folder of images (GIFs among videos
+    are clips, among images stills). Both kinds in one folder is refused: one would be dropped."""
+    from .images import list_images
+    from .playlist import VIDEO_FILE_SUFFIXES, list_videos
+
+    videos = list_videos(path)
+    if not videos:
+        return "images"
+    stills = [p.name for p in list_images(path) if p.suffix.lower() != ".gif"]
+    if stills:
+        raise VideoSourceError(str(path), f"folder holds both videos ({videos[0].name}, ...) and images "
+                                          f"({stills[0]}, ...): keep one kind per folder")
+    return "videos"
 
 
 def _url_options(scheme: str, timeout: float) -> dict[str, str]:
