@@ -695,6 +695,8 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 // q [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]; softcap <= 0: none
 // (else transformers' order: tanh(s / cap) * cap, then the mask). ws: a float32 scratch tensor the caller
 // keeps between calls (resized here when too small). Returns [Hq, T, D] float32.
+constexpr int64_t ATTEND_ROW_BLOCK = 64;  // query rows per score block in attend_plan (a frame step has 39)
+
 Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
                    std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be float32 [Hq, T, D]");
@@ -713,7 +715,10 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
     for (int64_t h = 0; h < H; ++h) lens[h] += o[h + 1] - o[h];
   }
   const int64_t lmax = *std::max_element(lens.begin(), lens.end()) + T;
-  const int64_t need = 2 * lmax * D + R * lmax;
+  // scores for at most ATTEND_ROW_BLOCK query rows at a time: a fast-forwarded chunk of frames has
+  // hundreds of rows, and a [rows x past] buffer grew with the stream (`vrex bench soak`: 30 MB at 14K)
+  const int64_t RB = std::min<int64_t>(R, ATTEND_ROW_BLOCK);
+  const int64_t need = 2 * lmax * D + RB * lmax;
   if (ws.numel() < need) ws.resize_({need + need / 4});  // room to grow with the stream: fewer reallocations
   float* kw = ws.data_ptr<float>();
   float* vw = kw + lmax * D;
@@ -744,45 +749,50 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
     std::memcpy(vw + n * D, v_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
     auto K = at::from_blob(kw, {L, D}, f32);
     auto V = at::from_blob(vw, {L, D}, f32);
-    auto Sc = at::from_blob(sw, {R, L}, f32);
-    at::mm_out(Sc, q.view({H, R, D})[h], K.t());  // the G query heads of KV head h are adjacent: R rows
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* s = sw + r * L;
-        const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
-        const int64_t end = n + t + 1;
-        if (softcap > 0)
-          for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
-        // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
-        decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
-        int64_t j = 0;
-        for (; j + 16 <= end; j += 16) {
-          decode::v16 x;
-          std::memcpy(&x, s + j, sizeof x);
-          mv = x > mv ? x : mv;
-        }
-        float m = decode::hmax(mv);
-        for (; j < end; ++j) m = std::max(m, s[j]);
-        for (j = 0; j + 16 <= end; j += 16) {
-          decode::v16 x;
-          std::memcpy(&x, s + j, sizeof x);
-          x = decode::vexp(x - m);
-          std::memcpy(s + j, &x, sizeof x);
-          sv += x;
-        }
-        float sum = 0.f;
-        for (int e = 0; e < 16; ++e) sum += sv[e];
-        for (; j < end; ++j) {
-          s[j] = std::exp(s[j] - m);
-          sum += s[j];
-        }
-        const float inv = 1.f / sum;
-        for (j = 0; j < end; ++j) s[j] *= inv;
-        for (; j < L; ++j) s[j] = 0.f;  // the step's later tokens (causal)
-      }
-    });
+    const auto q_h = q.view({H, R, D})[h];  // the G query heads of KV head h are adjacent: R rows
     auto out_h = out.view({H, R, D})[h];
-    at::mm_out(out_h, Sc, V);
+    for (int64_t b0 = 0; b0 < R; b0 += RB) {
+      const int64_t rb = std::min(RB, R - b0);
+      auto Sc = at::from_blob(sw, {rb, L}, f32);
+      at::mm_out(Sc, q_h.narrow(0, b0, rb), K.t());
+      at::parallel_for(b0, b0 + rb, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* s = sw + (r - b0) * L;
+          const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
+          const int64_t end = n + t + 1;
+          if (softcap > 0)
+            for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
+          // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
+          decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
+          int64_t j = 0;
+          for (; j + 16 <= end; j += 16) {
+            decode::v16 x;
+            std::memcpy(&x, s + j, sizeof x);
+            mv = x > mv ? x : mv;
+          }
+          float m = decode::hmax(mv);
+          for (; j < end; ++j) m = std::max(m, s[j]);
+          for (j = 0; j + 16 <= end; j += 16) {
+            decode::v16 x;
+            std::memcpy(&x, s + j, sizeof x);
+            x = decode::vexp(x - m);
+            std::memcpy(s + j, &x, sizeof x);
+            sv += x;
+          }
+          float sum = 0.f;
+          for (int e = 0; e < 16; ++e) sum += sv[e];
+          for (; j < end; ++j) {
+            s[j] = std::exp(s[j] - m);
+            sum += s[j];
+          }
+          const float inv = 1.f / sum;
+          for (j = 0; j < end; ++j) s[j] *= inv;
+          for (; j < L; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+        }
+      });
+      auto out_b = out_h.narrow(0, b0, rb);
+      at::mm_out(out_b, Sc, V);
+    }
   }
   return out;
 }
@@ -794,5 +804,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan_reads", &plan_reads, "selection + always-kept -> tier slots");
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
+  m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
   m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding");
 }
