@@ -794,7 +794,7 @@ class KVStore:
         The session directory is also removed when the store is garbage-collected or at exit."""
         for L in self._layers:
             if L.disk is not None:
-                L.disk.mm = []
+                L.disk.mm, L.disk._views = [], None  # the views hold the maps open too
         if remove_files and self.disk_dir is not None:
             self._cleanup()
 
