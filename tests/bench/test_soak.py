@@ -4,8 +4,13 @@ growth from the moment the budgets are full."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,7 +119,7 @@ def test_short_real_soak_spills_within_budgets_and_samples_on_the_stream_clock(s
     config = SoakConfig(policy="resv", minutes=0.5, fps=1.0, stride=4, device_budget=budget, host_budget=budget,
                         disk_dir=str(tmp_path / "kv"), size=64, ask_every=15.0, sample_every=10.0)
     grad = torch.is_grad_enabled()
-    res = run_soak(config, model=shipped_model, log=lambda line: None)
+    res = run_soak(config, model=shipped_model, log=lambda line: None, progress=tmp_path / "progress.jsonl")
     assert torch.is_grad_enabled() == grad  # the soak's no-grad run does not leak into the caller's process
     samples = res["samples"]
     assert [round(s["t"]) for s in samples[:-1]] == [0, 10, 20]  # start + every 10 s of stream
@@ -128,8 +133,32 @@ def test_short_real_soak_spills_within_budgets_and_samples_on_the_stream_clock(s
     assert last["real_steps"] + last["fast_forwarded"] == last["frames"] and last["real_steps"] >= 5
     assert last["answers"] >= 1  # a question at 15 s
     assert res["verdict"]["budgets_full_at_minute"] is not None
+    kept = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert kept == [{"policy": "resv", **s} for s in json.loads(json.dumps(samples))]  # each sample as it came
     assert not list((tmp_path / "kv").glob("vrex-kv-*"))  # the store's directory is removed after the run
     write_outputs([res], tmp_path / "out")
     assert (tmp_path / "out" / "soak.png").stat().st_size > 0
     assert Path(tmp_path / "out" / "soak.json").read_text().startswith("[")
     assert "| resv |" in table([res])
+
+
+def test_terminated_soak_stops_its_child_and_keeps_its_samples(tmp_path):
+    """SIGTERM to `vrex bench soak` (a scheduler's stop) ends the run's worker process too, and the
+    samples taken so far are in soak-progress.jsonl."""
+    import psutil
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "vrex.cli", "bench", "soak", "--minutes", "5", "--policies", "resv",
+                             "--size", "64", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "soak-progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and progress.read_text().strip()):
+        time.sleep(0.5)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the soak runs in a worker process"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"worker(s) still running after the soak was terminated: {[p.pid for p in alive]}"
+    first = json.loads(progress.read_text().splitlines()[0])
+    assert first["policy"] == "resv" and first["minute"] == 0 and first["rss"] > 0

@@ -167,15 +167,17 @@ def _disk_bytes(path: Path | None) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
-def run_soak(config: SoakConfig, *, model=None, log: Callable[[str], None] = print) -> dict:
-    """Play ``config.minutes`` of stream and sample memory every minute; returns the result dict."""
+def run_soak(config: SoakConfig, *, model=None, log: Callable[[str], None] = print, progress: Path | None = None) -> dict:
+    """Play ``config.minutes`` of stream and sample memory every minute; returns the result dict.
+    ``progress``: a JSON-lines file each sample is appended to as it is taken (an interrupted hour keeps
+    what it measured)."""
     import torch
 
     with torch.no_grad():  # the soak only runs the model; the caller's grad mode comes back afterwards
-        return _run_soak(config, model=model, log=log)
+        return _run_soak(config, model=model, log=log, progress=progress)
 
 
-def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
+def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None], progress: Path | None) -> dict:
     from vrex.bench.engine import machine
     from vrex.engine.session import SessionConfig, StreamingSession
     from vrex.kv.policies import make_policy
@@ -219,6 +221,9 @@ def _run_soak(config: SoakConfig, *, model, log: Callable[[str], None]) -> dict:
                "disk_file_bytes": _disk_bytes(session.store.disk_dir), **_index_bytes(session),
                "step_ms_median": statistics.median(step_ms) if step_ms else None, **counts}
         samples.append(row)
+        if progress is not None:
+            with open(progress, "a") as f:
+                f.write(json.dumps({"policy": config.policy, **row}) + "\n")
         step_ms.clear()
         log(f"{row['minute']:6.1f} min  {row['frames']:6d} frames  {row['cached_tokens']:7d} tokens  "
             f"RSS {row.get('rss', 0) / 2**20:7.0f} MB (anon {row.get('rss_anon', 0) / 2**20:6.0f}, "
@@ -277,13 +282,13 @@ def log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run_soak_isolated(config: SoakConfig) -> dict:
+def run_soak_isolated(config: SoakConfig, progress: Path | None = None) -> dict:
     """``run_soak`` in a fresh process: each run's RSS starts from an empty heap. In one process a second
     run reuses the heap the first one freed and looks flatter than it is (seen: 400 MB of free heap)."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_soak, (config,), {"log": log_stderr})
+        return pool.apply(run_soak, (config,), {"log": log_stderr, "progress": progress})
 
 
 def verdict(samples: list[dict], config: SoakConfig) -> dict:

@@ -22,7 +22,7 @@ def bench_soak(
     size: Annotated[int, typer.Option(help="Shorter side of the decoded frames, pixels.")] = 224,
     ask_every: Annotated[float, typer.Option(help="Stream seconds between questions (0: none).")] = 60.0,
     kv_dtype: Annotated[str, typer.Option(help="KV storage type: auto, bfloat16 or float32.")] = "auto",
-    out: Annotated[Path, typer.Option(help="Output directory: soak.json, soak.png, soak.md.")] = Path("bench-out/soak"),
+    out: Annotated[Path, typer.Option(help="Output directory: soak.json, soak.png, soak.md, and soak-progress.jsonl (every sample as it is taken: an interrupted run keeps them).")] = Path("bench-out/soak"),
 ) -> None:
     """Play a long real stream with bounded device and host tiers and log RSS and each tier's bytes every
     minute of stream time: RSS must stay flat (within 10%) once the budgets are full."""
@@ -51,11 +51,21 @@ def bench_soak(
     from vrex.bench.soak import run_soak_isolated, table, write_outputs
     from vrex.kv.store import KVStoreDiskError
 
+    import signal
+    import sys
+
+    # SIGTERM (kill, a scheduler's stop) as an exception, so the process pool's exit stops the run's child
+    # too: before, a killed soak left its child playing the stream
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / "soak-progress.jsonl"
+    progress.write_text("")
     results = []
     try:
         for config in configs:  # each in its own process: a run must not start on the heap another freed
-            log(f"soak: {config.policy}, {config.minutes:g} stream minutes at {config.fps:g} fps, every {config.stride}. frame real")
-            results.append(run_soak_isolated(config))
+            log(f"soak: {config.policy}, {config.minutes:g} stream minutes at {config.fps:g} fps, every {config.stride}. "
+                f"frame real (samples as they come: {progress})")
+            results.append(run_soak_isolated(config, progress))
             write_outputs(results, out)  # each finished run survives an interrupted sweep
     except KVStoreDiskError as e:
         fail(str(e))
