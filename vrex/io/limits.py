@@ -67,6 +67,10 @@ def image_header_size(path: str | Path) -> tuple[int, int] | None:
                         return factory(fp, str(path)).size  # the plugin reads the header only
                 except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
                     pass  # what PIL's own Image.open skips too
+                except Image.DecompressionBombError:
+                    # a damaged header (fuzzing: a GIF's first block zeroed) can declare a frame past PIL's
+                    # own limit: no usable size here; the decoder's stream header is checked next
+                    return None
     except OSError:
         return None
     return None
