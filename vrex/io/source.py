@@ -136,10 +136,11 @@ class VideoSource:
         self._used = True
         self.stats = DecodeStats(self.uri, listener=self.on_warning)
         self.end_of_stream = None
-        self._pass = self._run(self._backend, self.stats)
+        self._pass = self._run(self.stats)
         return self._pass
 
-    def _run(self, backend: AvDecoder | ImageFolder | VideoFolder, stats: DecodeStats) -> Iterator[Frame]:
+    def _run(self, stats: DecodeStats) -> Iterator[Frame]:
+        """One pass: ``self._backend``'s frames (re-opened per pass of a loop), resampled, checked, counted."""
         resampler = Resampler(self.fps, self.start)
         pacer = _Pacer() if self.realtime else None
         last_seen: float | None = None
