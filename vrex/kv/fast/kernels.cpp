@@ -247,13 +247,6 @@ static void nearly_sorted(std::vector<int64_t>& a) {
   }
 }
 
-// Selection (token ids per head, ascending, or all when ids is empty and all_past) + always-kept
-// ranges [0, sink) and [mid_end, n_past) -> physical slots per tier, skipping evicted tokens.
-// Tiers by id: [0, d_end) disk, [d_end, h_end) host, [h_end, n) device.
-// Returns (disk_slots, disk_offs, host_slots, host_offs, dev_slots, dev_offs, disk_runs, host_runs,
-// selected_per_head). Slots of each head and tier are sorted (memory order: fewer cache misses and page
-// faults; runs counted on it).
-// pos: the pages of the layer's token -> slot map (vrex.kv.index.PagedIndex).
 // Runs of consecutive slots in a sorted list: the transfers a tier link makes for it.
 static int64_t count_runs(const std::vector<int64_t>& v) {
   int64_t r = v.empty() ? 0 : 1;
@@ -261,6 +254,13 @@ static int64_t count_runs(const std::vector<int64_t>& v) {
   return r;
 }
 
+// Selection (token ids per head, ascending, or all when ids is empty and all_past) + always-kept
+// ranges [0, sink) and [mid_end, n_past) -> physical slots per tier, skipping evicted tokens.
+// Tiers by id: [0, d_end) disk, [d_end, h_end) host, [h_end, n) device.
+// Returns (disk_slots, disk_offs, host_slots, host_offs, dev_slots, dev_offs, disk_runs, host_runs,
+// selected_per_head). Slots of each head and tier are sorted (memory order: fewer cache misses and page
+// faults; runs counted on it).
+// pos: the pages of the layer's token -> slot map (vrex.kv.index.PagedIndex).
 std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n_past, int64_t sink, int64_t mid_end,
                                std::vector<Tensor> pos_pages, int64_t shift, int64_t H, Tensor evicted, bool any_evicted,
                                int64_t d_end, int64_t h_end) {
