@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .av_backend import AvDecoder
+from .clips import VIDEO_SUFFIXES
 from .datatypes import DecodeStats, Loader, SourceInfo
 from .errors import VideoSourceError
 from .images import natural_key
@@ -20,9 +21,10 @@ from .limits import MAX_FRAME_PIXELS
 from .reconnect import Reconnect
 from .uri import Target
 
-# Containers of moving pictures. GIFs count too: in a folder of videos they are clips (in a folder of
-# images, stills); a folder is a video folder when it holds any of the others.
-VIDEO_FILE_SUFFIXES = frozenset({".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"})
+# Containers of moving pictures: the demo clips' kinds (vrex.io.clips) and a few more a user's folder may
+# hold. GIFs count too: in a folder of videos they are clips (in a folder of images, stills); a folder is
+# a video folder when it holds any of the others.
+VIDEO_FILE_SUFFIXES = (frozenset(VIDEO_SUFFIXES) - {".gif"}) | {".m4v", ".mpg", ".mpeg", ".ts", ".flv"}
 CLIP_SUFFIXES = VIDEO_FILE_SUFFIXES | {".gif"}
 
 

@@ -67,7 +67,7 @@ def _folder_kind(path: Path) -> SourceKind:
     """A folder of videos plays them back to back; otherwise it is a folder of images (GIFs among videos
     are clips, among images stills). Both kinds in one folder is refused: one would be dropped."""
     from .images import list_images
-    from .playlist import VIDEO_FILE_SUFFIXES, list_videos
+    from .playlist import list_videos
 
     videos = list_videos(path)
     if not videos:
