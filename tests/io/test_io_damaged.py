@@ -68,6 +68,23 @@ def test_truncated_avi_yields_frames_up_to_the_cut(video, copy_clip):
     assert src.stats.skipped_corrupt <= 1
 
 
+def test_avi_cut_inside_its_first_frames_says_truncated(video, tmp_path):
+    """Cut 5 KB in (a fuzz find), the AVI keeps one frame of 159 and FFmpeg re-counts its length to that
+    frame, so the declared duration cannot show the loss: the RIFF header's length does."""
+    clean = video("vtest_pedestrians.avi")
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(clean.read_bytes()[:5115])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VideoDecodeWarning)
+        with open_source(cut, fps=0, size=16) as src:
+            got = times(src)
+    assert len(got) == 1
+    assert src.end_of_stream.status == "truncated" and src.stats.counts.get("truncated") == 1
+    with open_source(clean, fps=2, size=16) as whole:  # the whole file ends complete
+        list(whole)
+    assert whole.end_of_stream.status == "complete" and "truncated" not in whole.stats.counts
+
+
 def test_truncated_mp4_with_index_last_is_a_clear_error(video, copy_clip):
     cut = copy_clip(video("cockatoo.mp4"), keep=0.6)  # its 'moov' index was in the lost 40%
     with pytest.raises(VideoSourceError, match=r"damaged_cockatoo\.mp4: .*moov atom not found"):

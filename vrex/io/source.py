@@ -25,6 +25,19 @@ _EARLY_END_SLACK = 0.5
 _GAP_SECONDS = 1.0
 
 
+def shorter_than_declared(path: str | Path) -> bool:
+    """True if a RIFF file (AVI) is shorter than the length its first header states. Cut inside its first
+    frames, an AVI loses its index and FFmpeg re-counts its length from what is left (one frame of 159 in
+    a fuzzed clip), so the declared duration cannot show the cut; the RIFF size still does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        size = Path(path).stat().st_size
+    except OSError:
+        return False
+    return head[:4] == b"RIFF" and head[8:12] == b"AVI " and size < int.from_bytes(head[4:8], "little") + 8
+
+
 def ends_early(last: float | None, duration: float | None, fps: float | None) -> bool:
     """True if a stream whose last frame is at ``last`` stopped well before its declared ``duration``."""
     if last is None or not duration:
@@ -238,6 +251,11 @@ class VideoSource:
         if stats.lost:
             return "lost", stats.records[-1].reason if stats.records else "connection lost"
         declared = self.info.duration
+        if self.info.kind == "file" and shorter_than_declared(self._target.location):
+            stats.ended_early = True
+            why = "the file is shorter than its header declares (truncated?)"
+            stats.warn("truncated", why, last_seen)
+            return "truncated", why
         if self.info.kind in ("file", "url") and ends_early(last_seen, declared, self.info.native_fps):
             stats.ended_early = True
             why = (f"stream ended at {last_seen:.2f} s but the container declares {declared:.2f} s"
