@@ -140,11 +140,16 @@ def test_slot_attention_equals_gather_then_attention(D, G, T, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("G,T", [(3, 13), (1, 5), (2, 1), (3, 40)])
-def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T):
+@pytest.mark.parametrize("cols", [None, 23])
+def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, cols):
     """Frame-step attention over the planned slots, head by head with no padding (attend_plan) == the
     reference gather + attention: heads reading 60%, 10% and nothing of the past, a host tier and ring
     slots, bf16 storage, soft-capping, causal rows, more query rows than one score block (a
-    fast-forwarded chunk); the workspace grows once, is reused, and holds scores for one block of rows."""
+    fast-forwarded chunk); the workspace grows once, is reused, and holds scores for one block of rows.
+    ``cols`` 23: the key rows go in blocks of 23 with the online softmax (blocks across tiers, across
+    the past/new boundary, and, at T = 40, blocks of the step's later tokens that early rows do not see);
+    the workspace then holds one block, whatever the head reads."""
+    cols = ext.ATTEND_COL_BLOCK if cols is None else cols
     H, D = 3, 16
     tiers = {"device_budget_bytes": 300 * 2 * H * D * torch.empty(0, dtype=dtype).element_size()}
     store = _filled_store(n_blocks=120, block=7, H=H, D=D, dtype=dtype, **tiers)
@@ -160,12 +165,12 @@ def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T):
         q = 3 * torch.randn(H * G, T, D, generator=g)
         k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
         want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125, softcap)
-        got = ext.attend_plan(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, softcap or 0.0, ws)
+        got = ext.attend_plan(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, softcap or 0.0, ws, cols)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
         if step == 0:
             grown = ws.data_ptr()
-            rows = min(G * T, ext.ATTEND_ROW_BLOCK)
-            assert (2 * D + rows) * (max(plan.selected) + T) <= ws.numel() <= 1.25 * (2 * D + rows) * (max(plan.selected) + T) + 1
+            rows, keys = min(G * T, ext.ATTEND_ROW_BLOCK), min(cols, max(plan.selected) + T)
+            assert (2 * D + rows) * keys <= ws.numel() <= 1.25 * (2 * D + rows) * keys + 1
     assert ws.data_ptr() == grown  # the second step reused the workspace
 
 
@@ -260,6 +265,20 @@ def test_session_fast_equals_reference(filled, name, tiers, tmp_path):
     """Same frames and text through both kernel sets: same logits (float tolerance), same greedy
     tokens, same tokens read and the same bytes and transfers counted by the store; everything on the
     device, a 64-token device tier over the host, or over a small host tier and the disk."""
+    _fast_equals_reference(filled, name, tiers, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["full", "flexgen", "resv"])
+def test_session_fast_equals_reference_in_key_blocks(filled, name, tmp_path, monkeypatch):
+    """The same with frame and text steps attended 100 key rows at a time (the online softmax that keeps
+    the fast path's workspace bounded over long streams; by default a block holds 8192 rows)."""
+    import vrex.kv.cache
+
+    monkeypatch.setattr(vrex.kv.cache, "ATTEND_COLUMNS", 100)
+    _fast_equals_reference(filled, name, "disk", tmp_path)
+
+
+def _fast_equals_reference(filled, name, tiers, tmp_path):
     from vrex.engine.session import SessionConfig
 
     base, frames = filled

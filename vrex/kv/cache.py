@@ -40,6 +40,9 @@ _EMPTY = torch.zeros(0, dtype=torch.int64)
 # attends in place over the selected slots (vrex.kv.fast attend_slots); more rows (frame and text steps)
 # gather the selection once and run BLAS, which is faster there (measured in vrex/kv/fast/kernels.cpp).
 _SLOT_ATTENTION_ROWS = 4
+# Key rows per block of the frame/text-step kernel (attend_plan): None = the extension's ATTEND_COL_BLOCK
+# (8192). A head reading more goes block by block with an online softmax, so its workspace stays bounded.
+ATTEND_COLUMNS: int | None = None
 
 
 @dataclass
@@ -219,8 +222,9 @@ class VrexCache(Cache):
             # frame/text steps: per KV head, its own rows gathered into a reused workspace, MKL attention
             # (the gather is inside: fetch_s is the planning only)
             t_fetch = time.perf_counter()
-            out = load().attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
-                                     softcap or 0.0, self._workspace)
+            ext = load()
+            out = ext.attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
+                                  softcap or 0.0, self._workspace, ATTEND_COLUMNS or ext.ATTEND_COL_BLOCK)
         plan.done()
         self._store_and_index(layer, key[0], value[0])
         selected = n_past if selection.everything else plan.selected

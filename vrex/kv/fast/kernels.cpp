@@ -692,15 +692,22 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 // cached tokens (ReSV, heads reading 9.8K / 7.3K / 4.8K tokens) that padded every head to the longest
 // (25% more copy and matmul, a [rows x past] mask pass) and allocated ~15 MB of fresh K/V copies per
 // layer, which the kernel then faulted in page by page: 10.4 ms per layer against 2.8 ms here.
+// A head reading more than `cols` rows (past + new) goes through them `cols` at a time with an online
+// softmax (running max and sum per query row, the output rescaled when the max grows, divided by the sum
+// at the end; as flash attention does), so the workspace stays 2 * cols * D + 64 * cols floats however long
+// the stream: with the whole head in one block it grew with the stream (`full` over the tiers at an hour,
+// 86K tokens: 66 MB). A head within one block is computed exactly as before (softmax, then one matmul).
 // q [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]; softcap <= 0: none
 // (else transformers' order: tanh(s / cap) * cap, then the mask). ws: a float32 scratch tensor the caller
 // keeps between calls (resized here when too small). Returns [Hq, T, D] float32.
 constexpr int64_t ATTEND_ROW_BLOCK = 64;  // query rows per score block in attend_plan (a frame step has 39)
+constexpr int64_t ATTEND_COL_BLOCK = 8192;  // key rows per block in attend_plan (a ReSV head at 16K reads ~7K)
 
 Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
-                   std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws) {
+                   std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws, int64_t cols) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be float32 [Hq, T, D]");
   TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.is_contiguous(), "ws must be a contiguous float32 tensor");
+  TORCH_CHECK(cols > 0, "cols must be > 0");
   q = q.contiguous();
   k_new = k_new.to(at::kFloat).contiguous();
   v_new = v_new.to(at::kFloat).contiguous();
@@ -714,85 +721,126 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
     const int64_t* o = offs[i].data_ptr<int64_t>();
     for (int64_t h = 0; h < H; ++h) lens[h] += o[h + 1] - o[h];
   }
-  const int64_t lmax = *std::max_element(lens.begin(), lens.end()) + T;
+  const int64_t CB = std::min(*std::max_element(lens.begin(), lens.end()) + T, cols);  // key rows per block
   // scores for at most ATTEND_ROW_BLOCK query rows at a time: a fast-forwarded chunk of frames has
   // hundreds of rows, and a [rows x past] buffer grew with the stream (`vrex bench soak`: 30 MB at 14K)
   const int64_t RB = std::min<int64_t>(R, ATTEND_ROW_BLOCK);
-  const int64_t need = 2 * lmax * D + RB * lmax;
+  const int64_t need = 2 * CB * D + RB * CB;
   if (ws.numel() < need) ws.resize_({need + need / 4});  // room to grow with the stream: fewer reallocations
   float* kw = ws.data_ptr<float>();
-  float* vw = kw + lmax * D;
-  float* sw = vw + lmax * D;
+  float* vw = kw + CB * D;
+  float* sw = vw + CB * D;
   auto out = at::empty({Hq, T, D}, at::kFloat);
+  float* op = out.data_ptr<float>();
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<float> run_max(R), run_sum(R);  // online softmax state of the head's rows (several blocks only)
   for (int64_t h = 0; h < H; ++h) {
     const int64_t n = lens[h], L = n + T;
-    // the head's rows of every tier, in plan order, in chunks of 256 so both threads copy
-    struct Item { size_t tier; int64_t j0, j1, row0; };
-    std::vector<Item> items;
-    int64_t row = 0;
+    const bool one_block = L <= CB;
+    std::vector<int64_t> tier_row(S + 1, 0);  // the head's rows of tier i are plan rows tier_row[i] .. tier_row[i+1]-1
     for (size_t i = 0; i < S; ++i) {
       const int64_t* o = offs[i].data_ptr<int64_t>();
-      const int64_t m = o[h + 1] - o[h];
-      for (int64_t j = 0; j < m; j += 256) items.push_back({i, j, std::min(m, j + 256), row + j});
-      row += m;
+      tier_row[i + 1] = tier_row[i] + o[h + 1] - o[h];
     }
-    at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a0, int64_t a1) {
-      for (int64_t it = a0; it < a1; ++it) {
-        const Item& w = items[it];
-        const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[h];
-        copy_rows(kbufs[w.tier], vbufs[w.tier], h, sl, w.j0, w.j1, kw + w.row0 * D, vw + w.row0 * D);
-      }
-    });
-    std::memcpy(kw + n * D, k_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
-    std::memcpy(vw + n * D, v_new.data_ptr<float>() + h * T * D, T * D * sizeof(float));
-    auto K = at::from_blob(kw, {L, D}, f32);
-    auto V = at::from_blob(vw, {L, D}, f32);
     const auto q_h = q.view({H, R, D})[h];  // the G query heads of KV head h are adjacent: R rows
     auto out_h = out.view({H, R, D})[h];
-    for (int64_t b0 = 0; b0 < R; b0 += RB) {
-      const int64_t rb = std::min(RB, R - b0);
-      auto Sc = at::from_blob(sw, {rb, L}, f32);
-      at::mm_out(Sc, q_h.narrow(0, b0, rb), K.t());
-      at::parallel_for(b0, b0 + rb, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          float* s = sw + (r - b0) * L;
-          const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
-          const int64_t end = n + t + 1;
-          if (softcap > 0)
-            for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
-          // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
-          decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
-          int64_t j = 0;
-          for (; j + 16 <= end; j += 16) {
-            decode::v16 x;
-            std::memcpy(&x, s + j, sizeof x);
-            mv = x > mv ? x : mv;
-          }
-          float m = decode::hmax(mv);
-          for (; j < end; ++j) m = std::max(m, s[j]);
-          for (j = 0; j + 16 <= end; j += 16) {
-            decode::v16 x;
-            std::memcpy(&x, s + j, sizeof x);
-            x = decode::vexp(x - m);
-            std::memcpy(s + j, &x, sizeof x);
-            sv += x;
-          }
-          float sum = 0.f;
-          for (int e = 0; e < 16; ++e) sum += sv[e];
-          for (; j < end; ++j) {
-            s[j] = std::exp(s[j] - m);
-            sum += s[j];
-          }
-          const float inv = 1.f / sum;
-          for (j = 0; j < end; ++j) s[j] *= inv;
-          for (; j < L; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+    float* oh = op + h * R * D;
+    if (!one_block) {
+      out_h.zero_();
+      std::fill(run_max.begin(), run_max.end(), ninf);
+      std::fill(run_sum.begin(), run_sum.end(), 0.f);
+    }
+    for (int64_t c0 = 0; c0 < L; c0 += CB) {
+      const int64_t cb = std::min(CB, L - c0);
+      // the block's past rows, from every tier, in chunks of 256 so both threads copy
+      struct Item { size_t tier; int64_t j0, j1, dst; };
+      std::vector<Item> items;
+      for (size_t i = 0; i < S; ++i) {
+        const int64_t lo = std::max(tier_row[i], c0), hi = std::min({tier_row[i + 1], c0 + cb, n});
+        for (int64_t r = lo; r < hi; r += 256)
+          items.push_back({i, r - tier_row[i], std::min(hi, r + 256) - tier_row[i], r - c0});
+      }
+      at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t it = a0; it < a1; ++it) {
+          const Item& w = items[it];
+          const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[h];
+          copy_rows(kbufs[w.tier], vbufs[w.tier], h, sl, w.j0, w.j1, kw + w.dst * D, vw + w.dst * D);
         }
       });
-      auto out_b = out_h.narrow(0, b0, rb);
-      at::mm_out(out_b, Sc, V);
+      // the step's own tokens n .. L-1 that fall in this block
+      const int64_t t0 = std::max(c0, n) - n, t1 = c0 + cb - n;
+      if (t1 > t0) {
+        std::memcpy(kw + (n + t0 - c0) * D, k_new.data_ptr<float>() + (h * T + t0) * D, (t1 - t0) * D * sizeof(float));
+        std::memcpy(vw + (n + t0 - c0) * D, v_new.data_ptr<float>() + (h * T + t0) * D, (t1 - t0) * D * sizeof(float));
+      }
+      auto K = at::from_blob(kw, {cb, D}, f32);
+      auto V = at::from_blob(vw, {cb, D}, f32);
+      for (int64_t b0 = 0; b0 < R; b0 += RB) {
+        const int64_t rb = std::min(RB, R - b0);
+        auto Sc = at::from_blob(sw, {rb, cb}, f32);
+        at::mm_out(Sc, q_h.narrow(0, b0, rb), K.t());
+        at::parallel_for(b0, b0 + rb, 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            float* s = sw + (r - b0) * cb;
+            const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
+            const int64_t end = std::min(cb, n + t + 1 - c0);  // columns of this block the row sees
+            if (end <= 0) {  // a block of the step's later tokens only: nothing for this row
+              std::fill(s, s + cb, 0.f);
+              continue;
+            }
+            if (softcap > 0)
+              for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
+            // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
+            decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
+            int64_t j = 0;
+            for (; j + 16 <= end; j += 16) {
+              decode::v16 x;
+              std::memcpy(&x, s + j, sizeof x);
+              mv = x > mv ? x : mv;
+            }
+            float m = decode::hmax(mv);
+            for (; j < end; ++j) m = std::max(m, s[j]);
+            if (!one_block) m = std::max(m, run_max[r]);
+            for (j = 0; j + 16 <= end; j += 16) {
+              decode::v16 x;
+              std::memcpy(&x, s + j, sizeof x);
+              x = decode::vexp(x - m);
+              std::memcpy(s + j, &x, sizeof x);
+              sv += x;
+            }
+            float sum = 0.f;
+            for (int e = 0; e < 16; ++e) sum += sv[e];
+            for (; j < end; ++j) {
+              s[j] = std::exp(s[j] - m);
+              sum += s[j];
+            }
+            if (one_block) {
+              const float inv = 1.f / sum;
+              for (j = 0; j < end; ++j) s[j] *= inv;
+            } else {  // rescale what earlier blocks added to the row to the new max
+              const float alpha = run_max[r] == ninf ? 0.f : std::exp(run_max[r] - m);
+              float* orow = oh + r * D;
+              for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
+              run_sum[r] = run_sum[r] * alpha + sum;
+              run_max[r] = m;
+            }
+            for (j = end; j < cb; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+          }
+        });
+        auto out_b = out_h.narrow(0, b0, rb);
+        if (one_block) at::mm_out(out_b, Sc, V);
+        else out_b.addmm_(Sc, V);
+      }
     }
+    if (!one_block)
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const float inv = 1.f / run_sum[r];  // > 0: every row sees at least its own token
+          float* orow = oh + r * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+        }
+      });
   }
   return out;
 }
@@ -805,5 +853,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
-  m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding");
+  m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;
+  m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding",
+        pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
+        pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("softcap"), pybind11::arg("ws"),
+        pybind11::arg("cols") = ATTEND_COL_BLOCK);
 }
