@@ -23,6 +23,7 @@ from PIL import Image
 
 import vrex.kv.attention  # noqa: F401  (registers the "vrex" attention implementation)
 from vrex.engine.config import DEFAULT_RECENT_FRAMES, DEFAULT_THETA, SessionConfig, recent_window  # noqa: F401  (re-exported)
+from vrex.engine.heap import release_free_heap
 from vrex.engine.persist import crash_point
 from vrex.engine.positions import compressed_positions
 from vrex.engine.stream_state import StreamState
@@ -157,6 +158,7 @@ class StreamingSession:
             self._last_response_t = self.t
         else:
             self._pending = torch.tensor([self.interval_id], device=self.model.device)
+        release_free_heap()  # at most every 30 s: the allocator's free pages back to the system (vrex.engine.heap)
         return events
 
     def fast_forward(self, times: list[float], frame_features: torch.Tensor, chunk: int = 32) -> None:
@@ -183,6 +185,7 @@ class StreamingSession:
                 self.frames += 1
                 self.t = float(times[i])
             self._forward(torch.cat(parts), "frame", frame_spans=spans)
+            release_free_heap()
 
     def fork(self, policy: KVPolicy, config: SessionConfig | None = None) -> "StreamingSession":
         """A new session at this exact stream state with another policy/config: same cached K/V (copied
