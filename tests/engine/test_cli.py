@@ -30,7 +30,7 @@ def _vrex(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vrex.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_run_real_clip_with_question_json():
+def test_run_real_clip_with_question_json(tmp_path):
     proc = _vrex("run", _clip(), "--ask", "2:What do you see?", "--max-frames", "8", "--theta", "0", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -43,6 +43,20 @@ def test_run_real_clip_with_question_json():
     assert [f["stats"]["cached_tokens"] for f in frames] == sorted(f["stats"]["cached_tokens"] for f in frames)
     assert len(answers) == 1 and answers[0]["t"] == 2.0 and answers[0]["stats"]["answered_at"] >= 2.0
     assert answers[0]["text"]
+    # `vrex report` on that log (issue 15 item 6's summary): its figures are the events' own
+    (tmp_path / "run.jsonl").write_text(proc.stdout)
+    rep = _vrex("report", str(tmp_path / "run.jsonl"), "--out", str(tmp_path / "rep"))
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    (summary,) = json.loads((tmp_path / "rep" / "report.json").read_text())
+    ms = sorted(f["stats"]["total_ms"] for f in frames)
+    assert (summary["name"], summary["frames"]) == ("full", 8)
+    assert summary["max_frame_ms"] == round(ms[-1], 1) and summary["p50_frame_ms"] == round((ms[3] + ms[4]) / 2, 1)
+    assert summary["answers"] == [{"t": 2.0, "question": "What do you see?", "text": answers[0]["text"]}]
+    (minute,) = summary["per_minute"]
+    spoken = sum(e["stats"]["prompt_ms"] + sum(e["stats"]["token_ms"]) for e in lines if e["kind"] in ("answer", "response"))
+    assert minute["busy_share"] == pytest.approx((sum(ms) + spoken) / 4000, abs=1e-3)  # 8 frames at 2 fps: 4 s of stream
+    assert minute["rss_mib"] == round(frames[-1]["stats"]["rss_bytes"] / 2**20)
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 0 and "| full | 8 |" in rep.stdout
 
 
 def test_run_missing_file_names_it(tmp_path):

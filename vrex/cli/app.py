@@ -4,6 +4,7 @@
 |---------------------------------------------------|-------------------------------------------------|
 | ``vrex run``                                      | ``vrex/cli/run.py`` (``--session``, signals: ``durable.py``) |
 | ``vrex setup``, ``vrex policies``                 | ``vrex/cli/setup.py``                           |
+| ``vrex report``                                   | ``vrex/cli/report.py``                          |
 | ``vrex serve``                                    | ``vrex/cli/serve.py``                           |
 | ``vrex bench stream|streams|engine|kv|serve|peer``| ``vrex/cli/bench.py``                           |
 | ``vrex bench soak``                               | ``vrex/cli/soak.py``                            |
@@ -22,6 +23,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from vrex.cli.report import report
 from vrex.cli.run import run
 from vrex.cli.serve import serve
 from vrex.cli.setup import policies, setup
@@ -56,3 +58,4 @@ app.command()(setup)
 app.command()(run)
 app.command()(policies)
 app.command()(serve)
+app.command()(report)
