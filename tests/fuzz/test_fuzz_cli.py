@@ -44,6 +44,17 @@ def places(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
+def cwd_in_temp(tmp_path_factory):
+    """Relative paths the fuzzer draws ('../..', '~', random text) land in a temporary directory, two
+    levels deep so '../..' stays inside it: from the repository, `--out ../..` wrote a file to '/'."""
+    cwd = tmp_path_factory.mktemp("fuzz_cwd") / "a" / "b"
+    cwd.mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
 def no_model_load():
     import vrex.bench.soak as soak
     import vrex.models.videollm as videollm
