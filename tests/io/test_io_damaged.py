@@ -85,6 +85,27 @@ def test_avi_cut_inside_its_first_frames_says_truncated(video, tmp_path):
     assert whole.end_of_stream.status == "complete" and "truncated" not in whole.stats.counts
 
 
+def test_mp4_whose_header_hides_most_frames_says_truncated(video, tmp_path):
+    """One bit flipped in the movie header's timescale (a fuzz find): the edit list, in that timescale,
+    shrinks to a millisecond and FFmpeg decodes 1 frame of 400, with a declared duration to match. The
+    sample table still counts 400: the pass ends 'truncated', with a warning naming both counts."""
+    clean = video("timecode_16s.mp4")
+    data = bytearray(clean.read_bytes())
+    assert data[56:64] == b"\0\0\0\0\0\0\x03\xe8"  # mvhd: modification time, then timescale 1000
+    data[60] ^= 1
+    damaged = tmp_path / "flipped.mp4"
+    damaged.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VideoDecodeWarning)
+        with open_source(damaged, fps=2, size=16) as src:
+            got = times(src)
+    assert len(got) == 1 and src.info.declared_frames == 400
+    assert src.end_of_stream.status == "truncated" and "decoded 1 of the 400 frames" in src.end_of_stream.reason
+    with open_source(clean, fps=2, size=16) as whole:  # the whole file ends complete
+        assert len(times(whole)) == 32
+    assert whole.end_of_stream.status == "complete" and not whole.stats.counts
+
+
 def test_truncated_mp4_with_index_last_is_a_clear_error(video, copy_clip):
     cut = copy_clip(video("cockatoo.mp4"), keep=0.6)  # its 'moov' index was in the lost 40%
     with pytest.raises(VideoSourceError, match=r"damaged_cockatoo\.mp4: .*moov atom not found"):

@@ -109,7 +109,7 @@ def stream_info(uri: str, target: Target, container: av.container.InputContainer
         duration = stream.frames / float(stream.average_rate or stream.guessed_rate)
     rate = _as_float(stream.average_rate) or _as_float(stream.guessed_rate) or _as_float(stream.base_rate)
     return SourceInfo(uri=uri, kind=target.kind, width=cc.width or None, height=cc.height or None,
-                      native_fps=rate, duration=duration, codec=cc.name)
+                      native_fps=rate, duration=duration, codec=cc.name, declared_frames=stream.frames or None)
 
 
 def _as_float(rate: Fraction | None) -> float | None:

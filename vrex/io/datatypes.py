@@ -48,6 +48,8 @@ class SourceInfo:
     native_fps: float | None
     duration: float | None
     codec: str | None
+    declared_frames: int | None = None
+    """Frames the container's index counts (MP4 sample table, AVI header); None where it does not say."""
 
 
 @dataclass
