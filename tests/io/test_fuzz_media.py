@@ -36,6 +36,7 @@ class Clean:
     start: float  # presentation time of the source's t = 0
     data_start: int  # first byte of the first video packet
     data_end: int  # one past the last byte of the last video packet
+    decoded: int  # frames out of the decoder in the clean pass (before resampling)
 
 
 def decode(path: Path) -> tuple[list[tuple[float, bytes]], object, BaseException | None]:
@@ -74,11 +75,11 @@ def clean(assets) -> dict[str, Clean]:
         path = assets / "videos" / name
         if not path.is_file():
             continue
-        frames, _, error = decode(path)
+        frames, src, error = decode(path)
         assert error is None and frames, f"clean {name} must decode"
         packets, start = _packets(path)
         out[name] = Clean(path, path.read_bytes(), frames, packets, start, min(p[0] for p in packets),
-                          max(p[0] + p[1] for p in packets))
+                          max(p[0] + p[1] for p in packets), src.stats.decoded)
     if len(out) < 3:
         pytest.skip(f"need the shared clips {CLIPS} in {assets / 'videos'}")
     return out
@@ -153,7 +154,12 @@ def test_damaged_media_never_traceback_keep_frames_before_damage_and_count(clean
         assert sum(r.count for r in stats.records if r.kind == kind_name) == total
     assert end is not None and end.frames == len(frames) and end.warnings == stats.counts
     assert end.status == "failed" if error is not None else end.status in ("complete", "truncated")
-    if error is None and len(frames) < len(c.frames) and end.status == "complete" and c.path.suffix != ".gif":
-        # fewer frames and a "complete" end: the loss must show up as a warning somewhere (a GIF declares
-        # no length, so a cut one cannot be told from a short one)
-        assert stats.counts, f"{kind} at byte {first}: {len(frames)} of {len(c.frames)} frames, no warning"
+    lost = c.decoded - stats.decoded
+    if error is None and lost > max(3, c.decoded // 10) and end.status == "complete" and c.path.suffix != ".gif":
+        # frames lost and a "complete" end: a loss past the source's slack (vrex.io.source: 3 frames or
+        # 10% of what the container counts) must show up as a warning somewhere (a GIF declares no
+        # length, so a cut one cannot be told from a short one). Counted before resampling: a flipped
+        # frame rate in a header (AVI strh 10 -> 11 fps: 145 of 159 frames at 2 fps, all 795 decoded)
+        # is a valid, shorter video, not a loss; a zeroed AVI header that costs the first frame of 795
+        # (seed 101) is within the slack.
+        assert stats.counts, f"{kind} at byte {first}: {stats.decoded} of {c.decoded} frames decoded, no warning"
