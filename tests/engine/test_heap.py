@@ -1,5 +1,5 @@
 """vrex.engine.heap: free pages in the middle of the C heap go back to the system (RSS drops), at most
-once per interval unless forced."""
+once per interval unless forced; with the mapping threshold fixed, freed big blocks leave RSS at once."""
 
 from __future__ import annotations
 
@@ -41,3 +41,33 @@ def test_free_heap_pages_are_released_and_trims_are_spaced():
     assert not heap.release_free_heap()  # within TRIM_INTERVAL_S of the last one: not again
     for p in keep:
         libc.free(p)
+
+
+def _libc():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    return libc
+
+
+@pytest.mark.skipif(heap._mallopt is None, reason="not glibc: no mallopt")
+def test_freed_big_blocks_leave_rss_without_a_trim():
+    """Blocks of 2 MiB, freed, no trim: with glibc's own (raised) threshold they would settle in the heap
+    behind a live block; fixed at 1 MiB each has its own mapping and is returned when freed."""
+    assert heap.fix_mmap_threshold()
+    libc = _libc()
+    size = 2 * 2**20
+    first = libc.malloc(size)  # freed first: with a dynamic threshold, this raises it past 2 MiB
+    libc.memset(first, 1, size)
+    libc.free(first)
+    blocks = [libc.malloc(size) for _ in range(64)]
+    for p in blocks:
+        libc.memset(p, 1, size)
+    pin = libc.malloc(64 * 1024)
+    before = _rss_anon()
+    for p in blocks:
+        libc.free(p)
+    after = _rss_anon()
+    assert before - after > 100 * 2**20, (before, after)
+    libc.free(pin)

@@ -1,15 +1,23 @@
-"""Giving the C allocator's free pages back to the system during a long stream (issue 18, item 3).
+"""Keeping the C allocator's free pages out of RSS during a long stream (issue 18, item 3).
 
 A stream's per-step temporaries grow with its length (selected ids, plans, score rows). glibc serves
 a large block from its own mapping, but once such a block is freed it raises its threshold for new
 mappings to that size (up to 32 MB), so later blocks of that size come from the heap; when they are
 freed the heap keeps their pages. `vrex bench soak` measured this: with `full` over the tiers the
 allocator's free bytes grew from 72 to 138 MiB over 15 stream minutes, most of the RSS growth.
-``malloc_trim(0)`` hands every whole free page back (``madvise(MADV_DONTNEED)``; the memory stays
-the allocator's to reuse, the kernel no longer backs it). It walks the free lists, so it runs at most
-every ``TRIM_INTERVAL_S`` seconds of wall time, not per step.
+Two remedies, both process-wide:
 
-Not glibc (macOS, musl): nothing to call, :func:`release_free_heap` returns False.
+* :func:`fix_mmap_threshold` (once, when a session starts): blocks from ``MMAP_THRESHOLD`` (1 MiB) up
+  always get their own mapping, returned to the system when freed. A fixed threshold turns glibc's
+  raising off. The stream's big temporaries (every layer's keys read back when positions are
+  re-indexed: 21 MB per layer at 28K tokens) then never settle in the heap. Blocks below it are the
+  per-step tensors of a 13-token frame step, reused step after step.
+* :func:`release_free_heap` (after steps, at most every ``TRIM_INTERVAL_S`` of wall time):
+  ``malloc_trim(0)`` hands every whole free page of the heap back (``madvise(MADV_DONTNEED)``; the
+  memory stays the allocator's to reuse, the kernel no longer backs it). It walks the free lists,
+  so not per step.
+
+Not glibc (macOS, musl): nothing to call, both return False.
 """
 
 from __future__ import annotations
@@ -19,14 +27,27 @@ import time
 
 #: Wall seconds between two trims: a minute of a 2 fps stream is 120 steps.
 TRIM_INTERVAL_S = 30.0
+#: Blocks of at least this many bytes get their own mapping (see the module docstring).
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 _last_trim = time.monotonic()
-_trim = None
+_threshold_fixed = False
 try:
-    _trim = ctypes.CDLL(None).malloc_trim
+    _libc = ctypes.CDLL(None)
+    _trim, _mallopt = _libc.malloc_trim, _libc.mallopt
     _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+    _mallopt.argtypes, _mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
 except (OSError, AttributeError):  # not glibc
-    _trim = None
+    _trim = _mallopt = None
+
+
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mapping threshold at ``MMAP_THRESHOLD`` (once per process); True if it is fixed."""
+    global _threshold_fixed
+    if _mallopt is not None and not _threshold_fixed:
+        _threshold_fixed = _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return _threshold_fixed
 
 
 def release_free_heap(force: bool = False) -> bool:
@@ -42,4 +63,4 @@ def release_free_heap(force: bool = False) -> bool:
     return True
 
 
-__all__ = ["TRIM_INTERVAL_S", "release_free_heap"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_INTERVAL_S", "fix_mmap_threshold", "release_free_heap"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 import vrex.kv.attention  # noqa: F401  (registers the "vrex" attention implementation)
 from vrex.engine.config import DEFAULT_RECENT_FRAMES, DEFAULT_THETA, SessionConfig, recent_window  # noqa: F401  (re-exported)
-from vrex.engine.heap import release_free_heap
+from vrex.engine.heap import fix_mmap_threshold, release_free_heap
 from vrex.engine.persist import crash_point
 from vrex.engine.positions import compressed_positions
 from vrex.engine.stream_state import StreamState
@@ -65,6 +65,7 @@ class StreamingSession:
 
     def _build(self, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None, trace) -> None:
         """Everything but the stream: store, cache, token ids, sampling, an empty stream state."""
+        fix_mmap_threshold()  # big temporaries get their own mappings, returned when freed (vrex.engine.heap)
         self.model, self.policy = model, policy
         self.config = config or SessionConfig()
         self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
