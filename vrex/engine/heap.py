@@ -10,8 +10,9 @@ Two remedies, both process-wide:
 * :func:`fix_mmap_threshold` (once, when a session starts): blocks from ``MMAP_THRESHOLD`` (1 MiB) up
   always get their own mapping, returned to the system when freed. A fixed threshold turns glibc's
   raising off. The stream's big temporaries (every layer's keys read back when positions are
-  re-indexed: 21 MB per layer at 28K tokens) then never settle in the heap. Blocks below it are the
-  per-step tensors of a 13-token frame step, reused step after step.
+  re-indexed: 21 MB per layer at 28K tokens) then never settle in the heap. The price: a frame
+  step's own temporaries of 1 MB or more (logits, per-token maps) are mapped afresh every step
+  (see ``MMAP_THRESHOLD``).
 * :func:`release_free_heap` (after steps, at most every ``TRIM_INTERVAL_S`` of wall time):
   ``malloc_trim(0)`` hands every whole free page of the heap back (``madvise(MADV_DONTNEED)``; the
   memory stays the allocator's to reuse, the kernel no longer backs it). It walks the free lists,
@@ -23,12 +24,24 @@ Not glibc (macOS, musl): nothing to call, both return False.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 #: Wall seconds between two trims: a minute of a 2 fps stream is 120 steps.
 TRIM_INTERVAL_S = 30.0
-#: Blocks of at least this many bytes get their own mapping (see the module docstring).
-MMAP_THRESHOLD = 1 << 20
+#: Blocks of at least this many bytes get their own mapping (see the module docstring). The
+#: environment variable ``VREX_MMAP_THRESHOLD`` (bytes) overrides it; 0 leaves glibc's own threshold.
+#: Its price, measured once (2 cores, `full` and `resv` over the tiers at 9K cached tokens, one pair of
+#: runs beside a 1-thread soak): frame steps 8-9% slower (454 / 392 ms against 422 / 360), the page
+#: faults of fresh mappings for the step's 1-8 MB temporaries (logits, per-token maps).
+def _threshold_from_env() -> int:
+    text = os.environ.get("VREX_MMAP_THRESHOLD", str(1 << 20))
+    if not text.strip().isdigit():
+        raise ValueError(f"VREX_MMAP_THRESHOLD={text!r}: give a number of bytes (0: glibc's own threshold)")
+    return int(text)
+
+
+MMAP_THRESHOLD = _threshold_from_env()
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 _last_trim = time.monotonic()
@@ -45,7 +58,7 @@ except (OSError, AttributeError):  # not glibc
 def fix_mmap_threshold() -> bool:
     """Fix glibc's mapping threshold at ``MMAP_THRESHOLD`` (once per process); True if it is fixed."""
     global _threshold_fixed
-    if _mallopt is not None and not _threshold_fixed:
+    if _mallopt is not None and not _threshold_fixed and MMAP_THRESHOLD > 0:
         _threshold_fixed = _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     return _threshold_fixed
 
