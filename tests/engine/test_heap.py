@@ -43,31 +43,46 @@ def test_free_heap_pages_are_released_and_trims_are_spaced():
         libc.free(p)
 
 
-def _libc():
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-    return libc
+_BIG_BLOCKS = """
+import ctypes, sys
+from vrex.engine import heap
+fixed = heap.fix_mmap_threshold()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def rss_anon():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+size = 2 * 2**20
+first = libc.malloc(size)  # freed first: with glibc's own threshold this raises it past 2 MiB
+libc.memset(first, 1, size)
+libc.free(first)
+blocks = [libc.malloc(size) for _ in range(64)]
+for p in blocks:
+    libc.memset(p, 1, size)
+pin = libc.malloc(64 * 1024)
+before = rss_anon()
+for p in blocks:
+    libc.free(p)
+print(fixed, before - rss_anon())
+"""
 
 
 @pytest.mark.skipif(heap._mallopt is None, reason="not glibc: no mallopt")
-def test_freed_big_blocks_leave_rss_without_a_trim():
-    """Blocks of 2 MiB, freed, no trim: with glibc's own (raised) threshold they would settle in the heap
-    behind a live block; fixed at 1 MiB each has its own mapping and is returned when freed."""
-    assert heap.fix_mmap_threshold()
-    libc = _libc()
-    size = 2 * 2**20
-    first = libc.malloc(size)  # freed first: with a dynamic threshold, this raises it past 2 MiB
-    libc.memset(first, 1, size)
-    libc.free(first)
-    blocks = [libc.malloc(size) for _ in range(64)]
-    for p in blocks:
-        libc.memset(p, 1, size)
-    pin = libc.malloc(64 * 1024)
-    before = _rss_anon()
-    for p in blocks:
-        libc.free(p)
-    after = _rss_anon()
-    assert before - after > 100 * 2**20, (before, after)
-    libc.free(pin)
+@pytest.mark.parametrize("threshold", ["1048576", "0"])
+def test_freed_big_blocks_leave_rss_without_a_trim(threshold):
+    """Blocks of 2 MiB, freed, no trim, in a fresh process (a heap with free room of its own would serve
+    them whatever the threshold): with the threshold fixed at 1 MiB each has its own mapping and leaves
+    RSS when freed; with glibc's own (VREX_MMAP_THRESHOLD=0, raised by the first free) they stay."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VREX_MMAP_THRESHOLD": threshold}
+    out = subprocess.run([sys.executable, "-c", _BIG_BLOCKS], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-1000:]
+    fixed, released = out.stdout.split()
+    if threshold == "0":
+        assert fixed == "False" and int(released) < 16 * 2**20, released
+    else:
+        assert fixed == "True" and int(released) > 100 * 2**20, released

@@ -14,7 +14,7 @@ from vrex.cli.options import directory_error, fail, number_error
 def report(
     logs: Annotated[list[Path], typer.Argument(metavar="LOG...", help="Logs written by `vrex run ... --json > LOG`; several are shown side by side.")],
     names: Annotated[Optional[str], typer.Option(help="Names of the runs, ';'-separated, one per LOG (default: each run's policy).")] = None,
-    deadline_ms: Annotated[float, typer.Option(help="Per-frame deadline counted in 'over deadline' (500 ms: a frame at 2 fps is done before the next).")] = 500.0,
+    deadline_ms: Annotated[float, typer.Option(help="Per-frame deadline in milliseconds, counted in 'over deadline' (the default: at 2 fps a frame is done before the next arrives).")] = 500.0,
     every: Annotated[int, typer.Option(help="Print every EVERY-th minute's row (and the last); the JSON keeps them all.")] = 1,
     out: Annotated[Optional[Path], typer.Option(help="Write report.json, report.md and report.png (latency and RSS per minute) here.")] = None,
 ) -> None:
