@@ -30,6 +30,7 @@ import torch
 
 from vrex.bench.engine import encode_all, machine
 from vrex.bench.media import long_stream
+from vrex.bench.runlog import percentile
 from vrex.engine.batch import BatchEngine
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
@@ -45,16 +46,11 @@ def _config(kernels: str) -> SessionConfig:
     return SessionConfig(theta=0.0, kernels=kernels)  # gate closed: frame steps only
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def _row(streams: int, mode: str, policy: str, target: int, cached: int, frame_ms: list[float], wall_s: float,
          frames: int, threads: int) -> dict:
     return {"streams": streams, "mode": mode, "policy": policy, "target_tokens": target, "cached_tokens": cached,
             "aggregate_fps": streams * frames / wall_s, "per_stream_fps": frames / wall_s,
-            "p50_frame_ms": statistics.median(frame_ms), "p99_frame_ms": _percentile(frame_ms, 0.99),
+            "p50_frame_ms": statistics.median(frame_ms), "p99_frame_ms": percentile(frame_ms, 0.99),
             "frames_per_stream": frames, "wall_s": wall_s, "threads": threads}
 
 
