@@ -250,32 +250,32 @@ class VideoSource:
             raise VideoSourceError(self.uri, f"no decodable video frames{why}")
         if stats.lost:
             return "lost", stats.records[-1].reason if stats.records else "connection lost"
+        why = self._ended_short(stats, last_seen)
+        if why is not None:
+            stats.ended_early = True
+            stats.warn("truncated", why, last_seen)
+            return "truncated", why
+        if stats.ended_early:
+            return "truncated", "the rest of the input is unreadable"
+        return "complete", "the input ended"
+
+    def _ended_short(self, stats: DecodeStats, last_seen: float | None) -> str | None:
+        """Why a pass that ran out of input is shorter than the input declares, or None."""
         declared = self.info.duration
         if self.info.kind == "file" and shorter_than_declared(self._target.location):
-            stats.ended_early = True
-            why = "the file is shorter than its header declares (truncated?)"
-            stats.warn("truncated", why, last_seen)
-            return "truncated", why
+            return "the file is shorter than its header declares (truncated?)"
         if self.info.kind in ("file", "url") and ends_early(last_seen, declared, self.info.native_fps):
-            stats.ended_early = True
-            why = (f"stream ended at {last_seen:.2f} s but the container declares {declared:.2f} s"
-                   " (truncated or damaged file?)")
-            stats.warn("truncated", why, last_seen)
-            return "truncated", why
+            return (f"stream ended at {last_seen:.2f} s but the container declares {declared:.2f} s"
+                    " (truncated or damaged file?)")
         counted = self.info.declared_frames
         if (self.info.kind == "file" and self.start == 0 and counted
                 and stats.decoded + stats.skipped_corrupt < counted - max(3, counted // 10)):
             # A damaged MP4 header can shrink the edit list and the declared duration with it (one flipped
             # bit in the movie timescale: 1 frame of 400 decoded, 'complete', found by fuzzing); the
             # sample table still counts every frame.
-            stats.ended_early = True
-            why = (f"decoded {stats.decoded} of the {counted} frames the container counts"
-                   " (damaged header, or an edit list that cuts the stream?)")
-            stats.warn("truncated", why, last_seen)
-            return "truncated", why
-        if stats.ended_early:
-            return "truncated", "the rest of the input is unreadable"
-        return "complete", "the input ended"
+            return (f"decoded {stats.decoded} of the {counted} frames the container counts"
+                    " (damaged header, or an edit list that cuts the stream?)")
+        return None
 
     def _finish_pass(self) -> None:
         """End a pass the consumer left unfinished, so ``end_of_stream`` says so and the input is released."""
