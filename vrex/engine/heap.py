@@ -29,11 +29,8 @@ import time
 
 #: Wall seconds between two trims: a minute of a 2 fps stream is 120 steps.
 TRIM_INTERVAL_S = 30.0
-#: Blocks of at least this many bytes get their own mapping (see the module docstring). The
-#: environment variable ``VREX_MMAP_THRESHOLD`` (bytes) overrides it; 0 leaves glibc's own threshold.
-#: Its price, measured once (2 cores, `full` and `resv` over the tiers at 9K cached tokens, one pair of
-#: runs beside a 1-thread soak): frame steps 8-9% slower (454 / 392 ms against 422 / 360), the page
-#: faults of fresh mappings for the step's 1-8 MB temporaries (logits, per-token maps).
+
+
 def _threshold_from_env() -> int:
     text = os.environ.get("VREX_MMAP_THRESHOLD", str(1 << 20))
     if not text.strip().isdigit():
@@ -41,6 +38,11 @@ def _threshold_from_env() -> int:
     return int(text)
 
 
+#: Blocks of at least this many bytes get their own mapping (see the module docstring). The
+#: environment variable ``VREX_MMAP_THRESHOLD`` (bytes) overrides it; 0 leaves glibc's own threshold.
+#: Its price, measured once (2 cores, `full` and `resv` over the tiers at 9K cached tokens, one pair of
+#: runs beside a 1-thread soak): frame steps 8-9% slower (454 / 392 ms against 422 / 360), the page
+#: faults of fresh mappings for the step's 1-8 MB temporaries (logits, per-token maps).
 MMAP_THRESHOLD = _threshold_from_env()
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
