@@ -86,3 +86,36 @@ def test_freed_big_blocks_leave_rss_without_a_trim(threshold):
         assert fixed == "False" and int(released) < 16 * 2**20, released
     else:
         assert fixed == "True" and int(released) > 100 * 2**20, released
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "1.5", "1e6", "", "²", str(heap.MMAP_THRESHOLD_MAX + 1)])
+def test_bad_threshold_is_refused_naming_the_variable(monkeypatch, text):
+    monkeypatch.setenv(heap.ENV, text)
+    assert heap.ENV in heap.mmap_threshold_error(text)
+    with pytest.raises(ValueError, match=heap.ENV):
+        heap.mmap_threshold()
+
+
+@pytest.mark.parametrize("text, value", [(None, heap.MMAP_THRESHOLD), ("0", 0), (" 4096 ", 4096),
+                                         (str(heap.MMAP_THRESHOLD_MAX), heap.MMAP_THRESHOLD_MAX)])
+def test_threshold_from_the_environment(monkeypatch, text, value):
+    if text is None:
+        monkeypatch.delenv(heap.ENV, raising=False)
+    else:
+        monkeypatch.setenv(heap.ENV, text)
+    assert heap.mmap_threshold_error(text) is None and heap.mmap_threshold() == value
+
+
+def test_every_command_refuses_a_bad_threshold_before_it_starts():
+    """The root command checks the variable (exit 2, one line naming it), for `vrex run` before the
+    clip is even looked at; a good value lets a command run."""
+    from typer.testing import CliRunner
+
+    from vrex.cli import app
+
+    runner = CliRunner()
+    for args in (["run", "no-such-clip.mp4"], ["hw", "systems"]):
+        bad = runner.invoke(app, args, env={heap.ENV: "64k"})
+        assert bad.exit_code == 2 and "VREX_MMAP_THRESHOLD='64k'" in bad.output and "no-such-clip" not in bad.output, bad.output
+    good = runner.invoke(app, ["hw", "systems"], env={heap.ENV: "65536"})
+    assert good.exit_code == 0, good.output

@@ -18,15 +18,19 @@ Option checks shared by commands, ``fail`` and the benchmarks' progress ``log`` 
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 import typer
 from typer.core import TyperGroup
 
+from vrex.cli.options import fail
 from vrex.cli.report import report
 from vrex.cli.run import run
 from vrex.cli.serve import serve
 from vrex.cli.setup import policies, setup
+from vrex.engine.heap import ENV as MMAP_ENV
+from vrex.engine.heap import mmap_threshold_error
 
 
 class _Commands(TyperGroup):
@@ -54,6 +58,17 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _environment() -> None:
+    # Runs before every command: the environment variables vrex reads are checked like its options,
+    # before anything loads (one error line, exit 2), not when a session starts after the model.
+    error = mmap_threshold_error(os.environ.get(MMAP_ENV))
+    if error:
+        fail(error)
+
+
 app.command()(setup)
 app.command()(run)
 app.command()(policies)

@@ -25,25 +25,46 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
 
 #: Wall seconds between two trims: a minute of a 2 fps stream is 120 steps.
 TRIM_INTERVAL_S = 30.0
 
 
-def _threshold_from_env() -> int:
-    text = os.environ.get("VREX_MMAP_THRESHOLD", str(1 << 20))
-    if not text.strip().isdigit():
-        raise ValueError(f"VREX_MMAP_THRESHOLD={text!r}: give a number of bytes (0: glibc's own threshold)")
-    return int(text)
-
-
 #: Blocks of at least this many bytes get their own mapping (see the module docstring). The
-#: environment variable ``VREX_MMAP_THRESHOLD`` (bytes) overrides it; 0 leaves glibc's own threshold.
-#: Its price, measured once (2 cores, `full` and `resv` over the tiers at 9K cached tokens, one pair of
-#: runs beside a 1-thread soak): frame steps 8-9% slower (454 / 392 ms against 422 / 360), the page
-#: faults of fresh mappings for the step's 1-8 MB temporaries (logits, per-token maps).
-MMAP_THRESHOLD = _threshold_from_env()
+#: environment variable ``VREX_MMAP_THRESHOLD`` (bytes, read when a session starts) overrides it; 0
+#: leaves glibc's own threshold. Its price, measured once (2 cores, `full` and `resv` over the tiers at
+#: 9K cached tokens, one pair of runs beside a 1-thread soak): frame steps 8-9% slower (454 / 392 ms
+#: against 422 / 360), the page faults of fresh mappings for the step's 1-8 MB temporaries (logits,
+#: per-token maps).
+MMAP_THRESHOLD = 1 << 20
+#: glibc refuses a larger fixed threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems).
+MMAP_THRESHOLD_MAX = 32 << 20
+ENV = "VREX_MMAP_THRESHOLD"
+
+
+def mmap_threshold_error(text: str | None) -> str | None:
+    """What is wrong with a ``VREX_MMAP_THRESHOLD`` value (None: unset or fine). The CLI checks it with
+    the other options, before anything loads."""
+    if text is None:
+        return None
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) > MMAP_THRESHOLD_MAX:
+        return (f"environment variable {ENV}={text!r}: give a whole number of bytes from 0 (glibc's own "
+                f"threshold) to {MMAP_THRESHOLD_MAX} (glibc's largest)")
+    return None
+
+
+def mmap_threshold() -> int:
+    """The threshold to fix: ``VREX_MMAP_THRESHOLD`` if set, else ``MMAP_THRESHOLD``; a bad value raises
+    ``ValueError`` with the message of :func:`mmap_threshold_error`."""
+    text = os.environ.get(ENV)
+    error = mmap_threshold_error(text)
+    if error:
+        raise ValueError(error)
+    return MMAP_THRESHOLD if text is None else int(text)
+
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 _last_trim = time.monotonic()
@@ -58,10 +79,13 @@ except (OSError, AttributeError):  # not glibc
 
 
 def fix_mmap_threshold() -> bool:
-    """Fix glibc's mapping threshold at ``MMAP_THRESHOLD`` (once per process); True if it is fixed."""
+    """Fix glibc's mapping threshold at :func:`mmap_threshold` (once per process); True if it is fixed."""
     global _threshold_fixed
-    if _mallopt is not None and not _threshold_fixed and MMAP_THRESHOLD > 0:
-        _threshold_fixed = _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    if _mallopt is None or _threshold_fixed:
+        return _threshold_fixed
+    threshold = mmap_threshold()
+    if threshold > 0:
+        _threshold_fixed = _mallopt(_M_MMAP_THRESHOLD, threshold) == 1
     return _threshold_fixed
 
 
