@@ -54,6 +54,27 @@ def test_iterative_prefill_equals_one_shot(videollm, photos):
     assert session.cached_tokens == ends[-1] + 1
 
 
+def test_steps_run_the_lm_head_on_the_rows_they_read(videollm, photos):
+    """A frame step and an answer's prefill read only the last token's logits: the LM head runs on that
+    row alone (a frame's other rows were a fifth of its dense arithmetic). ``feed`` (the benchmarks'
+    fidelity measure) still gets every row. The values: test_iterative_prefill_equals_one_shot."""
+    session = StreamingSession(videollm, make_policy("full"), SessionConfig(theta=0.0, max_response_tokens=2))
+    rows: list[int] = []
+    hook = videollm.lm.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[-2]))
+    try:
+        session.push_frame(0.0, photos[0])
+        assert rows == [1], rows
+        rows.clear()
+        session.ask("What is shown?")
+        assert rows and set(rows) == {1}, rows
+        rows.clear()
+        fed = session._pending.numel() + 3  # the answer's stop and resume tokens go first
+        logits = session.feed(torch.tensor([5, 6, 7]), "text")
+        assert rows == [fed] and logits.shape[0] == fed, (rows, fed)
+    finally:
+        hook.remove()
+
+
 def test_rerotate_moves_keys_to_new_positions(videollm):
     rotary = videollm.lm.model.rotary_emb
     raw = torch.randn(3, 20, 64)
