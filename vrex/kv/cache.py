@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from vrex.kv.layers import STATIC_ROPE, LayerSpec, UnsupportedModel, rerotate
+from vrex.kv.layers import STATIC_ROPE, LayerSpec, UnsupportedModel, rerotate, rotation
 from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
 from vrex.kv.store import KVStore
 
@@ -310,8 +310,13 @@ class VrexCache(Cache):
                 raise UnsupportedModel(
                     f"layer {spec.index}: its RoPE moves keys neither as half-split nor as interleaved-pair rotation "
                     f"(measured by vrex.kv.layers.rope_layouts), so stored keys cannot be moved; use positions 'absolute'")
+        trig: list[tuple[LayerSpec, tuple[torch.Tensor, torch.Tensor]]] = []  # one rotation per distinct RoPE
         for spec in self.specs:
-            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout)
+            same = next((t for s, t in trig if s.rope_layout == spec.rope_layout and torch.equal(s.inv_freq, spec.inv_freq)), None)
+            if same is None:
+                same = rotation(delta, spec.inv_freq, spec.rope_layout)
+                trig.append((spec, same))
+            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
             self.store.set_keys(spec.index, keys)
             if not spec.sliding:
                 self.policy.on_positions_changed(spec.index, keys)

@@ -197,7 +197,18 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
 
 
-def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = HALF) -> torch.Tensor:
+def rotation(delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = HALF) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[N, R]`` (float32, on ``inv_freq``'s device) of the rotation by ``delta`` [N]
+    positions: what :func:`rerotate` applies. Layers with the same ``inv_freq`` and layout share it."""
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"RoPE layout '{layout}' is not one of: {', '.join(ROPE_LAYOUTS)}")
+    freqs = delta.to(device=inv_freq.device, dtype=inv_freq.dtype)[:, None] * inv_freq[None, :]  # [N, R/2]
+    emb = torch.cat((freqs, freqs), dim=-1) if layout == HALF else freqs.repeat_interleave(2, dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = HALF, *,
+             trig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Move post-RoPE ``keys`` [..., N, D] by ``delta`` [N] positions. ``layout``: which dimensions rotate
     together, ``HALF`` (``i`` with ``i + R/2``: Llama, Qwen2, Mistral, Gemma, Phi, GPT-NeoX) or
     ``PAIRS`` (``2i`` with ``2i + 1``: Cohere, GLM; see ``rope_layouts``).
@@ -205,21 +216,18 @@ def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, la
     ``inv_freq`` [R/2] is the layer's own: its length gives the rotary width R, and only the first R
     dimensions rotate (partial rotary: GPT-NeoX ``rotary_pct``, Phi ``partial_rotary_factor``); the
     rest pass through. The rotation is unscaled: a RoPE ``attention_scaling`` (YaRN) was applied once,
-    when the key was first rotated, and R(delta) R(p) s k = R(p + delta) s k.
+    when the key was first rotated, and R(delta) R(p) s k = R(p + delta) s k. ``trig``: the
+    :func:`rotation` of the same ``delta``, ``inv_freq`` and layout, when the caller moves many layers.
     """
     rot = 2 * inv_freq.shape[-1]
     if rot > keys.shape[-1]:
         raise ValueError(f"RoPE width {rot} exceeds the key width {keys.shape[-1]}")
-    if layout not in ROPE_LAYOUTS:
-        raise ValueError(f"RoPE layout '{layout}' is not one of: {', '.join(ROPE_LAYOUTS)}")
-    freqs = delta.to(device=inv_freq.device, dtype=inv_freq.dtype)[:, None] * inv_freq[None, :]  # [N, R/2]
-    emb = (torch.cat((freqs, freqs), dim=-1) if layout == HALF else freqs.repeat_interleave(2, dim=-1)).to(keys.device)
-    cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
+    cos, sin = rotation(delta, inv_freq, layout) if trig is None else trig
+    cos, sin = cos.to(keys.device, keys.dtype), sin.to(keys.device, keys.dtype)
     turn = rotate_half if layout == HALF else rotate_pairs
-    if rot == keys.shape[-1]:
-        return keys * cos + turn(keys) * sin
-    head, tail = keys[..., :rot], keys[..., rot:]
-    return torch.cat((head * cos + turn(head) * sin, tail), dim=-1)
+    head = keys if rot == keys.shape[-1] else keys[..., :rot]
+    moved = turn(head).mul_(sin).addcmul_(head, cos)  # turn() returns a new tensor: one temporary, not three
+    return moved if rot == keys.shape[-1] else torch.cat((moved, keys[..., rot:]), dim=-1)
 
 
 def check_supported(lm) -> list[LayerSpec]:

@@ -149,9 +149,10 @@ class _Ring:
         di = idx.to(self.device).unsqueeze(-1).expand(-1, -1, self.D)
         return self.k.gather(1, di), self.v.gather(1, di), self.ids.gather(1, idx).long()
 
-    def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
-        idx = self._idx(abs_slots).to(self.device)
-        return self.k[h].index_select(0, idx), self.v[h].index_select(0, idx)
+    def read_one(self, abs_slots: Tensor, values: bool) -> Tensor:
+        """K (or V) alone at ``abs_slots`` ``[H, n]``: ``[H, n, D]``."""
+        di = self._idx(abs_slots).to(self.device).unsqueeze(-1).expand(-1, -1, self.D)
+        return (self.v if values else self.k).gather(1, di)
 
     def read_head_into(self, h: int, abs_slots: Tensor, k_out: Tensor, v_out: Tensor) -> None:
         """Copy one head's slots straight into contiguous ``k_out`` / ``v_out`` rows (one copy, no temporary)."""
@@ -265,6 +266,14 @@ class _Disk:
         k, v = self.read_head(h, abs_slots)
         k_out.copy_(k)
         v_out.copy_(v)
+
+    def read_one(self, abs_slots: Tensor, values: bool) -> Tensor:
+        """K (or V) alone at ``abs_slots`` ``[H, n]``: ``[H, n, D]``; the other file is not read, and
+        this process's pages are released once, after every head."""
+        m = self.mm[1 if values else 0]
+        out = torch.stack([self._from_np(m[abs_slots[h].numpy(), h]) for h in range(self.H)])
+        self.release()
+        return out
 
     def read(self, abs_slots: Tensor) -> tuple[Tensor, Tensor, None]:
         """K, V ``[H, n, D]``; no token ids (see the class docstring)."""
@@ -730,10 +739,8 @@ class KVStore:
         H, D = self.num_kv_heads, self.head_dim
         out = torch.zeros(H, L.n, D, dtype=self.dtype, device=self.device)
         for store, sel in self._live_by_tier(L):
-            slots = L.pos.take(sel)
-            for h in range(H):
-                k, v = store.read_head(h, slots[h])
-                out[h, sel.to(self.device)] = (v if want_values else k).to(self.device)
+            # only the half asked for: re-indexing reads every key of every tier back, never a value
+            out[:, sel.to(self.device)] = store.read_one(L.pos.take(sel), want_values).to(self.device)
         return out
 
     def set_keys(self, layer: int, keys: Tensor) -> None:

@@ -251,13 +251,14 @@ class HCTable:
         flat = (self.tc.read(0, N) + torch.arange(H).unsqueeze(1) * C).reshape(-1)
         self.key_sum.zero_()
         self.key_sum.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
-        codes = hash_codes(k32, self.planes)  # [H, N, B]
         nmax = int(self.n_clusters.max()) if H else 0
         valid = torch.arange(nmax).expand(H, nmax) < self.n_clusters.unsqueeze(1)
         if self.code_update == "leader":
+            # only the leaders' codes are kept: hash those keys, not all N (a cluster has many members)
             lt = self.leader_tok[:, :nmax].clamp(max=max(N - 1, 0))
-            new = codes.gather(1, lt.unsqueeze(-1).expand(H, nmax, self.B))
+            new = hash_codes(k32.gather(1, lt.unsqueeze(-1).expand(H, nmax, D)), self.planes)
         elif self.code_update == "majority":
+            codes = hash_codes(k32, self.planes)  # [H, N, B]
             self.bit_count.zero_()
             bits = unpack_bits(codes, self.n_hp).to(torch.int32)
             self.bit_count.view(-1, self.n_hp).index_add_(0, flat, bits.reshape(-1, self.n_hp))
