@@ -13,9 +13,10 @@ from vrex.bench.runlog import RunLogError, percentile, read_events, summarize, t
 MIB = 2**20
 
 
-def _frame(t: float, ms: float, rss_mib: int, tokens: int) -> dict:
-    return {"t": t, "kind": "frame", "text": "", "stats": {"total_ms": ms, "cached_tokens": tokens, "rss_bytes": rss_mib * MIB,
-                                                           "device_bytes": 64 * MIB, "host_bytes": 0, "disk_bytes": 0}}
+def _frame(t: float, ms: float, rss_mib: int, tokens: int, reindex_ms: float = 0.0) -> dict:
+    return {"t": t, "kind": "frame", "text": "", "stats": {"total_ms": ms, "reindex_ms": reindex_ms, "cached_tokens": tokens,
+                                                           "rss_bytes": rss_mib * MIB, "device_bytes": 64 * MIB, "host_bytes": 0,
+                                                           "disk_bytes": 0}}
 
 
 def _events() -> list[dict]:
@@ -23,7 +24,8 @@ def _events() -> list[dict]:
     # minute 1: 0 .. 59.5 s, minute 2: 60 .. 119.5 s, minute 3: 120 s only
     for i in range(241):
         t = 0.5 * i
-        ev.append(_frame(t, 100.0 + (600.0 if i in (5, 130) else 0.0) + i % 7, 1000 + i // 120, 13 * (i + 1)))
+        spike = 600.0 if i in (5, 130) else 0.0  # two frames that re-indexed positions
+        ev.append(_frame(t, 100.0 + spike + i % 7, 1000 + i // 120, 13 * (i + 1), reindex_ms=spike - 50.0 * (i == 5)))
     ev.insert(40, {"t": 19.5, "kind": "response", "text": "A bird.", "stats": {"prompt_ms": 80.0, "token_ms": [40.0, 40.0]}})
     ev.append({"t": 120.0, "kind": "answer", "text": "A cat.",
                "stats": {"question": "What?", "prompt_ms": 200.0, "token_ms": [50.0] * 4}})
@@ -50,9 +52,12 @@ def test_minutes_deadline_and_busy_share_follow_the_events():
     assert s["max_frame_ms"] == round(max(f["stats"]["total_ms"] for f in frames), 1)
     assert s["answers"] == [{"t": 120.0, "question": "What?", "text": "A cat."}]
     assert s["end"]["reason"] == "max_frames=241 reached"
+    assert (s["reindex_frames"], s["p50_reindex_ms"], s["max_reindex_ms"]) == (2, 575.0, 600.0)
+    assert [r["reindex_frames"] for r in s["per_minute"]] == [1, 1, 0] and s["per_minute"][0]["max_reindex_ms"] == 550.0
     # a stricter deadline counts more frames; a name replaces the policy
     assert summarize(ev, deadline_ms=105.0, name="tuned")["frames_over_deadline"] > 2
     text = table([s, summarize(ev, name="again")], every=2)
+    assert "| 2, 575.0 / 600.0 |" in text
     assert "| resv | 241 |" in text and "| again | 3 |" in text and "| again | 2 |" not in text  # minute 2 skipped, the last kept
 
 

@@ -106,9 +106,12 @@ def test_stream_past_trained_context_reindexes_keys(videollm, photos):
     config = SessionConfig(theta=0.0, positions=PositionConfig(mode="compress", max_position=90))
     session = StreamingSession(videollm, make_policy("full"), config)
     captured = _capture_frame_logits(session)
+    reindexed = []
     for i, image in enumerate(photos[:5]):
-        session.push_frame(0.5 * i, image)
+        reindexed.append(session.push_frame(0.5 * i, image)[0].stats["reindex_ms"])
     assert session.cached_tokens > 90  # it really went past the limit
+    # the frames whose step re-indexed say so (the first frames, under the limit, did not)
+    assert reindexed[0] == 0.0 and any(ms > 0 for ms in reindexed), reindexed
     before = session.positions.clone()
     assert int(before.max()) < 90 and bool((before[1:] >= before[:-1]).all())
     pending = videollm.embed_text(session._pending)

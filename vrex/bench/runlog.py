@@ -6,7 +6,8 @@ events (narration), ``answer`` events and a closing ``source_end``. This module 
 logs into what a reader asks of a long stream:
 
 * does it keep up: per-frame p50 / p99 / max latency, frames over a deadline (500 ms: a frame at
-  2 fps must be done before the next one), and the **busy share** of each stream minute: frames,
+  2 fps must be done before the next one), the frames that re-indexed positions (``stats.reindex_ms``:
+  every few thousand tokens past the LM's window, the largest frames of a long run), and the **busy share** of each stream minute: frames,
   narrations and answers together, in seconds of compute per second of stream the minute's frames
   cover (frames / fps, from the ``start`` event; 60 s if it has none). Below 1: real time;
 * is memory bounded: RSS and each tier's MiB at the last frame of each minute;
@@ -72,13 +73,16 @@ def summarize(events: list[dict], *, deadline_ms: float = 500.0, minute_s: float
     spoken = [e for e in events if e["kind"] in ("response", "answer")]
     end = next((e for e in events if e["kind"] == "source_end"), None)
     frame_ms = [e["stats"]["total_ms"] for e in frames]
+    reindex = [e["stats"]["reindex_ms"] for e in frames if e["stats"].get("reindex_ms")]
 
     fps = start.get("fps")  # a minute's busy share is over the stream time its frames cover (the last may be partial)
     minutes: dict[int, dict] = {}
     for e in frames:
         m = int(e["t"] // minute_s) + 1
-        row = minutes.setdefault(m, {"minute": m, "frame_ms": [], "busy_s": 0.0})
+        row = minutes.setdefault(m, {"minute": m, "frame_ms": [], "reindex_ms": [], "busy_s": 0.0})
         row["frame_ms"].append(e["stats"]["total_ms"])
+        if e["stats"].get("reindex_ms"):  # logs before the field have none
+            row["reindex_ms"].append(e["stats"]["reindex_ms"])
         row["busy_s"] += e["stats"]["total_ms"] / 1000
         row["last"] = e["stats"]
     for e in spoken:
@@ -93,6 +97,7 @@ def summarize(events: list[dict], *, deadline_ms: float = 500.0, minute_s: float
             "p50_frame_ms": round(statistics.median(row["frame_ms"]), 1),
             "p99_frame_ms": round(percentile(row["frame_ms"], 0.99), 1), "max_frame_ms": round(max(row["frame_ms"]), 1),
             "frames_over_deadline": sum(ms > deadline_ms for ms in row["frame_ms"]),
+            "reindex_frames": len(row["reindex_ms"]), "max_reindex_ms": round(max(row["reindex_ms"]), 1) if row["reindex_ms"] else None,
             "busy_share": round(row["busy_s"] / (len(row["frame_ms"]) / fps if fps else minute_s), 3),
             **{f"{k}_mib": round(last[f"{k}_bytes"] / MIB) for k in ("rss", "device", "host", "disk") if f"{k}_bytes" in last},
         })
@@ -104,6 +109,8 @@ def summarize(events: list[dict], *, deadline_ms: float = 500.0, minute_s: float
         "p50_frame_ms": round(statistics.median(frame_ms), 1), "p99_frame_ms": round(percentile(frame_ms, 0.99), 1),
         "max_frame_ms": round(max(frame_ms), 1), "frames_over_deadline": sum(ms > deadline_ms for ms in frame_ms),
         "max_busy_share": max(r["busy_share"] for r in per_minute),
+        "reindex_frames": len(reindex), "p50_reindex_ms": round(statistics.median(reindex), 1) if reindex else None,
+        "max_reindex_ms": round(max(reindex), 1) if reindex else None,
         "rss_first_mib": rss[0] if rss else None, "rss_last_mib": rss[-1] if rss else None,
         "rss_max_mib": max(rss) if rss else None,
         "narrations": sum(e["kind"] == "response" for e in events),
@@ -116,11 +123,12 @@ def summarize(events: list[dict], *, deadline_ms: float = 500.0, minute_s: float
 
 def table(summaries: list[dict], *, every: int = 1) -> str:
     """Markdown: one line per run, then per-minute rows (every ``every``-th minute, and the last)."""
-    lines = ["| run | frames | frame p50 ms | p99 ms | max ms | over deadline | max busy share | RSS first / last / max MiB | answers |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| run | frames | frame p50 ms | p99 ms | max ms | over deadline | re-indexing frames, p50 / max ms | max busy share | RSS first / last / max MiB | answers |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for s in summaries:
+        reindex = f"{s['reindex_frames']}, {s['p50_reindex_ms']} / {s['max_reindex_ms']}" if s.get("reindex_frames") else "0"
         lines.append(f"| {s['name']} | {s['frames']} | {s['p50_frame_ms']} | {s['p99_frame_ms']} | {s['max_frame_ms']} | "
-                     f"{s['frames_over_deadline']} | {s['max_busy_share']} | {s['rss_first_mib']} / {s['rss_last_mib']} / "
+                     f"{s['frames_over_deadline']} | {reindex} | {s['max_busy_share']} | {s['rss_first_mib']} / {s['rss_last_mib']} / "
                      f"{s['rss_max_mib']} | {len(s['answers'])} |")
     lines += ["", "| run | minute | cached tokens | frame p50 ms | p99 ms | max ms | busy share | RSS MiB | device / host / disk MiB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]

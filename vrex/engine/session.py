@@ -71,6 +71,7 @@ class StreamingSession:
         self.config = config or SessionConfig()
         self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
         self.last_record: StepRecord | None = None
+        self._reindex_ms = 0.0  # time the current step spent re-indexing positions (a frame's stats)
         lm = model.lm
         lm.set_attn_implementation("vrex")
         # transformers' causal LMs compute the LM head for the last rows only when asked (logits_to_keep)
@@ -140,6 +141,7 @@ class StreamingSession:
         t_vision = time.perf_counter()
         embeds = torch.cat([self.model.embed_text(self._pending), frame_embeds], dim=0)
         self._pending = self._pending[:0]
+        self._reindex_ms = 0.0
         logits, record = self._forward(embeds, "frame", frame_id=self.frames)
         t_prefill = time.perf_counter()
         self.frames += 1
@@ -148,7 +150,7 @@ class StreamingSession:
         p_interval = interval_probability(logits[-1], self.interval_id)
         stats = {
             "frame": self.frames - 1, "vision_ms": 1e3 * (t_vision - t0), "prefill_ms": 1e3 * (t_prefill - t_vision),
-            "total_ms": 1e3 * (t_prefill - t0), "cached_tokens": self.cached_tokens, "p_interval": p_interval,
+            "total_ms": 1e3 * (t_prefill - t0), "reindex_ms": self._reindex_ms, "cached_tokens": self.cached_tokens, "p_interval": p_interval,
             **self.memory(), **selection_summary(record),
         }
         events = [Event(self.t, "frame", "", stats)]
@@ -405,7 +407,9 @@ class StreamingSession:
         target_end = sink + int((self.max_position - sink) * self.config.positions.compress_to)
         new = compressed_positions(self.positions, sink, target_end)
         delta = (new - self.positions).to(self.model.device)
+        t0 = time.perf_counter()
         self.cache.reindex(delta)  # each layer with its own RoPE (vrex.kv.layers)
+        self._reindex_ms += 1e3 * (time.perf_counter() - t0)  # the step's stats say it, so a spike is explained
         self.positions = new
         return int(new[-1]) + 1
 
