@@ -316,28 +316,34 @@ struct Tier {
 };
 
 // Rows j0..j1 of head h's planned slots `sl` in tier buffers kb/vb (float32 or bfloat16) -> float32 rows
-// of kout/vout.
+// of kout/vout. In a ring (slot stride D) consecutive slots that do not wrap are one block of memory:
+// a run is copied at once (`full` reads whole tiers, so its plans are a few long runs); the disk tier's
+// slots interleave the heads and go row by row.
 static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64_t* sl, int64_t j0, int64_t j1,
                       float* kout, float* vout) {
   const Tier t(kb);
   const int64_t D = kb.size(2);
-  if (kb.scalar_type() == at::kFloat) {
-    const float* kp = kb.data_ptr<float>();
-    const float* vp = vb.data_ptr<float>();
-    for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
-      const int64_t a = t.at(h, sl[j]);
-      std::memcpy(kout, kp + a, D * sizeof(float));
-      std::memcpy(vout, vp + a, D * sizeof(float));
+  const bool rows_adjacent = t.slot_stride == D;
+  const bool f32 = kb.scalar_type() == at::kFloat;
+  TORCH_CHECK(f32 || kb.scalar_type() == at::kBFloat16, "tier buffers must be float32 or bfloat16");
+  const float* kf = f32 ? kb.data_ptr<float>() : nullptr;
+  const float* vf = f32 ? vb.data_ptr<float>() : nullptr;
+  const c10::BFloat16* kh = f32 ? nullptr : kb.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* vh = f32 ? nullptr : vb.data_ptr<c10::BFloat16>();
+  for (int64_t j = j0, n = 1; j < j1; j += n, kout += n * D, vout += n * D) {
+    n = 1;
+    if (rows_adjacent) {
+      const int64_t room = t.cap - sl[j] % t.cap;  // slots before the ring wraps
+      while (j + n < j1 && n < room && sl[j + n] == sl[j] + n) ++n;
     }
-  } else {
-    TORCH_CHECK(kb.scalar_type() == at::kBFloat16, "tier buffers must be float32 or bfloat16");
-    const c10::BFloat16* kp = kb.data_ptr<c10::BFloat16>();
-    const c10::BFloat16* vp = vb.data_ptr<c10::BFloat16>();
-    for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
-      const int64_t a = t.at(h, sl[j]);
-      for (int64_t d = 0; d < D; ++d) {
-        kout[d] = static_cast<float>(kp[a + d]);
-        vout[d] = static_cast<float>(vp[a + d]);
+    const int64_t a = t.at(h, sl[j]), len = n * D;
+    if (f32) {
+      std::memcpy(kout, kf + a, len * sizeof(float));
+      std::memcpy(vout, vf + a, len * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < len; ++d) {
+        kout[d] = static_cast<float>(kh[a + d]);
+        vout[d] = static_cast<float>(vh[a + d]);
       }
     }
   }
