@@ -250,7 +250,8 @@ def filled(videollm):
     return base, frames[34:]
 
 
-@pytest.mark.parametrize("params", [{}, {"score_norm": "softmax", "ratio": 0.95, "hamming_threshold": 4, "sort_by": "weighted"}])
+@pytest.mark.parametrize("params", [{}, {"score_norm": "softmax", "ratio": 0.95, "hamming_threshold": 4, "sort_by": "weighted"},
+                                    {"max_tokens": 100}])
 def test_resv_fused_selection_identical_on_real_keys(filled, params):
     from vrex.engine.session import SessionConfig
 

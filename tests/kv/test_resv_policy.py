@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vrex.kv.policies import make_policy
-from vrex.resv.wicsum import normalize_scores, wicsum_ref
+from vrex.resv.wicsum import cap_clusters, normalize_scores, wicsum_ref
 
 L, HKV, HQ, D, T = 1, 2, 4, 16, 5
 
@@ -167,3 +167,32 @@ def test_seed_changes_hyperplanes_not_determinism():
     assert torch.equal(a.tables[0].planes, b.tables[0].planes)
     assert torch.equal(a.tables[0].token_cluster, b.tables[0].token_cluster)
     assert not torch.equal(a.tables[0].planes, c.tables[0].planes)
+
+
+def test_cap_keeps_the_best_clusters_that_fit():
+    chosen = torch.tensor([[True, True, False, True, True], [True, True, True, True, True]])
+    priority = torch.tensor([[0.5, 2.0, 9.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    counts = torch.tensor([[4, 3, 50, 2, 2], [1, 2, 3, 4, 5]])
+    got = cap_clusters(chosen, priority, counts, 7)
+    # head 0: by priority 1 (3 tokens), then 3 and 4 (ties: lower index first; 5, 7): cluster 0 no longer fits;
+    # the unchosen cluster 2 never counts. Head 1, all tied: index order while the sum fits (1 + 2 + 3 = 6).
+    assert got.tolist() == [[False, True, False, True, True], [True, True, True, False, False]]
+    assert torch.equal(cap_clusters(chosen, priority, counts, 10**6), chosen)  # a large cap changes nothing
+    assert not cap_clusters(chosen, priority, counts, 0).any()
+
+
+@pytest.mark.parametrize("cap", [1, 9, 30])
+def test_token_cap_bounds_each_heads_reads(cap):
+    """resv[max_tokens]: every head reads at most the cap, and only tokens the uncapped selection reads
+    (the order within the cap: test_cap_keeps_the_best_clusters_that_fit)."""
+    free, capped = make_policy("resv", ratio=0.8), make_policy("resv", ratio=0.8, max_tokens=cap)
+    keys = stream(free)
+    stream(capped)
+    n = keys.shape[1]
+    q = torch.randn(HQ, 3, D, generator=torch.Generator().manual_seed(5))
+    a, b = free.select(0, q, n, "frame"), capped.select(0, q, n, "frame")
+    assert max(i.numel() for i in a.indices) > cap  # the cap bites
+    for h in range(HKV):
+        assert b.indices[h].numel() <= cap
+        assert set(b.indices[h].tolist()) <= set(a.indices[h].tolist())
+    assert b.stats["selected"] == [int(i.numel()) for i in b.indices]

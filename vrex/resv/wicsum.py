@@ -230,4 +230,26 @@ def _ref_bucket_count(order: list[int], keyf: dict[int, float], nb: int, last: i
     return sum(1 for j in order if bucket(j) <= b_last)
 
 
-__all__ = ["ScoreNorm", "SortBy", "WiCSumResult", "normalize_scores", "wicsum_select", "wicsum_ref"]
+__all__ = ["ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "normalize_scores", "wicsum_select", "wicsum_ref"]
+
+
+def cap_clusters(chosen: torch.Tensor, priority: torch.Tensor, counts: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """A token budget on a WiCSum selection (vrex's addition, not the paper's): per KV head, the chosen
+    clusters in descending ``priority`` (stable: ties keep the lower cluster index) while their member
+    counts sum to at most ``max_tokens``; the first cluster that does not fit ends the head's selection.
+
+    ``chosen`` bool ``[H, C]``, ``priority`` float ``[H, C]`` (ReSV: the cluster's largest raw score
+    ``q . Kc`` over the head's query rows), ``counts`` ``[H, C]`` member tokens. Returns bool ``[H, C]``,
+    a subset of ``chosen``. WiCSum reads a share of the past, so its reads grow with the stream; the cap
+    bounds them, and with them a step's attention cost.
+    """
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if chosen.shape[1] == 0:
+        return chosen
+    key = torch.where(chosen, priority.to(torch.float64), torch.full_like(priority, -math.inf, dtype=torch.float64))
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
+    taken = torch.where(chosen, counts, torch.zeros_like(counts)).gather(1, order).cumsum(1)
+    keep = torch.zeros_like(chosen)
+    keep.scatter_(1, order, (taken <= max_tokens) & chosen.gather(1, order))
+    return keep

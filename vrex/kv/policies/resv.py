@@ -28,6 +28,11 @@ Parameters (paper defaults first; [U] = unstated in the paper, documented choice
   (top-1 0.74), while ``softmax`` + ``ratio`` 0.95 + ``hamming_threshold`` 4 reads ~20% / 10%
   (frame / decode) at better fidelity than ReKV at 50% (``vrex bench kv``, README).
 * ``selection_scope`` ``"head"`` (each KV head its own tokens) | ``"layer"`` (union over heads) [U].
+* ``max_tokens`` None: vrex's addition, not the paper's. WiCSum reads a share of the past, so a step's
+  reads grow with the stream; ``max_tokens`` caps them per KV head and step (the chosen clusters in
+  descending order of their best raw score ``q . Kc`` over the head's rows, while their tokens fit:
+  :func:`vrex.resv.wicsum.cap_clusters`). The sink and recent tokens the cache always keeps come on
+  top. None: the paper's WiCSum alone.
 * ``num_buckets`` 16: bucket count of the WTU scan metric (not the selection) [U].
 * ``text_clustering`` ``"cluster"`` (text/decode steps are clustered like frames, without
   ticking the frame clock) | ``"singleton"`` (each text token its own cluster) [U].
@@ -58,7 +63,7 @@ import torch
 from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
 from vrex.resv.hashing import make_hyperplanes
 from vrex.resv.table import HCTable
-from vrex.resv.wicsum import normalize_scores, wicsum_select
+from vrex.resv.wicsum import cap_clusters, normalize_scores, wicsum_select
 
 from ._common import gqa_rows
 from .spec import check, integer_at_least, number_in
@@ -104,6 +109,7 @@ class ReSVPolicy(KVPolicy):
     text_clustering: str = "cluster"
     clustering: bool = True
     key_bytes: int = 2
+    max_tokens: int | None = None
     tables: list[HCTable] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +122,7 @@ class ReSVPolicy(KVPolicy):
         check(self.name, "hamming_threshold", self.hamming_threshold,
               lambda v: integer_at_least(0)(v) and v <= self.n_hyperplanes, f"an integer in [0, n_hyperplanes={self.n_hyperplanes}]")
         check(self.name, "scope_frames", self.scope_frames, integer_at_least(0, none_ok=True), "None (every cluster) or an integer >= 0")
-        for k in ("max_candidates", "num_buckets"):
+        for k in ("max_candidates", "num_buckets", "max_tokens"):
             check(self.name, k, getattr(self, k), integer_at_least(1, none_ok=True), "None or an integer >= 1")
         check(self.name, "score_scale", self.score_scale,
               lambda v: v is None or (number_in(0, math.inf, lo_open=True)(v) and v < math.inf),
@@ -182,6 +188,11 @@ class ReSVPolicy(KVPolicy):
     def _scale(self) -> float:
         return self.score_scale if self.score_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
+    def _best_scores(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """With ``max_tokens``: the running maximum of each cluster's raw score over the rows (the cap's
+        priority), to be filled chunk by chunk; None without a cap."""
+        return None if self.max_tokens is None else torch.full(valid.shape, -math.inf)
+
     def _row_step(self, n_clusters: int) -> int:
         # rows are independent: scored in chunks so a long text prefill stays in bounded memory
         return max(1, _CHUNK_ELEMENTS // max(1, self.num_kv_heads * n_clusters))
@@ -203,6 +214,7 @@ class ReSVPolicy(KVPolicy):
         scanned = torch.zeros(H, dtype=torch.int64)
         ratio, weighted = float(self.stage_ratio(stage)), self.sort_by == "weighted"
         fused_norm = _FUSED_NORM.get(self.score_norm)
+        best = self._best_scores(valid)
         for r0 in range(0, R, step):
             scores = torch.bmm(rows[:, r0 : r0 + step], mean.transpose(1, 2))  # [H, r, C]
             if fused_norm is not None:  # the normalisation in C++ too (same float32 operations, same weights)
@@ -212,6 +224,10 @@ class ReSVPolicy(KVPolicy):
                 part, taken = ext.wicsum_union(w, counts, valid, ratio, weighted)
             chosen |= part
             scanned += taken.sum(1)
+            if best is not None:
+                torch.maximum(best, scores.amax(1), out=best)
+        if best is not None:
+            chosen = cap_clusters(chosen, best, counts, self.max_tokens)
         ids, offs = tab.chosen_token_ids(chosen, n_past)
         stats = self._stats(tab, valid, chosen, n_past, R, (offs[1:] - offs[:-1]).tolist(), scanned, None) if want_stats else {}
         return PackedSelection(ids, offs, False, stats)
@@ -244,6 +260,7 @@ class ReSVPolicy(KVPolicy):
         chosen = torch.zeros_like(valid)
         scanned = torch.zeros(H, dtype=torch.int64)
         sb = torch.zeros(H, dtype=torch.int64) if self.num_buckets else None
+        best = self._best_scores(valid)
         for r0 in range(0, R, step):
             scores = torch.bmm(rows[:, r0 : r0 + step], mean.transpose(1, 2))  # [H, r, C]
             w = normalize_scores(scores, valid, mode=self.score_norm, scale=scale)
@@ -252,7 +269,11 @@ class ReSVPolicy(KVPolicy):
             scanned += res.taken.sum(1)
             if sb is not None:
                 sb += res.scanned_bucketed.sum(1)
+            if best is not None:
+                best = torch.maximum(best, scores.amax(1))
         chosen &= valid  # [H, C]
+        if best is not None:
+            chosen = cap_clusters(chosen, best, counts, self.max_tokens)
         mask = tab.token_mask(chosen, n_past)  # [H, n_past]
         if self.selection_scope == "layer":
             mask = mask.any(0, keepdim=True).expand(H, n_past)
