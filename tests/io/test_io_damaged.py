@@ -106,25 +106,28 @@ def test_mp4_whose_header_hides_most_frames_says_truncated(video, tmp_path):
     assert whole.end_of_stream.status == "complete" and not whole.stats.counts
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (fuzz find): the source yields other pixels at 0.52 s than the clean clip "
-                   "although PyAV decodes that frame identically; the damage starts 836 bytes after its packet")
 def test_chaplin_frame_before_a_zeroed_block_keeps_its_pixels(video, tmp_path):
-    """chaplin.mp4 (H.264 with B-frames) with 51946 bytes zeroed from byte 66774: the frames before the
-    first damaged packet (pts 0.64 s; the earliest damaged presentation time is 0.56 s) must come out
-    as in the clean clip. The frame at 0.52 s does not (seen at fps 0 and 2)."""
+    """chaplin.mp4 (H.264 with B-frames) with 51946 bytes zeroed from byte 66774 (a fuzz find): the frames
+    before the first damaged packet (pts 0.64 s; the earliest damaged presentation time is 0.56 s) must
+    come out as in the clean clip. Past the dropped packets the decoder emits the 0.52 s frame after the
+    1.76 s one; the timeline used to hand out the smallest timestamp in its window, so the 0.52 s picture
+    went out at 1.76 s and the 1.76 s picture at 0.52 s. MP4 stores each frame's own time: it is kept."""
     clean = video("chaplin.mp4")
     data = bytearray(clean.read_bytes())
     data[66774:66774 + 51946] = bytes(51946)
     damaged = tmp_path / "zeroed.mp4"
     damaged.write_bytes(bytes(data))
 
-    def before(path):
+    def before(path, fps):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", VideoDecodeWarning)
-            with open_source(path, fps=2, size=8) as src:
+            with open_source(path, fps=fps, size=8) as src:
                 return [(f.t, f.image.tobytes()) for f in src if f.t < 0.56]
 
-    assert before(damaged) == before(clean)
+    for fps in (None, 2):  # every frame (0.00 ... 0.52 s), and the 2 fps grid (0.00, 0.52 s)
+        want = before(clean, fps)
+        assert want[-1][0] == pytest.approx(0.52)
+        assert before(damaged, fps) == want, fps
 
 
 def test_truncated_mp4_with_index_last_is_a_clear_error(video, copy_clip):

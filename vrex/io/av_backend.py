@@ -1,9 +1,9 @@
 """Decode one video stream with PyAV: files, network streams and capture devices.
 
 Only the chosen video stream is demuxed; audio and other streams are never decoded, so a broken
-audio track cannot stop the video. Frame times come from :class:`Timeline` (timestamps put back
-in presentation order); network sources reconnect per :class:`Reconnect`; frames over the pixel
-limit are refused from the stream header, before any decoding.
+audio track cannot stop the video. Frame times come from :class:`Timeline` (frames, or in AVI their
+timestamps, put back in presentation order); network sources reconnect per :class:`Reconnect`;
+frames over the pixel limit are refused from the stream header, before any decoding.
 """
 
 from __future__ import annotations
@@ -173,7 +173,11 @@ class AvDecoder:
         Conversion to RGB is deferred to the loader because most frames are dropped by resampling.
         A network source that drops mid-stream is re-opened per ``self.reconnect``.
         """
-        timeline: Timeline[tuple[av.VideoFrame, bool]] = Timeline(self._period(), self._seek(start, stats))
+        origin = self._seek(start, stats)
+        # AVI stores no presentation times: FFmpeg guesses them from the chunk order, and only their
+        # sorted order can be trusted (see vrex.io.timeline). Other containers store each frame's own.
+        decode_order = "avi" in self.container.format.name.split(",")
+        timeline: Timeline[tuple[av.VideoFrame, bool]] = Timeline(self._period(), origin, decode_order=decode_order)
         failures = 0  # reconnection attempts since the last good frame
         skip_to: Fraction | None = None  # after resuming a file: frames up to here were already given
         first: Fraction | None = None  # first timestamp of the current connection

@@ -13,6 +13,16 @@ leaves takes the smallest timestamp in the window. That sorts the timestamps bac
 (1, 2, 3, 4, 5, ...) while the pictures stay in the decoder's order, and it is the identity on
 streams whose timestamps are already right. Only decoders that reorder (``has_b_frames``) get
 a window, so intra-only and low-delay live streams gain no latency.
+
+That repair is only right when the timestamps are the guesses (``decode_order=True``). A container
+that stores each frame's presentation time (MP4, Matroska/WebM, MPEG-TS, ...) gives right
+timestamps, and there it is the decoder's order that can be wrong: past packets it had to drop, an
+H.264 decoder emits some frames late (damaged ``chaplin.mp4``: PTS 0.48, 1.76, 0.52, 1.80, ...).
+Handing out the smallest timestamp would give the late 0.52 s picture the 1.76 s one and the
+1.76 s picture 0.52 s. So by default every frame keeps its own timestamp, and the window instead
+lets frames leave in timestamp order: a frame up to REORDER_DEPTH places late is put back in its
+place, a later one leaves behind its successors and is dropped downstream as going back in time.
+On an undamaged stream the decoder's order is already the timestamps' order: no change.
 """
 
 from __future__ import annotations
@@ -36,14 +46,20 @@ class Timeline(Generic[T]):
     ``push(item, seconds, reorder)`` takes the item's own timestamp (absolute seconds, exact
     Fraction; None if the container gave none) and returns the items now ready, each with its
     time. ``drain()`` releases the rest at the end of the input or before a reconnection.
+    ``decode_order``: the container stores no presentation times (AVI), so the timestamps are
+    FFmpeg's guesses and only their sorted order is trusted; otherwise each item keeps its own.
     """
 
-    def __init__(self, period: Fraction, origin: Fraction | None = None):
+    def __init__(self, period: Fraction, origin: Fraction | None = None, *, decode_order: bool = False):
         self.period = period
         self.origin = origin  # absolute time of t = 0 (the first frame's, unless a seek fixed it)
+        self.decode_order = decode_order
         self.offset = Fraction(0)  # added to every time; moved on by rebase() after a live reconnect
-        self.waiting: deque[T] = deque()
-        self.stamps: list[Fraction] = []  # min-heap of the waiting items' timestamps
+        # Min-heap of the waiting items: (timestamp, arrival number, item); the number keeps ties
+        # in arrival order and spares comparing items.
+        self.window: list[tuple[Fraction, int, T]] = []
+        self.arrived: deque[T] = deque()  # the waiting items in decoder order (decode_order only)
+        self.pushed = 0
         self.newest: Fraction | None = None  # largest timestamp pushed so far
         self.last_abs: Fraction | None = None  # absolute timestamp of the last released item
         self.last: float | None = None  # its time in seconds (what Frame.t says)
@@ -56,26 +72,31 @@ class Timeline(Generic[T]):
             self.untimed += 1
             stamp = Fraction(0) if self.newest is None else self.newest + self.period
         self.newest = stamp if self.newest is None else max(self.newest, stamp)
-        self.waiting.append(item)
-        heapq.heappush(self.stamps, stamp)
+        heapq.heappush(self.window, (stamp, self.pushed, item))
+        self.pushed += 1
+        if self.decode_order:
+            self.arrived.append(item)
         depth = REORDER_DEPTH if reorder else 0
         ready = []
-        while len(self.waiting) > depth:
+        while len(self.window) > depth:
             ready.append(self._release())
         return ready
 
     def drain(self) -> list[tuple[float, T]]:
-        return [self._release() for _ in range(len(self.waiting))]
+        return [self._release() for _ in range(len(self.window))]
 
     def rebase(self, next_t: float) -> None:
         """A new timestamp space starts (a live stream re-opened): its first frame will be at ``next_t``."""
-        assert not self.waiting, "drain() before rebase()"
+        assert not self.window, "drain() before rebase()"
         self.origin, self.newest, self.last_abs = None, None, None
         self.offset = Fraction(next_t)
 
     def _release(self) -> tuple[float, T]:
-        item = self.waiting.popleft()
-        stamp = heapq.heappop(self.stamps)
+        # The smallest timestamp leaves, with its own item; or, when the timestamps are decode-order
+        # guesses, with the oldest item (the pictures keep the decoder's order).
+        stamp, _, item = heapq.heappop(self.window)
+        if self.decode_order:
+            item = self.arrived.popleft()
         if self.origin is None:
             self.origin = stamp
         self.last_abs = stamp
