@@ -230,9 +230,6 @@ def _ref_bucket_count(order: list[int], keyf: dict[int, float], nb: int, last: i
     return sum(1 for j in order if bucket(j) <= b_last)
 
 
-__all__ = ["ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "normalize_scores", "wicsum_select", "wicsum_ref"]
-
-
 def cap_clusters(chosen: torch.Tensor, priority: torch.Tensor, counts: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """A token budget on a WiCSum selection (vrex's addition, not the paper's): per KV head, the chosen
     clusters in descending ``priority`` (stable: ties keep the lower cluster index) while their member
@@ -253,3 +250,6 @@ def cap_clusters(chosen: torch.Tensor, priority: torch.Tensor, counts: torch.Ten
     keep = torch.zeros_like(chosen)
     keep.scatter_(1, order, (taken <= max_tokens) & chosen.gather(1, order))
     return keep
+
+
+__all__ = ["ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "normalize_scores", "wicsum_select", "wicsum_ref"]
