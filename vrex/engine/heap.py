@@ -102,4 +102,5 @@ def release_free_heap(force: bool = False) -> bool:
     return True
 
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_INTERVAL_S", "fix_mmap_threshold", "release_free_heap"]
+__all__ = ["ENV", "MMAP_THRESHOLD", "MMAP_THRESHOLD_MAX", "TRIM_INTERVAL_S", "fix_mmap_threshold", "mmap_threshold",
+           "mmap_threshold_error", "release_free_heap"]
