@@ -10,6 +10,7 @@ import torch
 from vrex.engine.positions import PositionConfig
 from vrex.engine.session import SessionConfig, StreamingSession
 from vrex.kv.policies import make_policy
+from vrex.kv.telemetry import selection_summary
 
 
 def _session(videollm, spec: str, **config) -> StreamingSession:
@@ -93,3 +94,28 @@ def test_evicting_policy_across_reindexing_stays_bounded(videollm, photos):
     assert session.ask("What do you see?", 8.0) == []  # due at the next frame
     answers = [e for e in session.push_frame(8.0, photos[0]) if e.kind == "answer"]
     assert len(answers) == 1 and answers[0].text.strip()
+
+
+def test_streamingllm_without_eviction_reads_the_same_and_keeps_every_token(videollm, photos):
+    """``evict=false`` (how `vrex bench stream` fills long contexts in linear time): the same tokens
+    are read as with eviction, so the logits are the same, but the store keeps the whole past and
+    a fork of it with `full` attends to all of it."""
+    prompt = _session(videollm, "full").cached_tokens  # the session always reads its prompt: make it the sink
+    spec = f"streamingllm[sink={prompt},window=40]"
+    evicting = _session(videollm, spec, theta=0.0, recent_tokens=0)
+    keeping = _session(videollm, spec[:-1] + ",evict=false]", theta=0.0, recent_tokens=0)
+    for k, (a, b) in enumerate(zip(_logits(evicting, photos, 8), _logits(keeping, photos, 8))):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"frame {k}: {m}")
+    per_token = _token_bytes(keeping)
+    assert keeping.cached_tokens > prompt + 40 + 16
+    assert sum(keeping.store.resident_bytes().values()) == keeping.cached_tokens * per_token
+    assert sum(evicting.store.resident_bytes().values()) < keeping.cached_tokens * per_token
+    with pytest.raises(ValueError, match="evicted"):
+        evicting.fork(make_policy("full"))
+    full = keeping.fork(make_policy("full"))
+    assert full.cached_tokens == keeping.cached_tokens
+    n_past = keeping.cached_tokens
+    full.push_frame(4.0, photos[0])
+    keeping.push_frame(4.0, photos[0])
+    assert selection_summary(full.last_record)["selected_ratio"] == 1.0  # the fork reads the whole kept past
+    assert selection_summary(keeping.last_record)["selected_ratio"] == pytest.approx((prompt + 40) / n_past)  # sink + window

@@ -43,11 +43,21 @@ def machine() -> dict:
 
 
 def encode_all(model, frames, batch: int = 16) -> torch.Tensor:
-    """Encode every frame once: [N, tokens, d_vis] encoder features (``StreamingSession.fast_forward`` input)."""
+    """Encode every frame once: [N, tokens, d_vis] encoder features (``StreamingSession.fast_forward`` input).
+
+    A looped stream (``long_stream``) repeats the same ``Image`` objects: each distinct one is encoded
+    once and its features are reused, so an hour of the shared clips costs one pass of the encoder."""
+    slot: dict[int, int] = {}  # id(image) -> row of ``distinct``
+    distinct = []
+    for _, image in frames:
+        if id(image) not in slot:
+            slot[id(image)] = len(distinct)
+            distinct.append(image)
     out = []
-    for lo in tqdm(range(0, len(frames), batch), desc="encoding frames", unit="batch", leave=False):
-        out.append(model.encode_frames([im for _, im in frames[lo:lo + batch]]))
-    return torch.cat(out)
+    for lo in tqdm(range(0, len(distinct), batch), desc="encoding frames", unit="batch", leave=False):
+        out.append(model.encode_frames(distinct[lo:lo + batch]))
+    features = torch.cat(out)
+    return features[torch.tensor([slot[id(image)] for _, image in frames])]
 
 
 def run_engine_bench(sizes: list[int], *, frames: int = 8, tokens: int = 16, out: Path = Path("bench-out/engine"),

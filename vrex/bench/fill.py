@@ -1,6 +1,14 @@
 """The shared start of ``vrex bench kv`` and ``vrex bench stream``: the model, one long real stream
-encoded once, and one ``full`` session filled to each cached-token size in turn; every policy of a
-size is measured on a fork of it (``StreamingSession.fork``), on the same next frames."""
+encoded once, and one session filled to each cached-token size in turn; every policy of a size is
+measured on a fork of it (``StreamingSession.fork``), on the same next frames.
+
+The fill prefills 32 frames per forward. Each token attends to the whole past (``window=0``: exact,
+quadratic in the stream's length: 64K tokens take about 40 minutes on 2 cores) or, with
+``window=W``, to the prompt, the last ``W`` tokens before its chunk and its own chunk
+(``streamingllm[evict=false]``: linear, 64K in a few minutes). Either way every token is kept and
+every measured step is a real frame step over the whole cache; what the window changes is how the
+cached keys and values of layers above the first were computed (each token saw its recent past,
+not all of it), so rows say which fill made them."""
 
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ class Fill:
     stream: list[tuple[float, Image.Image]]
     features: torch.Tensor  # encoder features of every frame of ``stream``
     cursor: int = 0
+    window: int = 0  # 0: the fill attended to everything; W: to the prompt and the last W tokens
 
     def fill_to(self, size: int) -> float:
         """Prefill the next silent frames into ``base`` until it holds about ``size`` tokens; the seconds it took."""
@@ -48,13 +57,19 @@ class Fill:
 
 
 def open_fill(sizes: list[int], frames_per_size: int, *, lm: str, lm_dtype: str = DEFAULT_LM_DTYPE,
-              kernels: str = "fast", log: Callable[[str], None] = print) -> Fill:
+              kernels: str = "fast", window: int = 0, log: Callable[[str], None] = print) -> Fill:
     """Load the model (its notes to ``log``: another LM runs with an untrained connector), decode and encode
-    enough real frames to reach the largest size plus ``frames_per_size`` measured frames per size."""
+    enough real frames to reach the largest size plus ``frames_per_size`` measured frames per size.
+    ``window``: 0 fills with full attention, ``W > 0`` with the prompt and the last ``W`` tokens."""
+    if window < 0:
+        raise ValueError(f"fill window must be 0 (full attention) or a number of tokens > 0, got {window}")
     model = load_videollm(lm=lm, lm_dtype=lm_dtype)
     for note in model.notes:
         log(f"note: {note}")
     n_frames = max(sizes) // (model.tokens_per_frame + 1) + (frames_per_size + 1) * len(sizes) + 8
     stream = long_stream(n_frames)
     base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0, kernels=kernels))
-    return Fill(model, base, stream, encode_all(model, stream))
+    if window:  # the same start, then a policy that reads the prompt (its sink) and the window, evicting nothing
+        spec = f"streamingllm[sink={base.cached_tokens},window={window},evict=false]"
+        base = StreamingSession(model, make_policy(spec), SessionConfig(theta=0.0, kernels=kernels, recent_tokens=0))
+    return Fill(model, base, stream, encode_all(model, stream), window=window)

@@ -8,6 +8,11 @@ fidelity text (teacher-forced real English, fed in chunks as text steps) whose n
 distributions are compared with ``full``'s on identical inputs (top-1 agreement, KL(full||policy)).
 Reported: medians, the real-time factor at 2 fps (frame ms / 500 ms), resident KV bytes per tier,
 process RSS. Sizes past the LM's 8192 positions run with re-indexed positions, as streams do.
+
+``fill_window``: the fill attends to everything (0, exact but quadratic: about 40 minutes to 64K
+tokens on 2 cores) or to the prompt and the last W tokens (linear; see ``vrex.bench.fill``). The
+measured steps are the same real steps over every cached token either way; each row says its fill.
+``--quick`` fills with a window of ``QUICK_FILL_WINDOW`` so that it ends in about ten minutes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from vrex.models.lm import SMOLLM2_PRESET
 QUICK_SIZES = (1024, 16384, 65536)
 FULL_SIZES = (1024, 4096, 16384, 32768, 65536, 86400)
 QUICK_POLICIES = ("full", "rekv", "resv")
+QUICK_FILL_WINDOW = 2048
 TUNED = "resv[score_norm='softmax',ratio=0.95,hamming_threshold=4]"
 FULL_POLICIES = ("full", "flexgen", "rekv", "resv", TUNED)
 
@@ -93,12 +99,12 @@ def measure(session: StreamingSession, frames, tokens: int, text_ids: torch.Tens
 
 def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, tokens: int = 8, text_chunk: int = 24,
                      kernels: str = "fast", out: Path, peer: Path | None = None, log=print,
-                     lm: str = SMOLLM2_PRESET, lm_dtype: str = DEFAULT_LM_DTYPE) -> list[dict]:
+                     lm: str = SMOLLM2_PRESET, lm_dtype: str = DEFAULT_LM_DTYPE, fill_window: int = 0) -> list[dict]:
     for spec in policies:  # refuse a bad spec before any model work
         make_policy(spec)
     out.mkdir(parents=True, exist_ok=True)
     sizes = sorted(sizes)
-    fill = open_fill(sizes, frames, lm=lm, lm_dtype=lm_dtype, kernels=kernels, log=log)
+    fill = open_fill(sizes, frames, lm=lm, lm_dtype=lm_dtype, kernels=kernels, window=fill_window, log=log)
     model, base = fill.model, fill.base
     text_ids = model.tokenize(FIDELITY_TEXT)
     rows = []
@@ -116,7 +122,7 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
             ref = ref or logits
             fid = _fidelity(ref, logits)
             row.update({"policy": spec, "target_tokens": size, "cached_tokens": base.cached_tokens, "kernels": kernels,
-                        "lm_dtype": lm_dtype,
+                        "lm_dtype": lm_dtype, "fill_window": fill_window, "fill_s": fill_s,
                         "index_build_s": index_s, **fid})
             rows.append(row)
             (out / "stream.json").write_text(json.dumps(rows, indent=2))  # progress survives an interrupted sweep
@@ -127,6 +133,7 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
         fill.skip(frames)
     peer_rows = json.loads(peer.read_text()).get("rows", []) if peer else []
     result = {"bench": "stream", "machine": machine(), "model": model.describe(), "frames": frames, "tokens": tokens,
+              "fill_window": fill_window,
               "rows": rows, "peer_rows": peer_rows}
     (out / "stream.json").write_text(json.dumps(rows, indent=2))
     (out / "stream-full.json").write_text(json.dumps(result, indent=2))

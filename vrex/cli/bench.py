@@ -25,12 +25,13 @@ err = Console(stderr=True, width=160)
 
 @app.command("stream")
 def bench_stream(
-    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K and policies full, rekv, resv.")] = False,
+    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K, policies full, rekv, resv, a fill window of 2048 tokens: about 10 minutes on 2 cores.")] = False,
     sizes: Annotated[Optional[str], typer.Option(help="Cached-token sizes, comma-separated (k = 1024). Default: 1k,4k,16k,32k,64k,86400 (an hour at 2 fps).")] = None,
     policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated (e.g. \"full;resv\\[ratio=0.2]\"). Default: full, flexgen, rekv, resv and ReSV tuned.")] = None,
     frames: Annotated[int, typer.Option(min=1, help="Real frame steps timed per row.")] = 5,
     tokens: Annotated[int, typer.Option(min=1, help="Decode steps timed per row.")] = 8,
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
+    fill_window: Annotated[Optional[int], typer.Option(min=0, help="How the cache is filled between sizes: 0 attends to the whole past (exact; quadratic: about 40 minutes to 64K tokens on 2 cores), W attends to the prompt and the last W tokens (linear). Measured steps always read every cached token their policy selects. Default: 2048 with --quick, else 0.")] = None,
     peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
     lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
     lm_dtype: Annotated[str, typer.Option(help=f"LM weights type: {' or '.join(LM_DTYPES)} (see vrex run --lm-dtype).")] = DEFAULT_LM_DTYPE,
@@ -38,7 +39,7 @@ def bench_stream(
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
     (top-1, KL over >= 300 teacher-forced positions) as a real stream grows towards an hour, per policy."""
-    from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
+    from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_FILL_WINDOW, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
     from vrex.kv.policies.spec import PolicySpecError
 
     if kernels not in ("fast", "reference"):
@@ -53,7 +54,8 @@ def bench_stream(
     specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
     try:
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
-                         log=log, lm=lm, lm_dtype=lm_dtype)
+                         log=log, lm=lm, lm_dtype=lm_dtype,
+                         fill_window=(QUICK_FILL_WINDOW if quick else 0) if fill_window is None else fill_window)
     except PolicySpecError as e:
         raise typer.BadParameter(str(e), param_hint="--policies")
     except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run

@@ -2,7 +2,10 @@
 
 Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024.
 Parameters: ``sink`` (first tokens kept; the paper uses 4), ``window`` (most recent past tokens
-kept). Tokens in ``[sink, n - window)`` are returned by ``evictable`` once and the store drops them.
+kept), ``evict`` (default true). Tokens in ``[sink, n - window)`` are returned by ``evictable`` once
+and the store drops them. With ``evict=false`` the same tokens are read (sinks plus the window) but
+the store keeps everything: attention in linear time over a complete cache, which ``vrex bench
+stream`` uses to fill long contexts fast before forking other policies from it.
 Not an offloading method (``offloads=False``). Positions are not re-assigned inside the cache
 (the paper's cache-relative positions are the engine's business).
 """
@@ -25,6 +28,7 @@ class StreamingLLMPolicy(KVPolicy):
     offloads: ClassVar[bool] = False
     sink: int = 4
     window: int = 1020
+    evict: bool = True
     _frontier: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +51,8 @@ class StreamingLLMPolicy(KVPolicy):
         return Selection([ids] * self.num_kv_heads, {"n_past": n_past, "selected": [int(ids.numel())] * self.num_kv_heads})
 
     def evictable(self, layer: int, n_total: int) -> torch.Tensor | None:
+        if not self.evict:
+            return None
         hi = n_total - self.window
         lo = self._frontier[layer]
         if hi <= lo:
