@@ -142,17 +142,19 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
 
 
 def plot(rows: list[dict], peer_rows: list[dict], path: Path) -> None:
+    """Frame step, decode step and top-1 agreement with ``full`` against the cached length, per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4))
     for spec in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == spec]
         x = [r["cached_tokens"] for r in rs]
         a.plot(x, [r["frame_ms"] for r in rs], marker="o", label=spec)
         b.plot(x, [r["token_ms"] for r in rs], marker="o", label=spec)
+        c.plot(x, [r["top1_agreement"] for r in rs], marker="o", label=spec)
     peer = [r for r in peer_rows if r.get("weights") == "F16" and not r.get("flash_attn")]
     if peer:
         x = [r["cached_tokens"] for r in peer]
@@ -161,10 +163,14 @@ def plot(rows: list[dict], peer_rows: list[dict], path: Path) -> None:
     a.axhline(500, color="grey", lw=0.8, ls=":")
     a.set(xlabel="cached tokens", ylabel="ms per frame step", title="frame step (vision + prefill); 500 ms = 2 fps")
     b.set(xlabel="cached tokens", ylabel="ms per token", title="decode")
-    for ax in (a, b):
+    c.set(xlabel="cached tokens", ylabel="top-1 agreement with full", title="fidelity (teacher-forced text)")
+    for ax in (a, b, c):
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    window = rows[0].get("fill_window", 0) if rows else 0
+    fig.suptitle("cache filled with full attention" if not window else
+                 f"cache filled attending to the prompt and the last {window} tokens (vrex.bench.fill)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
