@@ -104,8 +104,8 @@ def held_back(path: Path, start: float, t_safe: float) -> list[float]:
     Past damaged packets an H.264 decoder can emit intact frames late: chaplin.mp4 zeroed from its second
     packet on comes out as 0.88, 0.92, 1.00, 1.04, 1.20, 1.24 s, then 0.00 s (its first, intact frame). The
     source puts a late frame back in its place only within its REORDER_DEPTH window; a later one is dropped
-    as going back in time, and a lost first frame moves t = 0 to the first frame that did come out. That
-    loss is the decoder's, not the source's: the before-the-damage check is excused for it, and only for it.
+    as going back in time (t = 0 stays the file's declared start). That loss is the decoder's, not the
+    source's: the before-the-damage check is excused for it, and only for it.
     """
     late: list[float] = []
     seen: list[float] = []

@@ -213,3 +213,27 @@ def test_random_byte_damage_never_escapes(video, copy_clip, name):
             got = times(src)
     assert len(got) >= 10 and all(b > a for a, b in zip(got, got[1:]))
     assert src.stats.emitted == len(got) <= src.stats.decoded
+
+
+def test_a_lost_first_frame_does_not_move_t0(video, tmp_path):
+    """cockatoo.mp4 with its first video packet (the opening keyframe) zeroed: the frames up to the
+    next keyframe are lost, and the ones that come keep their own times (t = 0 is the stream's
+    declared start, not the first frame that decoded), as in the clean clip."""
+    clean = video("cockatoo.mp4")
+    with av.open(str(clean)) as c:
+        first = next(p for p in c.demux(c.streams.video[0]) if p.size)
+        pos, size = first.pos, first.size
+    data = bytearray(clean.read_bytes())
+    data[pos:pos + size] = bytes(size)
+    damaged = tmp_path / "first_zeroed_cockatoo.mp4"
+    damaged.write_bytes(bytes(data))
+    with open_source(clean, fps=0, size=16) as ref:
+        want = times(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VideoDecodeWarning)
+        with open_source(damaged, fps=0, size=16) as src:
+            got = times(src)
+    assert 0 < len(got) < len(want)
+    assert got[0] > 0  # the first frames were lost: the first that came is not at 0
+    assert set(got) <= set(want)  # every frame at its own time
+    assert got == want[len(want) - len(got):]

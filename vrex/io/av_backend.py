@@ -177,6 +177,12 @@ class AvDecoder:
         # AVI stores no presentation times: FFmpeg guesses them from the chunk order, and only their
         # sorted order can be trusted (see vrex.io.timeline). Other containers store each frame's own.
         decode_order = "avi" in self.container.format.name.split(",")
+        if origin is None and not decode_order and self.kind == "file" and self.stream.start_time is not None \
+                and self.stream.time_base:
+            # t = 0 is the file's declared start, so frames lost at its beginning (damage) do not move
+            # it onto the first frame that decodes. (AVI's guessed times may start a tick late; live
+            # inputs start wherever they are joined: both keep the first frame as t = 0.)
+            origin = self.stream.start_time * self.stream.time_base
         timeline: Timeline[tuple[av.VideoFrame, bool]] = Timeline(self._period(), origin, decode_order=decode_order)
         failures = 0  # reconnection attempts since the last good frame
         skip_to: Fraction | None = None  # after resuming a file: frames up to here were already given

@@ -97,7 +97,9 @@ class Timeline(Generic[T]):
         stamp, _, item = heapq.heappop(self.window)
         if self.decode_order:
             item = self.arrived.popleft()
-        if self.origin is None:
+        if self.origin is None or (self.last_abs is None and stamp < self.origin):
+            # A first frame before the declared start (a container that declares it wrong) is t = 0:
+            # times never go negative.
             self.origin = stamp
         self.last_abs = stamp
         self.last = float(self.offset + stamp - self.origin)
