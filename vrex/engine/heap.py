@@ -37,7 +37,9 @@ TRIM_INTERVAL_S = 30.0
 #: leaves glibc's own threshold. Its price, measured once (2 cores, `full` and `resv` over the tiers at
 #: 9K cached tokens, one pair of runs beside a 1-thread soak): frame steps 8-9% slower (454 / 392 ms
 #: against 422 / 360), the page faults of fresh mappings for the step's 1-8 MB temporaries (logits,
-#: per-token maps).
+#: per-token maps). The largest ones, `full`'s attention scores (7 MB per layer at 16K tokens, which
+#: made its frame step 1.5x slower: 380 against 247 ms), now go into a scratch the cache reuses
+#: (``vrex.kv.cache._attention``).
 MMAP_THRESHOLD = 1 << 20
 #: glibc refuses a larger fixed threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems).
 MMAP_THRESHOLD_MAX = 32 << 20
