@@ -25,13 +25,13 @@ err = Console(stderr=True, width=160)
 
 @app.command("stream")
 def bench_stream(
-    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K, policies full, rekv, resv, a fill window of 2048 tokens: about 10 minutes on 2 cores.")] = False,
+    quick: Annotated[bool, typer.Option(help="Sizes 1K, 16K, 64K, policies full, rekv, resv, a fill window of 2048 tokens (the shortest run; README: its time).")] = False,
     sizes: Annotated[Optional[str], typer.Option(help="Cached-token sizes, comma-separated (k = 1024). Default: 1k,4k,16k,32k,64k,86400 (an hour at 2 fps).")] = None,
     policies: Annotated[Optional[str], typer.Option(help="Policy specs, ';'-separated (e.g. \"full;resv\\[ratio=0.2]\"). Default: full, flexgen, rekv, resv and ReSV tuned.")] = None,
     frames: Annotated[int, typer.Option(min=1, help="Real frame steps timed per row.")] = 5,
     tokens: Annotated[int, typer.Option(min=1, help="Decode steps timed per row.")] = 8,
     kernels: Annotated[str, typer.Option(help="'fast' or 'reference' (see vrex run --kernels).")] = "fast",
-    fill_window: Annotated[Optional[int], typer.Option(min=0, help="How the cache is filled between sizes: 0 attends to the whole past (exact; quadratic: about 40 minutes to 64K tokens on 2 cores), W attends to the prompt and the last W tokens (linear). Measured steps always read every cached token their policy selects. Default: 2048 with --quick, else 0.")] = None,
+    fill_window: Annotated[Optional[int], typer.Option(min=0, help="How the cache is filled between sizes: 0 attends to the whole past (exact; quadratic in the cached length, by far the longest part of a run to 64K), W attends to the prompt and the last W tokens (linear). Measured steps always read every cached token their policy selects. Default: 2048 with --quick, else 0.")] = None,
     peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
     lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
     lm_dtype: Annotated[str, typer.Option(help=f"LM weights type: {' or '.join(LM_DTYPES)} (see vrex run --lm-dtype).")] = DEFAULT_LM_DTYPE,
