@@ -84,11 +84,17 @@ class AvDecoder:
 
     # -- decoding ---------------------------------------------------------------------------
 
+    def _declared_start(self) -> Fraction | None:
+        """A file's declared start time in seconds; None for live inputs or when the file declares none."""
+        if self.kind != "file" or self.stream.start_time is None or not self.stream.time_base:
+            return None
+        return self.stream.start_time * self.stream.time_base
+
     def _seek(self, start: float, stats: DecodeStats) -> Fraction | None:
         """Jump to the keyframe before ``start`` (files only); returns the time origin used, if any."""
-        origin = self.stream.start_time
-        if start <= 0 or self.kind != "file" or origin is None or not self.stream.time_base:
+        if start <= 0 or self._declared_start() is None:
             return None
+        origin = self.stream.start_time
         try:
             # backward=True lands on a keyframe at or before the target, so no frame >= start is lost.
             self.container.seek(origin + int(start / self.stream.time_base), stream=self.stream, backward=True)
@@ -99,7 +105,7 @@ class AvDecoder:
             self.stream = pick_stream(self.uri, self.container)
             return None
         # After a seek the first decoded frame is not the stream's first: use the declared start.
-        return origin * self.stream.time_base
+        return self._declared_start()
 
     def _packets(self, stats: DecodeStats) -> Iterator[av.Packet]:
         """Demux the video stream, resynchronising after damaged container data."""
@@ -177,12 +183,11 @@ class AvDecoder:
         # AVI stores no presentation times: FFmpeg guesses them from the chunk order, and only their
         # sorted order can be trusted (see vrex.io.timeline). Other containers store each frame's own.
         decode_order = "avi" in self.container.format.name.split(",")
-        if origin is None and not decode_order and self.kind == "file" and self.stream.start_time is not None \
-                and self.stream.time_base:
+        if origin is None and not decode_order:
             # t = 0 is the file's declared start, so frames lost at its beginning (damage) do not move
             # it onto the first frame that decodes. (AVI's guessed times may start a tick late; live
             # inputs start wherever they are joined: both keep the first frame as t = 0.)
-            origin = self.stream.start_time * self.stream.time_base
+            origin = self._declared_start()
         timeline: Timeline[tuple[av.VideoFrame, bool]] = Timeline(self._period(), origin, decode_order=decode_order)
         failures = 0  # reconnection attempts since the last good frame
         skip_to: Fraction | None = None  # after resuming a file: frames up to here were already given
