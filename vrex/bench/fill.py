@@ -68,8 +68,8 @@ def open_fill(sizes: list[int], frames_per_size: int, *, lm: str, lm_dtype: str 
         log(f"note: {note}")
     n_frames = max(sizes) // (model.tokens_per_frame + 1) + (frames_per_size + 1) * len(sizes) + 8
     stream = long_stream(n_frames)
-    base = StreamingSession(model, make_policy("full"), SessionConfig(theta=0.0, kernels=kernels))
-    if window:  # the same start, then a policy that reads the prompt (its sink) and the window, evicting nothing
-        spec = f"streamingllm[sink={base.cached_tokens},window={window},evict=false]"
-        base = StreamingSession(model, make_policy(spec), SessionConfig(theta=0.0, kernels=kernels, recent_tokens=0))
+    # With a window: the last W tokens, nothing evicted; the prompt comes on top, as every step reads it
+    # (vrex.kv.cache.KeepConfig.sink_tokens); no recent window beyond W.
+    spec, recent = ("full", None) if not window else (f"streamingllm[sink=0,window={window},evict=false]", 0)
+    base = StreamingSession(model, make_policy(spec), SessionConfig(theta=0.0, kernels=kernels, recent_tokens=recent))
     return Fill(model, base, stream, encode_all(model, stream), window=window)
