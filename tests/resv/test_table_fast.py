@@ -47,11 +47,12 @@ def _pair(H, D, n_hp, seed, **kw):
     rule=st.sampled_from(["nearest", "first"]),
     scope=st.sampled_from([0, 1, 3, 32]),
     noise=st.sampled_from([0.02, 0.3, 2.0]),
+    frozen=st.sampled_from(["bfloat16", "float32"]),
 )
-def test_fused_add_equals_reference(seed, H, T, n_hp, threshold, inclusive, rule, scope, noise):
+def test_fused_add_equals_reference(seed, H, T, n_hp, threshold, inclusive, rule, scope, noise, frozen):
     D = 16
     fast, ref = _pair(H, D, n_hp, seed, threshold=min(threshold, n_hp), inclusive=inclusive, rule=rule,
-                      scope_frames=scope)
+                      scope_frames=scope, frozen_means=frozen)
     assert fast.fused_add_applies
     start = 0
     for i, fr in enumerate(correlated_frames(8, H, T, D, noise, seed)):

@@ -5,7 +5,7 @@ costs host time (Python glue, dispatcher, kernel launch) whatever its size, and 
 size depends on data (``nonzero``, ``.item()``) makes the host wait for the GPU. The simulator charges
 ``ops_per_layer x op_overhead_us + syncs_per_layer x sync_us`` (``configs/methods.yaml``,
 ``hardware/*.yaml``); this module measures the op and sync counts on the real
-``vrex.kv.policies.resv.ReSVPolicy`` (one layer of a frame step:
+``vrex.kv.policies.resv.ReSVPolicy`` with float32 key sums (one layer of a frame step:
 ``on_append`` of the frame's keys + ``select`` for its query rows) with a ``TorchDispatchMode``, and
 the host time per op on this machine (``python -m vrex.hw.opcount``), from which the per-op overhead
 on the Orin's Cortex-A78AE is derived (docs/hw.md, "Constants"). ``tests/hw`` holds the configured
@@ -62,7 +62,9 @@ def _policy(past_frames: int, frame_tokens: int, kv_heads: int, q_heads: int, he
     from vrex.kv.policies.resv import ReSVPolicy
 
     g = torch.Generator().manual_seed(seed)
-    pol = ReSVPolicy()
+    # float32 sums in one buffer, vectorised over heads, as a GPU would keep the table in device memory;
+    # the default's bfloat16 pages (vrex.resv.keysums) are vrex's bound on host memory, not the algorithm
+    pol = ReSVPolicy(frozen_means="float32")
     pol.setup(1, kv_heads, q_heads, head_dim)
     # keys with temporal structure (a slowly drifting scene), so clusters form as on real video
     base = torch.randn(kv_heads, 1, head_dim, generator=g)

@@ -9,6 +9,10 @@ the stream and is kept as int32 in fixed pages (:class:`vrex.kv.index.PagedIndex
 of int64, never reallocated); ``token_cluster`` reads it as an int64 copy, ``token_clusters(a, b)``
 reads a range.
 
+The key sums (nine tenths of the table's bytes) are kept by :mod:`vrex.resv.keysums`: by default in
+per-head pages, compacted to bfloat16 means once their clusters left the scope window
+(``frozen_means="bfloat16"``; ``"float32"`` keeps every sum in one buffer).
+
 Documented choices ([U] in the paper), all constructor knobs:
 
 * ``code_update``: how a cluster's code follows its members. ``"leader"`` (default; the code
@@ -26,7 +30,7 @@ Documented choices ([U] in the paper), all constructor knobs:
 * Text/decode tokens are clustered like a frame (``add(..., is_frame=False)``) or as singleton
   clusters (``add_singletons``); the policy chooses.
 
-Hash-table bytes (:meth:`HCTable.nbytes`): per cluster ``code_bytes + D * key_bytes`` (mean key)
+Hash-table bytes of the hardware model (:meth:`HCTable.nbytes`): per cluster ``code_bytes + D * key_bytes`` (mean key)
 ``+ 2 * id_bytes`` (cluster id, TC), plus ``id_bytes`` per member token id.
 """
 
@@ -40,9 +44,15 @@ from vrex.kv.index import PagedIndex
 
 from .clustering import AssignRule, IntraMode, cluster_frame, majority_codes, new_cluster_ids
 from .grow import grow
+from .keysums import KEY_PAGE, FlatKeySums, KeySums, PagedKeySums
 from .hashing import code_bytes, hash_bits, hash_codes, pack_bits, unpack_bits
 
 CodeUpdate = Literal["leader", "majority", "mean"]
+FrozenMeans = Literal["bfloat16", "float32"]
+
+#: Growth factor of the small per-cluster buffers (codes, counts, clocks, leaders): 1.25 rather than
+#: 2 so that their unused tail stays under a quarter (amortised O(1) appends either way).
+_GROWTH = 1.25
 
 
 class HCTable:
@@ -61,9 +71,12 @@ class HCTable:
         code_update: CodeUpdate = "leader",
         scope_frames: int | None = 32,
         max_candidates: int | None = None,
+        frozen_means: FrozenMeans = "bfloat16",
     ) -> None:
         if code_update not in ("leader", "majority", "mean"):
             raise ValueError(f"code_update must be 'leader', 'majority' or 'mean', got {code_update!r}")
+        if frozen_means not in ("bfloat16", "float32"):
+            raise ValueError(f"frozen_means must be 'bfloat16' or 'float32', got {frozen_means!r}")
         H, D = num_kv_heads, head_dim
         self.H, self.D = H, D
         self.planes = planes.to(torch.float32)  # [H, D, n_hp]
@@ -71,9 +84,10 @@ class HCTable:
         self.B = code_bytes(self.n_hp)
         self.threshold, self.inclusive, self.rule, self.intra = threshold, inclusive, rule, intra
         self.code_update, self.scope_frames, self.max_candidates = code_update, scope_frames, max_candidates
+        self.frozen_means = frozen_means
         self.n_clusters = torch.zeros(H, dtype=torch.int64)
         self.codes = torch.zeros(H, 0, self.B, dtype=torch.uint8)
-        self.key_sum = torch.zeros(H, 0, D, dtype=torch.float32)
+        self.key_sums: KeySums = PagedKeySums(H, D) if frozen_means == "bfloat16" else FlatKeySums(H, D)
         self.count = torch.zeros(H, 0, dtype=torch.int64)
         self.last = torch.zeros(H, 0, dtype=torch.int64)
         self.leader_tok = torch.zeros(H, 0, dtype=torch.int64)
@@ -86,15 +100,27 @@ class HCTable:
         self.active_ok = torch.zeros(H, 0, dtype=torch.bool)
 
     # ------------------------------------------------------------------ building
-    def _ensure(self, n_clusters_max: int, n_tokens: int) -> None:
-        self.codes = grow(self.codes, 1, n_clusters_max)
-        self.key_sum = grow(self.key_sum, 1, n_clusters_max)
-        self.count = grow(self.count, 1, n_clusters_max)
-        self.last = grow(self.last, 1, n_clusters_max)
-        self.leader_tok = grow(self.leader_tok, 1, n_clusters_max)
+    def _ensure(self, n_clusters_max: int, n_tokens: int, n_clusters: torch.Tensor | None = None) -> None:
+        """Room for ``n_clusters_max`` clusters in the per-cluster buffers and ``n_tokens`` tokens, and
+        key sums for ``n_clusters[h]`` clusters of each head (None: as many as ``n_clusters_max`` in a
+        flat store; a paged store's pages for the fused add are made by the kernel)."""
+        self.codes = grow(self.codes, 1, n_clusters_max, factor=_GROWTH)
+        self.count = grow(self.count, 1, n_clusters_max, factor=_GROWTH)
+        self.last = grow(self.last, 1, n_clusters_max, factor=_GROWTH)
+        self.leader_tok = grow(self.leader_tok, 1, n_clusters_max, factor=_GROWTH)
         if self.code_update == "majority":
-            self.bit_count = grow(self.bit_count, 1, n_clusters_max)
+            self.bit_count = grow(self.bit_count, 1, n_clusters_max, factor=_GROWTH)
+        self.key_sums.ensure(self.n_clusters if n_clusters is None else n_clusters, n_clusters_max)
         self.tc.ensure(n_tokens)
+
+    def _compact(self) -> None:
+        """Hand the key store the clusters out of scope: never candidates again (see :mod:`vrex.resv.keysums`)."""
+        if self.scope_frames is not None and isinstance(self.key_sums, PagedKeySums):
+            self.key_sums.compact(self.clock - self.last > self.scope_frames, self.count, self.n_clusters)
+
+    def compacted_pages(self) -> int:
+        """Key pages holding bfloat16 means (every cluster in them out of scope), over all heads."""
+        return self.key_sums.compacted_pages()
 
     @property
     def token_cluster(self) -> torch.Tensor:
@@ -189,11 +215,14 @@ class HCTable:
 
         T = k32.shape[1]
         self._ensure(int(self.n_clusters.max()) + T if self.H else 0, start + T)  # room for T new clusters
-        ids, self.active, self.active_ok, self.last_comparisons = load().hc_add(
-            hash_bits(k32, self.planes), k32, self.active, self.active_ok, self.last, self.count, self.key_sum, self.codes,
-            self.leader_tok, self.tc.pages, self.tc.shift, self.n_clusters, start, self.clock, self.scope_frames,
-            self.threshold, self.inclusive, self.rule == "first")
+        pages, shift = self.key_sums.kernel_pages()
+        (ids, self.active, self.active_ok, self.last_comparisons), pages = load().hc_add(
+            hash_bits(k32, self.planes), k32, self.active, self.active_ok, self.last, self.count, pages,
+            shift, self.codes, self.leader_tok, self.tc.pages, self.tc.shift, self.n_clusters, start, self.clock,
+            self.scope_frames, self.threshold, self.inclusive, self.rule == "first")
+        self.key_sums.set_kernel_pages(pages)
         self.n_tokens = start + T
+        self._compact()
         return ids
 
     def add_singletons(self, keys: torch.Tensor, start: int, *, hash: bool = True) -> torch.Tensor:
@@ -213,11 +242,11 @@ class HCTable:
     def _commit(self, k32, codes, ids, is_leader, start) -> None:
         H, T, D = k32.shape
         n_new = is_leader.sum(1)
-        self._ensure(int((self.n_clusters + n_new).max()), start + T)
+        self._ensure(int((self.n_clusters + n_new).max()), start + T, self.n_clusters + n_new)
         C = self.codes.shape[1]
         flat = (ids + torch.arange(H).unsqueeze(1) * C).reshape(-1)
         self.count.view(-1).index_add_(0, flat, torch.ones(H * T, dtype=torch.int64))
-        self.key_sum.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
+        self.key_sums.add(ids, k32)
         self.last.view(-1)[flat] = self.clock
         lead_flat = flat[is_leader.reshape(-1)]
         self.codes.view(-1, self.B)[lead_flat] = codes.reshape(-1, self.B)[is_leader.reshape(-1)]
@@ -231,8 +260,8 @@ class HCTable:
             self.codes.view(-1, self.B)[touched] = pack_bits(maj)
         elif self.code_update == "mean":
             touched = torch.unique(flat)
-            mean = self.key_sum.view(-1, D)[touched] / self.count.view(-1)[touched].unsqueeze(-1)
             head = touched // C
+            mean = self.key_sums.sums_at(head, touched % C) / self.count.view(-1)[touched].unsqueeze(-1)
             proj = torch.einsum("nd,ndp->np", mean, self.planes[head])
             self.codes.view(-1, self.B)[touched] = pack_bits(proj > 0)
         self.n_clusters += n_new
@@ -240,6 +269,7 @@ class HCTable:
         if self.scope_frames is not None:
             self._update_active(ids)
         self.n_tokens = start + T
+        self._compact()
 
     def rebuild(self, keys: torch.Tensor) -> None:
         """Keys were re-rotated (``[H, N, D]``, N = n_tokens): keep memberships, recompute means and codes."""
@@ -249,8 +279,10 @@ class HCTable:
         k32 = keys.to(torch.float32)
         C = self.codes.shape[1]
         flat = (self.tc.read(0, N) + torch.arange(H).unsqueeze(1) * C).reshape(-1)
-        self.key_sum.zero_()
-        self.key_sum.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
+        sums = torch.zeros(H, C, D, dtype=torch.float32)
+        sums.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
+        self.key_sums.set_sums(sums, self.count)
+        del sums
         nmax = int(self.n_clusters.max()) if H else 0
         valid = torch.arange(nmax).expand(H, nmax) < self.n_clusters.unsqueeze(1)
         if self.code_update == "leader":
@@ -270,16 +302,20 @@ class HCTable:
         self.codes[:, :nmax] = torch.where(valid.unsqueeze(-1), new, cur)
 
     # ------------------------------------------------------------------ persistence
-    _STATE = ("n_clusters", "codes", "key_sum", "count", "last", "leader_tok", "bit_count",
+    _STATE = ("n_clusters", "codes", "count", "last", "leader_tok", "bit_count",
               "last_comparisons", "active", "active_ok")
 
     def state_dict(self) -> dict:
         """The table's contents (used rows only; capacity is not state) and its clocks; the hyperplanes
-        and knobs are the constructor's (``load_state_dict`` checks the hyperplanes match)."""
+        and knobs are the constructor's (``load_state_dict`` checks the hyperplanes match).
+
+        ``key_sum`` is float32 ``[H, Cmax, D]``: the sums, and in compacted pages (``key_pages_compacted``,
+        bool ``[H, pages]``) their bfloat16 means, which float32 holds exactly."""
         nmax = int(self.n_clusters.max()) if self.H else 0
         out = {k: getattr(self, k).clone() for k in self._STATE}
-        for k in ("codes", "key_sum", "count", "last", "leader_tok"):
+        for k in ("codes", "count", "last", "leader_tok"):
             out[k] = out[k][:, :nmax]
+        out["key_sum"], out["key_pages_compacted"] = self.key_sums.state(nmax)
         if self.code_update == "majority":
             out["bit_count"] = out["bit_count"][:, :nmax]
         out["token_cluster"] = self.token_cluster
@@ -291,6 +327,9 @@ class HCTable:
             raise ValueError("HC table state was hashed with other hyperplanes (another seed or sharing)")
         for k in self._STATE:
             setattr(self, k, state[k].clone())
+        # absent: a state saved before key pages (float32 sums throughout; compacted at the next add)
+        compacted = state.get("key_pages_compacted", torch.zeros(self.H, 0, dtype=torch.bool))
+        self.key_sums.load(state["key_sum"], compacted, self.n_clusters)
         self.tc = PagedIndex(self.H, self.tc.name)
         self.tc.write(0, state["token_cluster"])  # saved as int64 (or int32): checked on the way in
         self.n_tokens, self.clock = int(state["n_tokens"]), int(state["clock"])
@@ -301,8 +340,7 @@ class HCTable:
         nmax = int(self.n_clusters.max()) if self.H else 0
         cnt = self.count[:, :nmax]
         valid = cnt > 0
-        mean = self.key_sum[:, :nmax] / cnt.clamp(min=1).unsqueeze(-1).to(torch.float32)
-        return mean, valid
+        return self.key_sums.means(self.count, self.n_clusters, nmax), valid
 
     def counts(self) -> torch.Tensor:
         """Token counts ``int64 [H, Cmax]`` (0 for padding)."""
@@ -341,9 +379,10 @@ class HCTable:
         """Bytes this table holds in memory now (allocated, not the hardware model's ``nbytes``):
         ``tokens``, the token -> cluster map; ``clusters``, the per-cluster buffers (codes, key sums,
         counts, clocks, leaders, active list)."""
-        per_cluster = ("codes", "key_sum", "count", "last", "leader_tok", "bit_count", "active", "active_ok")
+        per_cluster = ("codes", "count", "last", "leader_tok", "bit_count", "active", "active_ok")
         return {"tokens": self.tc.nbytes(),
-                "clusters": sum(getattr(self, k).untyped_storage().nbytes() for k in per_cluster)}
+                "clusters": sum(getattr(self, k).untyped_storage().nbytes() for k in per_cluster)
+                + self.key_sums.nbytes()}
 
     def nbytes(self, key_bytes: int = 2, id_bytes: int = 4) -> int:
         """HC table size in bytes (see module docstring)."""
@@ -351,4 +390,4 @@ class HCTable:
         return int(self.n_clusters.sum()) * per_cluster + self.n_tokens * self.H * id_bytes
 
 
-__all__ = ["CodeUpdate", "HCTable"]
+__all__ = ["KEY_PAGE", "CodeUpdate", "FrozenMeans", "HCTable"]

@@ -365,14 +365,18 @@ static void check_tiers(const std::vector<Tensor>& kbufs, const std::vector<Tens
 // the table's buffers (count, key sum in token order as index_add_ does, last touch, leader code
 // and token, token -> cluster) and the new active list. The PyTorch path in vrex/resv/table.py is
 // the reference; tests/resv/test_table_fast.py holds the two equal, tensor for tensor.
-// The caller ticks the clock and grows the buffers (room for T new clusters and T tokens).
-// Returns (cluster ids int64 [H, T], active int64 [H, A], active_ok bool [H, A], comparisons int64 [H]).
-std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor active_ok, Tensor last, Tensor count,
-                           Tensor key_sum, Tensor codes, Tensor leader_tok, std::vector<Tensor> tc_pages, int64_t tc_shift,
+// The caller ticks the clock and grows the per-cluster buffers (room for T new clusters) and the
+// token -> cluster pages; the key pages a head needs are made here.
+// Returns ((cluster ids int64 [H, T], active int64 [H, A], active_ok bool [H, A], comparisons int64 [H]),
+// the key pages per head with any new ones).
+std::tuple<std::vector<Tensor>, std::vector<std::vector<Tensor>>> hc_add(
+                           Tensor bits, Tensor keys, Tensor active, Tensor active_ok, Tensor last, Tensor count,
+                           std::vector<std::vector<Tensor>> key_pages, int64_t key_shift, Tensor codes, Tensor leader_tok,
+                           std::vector<Tensor> tc_pages, int64_t tc_shift,
                            Tensor n_clusters, int64_t start, int64_t clock, int64_t scope, int64_t threshold, bool inclusive, bool first) {
   TORCH_CHECK(bits.dim() == 3 && bits.scalar_type() == at::kBool, "bits must be bool [H, T, n_hp]");
   TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous(), "keys must be contiguous float32 [H, T, D]");
-  for (const Tensor* t : {&last, &count, &key_sum, &codes, &leader_tok, &n_clusters})
+  for (const Tensor* t : {&last, &count, &codes, &leader_tok, &n_clusters})
     TORCH_CHECK(t->is_contiguous(), "HC table buffers must be contiguous");
   bits = bits.contiguous();
   active = active.contiguous();
@@ -382,9 +386,26 @@ std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor activ
   TORCH_CHECK(B == (P + 7) / 8, "codes hold ", B, " bytes per code, n_hp=", P, " needs ", (P + 7) / 8);
   const Paged tc(tc_pages, tc_shift, H, start + T, "token_cluster");
   TORCH_CHECK(Ccap <= std::numeric_limits<int32_t>::max(), "cluster ids past int32 (", Ccap, " clusters)");
+  // key sums per head (vrex/resv/keysums.py) in pages of KP cluster ids, [KP, D] each: float32 while
+  // a page may still be touched, bfloat16 means once every cluster of it left the scope, which get no
+  // pointer. A head's new pages are made here, when its first cluster of the page is. A flat store
+  // passes one page per head, its whole buffer, and a shift past any id (never a new page).
+  TORCH_CHECK(key_shift >= 0 && key_shift < 63, "key_shift out of range: ", key_shift);
+  const int64_t KP = int64_t(1) << key_shift;
+  TORCH_CHECK((int64_t)key_pages.size() == H, "HC key pages: one list per head expected, got ", key_pages.size());
   int64_t* ncl = n_clusters.data_ptr<int64_t>();
-  for (int64_t h = 0; h < H; ++h)
+  std::vector<std::vector<float*>> key_base(H);
+  for (int64_t h = 0; h < H; ++h) {
     TORCH_CHECK(ncl[h] + T <= Ccap, "HC table has room for ", Ccap, " clusters, head ", h, " may need ", ncl[h] + T);
+    for (const auto& kpg : key_pages[h]) {
+      const bool flat = key_pages[h].size() == 1 && kpg.size(0) < KP;
+      TORCH_CHECK(kpg.dim() == 2 && kpg.is_contiguous() && kpg.size(1) == D && (kpg.size(0) == KP || flat),
+                  "HC key pages must be contiguous [", KP, ", ", D, "]");
+      TORCH_CHECK(!flat || (kpg.size(0) >= ncl[h] + T && kpg.scalar_type() == at::kFloat),
+                  "a flat HC key buffer must be float32 with room for ", ncl[h] + T, " clusters, head ", h);
+      key_base[h].push_back(kpg.scalar_type() == at::kFloat ? kpg.data_ptr<float>() : nullptr);
+    }
+  }
   auto ids_out = at::empty({H, T}, at::kLong);
   auto comps = at::zeros({H}, at::kLong);
   std::vector<std::vector<int64_t>> next_active(H);
@@ -394,7 +415,6 @@ std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor activ
   const bool* aok = active_ok.data_ptr<bool>();
   int64_t* lastp = last.data_ptr<int64_t>();
   int64_t* cntp = count.data_ptr<int64_t>();
-  float* ksp = key_sum.data_ptr<float>();
   uint8_t* cdp = codes.data_ptr<uint8_t>();
   int64_t* ltp = leader_tok.data_ptr<int64_t>();
   int64_t* idp = ids_out.data_ptr<int64_t>();
@@ -456,10 +476,17 @@ std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor activ
           target = ncl[h] + n_new++;
           std::memcpy(cdp + (h * Ccap + target) * B, code, B);
           ltp[h * Ccap + target] = start + t;
+          while ((int64_t)key_base[h].size() <= (target >> key_shift)) {  // this head only: no race
+            key_pages[h].push_back(at::zeros({KP, D}, at::kFloat));
+            key_base[h].push_back(key_pages[h].back().data_ptr<float>());
+          }
         }
         ids[t] = target;
         cntp[h * Ccap + target] += 1;
-        float* sum = ksp + (h * Ccap + target) * D;
+        float* page = key_base[h][target >> key_shift];
+        // a compacted page holds only clusters out of scope, which are never candidates: unreachable
+        TORCH_CHECK(page != nullptr, "HC table: cluster ", target, " of head ", h, " is in a compacted key page");
+        float* sum = page + (target & (KP - 1)) * D;
         const float* k = kp + (h * T + t) * D;
         for (int64_t d = 0; d < D; ++d) sum[d] += k[d];
         lastp[h * Ccap + target] = clock;
@@ -486,7 +513,7 @@ std::vector<Tensor> hc_add(Tensor bits, Tensor keys, Tensor active, Tensor activ
     std::copy(next_active[h].begin(), next_active[h].end(), act.data_ptr<int64_t>() + h * A2);
     std::fill(act_ok.data_ptr<bool>() + h * A2, act_ok.data_ptr<bool>() + h * A2 + next_active[h].size(), true);
   }
-  return {ids_out, act, act_ok, comps};
+  return {std::vector<Tensor>{ids_out, act, act_ok, comps}, key_pages};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ Parameters (paper defaults first; [U] = unstated in the paper, documented choice
   ticking the frame clock) | ``"singleton"`` (each text token its own cluster) [U].
 * ``clustering`` True; False = the paper's "without clustering" ablation (``resv-noclust``):
   every token is its own cluster, WiCSum runs over tokens.
+* ``frozen_means`` ``"bfloat16"`` | ``"float32"``: how the HC table keeps the mean keys of clusters
+  that left the scope window (never touched again): in bfloat16, as the hardware stores them, at
+  half the memory (default; vrex's choice, issue 18), or as float32 sums. See :mod:`vrex.resv.table`.
 * ``key_bytes`` 2: bytes per element assumed for the HC table's mean keys and the KV size in
   ``hc_ratio`` (bf16, as the hardware).
 
@@ -81,6 +84,7 @@ _CHOICES = {
     "sort_by": ("score", "weighted"),
     "selection_scope": ("head", "layer"),
     "text_clustering": ("cluster", "singleton"),
+    "frozen_means": ("bfloat16", "float32"),
 }
 
 
@@ -110,6 +114,7 @@ class ReSVPolicy(KVPolicy):
     clustering: bool = True
     key_bytes: int = 2
     max_tokens: int | None = None
+    frozen_means: str = "bfloat16"
     tables: list[HCTable] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +141,7 @@ class ReSVPolicy(KVPolicy):
         self.tables = [
             HCTable(num_kv_heads, head_dim, planes[i], threshold=self.hamming_threshold, inclusive=self.inclusive,
                     rule=self.assign_rule, intra=self.intra, code_update=self.code_update,
-                    scope_frames=self.scope_frames, max_candidates=self.max_candidates)
+                    scope_frames=self.scope_frames, max_candidates=self.max_candidates, frozen_means=self.frozen_means)
             for i in range(num_layers)
         ]
 
