@@ -36,6 +36,11 @@ KEY_PAGE = 128
 _FLAT_SHIFT = 62
 
 
+def _divisor(count: Tensor) -> Tensor:
+    """``float32 [..., 1]`` member counts to divide sums by (at least 1: padding divides 0 by 1)."""
+    return count.clamp(min=1).unsqueeze(-1).to(torch.float32)
+
+
 class FlatKeySums:
     """Every sum in one ``float32 [H, capacity, D]`` buffer (see the module docstring)."""
 
@@ -57,9 +62,9 @@ class FlatKeySums:
         return self.buf[head, ids]
 
     def means(self, count: Tensor, n_clusters: Tensor, nmax: int) -> Tensor:
-        return self.buf[:, :nmax] / count[:, :nmax].clamp(min=1).unsqueeze(-1).to(torch.float32)
+        return self.buf[:, :nmax] / _divisor(count[:, :nmax])
 
-    def compact(self, frozen: Tensor, count: Tensor, n_clusters: Tensor) -> None:
+    def compact(self, last: Tensor, before: int, count: Tensor, n_clusters: Tensor) -> None:
         """Keeps every sum."""
 
     def set_sums(self, sums: Tensor, count: Tensor) -> None:
@@ -141,17 +146,18 @@ class PagedKeySums:
             for p, a, b in self.spans(n):
                 if pages[p].dtype == torch.float32:
                     m = mean[h, a:b]
-                    torch.div(m, count[h, a:b].clamp(min=1).unsqueeze(-1).to(torch.float32), out=m)
+                    torch.div(m, _divisor(count[h, a:b]), out=m)
         return mean[:, :nmax]
 
-    def compact(self, frozen: Tensor, count: Tensor, n_clusters: Tensor) -> None:
-        """Compact each head's full pages whose clusters are all ``frozen`` (``bool [H, >= clusters]``)."""
+    def compact(self, last: Tensor, before: int, count: Tensor, n_clusters: Tensor) -> None:
+        """Compact each head's full pages whose clusters were all last touched (``last [H, >= clusters]``)
+        before frame clock ``before``: out of scope for good. Only live full pages are looked at."""
         for h, pages in enumerate(self.pages):
             for p in range(int(n_clusters[h]) // KEY_PAGE):  # pages whose every id exists
                 if pages[p].dtype == torch.float32:
                     a, b = p * KEY_PAGE, (p + 1) * KEY_PAGE
-                    if bool(frozen[h, a:b].all()):
-                        pages[p] = (pages[p] / count[h, a:b].clamp(min=1).unsqueeze(-1).to(torch.float32)).to(torch.bfloat16)
+                    if bool((last[h, a:b] < before).all()):
+                        pages[p] = (pages[p] / _divisor(count[h, a:b])).to(torch.bfloat16)
 
     def set_sums(self, sums: Tensor, count: Tensor) -> None:
         for h, pages in enumerate(self.pages):
@@ -159,7 +165,7 @@ class PagedKeySums:
                 if pages[p].dtype == torch.float32:
                     pages[p][: b - a] = sums[h, a:b]
                 else:  # a compacted page keeps its form: the new means, rounded as before
-                    pages[p][: b - a] = (sums[h, a:b] / count[h, a:b].clamp(min=1).unsqueeze(-1).to(torch.float32)).to(torch.bfloat16)
+                    pages[p][: b - a] = (sums[h, a:b] / _divisor(count[h, a:b])).to(torch.bfloat16)
 
     def state(self, nmax: int) -> tuple[Tensor, Tensor]:
         """``float32 [H, nmax, D]`` sums, or in compacted pages their bfloat16 means (float32 holds them

@@ -84,7 +84,6 @@ class HCTable:
         self.B = code_bytes(self.n_hp)
         self.threshold, self.inclusive, self.rule, self.intra = threshold, inclusive, rule, intra
         self.code_update, self.scope_frames, self.max_candidates = code_update, scope_frames, max_candidates
-        self.frozen_means = frozen_means
         self.n_clusters = torch.zeros(H, dtype=torch.int64)
         self.codes = torch.zeros(H, 0, self.B, dtype=torch.uint8)
         self.key_sums: KeySums = PagedKeySums(H, D) if frozen_means == "bfloat16" else FlatKeySums(H, D)
@@ -114,9 +113,10 @@ class HCTable:
         self.tc.ensure(n_tokens)
 
     def _compact(self) -> None:
-        """Hand the key store the clusters out of scope: never candidates again (see :mod:`vrex.resv.keysums`)."""
-        if self.scope_frames is not None and isinstance(self.key_sums, PagedKeySums):
-            self.key_sums.compact(self.clock - self.last > self.scope_frames, self.count, self.n_clusters)
+        """Tell the key store which clusters are out of scope (last touched more than ``scope_frames``
+        frames ago: never candidates again; see :mod:`vrex.resv.keysums`)."""
+        if self.scope_frames is not None:
+            self.key_sums.compact(self.last, self.clock - self.scope_frames, self.count, self.n_clusters)
 
     def compacted_pages(self) -> int:
         """Key pages holding bfloat16 means (every cluster in them out of scope), over all heads."""
