@@ -59,12 +59,16 @@ def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mod
         assert torch.equal(taken, ref.taken)
 
 
-def test_cluster_token_ids_equal_table_mask():
+@pytest.mark.parametrize("narrow", [False, True])
+def test_cluster_token_ids_equal_table_mask(narrow):
     g = torch.Generator().manual_seed(3)
     tc = torch.randint(0, 12, (3, 200), generator=g)
     chosen = torch.rand(3, 12, generator=g) > 0.5
     paged = PagedIndex(3, "token_cluster", page=64)  # 150 tokens over three pages, the last one partly
     paged.write(0, tc)
+    if narrow:  # the two pages below token 150 as int16 offsets, the others int32 (the kernel reads both)
+        paged.compact(150)
+        assert [p.dtype for p in paged.pages] == [torch.int16, torch.int16, torch.int32, torch.int32]
     ids, offs = ext.cluster_token_ids(chosen, paged.pages, paged.shift, 150)
     for h in range(3):
         want = torch.nonzero(chosen[h][tc[h, :150]]).flatten()
@@ -83,11 +87,12 @@ def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
 
 @pytest.mark.parametrize("tiers", ["device", "host", "disk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path):
+def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path, monkeypatch):
     """Slots planned in C++ and attended head by head (attend_plan) == the reference gather of the same selection
     (+ always-kept ranges): same attention output, same tokens read, same store counters; with
     per-head selections of different lengths, a host tier, a disk tier read in place through its
-    memory maps, ring slots and bf16 storage."""
+    memory maps (its token -> slot pages narrowed to 16-bit offsets), ring slots and bf16 storage."""
+    monkeypatch.setattr("vrex.kv.index.PAGE_TOKENS", 16)  # full pages below the disk tier's end within 84 tokens
     H, D, G, T = 2, 8, 3, 4
     block = 7 * H * D * torch.empty(0, dtype=dtype).element_size()  # bytes of one 7-token block, one K or V
     tiers = {"device": {}, "host": {"device_budget_bytes": 3 * 2 * block},
@@ -115,6 +120,7 @@ def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path):
         assert fast_store.counters()["fetch_host_bytes"] > 0
     if "host_budget_bytes" in tiers:
         assert fast_store.tier_bounds(0)[0] > 0 and len(plan.kbufs) == 3  # disk, host and device all read
+        assert fast_store._layers[0].pos.narrow_pages() > 0
         assert fast_store.counters()["fetch_disk_bytes"] > 0
 
 

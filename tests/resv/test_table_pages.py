@@ -156,3 +156,26 @@ def test_fused_add_compacts_as_the_reference_does():
 def test_frozen_means_is_checked():
     with pytest.raises(ValueError, match="frozen_means"):
         _table(frozen_means="float16")
+
+
+@pytest.mark.skipif(not available(), reason="the C++ kernels could not be built here")
+def test_token_cluster_pages_narrow_behind_the_stream(monkeypatch):
+    """The token -> cluster map's full pages become int16 offsets (vrex.kv.index) as the stream passes
+    them, in the fused add and in the reference alike; the kernel that maps chosen clusters to tokens
+    reads them to the same ids as the reference mask, and a state round trip gives the same map."""
+    monkeypatch.setattr("vrex.kv.index.PAGE_TOKENS", 64)  # 40 frames of 24 tokens: 15 pages
+    fast, ref = _table(), _table()
+    for i, fr in enumerate(_frames(40, seed=2)):
+        assert torch.equal(fast.add(fr, i * T, fast=True), ref.add(fr, i * T))
+    n = 40 * T
+    assert fast.tc.narrow_pages() == ref.tc.narrow_pages() == n // 64  # every full page, not the last one
+    assert fast.tc.nbytes() < 0.6 * len(fast.tc.pages) * H * 64 * 4
+    assert torch.equal(fast.token_cluster, ref.token_cluster)
+    chosen = torch.rand(H, int(fast.n_clusters.max()), generator=torch.Generator().manual_seed(4)) > 0.7
+    ids, offs = fast.chosen_token_ids(chosen, n)
+    mask = ref.token_mask(chosen, n)
+    for h in range(H):
+        assert torch.equal(ids[offs[h] : offs[h + 1]], torch.nonzero(mask[h]).flatten())
+    again = _table()
+    again.load_state_dict(fast.state_dict())
+    assert torch.equal(again.token_cluster, fast.token_cluster)

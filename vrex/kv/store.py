@@ -437,6 +437,7 @@ class KVStore:
             L.pos.write(start, torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T)))
             L.permuted = L.permuted or T > 1
         L.n = start + T
+        L.pos.compact(L.d_end)  # slots on the disk tier never change: 16-bit offsets (vrex.kv.index)
         return start
 
     def _push_below_device(self, L: _Layer, start: int, length: int, k, v, ids) -> tuple[int, str]:

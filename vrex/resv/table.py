@@ -114,7 +114,10 @@ class HCTable:
 
     def _compact(self) -> None:
         """Tell the key store which clusters are out of scope (last touched more than ``scope_frames``
-        frames ago: never candidates again; see :mod:`vrex.resv.keysums`)."""
+        frames ago: never candidates again; see :mod:`vrex.resv.keysums`), and narrow the full pages
+        of the token -> cluster map (tokens before ``n_tokens`` keep their cluster; see
+        :mod:`vrex.kv.index`)."""
+        self.tc.compact(self.n_tokens)
         if self.scope_frames is not None:
             self.key_sums.compact(self.last, self.clock - self.scope_frames, self.count, self.n_clusters)
 

@@ -183,21 +183,45 @@ static std::vector<Tensor> pack_per_head(const std::vector<std::vector<int64_t>>
   return {values, offs};
 }
 
-// A per-token index of vrex.kv.index.PagedIndex: int32 pages [H, 1 << shift]; entry t of row h is
-// page(t >> shift)[h, t & (P - 1)]. The pages are checked once per call, then read through raw pointers.
+// A per-token index of vrex.kv.index.PagedIndex: pages of 1 << shift tokens; entry t of row h is in
+// page t >> shift at column t & (P - 1). A page is int32 [H, P], or, once final, int16 [H, 2 + P]: a
+// row's first two int16 hold its int32 bias, then value - bias. The pages are checked once per call,
+// then read through raw pointers; only int32 pages are written (a narrow page is never written again).
 struct Paged {
-  std::vector<int32_t*> base;
+  std::vector<int32_t*> wide;          // int32 page, or nullptr
+  std::vector<const int16_t*> narrow;  // int16 page, or nullptr
   int64_t shift, P, rows;
   Paged(const std::vector<Tensor>& pages, int64_t shift_, int64_t rows_, int64_t need, const char* what)
       : shift(shift_), P(int64_t(1) << shift_), rows(rows_) {
     TORCH_CHECK((int64_t)pages.size() * P >= need, what, " has room for ", (int64_t)pages.size() * P, " tokens, needs ", need);
     for (const auto& p : pages) {
-      TORCH_CHECK(p.scalar_type() == at::kInt && p.is_contiguous() && p.size(0) == rows && p.size(1) == P,
-                  what, " pages must be contiguous int32 [", rows, ", ", P, "]");
-      base.push_back(p.data_ptr<int32_t>());
+      const bool is_wide = p.scalar_type() == at::kInt;
+      TORCH_CHECK((is_wide || p.scalar_type() == at::kShort) && p.is_contiguous() && p.dim() == 2 && p.size(0) == rows &&
+                      p.size(1) == (is_wide ? P : P + 2),
+                  what, " pages must be contiguous int32 [", rows, ", ", P, "] or int16 [", rows, ", ", P + 2, "]");
+      wide.push_back(is_wide ? p.data_ptr<int32_t>() : nullptr);
+      narrow.push_back(is_wide ? nullptr : p.data_ptr<int16_t>());
     }
   }
-  int32_t& at(int64_t h, int64_t t) const { return base[t >> shift][h * P + (t & (P - 1))]; }
+  // Row h of narrow page p: its bias, and a pointer to its P offsets.
+  const int16_t* narrow_row(int64_t p, int64_t h, int64_t& bias) const {
+    const int16_t* r = narrow[p] + h * (P + 2);
+    int32_t b;
+    std::memcpy(&b, r, sizeof b);
+    bias = b;
+    return r + 2;
+  }
+  int64_t get(int64_t h, int64_t t) const {
+    const int64_t p = t >> shift, o = t & (P - 1);
+    if (wide[p]) return wide[p][h * P + o];
+    int64_t bias;
+    return bias + narrow_row(p, h, bias)[o];
+  }
+  int32_t& at(int64_t h, int64_t t) const {  // for writing: int32 pages only
+    int32_t* page = wide[t >> shift];
+    TORCH_CHECK(page != nullptr, "per-token index: token ", t, " is in a narrow (final) page");
+    return page[h * P + (t & (P - 1))];
+  }
 };
 
 // Token ids (ascending) of the chosen clusters, per head: ids < n_past whose cluster is chosen.
@@ -212,12 +236,20 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_page
     for (int64_t h = h0; h < h1; ++h) {
       auto& out = per[h];
       out.reserve(n_past / 2);
-      for (int64_t t0 = 0; t0 < n_past; t0 += tc.P) {  // one page at a time: a plain loop over its row
-        const int32_t* row = &tc.at(h, t0);
-        const int64_t n = std::min(tc.P, n_past - t0);
+      auto scan = [&](int64_t t0, int64_t n, auto row, int64_t bias) {  // a plain loop over one page's row
         for (int64_t i = 0; i < n; ++i) {
-          int64_t c = row[i];
+          int64_t c = bias + row[i];
           if (c >= 0 && c < C && ch[h * C + c]) out.push_back(t0 + i);
+        }
+      };
+      for (int64_t t0 = 0; t0 < n_past; t0 += tc.P) {
+        const int64_t p = t0 >> tc.shift, n = std::min(tc.P, n_past - t0);
+        if (tc.wide[p]) {
+          scan(t0, n, tc.wide[p] + h * tc.P, 0);
+        } else {
+          int64_t bias;
+          const int16_t* row = tc.narrow_row(p, h, bias);
+          scan(t0, n, row, bias);
         }
       }
     }
@@ -277,7 +309,7 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
       auto take = [&](int64_t t) {
         if (ev && ev[t]) return;
         sel[h]++;
-        int64_t s = pos.at(h, t);
+        int64_t s = pos.get(h, t);
         if (t < d_end) disk[h].push_back(s);
         else if (t < h_end) host[h].push_back(s);
         else dev[h].push_back(s);
