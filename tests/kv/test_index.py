@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from vrex.kv.index import INT32_MAX, NARROW_SPAN, IndexOverflow, PagedIndex
 
@@ -27,8 +27,9 @@ def _values(rows: int, n: int, seed: int) -> torch.Tensor:
     return 1000 + torch.randint(0, 2, (rows, n), generator=g) * (NARROW_SPAN + seed % 2)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(rows=st.integers(1, 3), page=st.sampled_from([1, 4, 8, 16]), ops=ops)
+@example(rows=1, page=1, ops=[("write", 0, 1, 0), ("compact", 1, 0, 0), ("write", 0, 1, 0)])  # one row: its bias view
 def test_paged_index_equals_a_plain_tensor(rows, page, ops):
     """Writes, scatters, compaction to int16 offsets and the three reads over page boundaries (pages of
     1 to 16 tokens) give what one int64 tensor gives; values include negatives (-1: no slot), large ones

@@ -68,7 +68,8 @@ def _narrow_page(wide: Tensor) -> Tensor | None:
 
 def _bias(page: Tensor) -> Tensor:
     """The int32 bias of every row of a narrow page, ``int64 [rows, 1]``."""
-    return page[:, :NARROW_HEAD].contiguous().view(torch.int32).to(torch.int64)
+    # reshape(-1) packs the heads even for one row (a [1, 2] slice counts as contiguous with its stride)
+    return page[:, :NARROW_HEAD].reshape(-1).view(torch.int32).to(torch.int64).unsqueeze(1)
 
 
 class PagedIndex:
