@@ -183,3 +183,33 @@ def test_a_trace_file_even_root_cannot_write_is_refused_before_loading(places):
         pytest.skip("needs Linux /proc")
     result = _invoke(["run", places["clip"], "--trace", "/proc/version"])
     assert result.exit_code == 2 and "--trace '/proc/version': cannot be written" in result.output
+
+
+_BEFORE_THE_ENGINE = """
+import sys
+from vrex.cli import app
+try:
+    app(sys.argv[1:], prog_name="vrex")
+except SystemExit as e:
+    code = e.code
+print("EXIT", code, "TRANSFORMERS", "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["bench", "kv", "--policies", "resv[ratio=abc]"], "--policies"),
+    (["bench", "stream", "--policies", "resv[ratio=2]"], "--policies"),
+    (["bench", "stream", "--sizes", "1q"], "size '1q'"),
+    (["bench", "streams", "--policies", "bogus"], "--policies"),
+    (["bench", "streams", "--counts", "0"], "--counts"),
+    (["bench", "engine", "--sizes", "bogus"], "size 'bogus'"),
+])
+def test_bench_options_are_refused_before_the_engine_is_imported(argv, option):
+    """The benchmarks check their options before importing transformers and the engine (seconds of
+    imports): a fresh interpreter exits 2 naming the option, with transformers never imported."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BEFORE_THE_ENGINE, *argv], capture_output=True, text=True, timeout=120)
+    assert "EXIT 2 TRANSFORMERS False" in done.stdout, done.stdout + done.stderr
+    assert option in " ".join((done.stdout + done.stderr).split()), done.stdout + done.stderr

@@ -39,7 +39,6 @@ def bench_stream(
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
     (top-1, KL over >= 300 teacher-forced positions) as a real stream grows towards an hour, per policy."""
-    from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_FILL_WINDOW, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
     from vrex.kv.policies.spec import PolicySpecError
 
     if kernels not in ("fast", "reference"):
@@ -50,8 +49,13 @@ def bench_stream(
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
     if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
         fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
-    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else list(QUICK_SIZES if quick else FULL_SIZES)
-    specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(QUICK_POLICIES if quick else FULL_POLICIES)
+    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else None
+    specs = _checked_specs(policies, ";", "--policies")
+    # transformers and the engine: imported after every option is checked (an error in under 2 s)
+    from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_FILL_WINDOW, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
+
+    size_list = size_list or list(QUICK_SIZES if quick else FULL_SIZES)
+    specs = specs or list(QUICK_POLICIES if quick else FULL_POLICIES)
     try:
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
                          log=log, lm=lm, lm_dtype=lm_dtype,
@@ -76,26 +80,29 @@ def bench_streams(
 ) -> None:
     """Aggregate frames/s and p50/p99 per-frame latency of B live streams at one cached length:
     one batched engine against one process per stream, per policy."""
-    from vrex.bench.streams import FULL, QUICK, run_streams_bench
     from vrex.kv.policies.spec import PolicySpecError
 
-    base = QUICK if quick else FULL
     if kernels not in ("fast", "reference"):
         fail(f"--kernels: '{kernels}': choose fast or reference")
     if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
         fail(choice_error("--lm-dtype", lm_dtype, LM_DTYPES))
     try:
-        count_list = [int(c) for c in counts.split(",")] if counts else list(base["counts"])
+        count_list = [int(c) for c in counts.split(",")] if counts else None
     except ValueError:
         fail(f"--counts: '{counts}': give whole numbers, e.g. 1,2,4,8")
-    if min(count_list) < 1:
+    if count_list and min(count_list) < 1:
         fail(f"--counts: '{counts}': every count must be >= 1")
-    mode_list = [m.strip() for m in modes.split(",")] if modes else list(base["modes"])
-    bad = [m for m in mode_list if m not in ("batched", "separate")]
+    mode_list = [m.strip() for m in modes.split(",")] if modes else None
+    bad = [m for m in mode_list or [] if m not in ("batched", "separate")]
     if bad:
         fail(f"--modes: '{bad[0]}': choose batched or separate")
-    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else list(base["sizes"])
-    specs = [p.strip() for p in policies.split(";") if p.strip()] if policies else list(base["policies"])
+    size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else None
+    specs = _checked_specs(policies, ";", "--policies")
+    from vrex.bench.streams import FULL, QUICK, run_streams_bench  # the engine: after every option is checked
+
+    base = QUICK if quick else FULL
+    count_list, mode_list = count_list or list(base["counts"]), mode_list or list(base["modes"])
+    size_list, specs = size_list or list(base["sizes"]), specs or list(base["policies"])
     try:
         run_streams_bench(counts=count_list, sizes=size_list, modes=mode_list, policies=specs, frames=frames,
                           kernels=kernels, lm_dtype=lm_dtype, out=out, log=log)
@@ -112,11 +119,29 @@ def bench_engine(
 ) -> None:
     """Per-frame latency (vision, prefill, total) and per-token decode latency of the `full` policy at growing
     cached-token counts, and peak memory, on real clips. The baseline the ReSV policies must beat."""
-    from vrex.bench.engine import run_engine_bench
+    size_list = [_parse_size(s) for s in sizes.split(",")]
+    from vrex.bench.engine import run_engine_bench  # the engine: after the option is checked
 
-    rows = run_engine_bench([_parse_size(s) for s in sizes.split(",")], frames=frames, tokens=tokens, out=out, log=log)
+    rows = run_engine_bench(size_list, frames=frames, tokens=tokens, out=out, log=log)
     _engine_table(rows)
     err.print(f"wrote {out / 'engine.json'} and {out / 'engine.png'}", markup=False)
+
+
+def _checked_specs(text: str | None, sep: str, option: str) -> list[str] | None:
+    """``text``'s policy specs split on ``sep``, each checked (name, parameters, types, ranges; no model
+    needed), or None when not given; a bad one exits 2 naming ``option``."""
+    from vrex.kv.policies import make_policy
+    from vrex.kv.policies.spec import PolicySpecError
+
+    if not text:
+        return None
+    specs = [p.strip() for p in text.split(sep) if p.strip()]
+    for spec in specs:
+        try:
+            make_policy(spec)
+        except PolicySpecError as e:
+            raise typer.BadParameter(str(e), param_hint=option)
+    return specs
 
 
 def _parse_size(text: str) -> int:
@@ -143,7 +168,6 @@ def bench_kv(
 ) -> None:
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
     ratios (frame prefill and decoding), fidelity to `full` (top-1, KL, answers), memory per tier, bytes moved."""
-    from vrex.bench.kv import QUESTIONS, run_kv_bench
     from vrex.kv.policies import POLICIES, PolicySpecError, make_policy
     from vrex.kv.policies.spec import split_spec_list
 
@@ -166,6 +190,8 @@ def bench_kv(
     size_list = [1024, 2048, 4096] if quick else [_parse_size(s) for s in sizes.split(",")]
     if quick:
         frames, questions = min(frames, 3), 1
+    from vrex.bench.kv import QUESTIONS, run_kv_bench  # transformers and the engine: after every option is checked
+
     try:
         rows = run_kv_bench(names, size_list, frames=frames, n_questions=max(1, min(questions, len(QUESTIONS))),
                             answer_tokens=answer_tokens, device_tokens=device_tokens, recent_tokens=recent_tokens, out=out,
