@@ -201,6 +201,7 @@ print("EXIT", code, "TRANSFORMERS", "transformers" in sys.modules)
     (["bench", "stream", "--policies", "resv[ratio=2]"], "--policies"),
     (["bench", "stream", "--sizes", "1q"], "size '1q'"),
     (["bench", "streams", "--policies", "bogus"], "--policies"),
+    (["bench", "stream", "--policies", " ; "], "names no policy"),
     (["bench", "streams", "--counts", "0"], "--counts"),
     (["bench", "engine", "--sizes", "bogus"], "size 'bogus'"),
 ])

@@ -136,6 +136,8 @@ def _checked_specs(text: str | None, sep: str, option: str) -> list[str] | None:
     if not text:
         return None
     specs = [p.strip() for p in text.split(sep) if p.strip()]
+    if not specs:
+        raise typer.BadParameter(f"'{text}' names no policy; give specs separated by '{sep}', e.g. full{sep}resv", param_hint=option)
     for spec in specs:
         try:
             make_policy(spec)
