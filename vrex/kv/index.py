@@ -124,15 +124,18 @@ class PagedIndex:
         self._unchecked = min(self._unchecked, p)
         return page
 
+    def _stored(self, p: int) -> tuple[Tensor, Tensor | int]:
+        """Page ``p`` as stored, ``[rows, page]``, and what to add to an entry read from it: 0 for an
+        int32 page; for a narrow one its offsets (a view) and the rows' biases ``int64 [rows, 1]``."""
+        page = self.pages[p]
+        return (page, 0) if page.dtype == torch.int32 else (page[:, NARROW_HEAD:], _bias(page))
+
     def _cols(self, p: int, cols: Tensor | slice, row: int | None = None) -> Tensor:
         """Columns ``cols`` of page ``p`` (every row, or one ``row``) as int64, whatever its width."""
-        page = self.pages[p]
-        rows = slice(None) if row is None else row
-        if page.dtype == torch.int32:
-            return page[rows][..., cols].to(torch.int64)
-        off = page[:, NARROW_HEAD:][rows][..., cols].to(torch.int64)
-        bias = _bias(page)
-        return off + (bias if row is None else bias[row])
+        stored, bias = self._stored(p)
+        if row is None:
+            return stored[:, cols].to(torch.int64) + bias
+        return stored[row, cols].to(torch.int64) + (bias if isinstance(bias, int) else bias[row])
 
     def _narrow(self, values: Tensor) -> Tensor:
         """``values`` as int32, refusing any outside the int32 range (never a silent wrap)."""
@@ -195,12 +198,8 @@ class PagedIndex:
         for p in torch.unique(pg).tolist():
             m = pg == p
             cols = torch.where(m, ids & (self.page - 1), 0)  # ids of other pages read column 0, then are masked out
-            page = self.pages[p]
-            if page.dtype == torch.int32:
-                got = page.gather(1, cols).to(torch.int64)
-            else:
-                got = page[:, NARROW_HEAD:].gather(1, cols).to(torch.int64) + _bias(page)
-            out[m] = got[m]
+            stored, bias = self._stored(p)
+            out[m] = (stored.gather(1, cols).to(torch.int64) + bias)[m]
         return out
 
     def scatter(self, ids: Tensor, values: Tensor) -> None:
