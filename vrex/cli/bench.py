@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
-from vrex.cli.options import LM_PRESETS, POLICY_NAMES, choice_error, fail, lm_errors, log, model_ref_error, recent_tokens_error, require_extra
+from vrex.cli.options import LM_PRESETS, POLICY_NAMES, check_policy_specs, choice_error, fail, lm_errors, log, model_ref_error, recent_tokens_error, require_extra
 from vrex.models.dtypes import DEFAULT_LM_DTYPE, LM_DTYPES
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
@@ -39,8 +39,6 @@ def bench_stream(
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
     (top-1, KL over >= 300 teacher-forced positions) as a real stream grows towards an hour, per policy."""
-    from vrex.kv.policies.spec import PolicySpecError
-
     if kernels not in ("fast", "reference"):
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
     if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
@@ -50,7 +48,7 @@ def bench_stream(
     if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
         fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
     size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else None
-    specs = _checked_specs(policies, ";", "--policies")
+    specs = _checked_specs(policies, ";", "--policies")  # the defaults below are valid policies
     # transformers and the engine: imported after every option is checked (an error in under 2 s)
     from vrex.bench.stream import FULL_POLICIES, FULL_SIZES, QUICK_FILL_WINDOW, QUICK_POLICIES, QUICK_SIZES, run_stream_bench
 
@@ -60,8 +58,6 @@ def bench_stream(
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
                          log=log, lm=lm, lm_dtype=lm_dtype,
                          fill_window=(QUICK_FILL_WINDOW if quick else 0) if fill_window is None else fill_window)
-    except PolicySpecError as e:
-        raise typer.BadParameter(str(e), param_hint="--policies")
     except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
         fail(f"--lm: {e}")
 
@@ -80,8 +76,6 @@ def bench_streams(
 ) -> None:
     """Aggregate frames/s and p50/p99 per-frame latency of B live streams at one cached length:
     one batched engine against one process per stream, per policy."""
-    from vrex.kv.policies.spec import PolicySpecError
-
     if kernels not in ("fast", "reference"):
         fail(f"--kernels: '{kernels}': choose fast or reference")
     if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
@@ -103,11 +97,8 @@ def bench_streams(
     base = QUICK if quick else FULL
     count_list, mode_list = count_list or list(base["counts"]), mode_list or list(base["modes"])
     size_list, specs = size_list or list(base["sizes"]), specs or list(base["policies"])
-    try:
-        run_streams_bench(counts=count_list, sizes=size_list, modes=mode_list, policies=specs, frames=frames,
-                          kernels=kernels, lm_dtype=lm_dtype, out=out, log=log)
-    except PolicySpecError as e:
-        fail(f"--policies: {e}")
+    run_streams_bench(counts=count_list, sizes=size_list, modes=mode_list, policies=specs, frames=frames,
+                      kernels=kernels, lm_dtype=lm_dtype, out=out, log=log)
 
 
 @app.command("engine")
@@ -128,21 +119,14 @@ def bench_engine(
 
 
 def _checked_specs(text: str | None, sep: str, option: str) -> list[str] | None:
-    """``text``'s policy specs split on ``sep``, each checked (name, parameters, types, ranges; no model
-    needed), or None when not given; a bad one exits 2 naming ``option``."""
-    from vrex.kv.policies import make_policy
-    from vrex.kv.policies.spec import PolicySpecError
-
+    """``text``'s policy specs split on ``sep``, each checked (no model needed), or None when not given;
+    a bad one, or none at all, exits 2 naming ``option``."""
     if not text:
         return None
     specs = [p.strip() for p in text.split(sep) if p.strip()]
     if not specs:
         raise typer.BadParameter(f"'{text}' names no policy; give specs separated by '{sep}', e.g. full{sep}resv", param_hint=option)
-    for spec in specs:
-        try:
-            make_policy(spec)
-        except PolicySpecError as e:
-            raise typer.BadParameter(str(e), param_hint=option)
+    check_policy_specs(specs, option)
     return specs
 
 
@@ -170,7 +154,7 @@ def bench_kv(
 ) -> None:
     """All KV policies side by side on the real SmolLM2 weights and real clips: latency, selected-token
     ratios (frame prefill and decoding), fidelity to `full` (top-1, KL, answers), memory per tier, bytes moved."""
-    from vrex.kv.policies import POLICIES, PolicySpecError, make_policy
+    from vrex.kv.policies import POLICIES, PolicySpecError
     from vrex.kv.policies.spec import split_spec_list
 
     if recent_tokens_error(recent_tokens):
@@ -184,11 +168,7 @@ def bench_kv(
         raise typer.BadParameter(str(e), param_hint="--policies")
     for spec in specs:
         names += list(POLICIES) if spec == "all" else [spec]
-    for n in names:
-        try:
-            make_policy(n)  # no model needed: name, parameters, types and ranges
-        except PolicySpecError as e:
-            raise typer.BadParameter(str(e), param_hint="--policies")
+    check_policy_specs(names, "--policies")
     size_list = [1024, 2048, 4096] if quick else [_parse_size(s) for s in sizes.split(",")]
     if quick:
         frames, questions = min(frames, 3), 1

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vrex.cli.options import LM_PRESETS, fail, lm_errors, model_ref_error, recent_tokens_error
+from vrex.cli.options import LM_PRESETS, check_policy_specs, fail, lm_errors, model_ref_error, recent_tokens_error
 
 app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 
@@ -68,14 +68,9 @@ def eval_live(
 ) -> None:
     """LIVE metrics on held-out media, trained vs untrained connector: LM-PPL, TimeDiff, Fluency,
     narration accuracy, needle accuracy at 1/2/5-minute haystacks."""
-    from vrex.kv.policies import PolicySpecError, make_policy
     from vrex.train.evaluate import NEEDLE_SETS, EvalConfig, run_eval
 
-    for spec in policy:
-        try:
-            make_policy(spec)  # name, parameters, types, ranges: before any model loads
-        except PolicySpecError as e:
-            raise typer.BadParameter(str(e), param_hint="--policy")
+    check_policy_specs(policy, "--policy")  # name, parameters, types, ranges: before any model loads
     if recent_tokens_error(recent_tokens):
         fail(recent_tokens_error(recent_tokens))
     if only not in (None, "trained", "untrained"):

@@ -91,6 +91,18 @@ def policy_error(spec: str) -> str | None:
     return None
 
 
+def check_policy_specs(specs: list[str], option: str) -> None:
+    """Each spec through the policy parser and its range checks (no model); the first bad one exits 2
+    as a usage error naming ``option`` (the benchmarks' and ``vrex eval``'s lists of specs)."""
+    from vrex.kv.policies import PolicySpecError, make_policy
+
+    for spec in specs:
+        try:
+            make_policy(spec)
+        except PolicySpecError as e:
+            raise typer.BadParameter(str(e), param_hint=option)
+
+
 def model_ref_error(option: str, value: str, presets: tuple[str, ...], what: str) -> str | None:
     """A preset name, an existing directory, or something shaped like a hub repo id ``owner/name``
     (only a download can tell whether the hub has it; a path that does not exist is an error)."""
