@@ -7,6 +7,11 @@ does not load beside the CPU torch wheel we pin. The layer order and shapes are 
 
 TensorFlow-trained weights expect TF "SAME" padding (asymmetric for stride 2) and BatchNorm
 eps 1e-3; both are reproduced below, otherwise ImageNet accuracy silently degrades.
+
+For inference the encoder is frozen: ``fuse_for_inference()`` folds each BatchNorm into the conv
+before it and keeps the activations channels-last, which oneDNN's CPU convolutions (the depthwise
+ones above all) run far faster: 2.5x for one 224 px frame, 3x for four, on 2 cores (measured in
+session 20; ``tests/models/test_efficientnet.py`` holds the fused outputs equal to the plain module).
 """
 
 from __future__ import annotations
@@ -90,9 +95,32 @@ class EfficientNetLite0(nn.Module):
         self.head = _conv_bn(cin, HEAD_CHANNELS, 1)
         self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
         self.num_features = HEAD_CHANNELS
+        self.channels_last = False  # activations in channels-last order (fuse_for_inference)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.blocks(self.stem(x)))
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> "EfficientNetLite0":
+        """In place: every conv + BatchNorm pair becomes one conv with the BatchNorm's affine folded
+        in (eval statistics), and weights and activations go channels-last. Inference only: the
+        BatchNorms are gone, so the module can no longer be fine-tuned or loaded from a checkpoint."""
+        if self.training:
+            raise RuntimeError("fuse_for_inference folds the BatchNorms' running statistics: call .eval() first")
+        for seq in self.modules():
+            if isinstance(seq, nn.Sequential) and len(seq) >= 2 and isinstance(seq[0], Conv2dSame) \
+                    and isinstance(seq[1], nn.BatchNorm2d):
+                conv, bn = seq[0], seq[1]
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                bias = bn.bias - bn.running_mean * scale
+                conv.bias = nn.Parameter(bias if conv.bias is None else conv.bias * scale + bias, requires_grad=False)
+                seq[1] = nn.Identity()
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).mean(dim=(2, 3)))

@@ -68,7 +68,7 @@ class EfficientNetLite0Encoder(FrameEncoder):
         if not path.is_file():
             raise WeightsNotFound(f"EfficientNet-Lite0 checkpoint {path} does not exist")
         load_lukemelas_state_dict(self.backbone, torch.load(path, map_location="cpu", weights_only=True))
-        self.backbone.eval().requires_grad_(False)
+        self.backbone.eval().requires_grad_(False).fuse_for_inference()  # frozen: BatchNorms folded, channels-last
         self.dim, self.grid, self.name = self.backbone.num_features, grid, EFFNET_PRESET
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
