@@ -343,3 +343,20 @@ def test_index_bytes_per_cached_token_on_a_real_session(videollm, tmp_path, monk
     assert measured <= bound
     assert bound - rings - flags < L * H * 24 * n
     s.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_block_straight_to_disk_is_stored_in_the_tier_type(tmp_path, dtype):
+    """A block too big for the device and host budgets goes straight to disk: the cache hands float32
+    keys to a bf16 store, and the disk tier writes them in its own type, as the rings do (it wrote the
+    raw float32 bytes: a shape error, or garbage where the sizes happened to agree). set_keys alike."""
+    s = KVStore(1, H, D, dtype=dtype, device_budget_bytes=0, host_budget_bytes=0, disk_dir=tmp_path)
+    k, v = torch.randn(H, 5, D), torch.randn(H, 5, D)
+    s.append(0, k, v)
+    assert s.tier_bounds(0) == (5, 5, 5)  # all on disk
+    kk, vv, _ = s.gather(0, None)
+    assert torch.equal(kk, k.to(dtype)) and torch.equal(vv, v.to(dtype))
+    new = torch.randn(H, 5, D)
+    s.set_keys(0, new)
+    assert torch.equal(s.keys(0), new.to(dtype))
+    s.close()

@@ -223,8 +223,8 @@ class _Disk:
             self._views = tuple(torch.from_numpy(m).view(self.dtype).transpose(0, 1) for m in self.mm)
         return self._views
 
-    def _to_np(self, x: Tensor) -> np.ndarray:  # [H, n, D] -> [n, H, D*es] uint8
-        return x.detach().cpu().contiguous().view(torch.uint8).transpose(0, 1).numpy()
+    def _to_np(self, x: Tensor) -> np.ndarray:  # [H, n, D] in any float type -> [n, H, D*es] uint8 of the tier's type
+        return x.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).transpose(0, 1).numpy()
 
     def _from_np(self, a: np.ndarray) -> Tensor:  # [..., D*es] uint8 -> [..., D] dtype
         return torch.from_numpy(np.ascontiguousarray(a)).view(self.dtype)
@@ -284,9 +284,9 @@ class _Disk:
         for h in range(self.H):
             s = abs_slots[h].numpy()
             if k is not None:
-                self.mm[0][s, h] = k[h].detach().cpu().contiguous().view(torch.uint8).numpy()
+                self.mm[0][s, h] = k[h].detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
             if v is not None:
-                self.mm[1][s, h] = v[h].detach().cpu().contiguous().view(torch.uint8).numpy()
+                self.mm[1][s, h] = v[h].detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
         self.release()
 
 
