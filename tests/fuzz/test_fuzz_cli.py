@@ -214,3 +214,11 @@ def test_bench_options_are_refused_before_the_engine_is_imported(argv, option):
     done = subprocess.run([sys.executable, "-c", _BEFORE_THE_ENGINE, *argv], capture_output=True, text=True, timeout=120)
     assert "EXIT 2 TRANSFORMERS False" in done.stdout, done.stdout + done.stderr
     assert option in " ".join((done.stdout + done.stderr).split()), done.stdout + done.stderr
+
+
+def test_an_output_directory_that_cannot_be_made_is_refused_by_name(places):
+    """The fuzz test's find: root passes every access() check, so /proc/nope/x looked creatable and
+    `vrex bench soak --out` died in mkdir with a traceback. Now one error line naming the option."""
+    result = _invoke(["bench", "soak", "--minutes", "1", "--out", "/proc/nope/x"])
+    _check(result)
+    assert "--out '/proc/nope/x'" in result.output

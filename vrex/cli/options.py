@@ -192,6 +192,16 @@ def directory_error(option: str, path: Path | None) -> str | None:
     return _no_space(option, path, existing)
 
 
+def make_directory(option: str, path: Path) -> None:
+    """Create an output directory, or stop with one ``error:`` line naming the option: a parent that
+    ``directory_error`` passed can still refuse (root passes every access() check, and /proc refuses
+    a mkdir all the same)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{option} '{path}': cannot create the directory ({e.strerror or e})")
+
+
 def _no_space(option: str, path: Path, directory: Path) -> str | None:
     try:
         st = os.statvfs(directory)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vrex.cli.options import directory_error, fail, number_error
+from vrex.cli.options import directory_error, fail, make_directory, number_error
 
 
 def report(
@@ -46,7 +46,7 @@ def report(
         for a in s["answers"]:
             print(f"{s['name']} at {a['t']:.0f} s: {a['question']!r} -> {a['text']!r}")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        make_directory("--out", out)
         (out / "report.json").write_text(json.dumps(summaries, indent=1) + "\n")
         (out / "report.md").write_text(text + "\n")
         plot(summaries, out / "report.png")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vrex.cli.options import directory_error, fail, log, policy_error, size_error
+from vrex.cli.options import directory_error, fail, log, make_directory, policy_error, size_error
 
 
 def bench_soak(
@@ -57,7 +57,7 @@ def bench_soak(
     # SIGTERM (kill, a scheduler's stop) as an exception, so the process pool's exit stops the run's child
     # too: before, a killed soak left its child playing the stream
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory("--out", out)
     progress = out / "soak-progress.jsonl"
     progress.write_text("")
     results = []
