@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from vrex.kv.layers import STATIC_ROPE, LayerSpec, UnsupportedModel, rerotate, rotation
+from vrex.kv.layers import HALF, STATIC_ROPE, LayerSpec, UnsupportedModel, rerotate, rotation
 from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
 from vrex.kv.store import KVStore
 
@@ -312,15 +312,27 @@ class VrexCache(Cache):
                     f"layer {spec.index}: its RoPE moves keys neither as half-split nor as interleaved-pair rotation "
                     f"(measured by vrex.kv.layers.rope_layouts), so stored keys cannot be moved; use positions 'absolute'")
         trig: list[tuple[LayerSpec, tuple[torch.Tensor, torch.Tensor]]] = []  # one rotation per distinct RoPE
+        scratch = torch.empty(0)  # the keys handed to the policy, layer after layer (fast path)
         for spec in self.specs:
             same = next((t for s, t in trig if s.rope_layout == spec.rope_layout and torch.equal(s.inv_freq, spec.inv_freq)), None)
             if same is None:
                 same = rotation(delta, spec.inv_freq, spec.rope_layout)
                 trig.append((spec, same))
-            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
-            self.store.set_keys(spec.index, keys)
-            if not spec.sliding:
+            wants_keys = not spec.sliding and self._policy_indexes_keys
+            if self.kernels == "fast":  # in place in every tier, one pass (vrex.kv.fast rotate_keys)
+                keys = scratch if wants_keys else None
+                self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys)
+            else:
+                keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
+                self.store.set_keys(spec.index, keys)
+                keys = keys.to(self.store.dtype)  # what the store holds now, as the fast path hands it on
+            if wants_keys:
                 self.policy.on_positions_changed(spec.index, keys)
+
+    @property
+    def _policy_indexes_keys(self) -> bool:
+        """The policy re-derives an index from the keys when positions move (it overrides the hook)."""
+        return type(self.policy).on_positions_changed is not KVPolicy.on_positions_changed
 
     def _with_always_kept(self, indices: list[torch.Tensor] | None, n_past: int) -> list[torch.Tensor] | None:
         if indices is None:

@@ -223,11 +223,15 @@ def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, la
     if rot > keys.shape[-1]:
         raise ValueError(f"RoPE width {rot} exceeds the key width {keys.shape[-1]}")
     cos, sin = rotation(delta, inv_freq, layout) if trig is None else trig
+    dtype = keys.dtype
+    if keys.dtype in (torch.bfloat16, torch.float16):
+        keys = keys.float()  # rotated in float32 and rounded once (bf16 arithmetic lost ~3 digits per re-index)
     cos, sin = cos.to(keys.device, keys.dtype), sin.to(keys.device, keys.dtype)
     turn = rotate_half if layout == HALF else rotate_pairs
     head = keys if rot == keys.shape[-1] else keys[..., :rot]
     moved = turn(head).mul_(sin).addcmul_(head, cos)  # turn() returns a new tensor: one temporary, not three
-    return moved if rot == keys.shape[-1] else torch.cat((moved, keys[..., rot:]), dim=-1)
+    moved = moved if rot == keys.shape[-1] else torch.cat((moved, keys[..., rot:]), dim=-1)
+    return moved.to(dtype)
 
 
 def check_supported(lm) -> list[LayerSpec]:

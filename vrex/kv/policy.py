@@ -153,5 +153,6 @@ class KVPolicy:
     def on_positions_changed(self, layer: int, keys: torch.Tensor) -> None:
         """Stored keys were re-rotated (position re-indexing): rebuild key-derived indexes.
 
-        ``keys`` is the layer's whole key store ``[H_kv, N, D]`` after re-rotation.
+        ``keys`` is the layer's whole key store ``[H_kv, N, D]`` after re-rotation (evicted rows zero).
+        It may be a buffer the cache reuses for the next layer: copy what you keep.
         """

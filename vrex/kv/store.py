@@ -752,6 +752,32 @@ class KVStore:
         for store, sel in self._live_by_tier(L):
             store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
 
+    def rotate_keys(self, layer: int, cos: Tensor, sin: Tensor, half: bool, keys_out: Tensor | None = None) -> None:
+        """Position re-indexing in place, through the fast path (``vrex.kv.fast`` ``rotate_keys``): every
+        live key of the layer rotated in its own tier slot by ``cos``/``sin`` ``[N, R]`` (row = token id,
+        float32 math, rounded once to the store's type); the disk tier through its memory maps. The same
+        result as ``set_keys(rerotate(keys(layer), ...))``, without the copies. ``keys_out`` (float32, resized
+        here to ``[H, N, D]``): also the stored keys, as ``keys(layer)`` gives them, for a policy's index;
+        the caller may reuse it from layer to layer (a fresh 25 MB buffer per layer at 32K tokens cost its
+        page faults: 10 of every 24 ms)."""
+        from vrex.kv.fast import load
+
+        L = self._layers[layer]
+        bufs, slots, ids, on_disk = [], [], [], False
+        for tier, sel in self._live_by_tier(L):
+            on_disk |= tier is L.disk
+            bufs.append(tier.views()[0] if tier is L.disk else tier.k)
+            slots.append(L.pos.take(sel).long())
+            ids.append(sel.long())
+        out = torch.empty(0)
+        if keys_out is not None:  # every live row is written by the kernel; evicted rows read as zeros, as in keys()
+            out = keys_out.resize_(self.num_kv_heads, L.n, self.head_dim)
+            if L.n_evicted:
+                out[:, L.evicted[:L.n]] = 0
+        load().rotate_keys(bufs, slots, ids, cos.float(), sin.float(), half, out)
+        if on_disk:
+            L.disk.release()  # the pages the rotation wrote leave this process (see _Disk.touch)
+
     def _live_by_tier(self, L: _Layer):
         """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""
         ids = self._live_all(L)

@@ -910,12 +910,94 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Position re-indexing in place (the reference: KVStore.keys -> vrex.kv.layers.rerotate -> KVStore.set_keys).
+// Each live token's key is read from its tier slot, rotated by its own delta in float32 (cos/sin [N, R] are
+// indexed by token id: R = the rotary width, dims >= R pass through) and written back in the tier's type,
+// rounded once. `ids[i]` [n_i] are the token ids on tier i and `slots[i]` [H, n_i] their slots. `half`: RoPE
+// pairs (d, d + R/2) (Llama, Qwen2, ...), else (2i, 2i + 1). `out` (float32 [H, N, D], or an empty tensor):
+// the stored (rounded) keys by token id as well, for a policy that re-derives its index from them. The reference
+// gathered every key into a new tensor, rotated it in four passes and scattered it back (1.8 s at 32K
+// tokens over three tiers, `vrex bench soak`'s re-indexing frames).
+void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vector<Tensor> ids, Tensor cos, Tensor sin,
+                 bool half, Tensor out) {
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+                  cos.sizes() == sin.sizes(), "cos and sin must be float32 [N, R] of one shape");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const int64_t R = cos.size(1);
+  TORCH_CHECK(R % 2 == 0, "the rotary width must be even, got ", R);
+  const bool want_out = out.numel() > 0;
+  TORCH_CHECK(!want_out || (out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3),
+              "out must be a contiguous float32 [H, N, D] tensor (or empty)");
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (size_t i = 0; i < kbufs.size(); ++i) {
+    const Tensor& kb = kbufs[i];
+    TORCH_CHECK(kb.dim() == 3 && kb.stride(2) == 1 && (kb.scalar_type() == at::kFloat || kb.scalar_type() == at::kBFloat16),
+                "tier buffers must be float32 or bfloat16 [H, cap, D] with unit stride along D");
+    const int64_t H = kb.size(0), D = kb.size(2), n = ids[i].numel();
+    TORCH_CHECK(R <= D, "rotary width ", R, " exceeds the key width ", D);
+    Tensor sl = slots[i].contiguous(), id = ids[i].contiguous();
+    TORCH_CHECK(sl.scalar_type() == at::kLong && id.scalar_type() == at::kLong && sl.dim() == 2 && sl.size(0) == H &&
+                    sl.size(1) == n, "slots must be int64 [H, n] and ids int64 [n]");
+    TORCH_CHECK(!want_out || (out.size(0) == H && out.size(2) == D), "out must be [H, N, D]");
+    const int64_t* slp = sl.data_ptr<int64_t>();
+    const int64_t* idp = id.data_ptr<int64_t>();
+    for (int64_t j = 0; j < n; ++j)
+      TORCH_CHECK(idp[j] >= 0 && idp[j] < cos.size(0) && (!want_out || idp[j] < out.size(1)), "token id ", idp[j],
+                  " outside the rotation's ", cos.size(0), " rows");
+    const Tier t(kb);
+    const bool f32 = kb.scalar_type() == at::kFloat;
+    float* of = want_out ? out.data_ptr<float>() : nullptr;
+    const int64_t N = want_out ? out.size(1) : 0;
+    const int64_t P = R / 2;  // rotation pairs: (d, d + P) for HALF, (2i, 2i + 1) for PAIRS
+    auto rotate = [&](auto* base) {
+      // token-major, heads inner: the disk tier keeps a token's heads side by side ([cap, H, D])
+      at::parallel_for(0, n, 64, [&](int64_t a, int64_t b) {
+        std::vector<float> x(D), y(D);
+        for (int64_t j = a; j < b; ++j) {
+          const int64_t tok = idp[j];
+          const float* c = cp + tok * R;
+          const float* s = sp + tok * R;
+          for (int64_t h = 0; h < H; ++h) {
+            auto* row = base + t.at(h, slp[h * n + j]);
+            for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(row[d]);
+            // y = turn(x) * sin + x * cos, turn as rerotate's: HALF (-x[d + P], x[d - P]); PAIRS (-x[d + 1], x[d - 1])
+            if (half) {
+              for (int64_t d = 0; d < P; ++d) {
+                y[d] = -x[d + P] * s[d] + x[d] * c[d];
+                y[d + P] = x[d] * s[d + P] + x[d + P] * c[d + P];
+              }
+            } else {
+              for (int64_t i = 0; i < P; ++i) {
+                y[2 * i] = -x[2 * i + 1] * s[2 * i] + x[2 * i] * c[2 * i];
+                y[2 * i + 1] = x[2 * i] * s[2 * i + 1] + x[2 * i + 1] * c[2 * i + 1];
+              }
+            }
+            for (int64_t d = R; d < D; ++d) y[d] = x[d];
+            using T = std::remove_reference_t<decltype(row[0])>;
+            for (int64_t d = 0; d < R; ++d) row[d] = static_cast<T>(y[d]);
+            if (of) {  // what the store now holds, rounded as it is
+              float* o = of + (h * N + tok) * D;
+              for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(row[d]);
+            }
+          }
+        }
+      });
+    };
+    if (f32) rotate(kb.data_ptr<float>());
+    else rotate(kb.data_ptr<c10::BFloat16>());
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wicsum_union", &wicsum_union, "WiCSum over rows, union per head");
   m.def("wicsum_union_scores", &wicsum_union_scores, "score normalisation (shift_min, relu, raw) + wicsum_union");
   m.def("cluster_token_ids", &cluster_token_ids, "token ids of chosen clusters per head");
   m.def("plan_reads", &plan_reads, "selection + always-kept -> tier slots");
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
+  m.def("rotate_keys", &rotate_keys, "position re-indexing: each live key rotated in its tier slot, float32 math");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
   m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;

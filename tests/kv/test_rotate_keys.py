@@ -1,0 +1,85 @@
+"""Position re-indexing in place (``KVStore.rotate_keys``, the fast path) against the reference
+(``set_keys(rerotate(keys(layer)))``): the same stored keys in every tier, whatever the layout,
+rotary width, store type, block order and evictions."""
+
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vrex.kv.layers import HALF, PAIRS, rerotate, rotation
+from vrex.kv.store import KVStore
+
+H, D = 2, 8
+
+
+def _twin_stores(tmp_path_factory, dtype, seed, blocks, evict, dev_tokens, host_tokens):
+    """Two stores filled alike (the same appends, block orders and evictions), spread over device,
+    host and disk by the budgets."""
+    g = torch.Generator().manual_seed(seed)
+    tb = 2 * D * H * torch.empty(0, dtype=dtype).element_size()
+    stores = [KVStore(1, H, D, dtype=dtype, device_budget_bytes=dev_tokens * tb, host_budget_bytes=host_tokens * tb,
+                      disk_dir=tmp_path_factory.mktemp("kv")) for _ in range(2)]
+    for n, permuted in blocks:
+        k, v = 3 * torch.randn(H, n, D, generator=g), torch.randn(H, n, D, generator=g)
+        order = torch.stack([torch.randperm(n, generator=g) for _ in range(H)]) if permuted else None
+        for s in stores:
+            s.append(0, k, v, order=order)
+    n = stores[0].length(0)
+    if evict and n > 2:
+        ids = torch.arange(1, n, 3)
+        for s in stores:
+            s.evict(0, ids)
+    return stores
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), layout=st.sampled_from([HALF, PAIRS]),
+       rot=st.sampled_from([4, 8]), seed=st.integers(0, 10_000),
+       blocks=st.lists(st.tuples(st.integers(1, 9), st.booleans()), min_size=1, max_size=8),
+       evict=st.booleans(), dev_tokens=st.sampled_from([0, 3, 40]), host_tokens=st.sampled_from([0, 5, 40]))
+def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layout, rot, seed, blocks, evict,
+                                                   dev_tokens, host_tokens):
+    fast, ref = _twin_stores(tmp_path_factory, dtype, seed, blocks, evict, dev_tokens, host_tokens)
+    n = ref.length(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+    delta = torch.randint(-5000, 0, (n,), generator=torch.Generator().manual_seed(seed))
+    trig = rotation(delta, inv_freq, layout)
+    before = ref.keys(0)
+
+    want = rerotate(ref.keys(0), delta, inv_freq, layout, trig=trig)
+    ref.set_keys(0, want)
+    got = torch.full((1,), 7.0)  # a scratch of the wrong size and stale contents: resized and overwritten
+    fast.rotate_keys(0, *trig, layout == HALF, got)
+
+    live = torch.arange(n)[~fast._layers[0].evicted[:n]]
+    stored_fast, stored_ref = fast.keys(0), ref.keys(0)
+    # float32 math on both sides, rounded once into the store's type: equal up to float32 rounding of
+    # the two products (they may fuse differently) and then one step of the store's type
+    scale = before.float().abs().amax(-1, keepdim=True)
+    tol = 8 * torch.finfo(torch.float32).eps * scale + torch.finfo(dtype).eps * stored_ref.float().abs()
+    assert ((stored_fast.float() - stored_ref.float()).abs() <= tol).all()
+    assert torch.equal(got[:, live], stored_fast[:, live].float())  # what the store holds, handed to the policy
+    assert (got[:, ~torch.isin(torch.arange(n), live)] == 0).all()
+    if rot < D:  # dims past the rotary width pass through untouched
+        assert torch.equal(stored_fast[..., rot:], before[..., rot:])
+    # values are never touched
+    assert torch.equal(fast.values(0), ref.values(0))
+    for s in (fast, ref):
+        s.close()
+
+
+def test_rotate_keys_reaches_every_tier(tmp_path_factory):
+    """A store spread over all three tiers: each tier's keys move (a wrong tier loop would leave some)."""
+    fast, ref = _twin_stores(tmp_path_factory, torch.bfloat16, 0, [(6, True)] * 5, False, 6, 8)
+    d_end, h_end, n = fast.tier_bounds(0)
+    assert 0 < d_end < h_end < n
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    trig = rotation(torch.full((n,), -700), inv_freq, HALF)
+    before = fast.keys(0)
+    fast.rotate_keys(0, *trig, True)
+    after = fast.keys(0)
+    for a, b in ((0, d_end), (d_end, h_end), (h_end, n)):
+        assert not torch.equal(after[:, a:b], before[:, a:b])
+    ref.set_keys(0, rerotate(ref.keys(0), torch.full((n,), -700), inv_freq, HALF))
+    torch.testing.assert_close(after.float(), ref.keys(0).float(), atol=0, rtol=2 ** -7)
+    for s in (fast, ref):
+        s.close()
