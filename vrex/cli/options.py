@@ -249,6 +249,7 @@ def run_option_errors(o: dict[str, Any]) -> list[str]:
         number_error("--min-gap", o["min_gap"], lo=0, meaning=" (seconds)"),
         recent_tokens_error(o["recent_tokens"]),
         choice_error("--positions", o["positions"], POSITION_MODES),
+        integer_error("--reindex-spread", o.get("reindex_spread", 1), lo=1),
         model_ref_error("--lm", o["lm"], LM_PRESETS, "language model or VideoLLM-online checkpoint"),
         model_ref_error("--encoder", o["encoder"], ENCODER_PRESETS, "SigLIP/CLIP vision tower"),
         None if o["base_lm"] is None else model_ref_error("--base-lm", o["base_lm"], (), "VideoLLM-online checkpoint's base LM"),

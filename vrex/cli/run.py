@@ -54,6 +54,7 @@ def run(
     sample: Annotated[bool, typer.Option(help="Sample (temperature/top-p) instead of greedy decoding.")] = False,
     recent_tokens: Annotated[Optional[int], typer.Option(help="Always-kept window of the newest tokens on top of the policy's selection (retrieval policies need the frames just seen to narrate). Default: the last two frames; 0: the policy alone.")] = None,
     positions: Annotated[str, typer.Option(help="Position strategy past the LM's trained context: 'compress' (re-index old tokens) or 'absolute'.")] = "compress",
+    reindex_spread: Annotated[int, typer.Option(metavar="STEPS", help="With --positions compress: move the stored keys to their compressed positions over this many steps, a few layers each, instead of all in one frame (an hour in, one re-index took seconds: the frames that missed real time). 1: all at once. A layer not yet moved computes exactly as before the re-index began.")] = 16,
     realtime: Annotated[bool, typer.Option(help="Pace a file at its real speed, as if it were live.")] = False,
     loop: Annotated[bool, typer.Option(help="Play a file or folder again and again on one clock (each pass one frame after the last): a stream of any length from short clips, e.g. an hour of a folder of clips with --max-frames 7200 at 2 fps. Not for URLs and webcams.")] = False,
     trace: Annotated[Optional[Path], typer.Option(help="Write per-step KV telemetry (JSON lines) to this file (its directory must exist).")] = None,
@@ -78,7 +79,7 @@ def run(
 
     errors = run_option_errors(dict(
         fps=fps, max_frames=max_frames, theta=theta, min_gap=min_gap, recent_tokens=recent_tokens, positions=positions,
-        policy=policy, lm=lm, base_lm=base_lm, encoder=encoder, connector=connector, trace=trace,
+        reindex_spread=reindex_spread, policy=policy, lm=lm, base_lm=base_lm, encoder=encoder, connector=connector, trace=trace,
         device_budget=device_budget, host_budget=host_budget, disk_dir=disk_dir, kernels=kernels, kv_dtype=kv_dtype,
         lm_dtype=lm_dtype, session=session_dir))
     questions = []
@@ -126,7 +127,7 @@ def run(
     for note in model.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
     config = SessionConfig(theta=theta, min_response_gap=min_gap, sample=sample, recent_tokens=recent_tokens,
-                           positions=PositionConfig(mode=positions),
+                           positions=PositionConfig(mode=positions, spread=reindex_spread),
                            device_budget_bytes=None if device_budget is None else parse_bytes(device_budget),
                            host_budget_bytes=None if host_budget is None else parse_bytes(host_budget),
                            disk_dir=None if disk_dir is None else str(disk_dir),

@@ -188,6 +188,8 @@ def create(session: "StreamingSession", directory: Path, extra: dict[str, Any] |
         if any(directory.iterdir()):
             raise SessionMismatchError(f"session '{directory}': the directory is not empty; save a new session into a new or empty directory")
         store = session.store
+        # the checkpoint holds one position frame: a spread re-index finishes first (replay runs from here)
+        session.cache.finish_reindex()
         kv = [{"k": store.keys(layer).cpu(), "v": store.values(layer).cpu(), "evicted": store.is_evicted(layer)}
                for layer in range(store.num_layers)]
         body = {"state": session.state.to_dict(), "policy": session.policy.state_dict(), "kv": kv, "rng": _rng_state(session),
@@ -223,6 +225,8 @@ def load(cls, directory: Path, model, *, policy=None, config=None, extra: dict[s
     directory = Path(directory)
     manifest = open_manifest(directory)
     saved = manifest["settings"]
+    if isinstance(saved.get("config", {}).get("positions"), dict):
+        saved["config"]["positions"].setdefault("spread", 1)  # saved before spread existed: re-indexed at once
     if policy is None:
         policy = make_policy(saved["policy"]["name"], **saved["policy"]["params"])
     if config is None:

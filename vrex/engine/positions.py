@@ -15,6 +15,16 @@ A live stream never ends, but RoPE LMs are trained up to ``max_position_embeddin
     (``rerotate``, per layer with the layer's own RoPE: ``VrexCache.reindex``), done once per ``max_position * (1 - compress_to)`` tokens: amortised O(1) per
     step. Recent tokens keep fine positional resolution, old ones are squeezed (like position
     interpolation, applied only to the past). Relative order is preserved.
+
+``spread`` (compress only): the layers move over this many steps instead of one, so no single frame
+pays for re-rotating the whole cache (an hour in, one re-index was 2.8-6.2 s: the frames over the
+500 ms real-time budget). Until a layer has moved it stays in the old frame: the step's queries and
+keys are turned into it (``VrexCache.begin_reindex``), so it computes what it computed before. The
+re-index then begins ``spread - 1`` steps early, so the old frame still has room for the steps it
+waits; a step that would take the old frame past ``max_position`` moves every layer left at once.
+The session takes at most one step per layer, and fewer when ``max_position`` leaves little room
+(``StreamingSession._reindex_spread``). Default 16: SmolLM2's 30 layers move two per frame, and the
+re-index begins once fewer than 16 frames (176 tokens) of the 8192-token window are left.
 """
 
 from __future__ import annotations
@@ -31,12 +41,15 @@ class PositionConfig:
     mode: str = "compress"
     max_position: int | None = None  # None: the LM's max_position_embeddings
     compress_to: float = 0.5
+    spread: int = 16  # steps over which the layers move (1: all at once; see the module docstring)
 
     def __post_init__(self) -> None:
         if self.mode not in ("absolute", "compress"):
             raise ValueError(f"position mode '{self.mode}' is not one of: absolute, compress")
         if not 0.0 < self.compress_to < 1.0:
             raise ValueError(f"compress_to must be in (0, 1), got {self.compress_to}")
+        if isinstance(self.spread, bool) or not isinstance(self.spread, int) or self.spread < 1:
+            raise ValueError(f"spread must be an integer >= 1 (steps over which the layers move), got {self.spread!r}")
 
 
 def compressed_positions(positions: torch.Tensor, sink: int, target_end: int) -> torch.Tensor:

@@ -72,6 +72,7 @@ class StreamingSession:
         self._trace = trace  # optional telemetry sink: callable(StepRecord, dict) -> None
         self.last_record: StepRecord | None = None
         self._reindex_ms = 0.0  # time the current step spent re-indexing positions (a frame's stats)
+        self._reindex_per_step = 1  # layers a spread re-index moves per step (PositionConfig.spread)
         lm = model.lm
         lm.set_attn_implementation("vrex")
         # transformers' causal LMs compute the LM head for the last rows only when asked (logits_to_keep)
@@ -202,9 +203,10 @@ class StreamingSession:
         if any(bool(self.store.is_evicted(layer).any()) for layer in range(self.store.num_layers)
                if specs is None or not specs[layer].sliding):  # sliding layers drop what falls out of their window
             raise ValueError("fork needs a session whose policy keeps every token (e.g. full); this one evicted tokens")
-        store = self.store
+        store, cache = self.store, self.cache
+        # a layer still in the old frame of a spread re-index is copied at the stream's positions
         return StreamingSession.from_state(self.model, policy, config or self.config, self.state,
-                                           lambda layer: (store.keys(layer), store.values(layer), None))
+                                           lambda layer: (cache.current_keys(layer), store.values(layer), None))
 
     @classmethod
     def from_state(cls, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None, state: StreamState,
@@ -396,20 +398,48 @@ class StreamingSession:
         return out.logits[0], record
 
     def _next_positions(self, n: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        pending = self.cache.reindex_pending
+        if pending is not None:  # a spread re-index: the next layers move, or all of them if the old frame is full
+            old_next = int(self.positions[-1]) + 1 + pending.shift
+            self.cache.advance_reindex(len(pending.layers) if old_next + n > self.max_position else self._reindex_per_step)
         start = int(self.positions[-1]) + 1 if self.positions.numel() else 0
-        if self.config.positions.mode == "compress" and start + n > self.max_position:
-            start = self._compress_positions()
+        spread = self._reindex_spread(n)
+        # spread over s steps: begin s - 1 steps of this size early, so the old frame has room for them
+        # (once there is a past beyond the sink: the system prompt's own step is no reason)
+        early = spread > 1 and self.positions.numel() > self.cache.keep.sink_tokens and start + n * spread > self.max_position
+        if self.config.positions.mode == "compress" and (start + n > self.max_position or early):
+            start = self._compress_positions(spread)
+            pending = True
+        if pending is not None:  # the step's stats say it, so a spike is explained
+            self._reindex_ms += 1e3 * (time.perf_counter() - t0)
         return torch.arange(start, start + n)
 
-    def _compress_positions(self) -> int:
-        """Re-index cached tokens into the first part of the trained window (see positions.py)."""
+    def _target_end(self) -> int:
         sink = self.cache.keep.sink_tokens
-        target_end = sink + int((self.max_position - sink) * self.config.positions.compress_to)
-        new = compressed_positions(self.positions, sink, target_end)
+        return sink + int((self.max_position - sink) * self.config.positions.compress_to)
+
+    def _reindex_spread(self, n: int) -> int:
+        """Steps the layers of the next re-index move over: the configured ``spread``, at most one step per
+        layer, and few enough that beginning ``spread - 1`` steps of ``n`` tokens early costs at most half
+        of what a re-index frees (a small ``max_position``, as in tests, re-indexes at once)."""
+        spread = self.config.positions.spread
+        if spread == 1:
+            return 1
+        room = self.max_position - self._target_end()
+        return max(1, min(spread, len(self.cache.specs), room // (2 * max(n, 1))))
+
+    def _compress_positions(self, spread: int = 1) -> int:
+        """Re-index cached tokens into the first part of the trained window (see positions.py); with
+        ``spread`` > 1 the first of the layers move now, the rest over the next steps."""
+        new = compressed_positions(self.positions, self.cache.keep.sink_tokens, self._target_end())
         delta = (new - self.positions).to(self.model.device)
-        t0 = time.perf_counter()
-        self.cache.reindex(delta)  # each layer with its own RoPE (vrex.kv.layers)
-        self._reindex_ms += 1e3 * (time.perf_counter() - t0)  # the step's stats say it, so a spike is explained
+        if spread == 1:
+            self.cache.reindex(delta)  # each layer with its own RoPE (vrex.kv.layers)
+        else:
+            self._reindex_per_step = -(-len(self.cache.specs) // spread)
+            self.cache.begin_reindex(delta, int(self.positions[-1]) - int(new[-1]))
+            self.cache.advance_reindex(self._reindex_per_step)
         self.positions = new
         return int(new[-1]) + 1
 

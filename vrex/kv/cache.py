@@ -60,6 +60,16 @@ class KeepConfig:
 
 
 @dataclass
+class _PendingReindex:
+    """A position re-index moving one layer at a time (``VrexCache.begin_reindex``)."""
+
+    delta: torch.Tensor  # [N0] new - old position of each token stored when it began
+    shift: int  # old-frame position - new-frame position of every token stored since
+    layers: list[int]  # still in the old frame, in the order they will move
+    trig: dict = field(default_factory=dict)  # rotations computed so far, shared by layers with one RoPE
+
+
+@dataclass
 class StepRecord:
     """What one forward step did, per layer (telemetry input)."""
 
@@ -127,6 +137,7 @@ class VrexCache(Cache):
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
         policy.kernels = self.kernels
         self._pending: set[int] = set()  # layers whose step keys await VrexCache.attend
+        self._pending_reindex: _PendingReindex | None = None  # a re-index moving layer by layer
         self._workspace = torch.empty(0)  # the fast path's gather + scores scratch, reused by every layer and step
         self._scores = torch.empty(0)  # full's scores and probabilities (see _attention's scratch), reused likewise
         self.stage: Stage = "text"
@@ -163,6 +174,7 @@ class VrexCache(Cache):
             return out.to(query.dtype)
         t0 = time.perf_counter()
         self._pending.discard(layer)
+        query, key = self._to_old_frame(layer, query, key)
         if self.specs[layer].sliding:
             return self._attend_window(layer, query, key, value, scaling, softcap, t0)
         if self.kernels == "fast":  # CPU only, and attention runs in float32 there (above)
@@ -300,6 +312,58 @@ class VrexCache(Cache):
     def reindex(self, delta: torch.Tensor) -> None:
         """Move every stored key by ``delta`` [N] positions (position re-indexing, ``vrex.engine.positions``),
         each layer with its own RoPE frequencies and rotary width; full layers' policy indexes follow."""
+        self.begin_reindex(delta, 0)
+        self.finish_reindex()
+
+    def begin_reindex(self, delta: torch.Tensor, shift: int) -> None:
+        """Start re-indexing the ``N`` stored tokens by ``delta`` [N], one layer at a time (``advance_reindex``),
+        so no single step pays for every layer. Until a layer has moved it stays in the old frame: the
+        tokens stored from now on arrive at new positions, and a pending layer turns their queries and keys
+        ``shift`` positions forward (old frame = new + ``shift``) before it attends and stores them, so it
+        computes exactly what it computed before re-indexing began. A re-index still pending finishes first."""
+        self._check_reindexable()
+        self.finish_reindex()
+        self._pending_reindex = _PendingReindex(delta.cpu(), int(shift), [spec.index for spec in self.specs])
+
+    def advance_reindex(self, layers: int) -> None:
+        """Move the next ``layers`` pending layers into the new frame (each by ``delta`` for the tokens the
+        re-index began with, ``-shift`` for those stored since)."""
+        p = self._pending_reindex
+        if p is None:
+            return
+        moving, p.layers = p.layers[:layers], p.layers[layers:]
+        scratch = torch.empty(0)  # the keys handed to the policy, layer after layer (fast path)
+        for layer in moving:
+            self._move_layer(self.specs[layer], self._pending_delta(p, layer), p.trig, scratch)
+        if not p.layers:
+            self._pending_reindex = None
+
+    def finish_reindex(self) -> None:
+        """Move every pending layer now (a save, a fork, a step the old frame has no room for)."""
+        if self._pending_reindex is not None:
+            self.advance_reindex(len(self._pending_reindex.layers))
+
+    @property
+    def reindex_pending(self) -> "_PendingReindex | None":
+        """The re-index in progress: its ``shift`` and the layers still in the old frame (None: none)."""
+        return self._pending_reindex
+
+    def current_keys(self, layer: int) -> torch.Tensor:
+        """``store.keys(layer)`` at the positions the stream now has: a layer still in the old frame is
+        moved on a copy (the store is not touched). What a fork copies."""
+        keys = self.store.keys(layer)
+        p = self._pending_reindex
+        if p is None or layer not in p.layers:
+            return keys
+        spec = self.specs[layer]
+        return rerotate(keys, self._pending_delta(p, layer), spec.inv_freq, spec.rope_layout)
+
+    def _pending_delta(self, p: "_PendingReindex", layer: int) -> torch.Tensor:
+        """A pending layer's move: ``delta`` for the tokens the re-index began with, ``-shift`` after them."""
+        added = self.store.length(layer) - p.delta.numel()
+        return torch.cat([p.delta, torch.full((added,), -p.shift, dtype=p.delta.dtype)])
+
+    def _check_reindexable(self) -> None:
         for spec in self.specs:
             if spec.inv_freq is None:
                 raise UnsupportedModel(f"layer {spec.index} has no RoPE to re-index; use positions 'absolute'")
@@ -311,23 +375,34 @@ class VrexCache(Cache):
                 raise UnsupportedModel(
                     f"layer {spec.index}: its RoPE moves keys neither as half-split nor as interleaved-pair rotation "
                     f"(measured by vrex.kv.layers.rope_layouts), so stored keys cannot be moved; use positions 'absolute'")
-        trig: list[tuple[LayerSpec, tuple[torch.Tensor, torch.Tensor]]] = []  # one rotation per distinct RoPE
-        scratch = torch.empty(0)  # the keys handed to the policy, layer after layer (fast path)
-        for spec in self.specs:
-            same = next((t for s, t in trig if s.rope_layout == spec.rope_layout and torch.equal(s.inv_freq, spec.inv_freq)), None)
-            if same is None:
-                same = rotation(delta, spec.inv_freq, spec.rope_layout)
-                trig.append((spec, same))
-            wants_keys = not spec.sliding and self._policy_indexes_keys
-            if self.kernels == "fast":  # in place in every tier, one pass (vrex.kv.fast rotate_keys)
-                keys = scratch if wants_keys else None
-                self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys)
-            else:
-                keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
-                self.store.set_keys(spec.index, keys)
-                keys = keys.to(self.store.dtype)  # what the store holds now, as the fast path hands it on
-            if wants_keys:
-                self.policy.on_positions_changed(spec.index, keys)
+
+    def _move_layer(self, spec: LayerSpec, delta: torch.Tensor, trig: dict, scratch: torch.Tensor) -> None:
+        """Rotate one layer's stored keys by ``delta`` [N]; its policy index follows. ``trig``: rotations
+        already computed for this ``delta`` length, per distinct RoPE (layers that share one share it)."""
+        key = (delta.numel(), spec.rope_layout, tuple(spec.inv_freq.tolist()))
+        if key not in trig:
+            trig[key] = rotation(delta, spec.inv_freq, spec.rope_layout)
+        same = trig[key]
+        wants_keys = not spec.sliding and self._policy_indexes_keys
+        if self.kernels == "fast":  # in place in every tier, one pass (vrex.kv.fast rotate_keys)
+            keys = scratch if wants_keys else None
+            self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys)
+        else:
+            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
+            self.store.set_keys(spec.index, keys)
+            keys = keys.to(self.store.dtype)  # what the store holds now, as the fast path hands it on
+        if wants_keys:
+            self.policy.on_positions_changed(spec.index, keys)
+
+    def _to_old_frame(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer still in the old frame sees the step's queries and keys ``shift`` positions forward."""
+        p = self._pending_reindex
+        if p is None or p.shift == 0 or layer not in p.layers:
+            return query, key
+        spec = self.specs[layer]
+        move = torch.full((query.shape[-2],), p.shift, dtype=torch.long)
+        return (rerotate(query, move, spec.inv_freq, spec.rope_layout),
+                rerotate(key, move, spec.inv_freq, spec.rope_layout))
 
     @property
     def _policy_indexes_keys(self) -> bool:
