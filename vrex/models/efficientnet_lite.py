@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 BN_EPS = 1e-3
 # (expand ratio, kernel, stride, out channels, repeats) per stage, EfficientNet-B0 / Lite0.
@@ -112,11 +113,7 @@ class EfficientNetLite0(nn.Module):
         for seq in self.modules():
             if isinstance(seq, nn.Sequential) and len(seq) >= 2 and isinstance(seq[0], Conv2dSame) \
                     and isinstance(seq[1], nn.BatchNorm2d):
-                conv, bn = seq[0], seq[1]
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                conv.weight.mul_(scale.view(-1, 1, 1, 1))
-                bias = bn.bias - bn.running_mean * scale
-                conv.bias = nn.Parameter(bias if conv.bias is None else conv.bias * scale + bias, requires_grad=False)
+                seq[0] = fuse_conv_bn_eval(seq[0], seq[1])  # torch's own folding; a Conv2dSame copy with a bias
                 seq[1] = nn.Identity()
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
