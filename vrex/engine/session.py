@@ -400,6 +400,7 @@ class StreamingSession:
     def _next_positions(self, n: int) -> torch.Tensor:
         t0 = time.perf_counter()
         pending = self.cache.reindex_pending
+        reindexing = pending is not None
         if pending is not None:  # a spread re-index: the next layers move, or all of them if the old frame is full
             old_next = int(self.positions[-1]) + 1 + pending.shift
             self.cache.advance_reindex(len(pending.layers) if old_next + n > self.max_position else self._reindex_per_step)
@@ -410,8 +411,8 @@ class StreamingSession:
         early = spread > 1 and self.positions.numel() > self.cache.keep.sink_tokens and start + n * spread > self.max_position
         if self.config.positions.mode == "compress" and (start + n > self.max_position or early):
             start = self._compress_positions(spread)
-            pending = True
-        if pending is not None:  # the step's stats say it, so a spike is explained
+            reindexing = True
+        if reindexing:  # the step's stats say it, so a spike is explained
             self._reindex_ms += 1e3 * (time.perf_counter() - t0)
         return torch.arange(start, start + n)
 
