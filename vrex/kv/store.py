@@ -76,6 +76,10 @@ def _fallocate(fd: int, length: int) -> None:
 #: (per layer): bounds the file-backed part of RSS to about this much per layer.
 _RELEASE_BYTES = 1 << 20
 
+#: Linux's ``MADV_POPULATE_WRITE`` (5.14+; Python's mmap module names only some MADV_ flags): map a range
+#: writable in one call instead of one write fault per 4 KB page.
+_MADV_POPULATE_WRITE = 23
+
 
 @dataclass
 class _Block:
@@ -255,6 +259,20 @@ class _Disk:
             mm = getattr(m, "_mmap", None)
             if mm is not None and hasattr(mm, "madvise"):
                 mm.madvise(mmap.MADV_DONTNEED)
+
+    def prefault_keys(self) -> None:
+        """Map the key file's used slots writable in one call, before a pass that rewrites them all
+        (``KVStore.rotate_keys``). After ``release`` every page is unmapped, and faulting a page at a
+        time cost more than the rotation itself (script, 90K tokens: 24 of 38 ms per layer; populated
+        first, 10 + 15 ms). A kernel without the flag refuses it: the pages then fault one by one."""
+        mm = getattr(self.mm[0], "_mmap", None) if self.mm else None
+        length = self.hi * self.row // mmap.PAGESIZE * mmap.PAGESIZE
+        if mm is None or not length or not hasattr(mm, "madvise"):
+            return
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE, 0, length)
+        except OSError:  # older kernel (EINVAL): correct either way, only slower
+            pass
 
     def read_head(self, h: int, abs_slots: Tensor) -> tuple[Tensor, Tensor]:
         s = abs_slots.numpy()
@@ -766,6 +784,8 @@ class KVStore:
         bufs, slots, ids, on_disk = [], [], [], False
         for tier, sel in self._live_by_tier(L):
             on_disk |= tier is L.disk
+            if tier is L.disk:
+                L.disk.prefault_keys()
             bufs.append(tier.views()[0] if tier is L.disk else tier.k)
             slots.append(L.pos.take(sel).long())
             ids.append(sel.long())
