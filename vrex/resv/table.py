@@ -274,16 +274,23 @@ class HCTable:
         self.n_tokens = start + T
         self._compact()
 
-    def rebuild(self, keys: torch.Tensor) -> None:
-        """Keys were re-rotated (``[H, N, D]``, N = n_tokens): keep memberships, recompute means and codes."""
+    def rebuild(self, keys: torch.Tensor, fast: bool = False) -> None:
+        """Keys were re-rotated (``[H, N, D]``, N = n_tokens): keep memberships, recompute means and codes.
+        ``fast``: the sums in C++ (``vrex.kv.fast`` ``cluster_sums``, the same additions in the same order)."""
         H, N, D = keys.shape
         if N != self.n_tokens:
             raise ValueError(f"rebuild expects {self.n_tokens} tokens, got {N}")
         k32 = keys.to(torch.float32)
         C = self.codes.shape[1]
-        flat = (self.tc.read(0, N) + torch.arange(H).unsqueeze(1) * C).reshape(-1)
-        sums = torch.zeros(H, C, D, dtype=torch.float32)
-        sums.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
+        clusters = self.tc.read(0, N)
+        flat = (clusters + torch.arange(H).unsqueeze(1) * C).reshape(-1)  # [H * N] rows of [H * C, .] tables
+        if fast:
+            from vrex.kv.fast import load
+
+            sums = load().cluster_sums(k32.contiguous(), clusters, C)
+        else:
+            sums = torch.zeros(H, C, D, dtype=torch.float32)
+            sums.view(-1, D).index_add_(0, flat, k32.reshape(-1, D))
         self.key_sums.set_sums(sums, self.count)
         del sums
         nmax = int(self.n_clusters.max()) if H else 0

@@ -991,12 +991,45 @@ void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vect
   }
 }
 
+// ReSV's HC table after re-indexing: every cluster's key sum recomputed from the re-rotated keys
+// (HCTable.rebuild). The same float32 additions in the same token order as index_add_ (the reference),
+// split over (head, block of 32 dims) so two threads share the work without sharing a sum.
+Tensor cluster_sums(Tensor keys, Tensor clusters, int64_t C) {
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.dim() == 3 && keys.is_contiguous(),
+              "keys must be a contiguous float32 [H, N, D] tensor");
+  TORCH_CHECK(clusters.scalar_type() == at::kLong && clusters.dim() == 2 && clusters.size(0) == keys.size(0) &&
+                  clusters.size(1) == keys.size(1), "clusters must be int64 [H, N] (the token -> cluster map)");
+  const int64_t H = keys.size(0), N = keys.size(1), D = keys.size(2);
+  clusters = clusters.contiguous();
+  const int64_t* cp = clusters.data_ptr<int64_t>();
+  for (int64_t i = 0; i < H * N; ++i)
+    TORCH_CHECK(cp[i] >= 0 && cp[i] < C, "cluster id ", cp[i], " outside 0..", C - 1);
+  Tensor sums = at::zeros({H, C, D}, keys.options());
+  const float* kp = keys.data_ptr<float>();
+  float* sp = sums.data_ptr<float>();
+  constexpr int64_t DB = 32;
+  const int64_t blocks = (D + DB - 1) / DB;
+  at::parallel_for(0, H * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t / blocks, d0 = (t % blocks) * DB, d1 = std::min(D, d0 + DB);
+      for (int64_t j = 0; j < N; ++j) {
+        const float* __restrict__ k = kp + (h * N + j) * D;
+        float* __restrict__ s = sp + (h * C + cp[h * N + j]) * D;
+#pragma omp simd
+        for (int64_t d = d0; d < d1; ++d) s[d] += k[d];
+      }
+    }
+  });
+  return sums;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wicsum_union", &wicsum_union, "WiCSum over rows, union per head");
   m.def("wicsum_union_scores", &wicsum_union_scores, "score normalisation (shift_min, relu, raw) + wicsum_union");
   m.def("cluster_token_ids", &cluster_token_ids, "token ids of chosen clusters per head");
   m.def("plan_reads", &plan_reads, "selection + always-kept -> tier slots");
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
+  m.def("cluster_sums", &cluster_sums, "per-cluster key sums from a token -> cluster map (HCTable.rebuild)");
   m.def("rotate_keys", &rotate_keys, "position re-indexing: each live key rotated in its tier slot, float32 math");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;

@@ -156,7 +156,7 @@ class ReSVPolicy(KVPolicy):
             tab.add(keys, start, is_frame=frame_id is not None, fast=self.kernels == "fast")
 
     def on_positions_changed(self, layer, keys) -> None:
-        self.tables[layer].rebuild(keys.detach().float().cpu())
+        self.tables[layer].rebuild(keys.detach().float().cpu(), fast=self.kernels == "fast")
 
     def _state(self) -> dict:
         return {"tables": [t.state_dict() for t in self.tables]}
