@@ -41,12 +41,12 @@ def bench_stream(
     (top-1, KL over >= 300 teacher-forced positions) as a real stream grows towards an hour, per policy."""
     if kernels not in ("fast", "reference"):
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
-    if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
-        fail(choice_error("--lm-dtype", lm_dtype, LM_DTYPES))
+    if error := choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
+        fail(error)
     if peer is not None and not peer.is_file():
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
-    if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
-        fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
+    if error := model_ref_error("--lm", lm, LM_PRESETS, "language model"):
+        fail(error)
     size_list = [_parse_size(s) for s in sizes.split(",")] if sizes else None
     specs = _checked_specs(policies, ";", "--policies")  # the defaults below are valid policies
     # transformers and the engine: imported after every option is checked (an error in under 2 s)
@@ -78,8 +78,8 @@ def bench_streams(
     one batched engine against one process per stream, per policy."""
     if kernels not in ("fast", "reference"):
         fail(f"--kernels: '{kernels}': choose fast or reference")
-    if choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
-        fail(choice_error("--lm-dtype", lm_dtype, LM_DTYPES))
+    if error := choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
+        fail(error)
     try:
         count_list = [int(c) for c in counts.split(",")] if counts else None
     except ValueError:
@@ -157,10 +157,10 @@ def bench_kv(
     from vrex.kv.policies import POLICIES, PolicySpecError
     from vrex.kv.policies.spec import split_spec_list
 
-    if recent_tokens_error(recent_tokens):
-        fail(recent_tokens_error(recent_tokens))
-    if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
-        fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
+    if error := recent_tokens_error(recent_tokens):
+        fail(error)
+    if error := model_ref_error("--lm", lm, LM_PRESETS, "language model"):
+        fail(error)
     names = []
     try:
         specs = split_spec_list(policies)

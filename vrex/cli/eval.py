@@ -71,12 +71,12 @@ def eval_live(
     from vrex.train.evaluate import NEEDLE_SETS, EvalConfig, run_eval
 
     check_policy_specs(policy, "--policy")  # name, parameters, types, ranges: before any model loads
-    if recent_tokens_error(recent_tokens):
-        fail(recent_tokens_error(recent_tokens))
+    if error := recent_tokens_error(recent_tokens):
+        fail(error)
     if only not in (None, "trained", "untrained"):
         raise typer.BadParameter(f"must be 'trained' or 'untrained', got '{only}'", param_hint="--only")
-    if model_ref_error("--lm", lm, LM_PRESETS, "language model"):
-        fail(model_ref_error("--lm", lm, LM_PRESETS, "language model"))
+    if error := model_ref_error("--lm", lm, LM_PRESETS, "language model"):
+        fail(error)
     other_lm = lm not in LM_PRESETS
     if other_lm and (connector is not None or only == "trained"):
         fail(f"--lm '{lm}': the connectors (shipped or from vrex train) are trained for {LM_PRESETS[0]}; another LM is "
