@@ -2,6 +2,7 @@
 (``set_keys(rerotate(keys(layer)))``): the same stored keys in every tier, whatever the layout,
 rotary width, store type, block order and evictions."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -83,3 +84,20 @@ def test_rotate_keys_reaches_every_tier(tmp_path_factory):
     torch.testing.assert_close(after.float(), ref.keys(0).float(), atol=0, rtol=2 ** -7)
     for s in (fast, ref):
         s.close()
+
+
+@pytest.mark.parametrize("layout", [HALF, PAIRS])
+def test_pending_rotations_grow_past_their_headroom_and_equal_one_rotation(layout):
+    """A spread re-index keeps its rotations across steps (``vrex.kv.cache._Rotations``): rows of the tokens
+    it began with by ``delta``, rows appended since by ``-shift``, through steps small and larger than the
+    buffers' headroom; every prefix equals the rotation of the whole move computed at once."""
+    from vrex.kv.cache import _Rotations
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    delta, shift = -torch.arange(50) // 3, 7
+    rot = _Rotations(delta, shift, inv_freq, layout)
+    for n in (50, 51, 60, 3000, 3001, 9000):  # 3000 and 9000 pass the buffers' room (50 + 1024, then more)
+        cos, sin = rot.upto(n)
+        full = torch.cat([delta, torch.full((n - 50,), -shift)])
+        want_cos, want_sin = rotation(full, inv_freq, layout)
+        assert cos.is_contiguous() and torch.equal(cos, want_cos) and torch.equal(sin, want_sin), n

@@ -83,24 +83,21 @@ class _Rotations:
 
     def __init__(self, delta: torch.Tensor, shift: int, inv_freq: torch.Tensor, layout: str):
         self.shift, self.inv_freq, self.layout = shift, inv_freq, layout
-        cos, sin = rotation(delta, inv_freq, layout)
-        self.cos, self.sin = self._with_room(cos, delta.numel()), self._with_room(sin, delta.numel())
         self.rows = delta.numel()
+        cos, sin = rotation(delta, inv_freq, layout)
+        self.cos, self.sin = self._grown(cos, self.rows), self._grown(sin, self.rows)
 
-    @staticmethod
-    def _with_room(t: torch.Tensor, rows: int) -> torch.Tensor:
-        out = torch.empty(rows + max(1024, rows // 8), t.shape[1], dtype=t.dtype, device=t.device)
-        out[:rows] = t[:rows]
+    def _grown(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """Room for ``n`` rows and headroom after them, holding ``t``'s first ``self.rows`` rows."""
+        out = t.new_empty(n + max(1024, n // 8), t.shape[1])
+        out[:self.rows] = t[:self.rows]
         return out
 
     def upto(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotations of tokens ``0 .. n-1`` (contiguous views)."""
         if n > self.rows:
             if n > self.cos.shape[0]:
-                self.cos, self.sin = self._with_room(self.cos, self.rows), self._with_room(self.sin, self.rows)
-                if n > self.cos.shape[0]:  # a step longer than the headroom
-                    self.cos = torch.cat([self.cos, self.cos.new_empty(n, self.cos.shape[1])])
-                    self.sin = torch.cat([self.sin, self.sin.new_empty(n, self.sin.shape[1])])
+                self.cos, self.sin = self._grown(self.cos, n), self._grown(self.sin, n)
             cos, sin = rotation(torch.tensor([-self.shift]), self.inv_freq, self.layout)  # one angle for them all
             self.cos[self.rows:n] = cos
             self.sin[self.rows:n] = sin

@@ -283,7 +283,8 @@ class HCTable:
         k32 = keys.to(torch.float32)
         C = self.codes.shape[1]
         clusters = self.tc.read(0, N)
-        flat = (clusters + torch.arange(H).unsqueeze(1) * C).reshape(-1)  # [H * N] rows of [H * C, .] tables
+        # [H * N] rows of [H * C, .] tables: what index_add_ needs (the reference sums, majority codes)
+        flat = None if fast and self.code_update != "majority" else (clusters + torch.arange(H).unsqueeze(1) * C).reshape(-1)
         if fast:
             from vrex.kv.fast import load
 
