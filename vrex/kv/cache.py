@@ -414,10 +414,9 @@ class VrexCache(Cache):
     def _move_layer(self, spec: LayerSpec, p: _PendingReindex) -> None:
         """Rotate one pending layer's stored keys into the new frame (``_pending_delta``); its policy index
         follows. The rotations are ``p.trig``'s, shared by layers with one RoPE and kept across steps."""
-        key = (spec.rope_layout, tuple(spec.inv_freq.tolist()))
-        if key not in p.trig:
-            p.trig[key] = _Rotations(p.delta, p.shift, spec.inv_freq, spec.rope_layout)
-        same = p.trig[key].upto(self.store.length(spec.index))
+        if spec.rope_key not in p.trig:
+            p.trig[spec.rope_key] = _Rotations(p.delta, p.shift, spec.inv_freq, spec.rope_layout)
+        same = p.trig[spec.rope_key].upto(self.store.length(spec.index))
         wants_keys = not spec.sliding and self._policy_indexes_keys
         if self.kernels == "fast":  # in place in every tier, one pass (vrex.kv.fast rotate_keys)
             keys = p.scratch if wants_keys else None
@@ -437,10 +436,10 @@ class VrexCache(Cache):
             return query, key
         spec = self.specs[layer]
         move = torch.full((query.shape[-2],), p.shift, dtype=torch.long)
-        key_ = (move.numel(), spec.rope_layout, tuple(spec.inv_freq.tolist()))
-        if key_ not in p.old_frame:  # one rotation per step size and RoPE, for every pending layer and step
-            p.old_frame[key_] = rotation(move, spec.inv_freq, spec.rope_layout)
-        trig = p.old_frame[key_]
+        size_rope = (move.numel(), spec.rope_key)
+        if size_rope not in p.old_frame:  # one rotation per step size and RoPE, for every pending layer and step
+            p.old_frame[size_rope] = rotation(move, spec.inv_freq, spec.rope_layout)
+        trig = p.old_frame[size_rope]
         return (rerotate(query, move, spec.inv_freq, spec.rope_layout, trig=trig),
                 rerotate(key, move, spec.inv_freq, spec.rope_layout, trig=trig))
 

@@ -24,6 +24,7 @@ capability the engine lacks (not the model type), for what the engine cannot run
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from weakref import WeakKeyDictionary
 
 import torch
@@ -63,6 +64,12 @@ class LayerSpec:
     @property
     def kind(self) -> str:
         return SLIDING if self.sliding else FULL
+
+    @cached_property
+    def rope_key(self) -> tuple:
+        """What this layer's rotation depends on (layout, frequencies), hashable: layers with one key share
+        their sines and cosines during a re-index (``vrex.kv.cache``)."""
+        return (self.rope_layout, None if self.inv_freq is None else tuple(self.inv_freq.tolist()))
 
 
 @dataclass(frozen=True)
