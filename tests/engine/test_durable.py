@@ -66,6 +66,7 @@ def test_load_continues_exactly_like_the_uninterrupted_run(videollm, photos, tmp
     loaded = StreamingSession.load(tmp_path / "s", videollm)
     assert loaded.frames == 3 and loaded.t == frames[2][0] and loaded.cached_tokens == session.cached_tokens
     assert int(loaded.positions.max()) < 100  # re-indexed before the save, replayed the same way
+    assert torch.equal(loaded.state.stored_at, session.state.stored_at)  # where each token arrived (forks index there)
     assert loaded.dialogue == session.dialogue and loaded.dialogue  # narrations/answers so far
     for i, (t, im) in enumerate(frames[3:], 3):
         assert _key(loaded.push_frame(t, im)) == reference[i], f"frame {i}"

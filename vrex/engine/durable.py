@@ -306,6 +306,7 @@ def replay_step(session: "StreamingSession", step: dict[str, Any], where: str) -
                 session.store.evict(layer, evict)
     start = session.cached_tokens
     session.state.positions = torch.cat([session.state.positions, positions])
+    session.state.stored_at = torch.cat([session.state.stored_at, positions])
     for length, fid in spans:
         session.state.spans.append((start, length, fid))
         start += length

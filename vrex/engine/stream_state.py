@@ -36,12 +36,16 @@ class StreamState:
     sink_tokens: int = 0
     #: what was said: {"t", "kind", "text"} (+ "question" for answers), in order
     dialogue: list[dict[str, Any]] = field(default_factory=list)
+    #: position id each cached token was stored at (``positions`` before any re-index moved it): a
+    #: fork's policy indexes every block at the positions it arrived at, as the stream's own policy did
+    #: (``StreamingSession.from_state``)
+    stored_at: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def clone(self) -> "StreamState":
         return StreamState(
             self.positions.clone(), list(self.spans), self.pending.clone(), self.frames, self.t, self.last_response_t,
             None if self.last_features is None else self.last_features.clone(), list(self.questions),
-            self.next_question, self.sink_tokens, [dict(d) for d in self.dialogue])
+            self.next_question, self.sink_tokens, [dict(d) for d in self.dialogue], self.stored_at.clone())
 
     def small(self) -> dict[str, Any]:
         """Everything but positions, spans and dialogue (which a durable session rebuilds or appends):
@@ -60,12 +64,15 @@ class StreamState:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.small(), "positions": self.positions.cpu(), "spans": [list(s) for s in self.spans],
-                "dialogue": [dict(d) for d in self.dialogue]}
+                "dialogue": [dict(d) for d in self.dialogue], "stored_at": self.stored_at.cpu()}
 
     @staticmethod
     def from_dict(d: dict[str, Any], device) -> "StreamState":
         state = StreamState(positions=d["positions"].clone(), spans=[(int(a), int(b), None if c is None else int(c)) for a, b, c in d["spans"]],
-                            dialogue=[dict(x) for x in d["dialogue"]])
+                            dialogue=[dict(x) for x in d["dialogue"]],
+                            # saved before stored_at existed: the positions they have now (a fork indexes the
+                            # blocks there, as every fork did before)
+                            stored_at=(d["stored_at"] if "stored_at" in d else d["positions"]).clone())
         state.set_small(d, device)
         return state
 

@@ -325,15 +325,18 @@ class VrexCache(Cache):
             self.store_block(layer, key[:, offset:offset + n_tokens], value[:, offset:offset + n_tokens], frame_id)
             offset += n_tokens
 
-    def store_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor, frame_id: int | None) -> int:
+    def store_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor, frame_id: int | None,
+                    index_keys: torch.Tensor | None = None) -> int:
         """Index a block with the policy, then write it once, in the policy's cluster-contiguous
-        order if it has one (ReSV's ``block_order``: the KV memory unit's layout). Returns its first id."""
+        order if it has one (ReSV's ``block_order``: the KV memory unit's layout). Returns its first id.
+        ``index_keys``: what the policy indexes instead of ``keys`` (a fork: the keys at the positions
+        the block arrived at, ``StreamingSession.from_state``)."""
         start = self.store.length(layer)
         if self.specs[layer].sliding:
             start = self.store.append(layer, keys, values)
             self._trim_window(layer)
             return start
-        self.policy.on_append(layer, keys, start, frame_id)
+        self.policy.on_append(layer, keys if index_keys is None else index_keys, start, frame_id)
         block_order = getattr(self.policy, "block_order", None)
         order = block_order(layer, start, keys.shape[1]) if block_order is not None and keys.shape[1] > 1 else None
         return self.store.append(layer, keys, values, order=order)
@@ -397,6 +400,13 @@ class VrexCache(Cache):
         """A pending layer's move: ``delta`` for the tokens the re-index began with, ``-shift`` after them."""
         added = self.store.length(layer) - p.delta.numel()
         return torch.cat([p.delta, torch.full((added,), -p.shift, dtype=p.delta.dtype)])
+
+    def positions_changed(self, layer: int, keys: torch.Tensor) -> None:
+        """The layer's stored tokens sit at new positions, ``keys`` [H, N, D] (arrival order) as they are
+        now: a policy that derives its index from the keys re-derives it (``_move_layer`` does the same
+        for a live re-index)."""
+        if not self.specs[layer].sliding and self._policy_indexes_keys:
+            self.policy.on_positions_changed(layer, keys.to(self.store.dtype))
 
     def _check_reindexable(self) -> None:
         for spec in self.specs:
