@@ -219,8 +219,9 @@ class StreamingSession:
         ``fork`` changes policy): at the positions the block was stored at (``state.stored_at``), then,
         where re-indexing has moved them since, it re-derives its index at the positions they have now,
         as the streaming policy did at each re-index. (Indexed at the re-indexed positions instead, old
-        tokens squeezed into few positions rotate alike: ReSV's fork made 2.5x fewer clusters than the
-        same stream live at 45K tokens.) With ``policy_state`` (``policy.state_dict()`` of the same
+        tokens squeezed into few positions rotate alike: a ReSV fork at 45K tokens made 229 clusters per
+        KV head where it now makes 790, and its frame steps took 204 ms where they now take 255, closer
+        to the 277 of the same stream run live; scripts, 2 cores.) With ``policy_state`` (``policy.state_dict()`` of the same
         policy) the policy is restored as saved and the blocks are only stored, in its cluster order."""
         new = cls.__new__(cls)
         new._build(model, policy, config, trace)
