@@ -221,8 +221,12 @@ class StreamingSession:
         as the streaming policy did at each re-index. (Indexed at the re-indexed positions instead, old
         tokens squeezed into few positions rotate alike: a ReSV fork at 45K tokens made 229 clusters per
         KV head where it now makes 790, and its frame steps took 204 ms where they now take 255, closer
-        to the 277 of the same stream run live; scripts, 2 cores.) With ``policy_state`` (``policy.state_dict()`` of the same
-        policy) the policy is restored as saved and the blocks are only stored, in its cluster order."""
+        to the 277 of the same stream run live; scripts, 2 cores.) Between two re-indexes the live
+        policy clustered new blocks against codes rebuilt at the last one; here they meet the codes of
+        their arrival, so after the first re-index the two tables agree closely, not exactly.
+
+        With ``policy_state`` (``policy.state_dict()`` of the same policy) the policy is restored as
+        saved and the blocks are only stored, in its cluster order."""
         new = cls.__new__(cls)
         new._build(model, policy, config, trace)
         new.state = state.clone()
