@@ -30,7 +30,7 @@ from vrex.engine.positions import compressed_positions
 from vrex.engine.stream_state import StreamState
 from vrex.engine.turns import QuestionQueue, gate_opens, interval_probability, late_answer_note, next_token
 from vrex.kv.cache import KeepConfig, StepRecord, VrexCache
-from vrex.kv.layers import Geometry, layer_specs, model_geometry, rerotate, text_config
+from vrex.kv.layers import Geometry, layer_specs, model_geometry, rerotate, rotation, text_config
 from vrex.kv.policy import KVPolicy, Stage
 from vrex.kv.store import KVStore
 from vrex.kv.telemetry import selection_summary
@@ -238,13 +238,16 @@ class StreamingSession:
         if state.stored_at.shape != state.positions.shape:
             raise ValueError(f"stream state: {state.stored_at.numel()} stored-at positions for {state.positions.numel()} tokens")
         moved = state.stored_at - state.positions  # per token: where it arrived - where it is now
+        back = {}  # the rotation by ``moved``, per distinct RoPE: layers with one RoPE share it
         for layer in range(new.store.num_layers):
             keys, values, evicted = kv(layer)
             sliding = specs is not None and specs[layer].sliding
             arrived = keys
             if policy_state is None and not sliding and bool(moved.any()):
                 spec = new.cache.specs[layer]
-                arrived = rerotate(keys, moved.to(keys.device), spec.inv_freq, spec.rope_layout)
+                if spec.rope_key not in back:
+                    back[spec.rope_key] = rotation(moved, spec.inv_freq, spec.rope_layout)
+                arrived = rerotate(keys, moved, spec.inv_freq, spec.rope_layout, trig=back[spec.rope_key])
             for start, length, fid in state.spans:
                 k, v = keys[:, start : start + length], values[:, start : start + length]
                 if policy_state is None:

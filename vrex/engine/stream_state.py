@@ -48,7 +48,7 @@ class StreamState:
             self.next_question, self.sink_tokens, [dict(d) for d in self.dialogue], self.stored_at.clone())
 
     def small(self) -> dict[str, Any]:
-        """Everything but positions, spans and dialogue (which a durable session rebuilds or appends):
+        """Everything but positions, stored_at, spans and dialogue (which a durable session rebuilds or appends):
         what one save records after its K/V blocks. Bounded per frame."""
         return {"pending": self.pending.cpu(), "frames": self.frames, "t": self.t, "last_response_t": self.last_response_t,
                 "last_features": None if self.last_features is None else self.last_features.cpu(),
