@@ -70,7 +70,7 @@ class _PendingReindex:
     # computed once, the rows of tokens stored since appended as they come. Recomputed per step (the
     # token count changes every step), it was 90 ms of each re-indexing frame at 90K tokens.
     trig: dict = field(default_factory=dict)
-    old_frame: dict = field(default_factory=dict)  # the ``shift`` rotation of a step's queries and keys, per size and RoPE
+    old_frame: dict = field(default_factory=dict)  # the ``shift`` rotation of a step's queries and keys, per RoPE
     # the keys handed to the policy, reused by every layer and step of this re-index (fast path): a fresh
     # [H, N, D] buffer per step paid its page faults (about a third of a layer's move at 32K tokens)
     scratch: torch.Tensor = field(default_factory=lambda: torch.empty(0))
@@ -445,11 +445,10 @@ class VrexCache(Cache):
         if p is None or p.shift == 0 or layer not in p.layers:
             return query, key
         spec = self.specs[layer]
-        move = torch.full((query.shape[-2],), p.shift, dtype=torch.long)
-        size_rope = (move.numel(), spec.rope_key)
-        if size_rope not in p.old_frame:  # one rotation per step size and RoPE, for every pending layer and step
-            p.old_frame[size_rope] = rotation(move, spec.inv_freq, spec.rope_layout)
-        trig = p.old_frame[size_rope]
+        move = torch.tensor([p.shift])  # one angle for every token of every step: its row broadcasts over them
+        if spec.rope_key not in p.old_frame:
+            p.old_frame[spec.rope_key] = rotation(move, spec.inv_freq, spec.rope_layout)
+        trig = p.old_frame[spec.rope_key]
         return (rerotate(query, move, spec.inv_freq, spec.rope_layout, trig=trig),
                 rerotate(key, move, spec.inv_freq, spec.rope_layout, trig=trig))
 
