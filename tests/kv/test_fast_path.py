@@ -202,29 +202,69 @@ def test_attention_masks_against_dense_reference():
             torch.testing.assert_close(got[hq, i], p @ v[h], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_slot_attention_reads_the_disk_tier_in_place(dtype, tmp_path):
-    """Decode attention over a plan whose oldest slots are on the disk tier (the kernel reads the memory
-    maps through a transposed [H, cap, D] view, no copy) == the reference gather + attention; the pages
-    it touched are released after."""
-    H, D, G, T = 2, 64, 3, 1
+def _three_tier_store(dtype, tmp_path, H: int, D: int) -> KVStore:
+    """150 blocks of 7 tokens over device (20 blocks), host (20) and disk: more disk slots than one work item."""
     block = 7 * H * D * torch.empty(0, dtype=dtype).element_size()
     store = _filled_store(n_blocks=150, H=H, D=D, dtype=dtype, device_budget_bytes=20 * 2 * block,
                           host_budget_bytes=20 * 2 * block, disk_dir=tmp_path)
-    n_past = store.length(0)
-    assert store.tier_bounds(0)[0] > 512  # more disk slots than one work item
-    g = torch.Generator().manual_seed(4)
+    assert store.tier_bounds(0)[0] > 512
+    return store
+
+
+def _reference_and_plan(store: KVStore, g: torch.Generator, G: int, T: int):
+    """Two heads reading 50% and 90% of the past: the reference gather + attention of ``T`` random query rows
+    per query head (``G`` per KV head), the fast path's plan of the same selection, and (q, k_new, v_new)."""
+    n_past, H, D = store.length(0), store.num_kv_heads, store.head_dim
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.5, 0.9)]
     k, v, valid = store.gather(0, picks)
     q = 3 * torch.randn(H * G, T, D, generator=g)
     k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
     want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125)
     packed = PackedSelection.pack(Selection(picks), H)
-    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    return want, store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past), (q, k_new, v_new)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_attention_reads_the_disk_tier_in_place(dtype, tmp_path):
+    """Decode attention over a plan whose oldest slots are on the disk tier (the kernel reads the memory
+    maps through a transposed [H, cap, D] view, no copy) == the reference gather + attention; the pages
+    it touched are released after."""
+    H, D, G, T = 2, 64, 3, 1
+    store = _three_tier_store(dtype, tmp_path, H, D)
+    want, plan, (q, k_new, v_new) = _reference_and_plan(store, torch.Generator().manual_seed(4), G, T)
     assert plan.disk is not None and plan.kbufs[0].stride(1) == H * D  # the map itself, token-major
     got = ext.attend_slots(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
     plan.done()
     assert plan.disk._touched == 0
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["half", "pairs"])
+@pytest.mark.parametrize("T", [1, 13])
+def test_attention_turns_the_disk_keys_that_owe_a_move(dtype, layout, T, tmp_path):
+    """After two position re-indexes the disk tier's keys still sit where they were written and owe their
+    moves (vrex.kv.store._Disk); decode (attend_slots, T = 1) and frame-step (attend_plan) attention turn
+    them as they read == the reference gather (turned in PyTorch) + attention. Partial rotary width (48 of
+    64 dims), a host and a device tier beside the disk."""
+    from vrex.kv.layers import rotation
+
+    G = 3
+    store = _three_tier_store(dtype, tmp_path, 2, 64)
+    n_past = store.length(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 48, 2).float() / 48))
+    g = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        moves = -torch.randint(0, 3000, (n_past,), generator=g)
+        store.rotate_keys(0, *rotation(moves, inv_freq, layout), layout == "half", moves=moves, rope=(inv_freq, layout))
+    want, plan, (q, k_new, v_new) = _reference_and_plan(store, g, G, T)
+    assert plan.disk is not None and plan.turn_args["turn"][0].any()  # the disk keys owe their moves
+    if T == 1:
+        got = ext.attend_slots(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, **plan.turn_args)
+    else:
+        got = ext.attend_plan(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, 0.0, torch.empty(0),
+                              **plan.turn_args)
+    plan.done()
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 

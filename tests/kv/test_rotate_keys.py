@@ -47,9 +47,9 @@ def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layo
     before = ref.keys(0)
 
     want = rerotate(ref.keys(0), delta, inv_freq, layout, trig=trig)
-    ref.set_keys(0, want)
+    ref.set_keys(0, want, moves=delta, rope=(inv_freq, layout))
     got = torch.full((1,), 7.0)  # a scratch of the wrong size and stale contents: resized and overwritten
-    fast.rotate_keys(0, *trig, layout == HALF, got)
+    fast.rotate_keys(0, *trig, layout == HALF, got, moves=delta, rope=(inv_freq, layout))
 
     live = torch.arange(n)[~fast._layers[0].evicted[:n]]
     stored_fast, stored_ref = fast.keys(0), ref.keys(0)
@@ -58,7 +58,12 @@ def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layo
     scale = before.float().abs().amax(-1, keepdim=True)
     tol = 8 * torch.finfo(torch.float32).eps * scale + torch.finfo(dtype).eps * stored_ref.float().abs()
     assert ((stored_fast.float() - stored_ref.float()).abs() <= tol).all()
-    assert torch.equal(got[:, live], stored_fast[:, live].float())  # what the store holds, handed to the policy
+    # what the store holds, handed to the policy: the very values on the device and host tiers; on disk the
+    # kernel's turn of each key against the reference's (keys owe their move there: vrex.kv.store._Disk)
+    d_end = fast.tier_bounds(0)[0]
+    in_place = live[live >= d_end]
+    assert torch.equal(got[:, in_place], stored_fast[:, in_place].float())
+    assert ((got[:, live] - stored_fast[:, live].float()).abs() <= tol[:, live]).all()
     assert (got[:, ~torch.isin(torch.arange(n), live)] == 0).all()
     if rot < D:  # dims past the rotary width pass through untouched
         assert torch.equal(stored_fast[..., rot:], before[..., rot:])
@@ -74,14 +79,60 @@ def test_rotate_keys_reaches_every_tier(tmp_path_factory):
     d_end, h_end, n = fast.tier_bounds(0)
     assert 0 < d_end < h_end < n
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    trig = rotation(torch.full((n,), -700), inv_freq, HALF)
+    moves = torch.full((n,), -700)
+    trig = rotation(moves, inv_freq, HALF)
     before = fast.keys(0)
-    fast.rotate_keys(0, *trig, True)
+    fast.rotate_keys(0, *trig, True, moves=moves, rope=(inv_freq, HALF))
     after = fast.keys(0)
     for a, b in ((0, d_end), (d_end, h_end), (h_end, n)):
         assert not torch.equal(after[:, a:b], before[:, a:b])
-    ref.set_keys(0, rerotate(ref.keys(0), torch.full((n,), -700), inv_freq, HALF))
+    ref.set_keys(0, rerotate(ref.keys(0), moves, inv_freq, HALF), moves=moves, rope=(inv_freq, HALF))
     torch.testing.assert_close(after.float(), ref.keys(0).float(), atol=0, rtol=2 ** -7)
+    for s in (fast, ref):
+        s.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("most", [4000, 20000])
+def test_a_move_leaves_the_disk_files_unwritten_and_moves_add_up(tmp_path_factory, dtype, most):
+    """The disk tier is not rewritten by a re-index: its key file's bytes stay as written, while its keys
+    read as moved (they owe the move, ``vrex.kv.store._Disk``); three moves in a row read as one move by
+    their sum (the table of turns grows with the range), within one rounding of the store's type, where
+    rotating in place would have rounded three times. Moves of up to 20000 positions pass int16: the
+    record widens to int32."""
+    fast, ref = _twin_stores(tmp_path_factory, dtype, 1, [(6, True)] * 8, True, 6, 8)
+    d_end, _, n = fast.tier_bounds(0)
+    assert d_end > 0
+    key_file = fast._layers[0].disk.paths[0]
+    written = key_file.read_bytes()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    before = ref.keys(0)
+    g = torch.Generator().manual_seed(3)
+    total = torch.zeros(n, dtype=torch.int64)
+    for _ in range(3):
+        moves = -torch.randint(0, most, (n,), generator=g)
+        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=(inv_freq, HALF))
+        total += moves
+    assert key_file.read_bytes() == written
+    assert fast._layers[0].disk.owed.dtype == (torch.int16 if 3 * most < 2 ** 15 else torch.int32)
+    want = rerotate(before, total, inv_freq, HALF)  # one rounding
+    live = torch.arange(n)[~fast._layers[0].evicted[:n]]
+    disk = live[live < d_end]
+    got = fast.keys(0)
+    tol = 16 * torch.finfo(torch.float32).eps * before.float().abs().amax(-1, keepdim=True) \
+        + torch.finfo(dtype).eps * want.float().abs()
+    assert ((got[:, disk].float() - want[:, disk].float()).abs() <= tol[:, disk]).all()
+    assert not torch.equal(got[:, disk], before[:, disk])
+    for s in (fast, ref):
+        s.close()
+
+
+def test_a_disk_tier_move_needs_the_moves_and_the_rope(tmp_path_factory):
+    fast, ref = _twin_stores(tmp_path_factory, torch.float32, 0, [(6, False)] * 5, False, 6, 8)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    n = fast.length(0)
+    with pytest.raises(ValueError, match="disk tier holds keys"):
+        fast.rotate_keys(0, *rotation(torch.full((n,), -5), inv_freq, HALF), True)
     for s in (fast, ref):
         s.close()
 

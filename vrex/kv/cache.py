@@ -266,14 +266,15 @@ class VrexCache(Cache):
         if rows <= _SLOT_ATTENTION_ROWS and softcap is None and q.shape[-1] in (32, 64, 128):
             # decode: attention read in place from the selected slots (each row read once, no copy)
             t_fetch = time.perf_counter()
-            out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0])
+            out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
+                                      **plan.turn_args)
         else:
             # frame/text steps: per KV head, its own rows gathered into a reused workspace, MKL attention
             # (the gather is inside: fetch_s is the planning only)
             t_fetch = time.perf_counter()
             ext = load()
             out = ext.attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
-                                  softcap or 0.0, self._workspace, ATTEND_COLUMNS or ext.ATTEND_COL_BLOCK)
+                                  softcap or 0.0, self._workspace, ATTEND_COLUMNS or ext.ATTEND_COL_BLOCK, **plan.turn_args)
         plan.done()
         self._store_and_index(layer, key[0], value[0])
         selected = n_past if selection.everything else plan.selected
@@ -428,14 +429,17 @@ class VrexCache(Cache):
             p.trig[spec.rope_key] = _Rotations(p.delta, p.shift, spec.inv_freq, spec.rope_layout)
         same = p.trig[spec.rope_key].upto(self.store.length(spec.index))
         wants_keys = not spec.sliding and self._policy_indexes_keys
-        if self.kernels == "fast":  # in place in every tier, one pass (vrex.kv.fast rotate_keys)
+        delta = self._pending_delta(p, spec.index)
+        rope = (spec.inv_freq, spec.rope_layout)
+        if self.kernels == "fast":  # in place in the device and host tiers, recorded on disk (vrex.kv.fast)
             keys = p.scratch if wants_keys else None
-            self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys)
+            self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys, moves=delta, rope=rope)
         else:
-            delta = self._pending_delta(p, spec.index)
             keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
-            self.store.set_keys(spec.index, keys)
-            keys = keys.to(self.store.dtype)  # what the store holds now, as the fast path hands it on
+            self.store.set_keys(spec.index, keys, moves=delta, rope=rope)
+            # what the store gives now, as the fast path hands it on: the disk tier's keys turned once by all
+            # they owe (rerotating the keys read before the move would round them twice)
+            keys = self.store.keys(spec.index) if wants_keys else None
         if wants_keys:
             self.policy.on_positions_changed(spec.index, keys)
 

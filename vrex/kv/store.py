@@ -48,7 +48,7 @@ import shutil
 import tempfile
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +76,36 @@ def _fallocate(fd: int, length: int) -> None:
 #: (per layer): bounds the file-backed part of RSS to about this much per layer.
 _RELEASE_BYTES = 1 << 20
 
-#: Linux's ``MADV_POPULATE_WRITE`` (5.14+; Python's mmap module names only some MADV_ flags): map a range
-#: writable in one call instead of one write fault per 4 KB page.
-_MADV_POPULATE_WRITE = 23
+#: Linux's ``MADV_POPULATE_READ`` (5.14+; Python's mmap module names only some MADV_ flags): map a range
+#: in one call instead of one fault per 4 KB page. Read, not write: a write fault on a shared file mapping
+#: marks the page dirty, and the kernel would then write back pages nobody changed.
+_MADV_POPULATE_READ = 22
+
+
+class _TurnTables:
+    """The rotations by every integer move a disk key may owe (``_Disk``), one table per RoPE, shared by
+    the layers of a store: ``(lo, cos, sin)``, ``cos``/``sin`` ``[rows, R]`` float32 for moves ``lo ..
+    lo + rows - 1`` (vrex.kv.layers.rotation). A table grows to cover what it is asked for (a re-index
+    extends the range by its moves: about 4K more rows per re-index of an 8K-position LM, at most the
+    LM's position range in all)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple, tuple[int, Tensor, Tensor]] = {}
+
+    def cover(self, key: tuple, lo: int, hi: int, inv_freq: Tensor, layout: str) -> tuple[int, Tensor, Tensor]:
+        from vrex.kv.layers import rotation
+
+        have = self._tables.get(key)
+        if have is not None and have[0] <= lo and hi < have[0] + have[1].shape[0]:
+            return have
+        if have is not None:
+            lo, hi = min(lo, have[0]), max(hi, have[0] + have[1].shape[0] - 1)
+        cos, sin = rotation(torch.arange(lo, hi + 1), inv_freq.float().cpu(), layout)
+        self._tables[key] = (lo, cos.contiguous(), sin.contiguous())
+        return self._tables[key]
+
+    def get(self, key: tuple) -> tuple[int, Tensor, Tensor]:
+        return self._tables[key]
 
 
 @dataclass
@@ -186,10 +213,22 @@ class _Disk:
     """Append-only memory-mapped slot files of one layer: K and V ``[cap, H, D * esize]`` bytes.
 
     No slot -> token map in memory (the rings keep one for compaction and migration; nothing reads the
-    disk tier's back: it was 8 bytes per token and KV head that grew with the stream)."""
+    disk tier's back: it was 8 bytes per token and KV head that grew with the stream).
 
-    def __init__(self, directory: Path, layer: int, H: int, D: int, dtype):
+    **Keys stay where they were written.** A position re-index does not rewrite the key file: it adds
+    each key's move to ``owed`` (``[rows, H]``, positions the key in slot ``s`` of head ``h`` still has to
+    turn; int16, int32 once the moves pass 2^15; its rows cover the slots written before the last move,
+    later slots owe nothing), and every read turns the key by what it owes, in float32,
+    rounded to the tier's type (``KVStore.rotate_keys``; the fast path's kernels read through the same
+    table). Rewriting the tier at each re-index wrote 2.2 GB at 97K tokens, and the kernel's writeback of
+    it, 30 s later on the same two cores, made frames 200-250 ms slower (README, the hour runs)."""
+
+    def __init__(self, directory: Path, layer: int, H: int, D: int, dtype, tables: _TurnTables):
         self.dir, self.H, self.D, self.dtype = directory, H, D, dtype
+        self.tables = tables
+        self.owed: Tensor | None = None
+        self.owed_lo = self.owed_hi = 0  # every value in owed lies in [owed_lo, owed_hi]
+        self.rope: tuple | None = None  # (key, inv_freq, layout) of the moves recorded in owed
         self.es = torch.empty(0, dtype=dtype).element_size()
         self.row = H * D * self.es
         self.paths = [directory / f"layer{layer:03d}.k.bin", directory / f"layer{layer:03d}.v.bin"]
@@ -219,6 +258,71 @@ class _Disk:
         self.mm = [np.memmap(p, dtype=np.uint8, mode="r+", shape=(new_cap, self.H, self.D * self.es)) for p in self.paths]
         self.cap = new_cap
         self._views = None
+
+    # -- keys that owe a move (see the class docstring) -------------------------------------------
+    def prepare_move(self, moves: Tensor, inv_freq: Tensor, layout: str) -> None:
+        """Room in ``owed`` and in the rotation table for adding ``moves`` (int, any shape) to it."""
+        key = (layout, tuple(inv_freq.float().tolist()))
+        if self.rope is not None and self.rope[0] != key:
+            raise ValueError("the disk tier's keys already owe moves of another RoPE; a layer has one RoPE")
+        self.rope = (key, inv_freq, layout)
+        if moves.numel():
+            self.owed_lo += min(0, int(moves.min()))
+            self.owed_hi += max(0, int(moves.max()))
+        if not (-(2 ** 31) <= self.owed_lo and self.owed_hi < 2 ** 31):
+            raise OverflowError(f"disk keys would owe moves of {self.owed_lo}..{self.owed_hi} positions (int32)")
+        # int16 while the moves fit (an 8K-position LM's never pass 8K): 6 bytes per token and layer at 3 KV heads
+        wide = self.owed_lo < -(2 ** 15) or self.owed_hi >= 2 ** 15
+        dtype = torch.int32 if wide or (self.owed is not None and self.owed.dtype == torch.int32) else torch.int16
+        rows = 0 if self.owed is None else self.owed.shape[0]
+        if self.owed is None or rows < self.hi or self.owed.dtype != dtype:
+            owed = torch.zeros(max(self.hi, rows), self.H, dtype=dtype)
+            if self.owed is not None:
+                owed[:rows] = self.owed
+            self.owed = owed
+        self.tables.cover(key, self.owed_lo, self.owed_hi, inv_freq, layout)
+
+    def turn_args(self) -> dict:
+        """The fast path's kernel arguments for reading this tier as tier 0 (empty: no key owes a move)."""
+        if self.owed is None:
+            return {}
+        lo, cos, sin = self.tables.get(self.rope[0])
+        from vrex.kv.layers import HALF
+
+        return {"turn": [self.owed, cos, sin], "turn_lo": lo, "turn_half": self.rope[2] == HALF, "turn_tier": 0}
+
+    def _turned(self, k: Tensor, abs_slots: Tensor, h: int | None) -> Tensor:
+        """Keys ``k`` [..., n, D] read from ``abs_slots`` (of head ``h``; None: ``k`` is [n, H, D]) turned
+        by what they owe, as the kernels turn them (the reference path)."""
+        if self.owed is None:
+            return k
+        from vrex.kv.layers import rerotate
+
+        s = abs_slots.long()
+        known = s < self.owed.shape[0]  # later slots were written after the last move: they owe nothing
+        if h is None:
+            moves = torch.zeros(s.numel(), self.H, dtype=torch.int64)
+            moves[known] = self.owed[s[known]].long()
+        else:
+            moves = torch.zeros(s.shape, dtype=torch.int64)
+            moves[known] = self.owed[s[known], h].long()
+        if not moves.any():
+            return k
+        lo, cos, sin = self.tables.get(self.rope[0])
+        rows = (moves.long() - lo)
+        if h is None:  # [n, H, D]: rotate each head's rows by its own moves
+            k = k.transpose(0, 1)
+            out = torch.stack([rerotate(k[i], moves[:, i], self.rope[1], self.rope[2], trig=(cos[rows[:, i]], sin[rows[:, i]]))
+                               for i in range(self.H)])
+            return out.transpose(0, 1)
+        return rerotate(k, moves, self.rope[1], self.rope[2], trig=(cos[rows], sin[rows]))
+
+    def add_moves(self, abs_slots: Tensor, moves: Tensor) -> None:
+        """The reference of ``move_disk_keys``: ``moves`` [n] (one per token) added to what the slots
+        ``abs_slots`` [H, n] owe; ``prepare_move`` first."""
+        for h in range(self.H):
+            s = abs_slots[h].long()
+            self.owed[s, h] = (self.owed[s, h].long() + moves).to(self.owed.dtype)
 
     def views(self) -> tuple[Tensor, Tensor]:
         """K and V as ``[H, cap, D]`` tensors over the maps themselves (transposed views, no copy): what
@@ -261,7 +365,7 @@ class _Disk:
                 mm.madvise(mmap.MADV_DONTNEED)
 
     def prefault_keys(self) -> None:
-        """Map the key file's used slots writable in one call, before a pass that rewrites them all
+        """Map the key file's used slots in one call, before a pass that reads them all
         (``KVStore.rotate_keys``). After ``release`` every page is unmapped, and faulting a page at a
         time cost more than the rotation itself (script, 90K tokens: 24 of 38 ms per layer; populated
         first, 10 + 15 ms). A kernel without the flag refuses it: the pages then fault one by one."""
@@ -270,7 +374,7 @@ class _Disk:
         if mm is None or not length or not hasattr(mm, "madvise"):
             return
         try:
-            mm.madvise(_MADV_POPULATE_WRITE, 0, length)
+            mm.madvise(_MADV_POPULATE_READ, 0, length)
         except OSError:  # older kernel (EINVAL): correct either way, only slower
             pass
 
@@ -278,7 +382,7 @@ class _Disk:
         s = abs_slots.numpy()
         k, v = self._from_np(self.mm[0][s, h]), self._from_np(self.mm[1][s, h])  # copies
         self.release()
-        return k, v
+        return self._turned(k, abs_slots, h), v
 
     def read_head_into(self, h: int, abs_slots: Tensor, k_out: Tensor, v_out: Tensor) -> None:
         k, v = self.read_head(h, abs_slots)
@@ -289,7 +393,8 @@ class _Disk:
         """K (or V) alone at ``abs_slots`` ``[H, n]``: ``[H, n, D]``; the other file is not read, and
         this process's pages are released once, after every head."""
         m = self.mm[1 if values else 0]
-        out = torch.stack([self._from_np(m[abs_slots[h].numpy(), h]) for h in range(self.H)])
+        out = torch.stack([self._from_np(m[abs_slots[h].numpy(), h]) if values else
+                           self._turned(self._from_np(m[abs_slots[h].numpy(), h]), abs_slots[h], h) for h in range(self.H)])
         self.release()
         return out
 
@@ -303,6 +408,9 @@ class _Disk:
             s = abs_slots[h].numpy()
             if k is not None:
                 self.mm[0][s, h] = k[h].detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
+                if self.owed is not None:
+                    s = abs_slots[h].long()
+                    self.owed[s[s < self.owed.shape[0]], h] = 0  # written where it is now: it owes nothing
             if v is not None:
                 self.mm[1][s, h] = v[h].detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
         self.release()
@@ -320,7 +428,7 @@ class _Layer:
         self.live = {DEVICE: 0, HOST: 0, DISK: 0}  # live tokens per tier
         self.dev = _Ring(s.num_kv_heads, s.head_dim, s.dtype, s.device, s._dev_cap)
         self.host = _Ring(s.num_kv_heads, s.head_dim, s.dtype, "cpu", s._host_cap)
-        self.disk = _Disk(s.disk_dir, layer, s.num_kv_heads, s.head_dim, s.dtype) if s.disk_dir is not None else None
+        self.disk = _Disk(s.disk_dir, layer, s.num_kv_heads, s.head_dim, s.dtype, s._turn_tables) if s.disk_dir is not None else None
         self.blocks = {DEVICE: deque(), HOST: deque()}
         self.permuted = False
 
@@ -345,6 +453,7 @@ class ReadPlan:
     offs: list[Tensor]
     selected: list[int]  # tokens read per KV head
     disk: "_Disk | None" = None  # the disk tier the plan reads in place, if any
+    turn_args: dict = field(default_factory=dict)  # the disk keys' owed moves, for the kernels (``_Disk.turn_args``)
 
     def done(self) -> None:
         """The kernel has read the plan: unmap the disk pages it faulted in (RSS stays bounded)."""
@@ -381,6 +490,7 @@ class KVStore:
         if disk_dir is not None:
             self.disk_dir = _session_dir(Path(disk_dir))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.disk_dir), True)
+        self._turn_tables = _TurnTables()
         self._layers = [_Layer(self, i) for i in range(num_layers)]
         self._c = {k: 0 for k in (
             "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
@@ -713,7 +823,7 @@ class KVStore:
             disk = L.disk
             dk, dv = disk.views()
             kbufs, vbufs, slots, offsets = [dk, *kbufs], [dv, *vbufs], [ks, *slots], [ko, *offsets]
-        return ReadPlan(kbufs, vbufs, slots, offsets, sel.tolist(), disk)
+        return ReadPlan(kbufs, vbufs, slots, offsets, sel.tolist(), disk, disk.turn_args() if disk is not None else {})
 
     def _gather_all_contiguous(self, L: _Layer) -> tuple[Tensor, Tensor, None]:
         """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""
@@ -729,6 +839,8 @@ class KVStore:
             if tier == DISK:
                 for out, mm in ((k_out, store.mm[0]), (v_out, store.mm[1])):
                     arr = torch.from_numpy(np.ascontiguousarray(mm[p : p + n])).view(self.dtype)  # [n, H, D]
+                    if out is k_out:
+                        arr = store._turned(arr, torch.arange(p, p + n), None)
                     out[:, a:b] = arr.transpose(0, 1).to(self.device)
                 store.release()
             else:
@@ -762,33 +874,47 @@ class KVStore:
             out[:, sel.to(self.device)] = store.read_one(L.pos.take(sel), want_values).to(self.device)
         return out
 
-    def set_keys(self, layer: int, keys: Tensor) -> None:
-        """Overwrite all keys ``[H, N, D]`` (e.g. after RoPE re-rotation); evicted rows are ignored."""
+    def set_keys(self, layer: int, keys: Tensor, *, moves: Tensor | None = None, rope: tuple[Tensor, str] | None = None) -> None:
+        """Overwrite all keys ``[H, N, D]``; evicted rows are ignored. ``moves`` [N] (ints) and ``rope``
+        (``(inv_freq, layout)``): ``keys`` are the stored keys moved by that many positions (a re-index,
+        the reference of :meth:`rotate_keys`), and the disk tier records the moves instead of being
+        rewritten (``_Disk``)."""
         L = self._layers[layer]
         if tuple(keys.shape) != (self.num_kv_heads, L.n, self.head_dim):
             raise ValueError(f"set_keys expects [{self.num_kv_heads}, {L.n}, {self.head_dim}], got {tuple(keys.shape)}")
+        if moves is not None:
+            moves = moves.long().cpu()
         for store, sel in self._live_by_tier(L):
-            store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
+            if store is L.disk and moves is not None:
+                L.disk.prepare_move(moves[sel], *rope)
+                L.disk.add_moves(L.pos.take(sel), moves[sel])
+            else:
+                store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
 
-    def rotate_keys(self, layer: int, cos: Tensor, sin: Tensor, half: bool, keys_out: Tensor | None = None) -> None:
-        """Position re-indexing in place, through the fast path (``vrex.kv.fast`` ``rotate_keys``): every
-        live key of the layer rotated in its own tier slot by ``cos``/``sin`` ``[N, R]`` (row = token id,
-        float32 math, rounded once to the store's type); the disk tier through its memory maps. The same
-        result as ``set_keys(rerotate(keys(layer), ...))``, without the copies. ``keys_out`` (float32, resized
-        here to ``[H, N, D]``): also the stored keys, as ``keys(layer)`` gives them, for a policy's index;
-        the caller may reuse it from layer to layer (a fresh 25 MB buffer per layer at 32K tokens cost its
-        page faults: 10 of every 24 ms)."""
+    def rotate_keys(self, layer: int, cos: Tensor, sin: Tensor, half: bool, keys_out: Tensor | None = None, *,
+                    moves: Tensor | None = None, rope: tuple[Tensor, str] | None = None) -> None:
+        """Position re-indexing through the fast path (``vrex.kv.fast``): every live key of the device and
+        host tiers rotated in its own slot by ``cos``/``sin`` ``[N, R]`` (row = token id, float32 math,
+        rounded once to the store's type) by ``rotate_keys``; the disk tier's keys stay where they are and
+        record their move (``moves`` [N], ints, with the layer's ``rope`` = ``(inv_freq, layout)``; needed
+        when the disk holds tokens) by ``move_disk_keys``. The same result as ``set_keys(rerotate(keys(layer),
+        ...), moves=..., rope=...)``, without the copies. ``keys_out`` (float32, resized here to ``[H, N, D]``):
+        also the keys as ``keys(layer)`` gives them, for a policy's index; the caller may reuse it from layer
+        to layer (a fresh 25 MB buffer per layer at 32K tokens cost its page faults: 10 of every 24 ms)."""
         from vrex.kv.fast import load
 
         L = self._layers[layer]
-        bufs, slots, ids, on_disk = [], [], [], False
+        bufs, slots, ids, disk_sel = [], [], [], None
         for tier, sel in self._live_by_tier(L):
-            on_disk |= tier is L.disk
             if tier is L.disk:
-                L.disk.prefault_keys()
-            bufs.append(tier.views()[0] if tier is L.disk else tier.k)
+                disk_sel = sel.long()
+                continue
+            bufs.append(tier.k)
             slots.append(L.pos.take(sel).long())
             ids.append(sel.long())
+        if disk_sel is not None and (moves is None or rope is None):
+            raise ValueError(f"layer {layer}'s disk tier holds keys: rotate_keys needs their moves and the layer's RoPE "
+                             "(moves=, rope=)")
         out = torch.empty(0)
         if keys_out is not None:  # every live row is written by the kernel; evicted rows read as zeros, as in keys()
             need = self.num_kv_heads * L.n * self.head_dim
@@ -800,8 +926,14 @@ class KVStore:
             if L.n_evicted:
                 out[:, L.evicted[:L.n]] = 0
         load().rotate_keys(bufs, slots, ids, cos.float(), sin.float(), half, out)
-        if on_disk:
-            L.disk.release()  # the pages the rotation wrote leave this process (see _Disk.touch)
+        if disk_sel is not None:
+            moves = moves.long().cpu()
+            L.disk.prepare_move(moves[disk_sel], *rope)
+            L.disk.prefault_keys()
+            turn = L.disk.turn_args()
+            load().move_disk_keys(L.disk.views()[0], L.pos.take(disk_sel).long(), disk_sel, moves, turn["turn"],
+                                  turn["turn_lo"], turn["turn_half"], out)
+            L.disk.release()  # the pages the turn read leave this process (see _Disk.touch)
 
     def _live_by_tier(self, L: _Layer):
         """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""
@@ -828,12 +960,14 @@ class KVStore:
 
     def index_nbytes(self) -> int:
         """Bytes of the per-token bookkeeping held in memory, all layers: the token -> slot maps
-        (int32 pages, ``vrex.kv.index``), the eviction flags and the rings' slot -> token ids. The K/V
-        itself is in ``resident_bytes``; the disk tier keeps no per-token map in memory."""
+        (int32 pages, ``vrex.kv.index``), the eviction flags, the rings' slot -> token ids and the moves the
+        disk tier's keys owe since a re-index (``_Disk.owed``). The K/V itself is in ``resident_bytes``."""
         total = 0
         for L in self._layers:
             total += L.pos.nbytes() + L.evicted.untyped_storage().nbytes()
             total += L.dev.ids.untyped_storage().nbytes() + L.host.ids.untyped_storage().nbytes()
+            if L.disk is not None and L.disk.owed is not None:
+                total += L.disk.owed.untyped_storage().nbytes()
         return total
 
     def counters(self) -> dict:

@@ -347,12 +347,102 @@ struct Tier {
   int64_t at(int64_t h, int64_t s) const { return h * head_stride + (s % cap) * slot_stride; }
 };
 
+// One key row x [D] turned by a RoPE rotation (cos/sin rows c, s [R]; dims >= R pass through) into y, in
+// float32 as vrex.kv.layers.rerotate computes it: y = turn(x) * sin + x * cos, turn HALF (-x[d + R/2], x[d - R/2])
+// or PAIRS (-x[2i + 1], x[2i]).
+static inline void rotate_row(const float* x, float* y, const float* c, const float* s, int64_t R, int64_t D, bool half) {
+  const int64_t P = R / 2;
+  if (half) {
+    for (int64_t d = 0; d < P; ++d) {
+      y[d] = -x[d + P] * s[d] + x[d] * c[d];
+      y[d + P] = x[d] * s[d + P] + x[d + P] * c[d + P];
+    }
+  } else {
+    for (int64_t i = 0; i < P; ++i) {
+      y[2 * i] = -x[2 * i + 1] * s[2 * i] + x[2 * i] * c[2 * i];
+      y[2 * i + 1] = x[2 * i] * s[2 * i + 1] + x[2 * i + 1] * c[2 * i + 1];
+    }
+  }
+  for (int64_t d = R; d < D; ++d) y[d] = x[d];
+}
+
+// The disk tier keeps each key where it was written: a position re-index records the move in `owed` (int16,
+// or int32 where moves pass 2^15, [rows, H]: positions the key in slot s of head h still has to turn; slots
+// from `rows` on were written since and owe nothing) instead of rewriting the file, and every read turns the
+// key by it (vrex.kv.store._Disk). cos/sin [rows, R]: the rotation of each integer move
+// lo .. lo + rows - 1. A turned key is rounded to the tier's type, as a rotation in place would have stored it.
+struct Turn {
+  const int16_t* owed16 = nullptr;
+  const int32_t* owed32 = nullptr;
+  int64_t owed_rows = 0;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t H = 0, lo = 0, rows = 0, R = 0, D = 0;
+  bool half = true, round_bf16 = false;
+  int64_t tier = -1;  // which of the plan's tiers turns (-1: none)
+
+  int64_t owed(int64_t slot, int64_t h) const {
+    if (slot >= owed_rows) return 0;
+    return owed16 ? owed16[slot * H + h] : owed32[slot * H + h];
+  }
+  void set_owed(int64_t slot, int64_t h, int64_t m) const {
+    if (owed16) const_cast<int16_t*>(owed16)[slot * H + h] = (int16_t)m;
+    else const_cast<int32_t*>(owed32)[slot * H + h] = (int32_t)m;
+  }
+
+  // x [D] float -> y [D]: x turned by the key's owed move (a copy when it owes none).
+  void apply(const float* x, float* y, int64_t slot, int64_t h) const {
+    const int64_t m = owed(slot, h);
+    if (m == 0) {
+      std::memcpy(y, x, D * sizeof(float));
+      return;
+    }
+    const int64_t r = m - lo;
+    TORCH_CHECK(r >= 0 && r < rows, "a disk key owes a move of ", m, " positions, outside the table's ", lo, "..",
+                lo + rows - 1);
+    rotate_row(x, y, cos + r * R, sin + r * R, R, D, half);
+    if (round_bf16)
+      for (int64_t d = 0; d < R; ++d) y[d] = static_cast<float>(static_cast<c10::BFloat16>(y[d]));
+  }
+};
+
+// turn = {owed int16/int32 [rows, H], cos, sin float32 [rows, R]} (contiguous; empty: no tier turns) for tier `tier` of
+// kbufs. The tensors stay owned by the caller for the call's duration.
+static Turn make_turn(const std::vector<Tensor>& turn, int64_t lo, bool half, int64_t tier,
+                      const std::vector<Tensor>& kbufs) {
+  Turn t;
+  if (turn.empty()) return t;
+  TORCH_CHECK(turn.size() == 3, "turn must be [owed, cos, sin]");
+  TORCH_CHECK(tier >= 0 && tier < (int64_t)kbufs.size(), "turn_tier ", tier, " is not one of the plan's tiers");
+  const Tensor &owed = turn[0], &cos = turn[1], &sin = turn[2];
+  const Tensor& kb = kbufs[tier];
+  TORCH_CHECK((owed.scalar_type() == at::kShort || owed.scalar_type() == at::kInt) && owed.is_contiguous() &&
+                  owed.dim() == 2 && owed.size(1) == kb.size(0), "owed must be a contiguous int16 or int32 [rows, H] tensor");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) % 2 == 0 &&
+                  cos.size(1) <= kb.size(2), "the turn's cos and sin must be contiguous float32 [rows, R], R even <= D");
+  if (owed.scalar_type() == at::kShort) t.owed16 = owed.data_ptr<int16_t>();
+  else t.owed32 = owed.data_ptr<int32_t>();
+  t.owed_rows = owed.size(0);
+  t.cos = cos.data_ptr<float>();
+  t.sin = sin.data_ptr<float>();
+  t.H = kb.size(0);
+  t.lo = lo;
+  t.rows = cos.size(0);
+  t.R = cos.size(1);
+  t.D = kb.size(2);
+  t.half = half;
+  t.round_bf16 = kb.scalar_type() == at::kBFloat16;
+  t.tier = tier;
+  return t;
+}
+
 // Rows j0..j1 of head h's planned slots `sl` in tier buffers kb/vb (float32 or bfloat16) -> float32 rows
 // of kout/vout. In a ring (slot stride D) consecutive slots that do not wrap are one block of memory:
 // a run is copied at once (`full` reads whole tiers, so its plans are a few long runs); the disk tier's
-// slots interleave the heads and go row by row.
+// slots interleave the heads and go row by row. `turn` (or nullptr): the tier's keys turn as they are read.
 static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64_t* sl, int64_t j0, int64_t j1,
-                      float* kout, float* vout) {
+                      float* kout, float* vout, const Turn* turn = nullptr) {
   const Tier t(kb);
   const int64_t D = kb.size(2);
   const bool rows_adjacent = t.slot_stride == D;
@@ -362,6 +452,18 @@ static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64
   const float* vf = f32 ? vb.data_ptr<float>() : nullptr;
   const c10::BFloat16* kh = f32 ? nullptr : kb.data_ptr<c10::BFloat16>();
   const c10::BFloat16* vh = f32 ? nullptr : vb.data_ptr<c10::BFloat16>();
+  if (turn) {
+    std::vector<float> x(D);
+    for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
+      const int64_t a = t.at(h, sl[j]);
+      for (int64_t d = 0; d < D; ++d) {
+        x[d] = f32 ? kf[a + d] : static_cast<float>(kh[a + d]);
+        vout[d] = f32 ? vf[a + d] : static_cast<float>(vh[a + d]);
+      }
+      turn->apply(x.data(), kout, sl[j], h);
+    }
+    return;
+  }
   for (int64_t j = j0, n = 1; j < j1; j += n, kout += n * D, vout += n * D) {
     n = 1;
     if (rows_adjacent) {
@@ -608,12 +710,15 @@ static inline v16 load16(const T* p) {
   return out;
 }
 
-// n slots of one head into the running (m, l, acc) of R rows q [R, DV * 16].
+// n slots of one head into the running (m, l, acc) of R rows q [R, DV * 16]. `turn` (or nullptr): the tier's
+// keys turn as they are read (the disk tier after a re-index; Turn above), each block's 16 into a float copy.
 template <int DV, typename T>
 static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const int64_t* sl, int64_t cap,
-                      int64_t slot_stride, int64_t n, float* m, float* l, float* acc) {
+                      int64_t slot_stride, int64_t n, float* m, float* l, float* acc, const Turn* turn = nullptr,
+                      int64_t h = 0) {
   constexpr int64_t D = DV * 16;
   const float ninf = -std::numeric_limits<float>::infinity();
+  float turned[BK * D], x[D];
   for (int64_t j0 = 0; j0 < n; j0 += BK) {
     const int64_t nb = std::min(BK, n - j0);
     const T* kr[BK];
@@ -623,14 +728,23 @@ static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const
       kr[j] = kb + s;
       vr[j] = vb + s;
     }
+    if (turn)
+      for (int64_t j = 0; j < nb; ++j) {
+        for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(kr[j][d]);
+        turn->apply(x, turned + j * D, sl[j0 + j], h);
+      }
     for (int64_t r = 0; r < R; ++r) {
       v16 qv[DV];
       std::memcpy(qv, q + r * D, sizeof qv);
       v16 a[BK];
       for (int64_t j = 0; j < BK; ++j) {
         a[j] = (v16){};
-        if (j < nb)
-          for (int v = 0; v < DV; ++v) a[j] += qv[v] * load16(kr[j] + v * 16);
+        if (j < nb) {
+          if (turn)
+            for (int v = 0; v < DV; ++v) a[j] += qv[v] * load16(turned + j * D + v * 16);
+          else
+            for (int v = 0; v < DV; ++v) a[j] += qv[v] * load16(kr[j] + v * 16);
+        }
       }
       v16 sc = sum16(a);
       for (int64_t j = nb; j < BK; ++j) sc[j] = ninf;
@@ -657,8 +771,10 @@ static void run_chunk(const float* q, int64_t R, const T* kb, const T* vb, const
 
 // q: [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]. D = 32, 64 or 128.
 // Returns [Hq, T, D] float32. Query head h * G + g uses KV head h (transformers' repeat_kv order).
+// turn, turn_lo, turn_half, turn_tier: a tier whose keys turn as they are read (Turn; empty: none).
 Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
-                    std::vector<Tensor> offs, Tensor k_new, Tensor v_new) {
+                    std::vector<Tensor> offs, Tensor k_new, Tensor v_new, std::vector<Tensor> turn_tensors,
+                    int64_t turn_lo, bool turn_half, int64_t turn_tier) {
   using namespace decode;
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be float32 [Hq, T, D]");
   q = q.contiguous();
@@ -670,6 +786,7 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
   const int64_t G = Hq / H, R = G * T;
   const size_t S = kbufs.size();
   check_tiers(kbufs, vbufs, D);
+  const Turn turn = make_turn(turn_tensors, turn_lo, turn_half, turn_tier, kbufs);
   struct Item { int64_t h; size_t tier; int64_t j0, j1; };
   std::vector<Item> items;
   for (int64_t h = 0; h < H; ++h)
@@ -696,13 +813,14 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
       const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[w.h] + w.j0;
       const int64_t n = w.j1 - w.j0;
       const bool f32 = kbufs[w.tier].scalar_type() == at::kFloat;
+      const Turn* tt = (int64_t)w.tier == turn.tier ? &turn : nullptr;
 #define VREX_RUN(DV)                                                                                                 \
   if (f32)                                                                                                           \
     run_chunk<DV, float>(qh, R, kbufs[w.tier].data_ptr<float>() + hs, vbufs[w.tier].data_ptr<float>() + hs, sl, cap, \
-                         ss, n, m, l, acc);                                                                          \
+                         ss, n, m, l, acc, tt, w.h);                                                                 \
   else                                                                                                               \
     run_chunk<DV, c10::BFloat16>(qh, R, kbufs[w.tier].data_ptr<c10::BFloat16>() + hs,                                \
-                                 vbufs[w.tier].data_ptr<c10::BFloat16>() + hs, sl, cap, ss, n, m, l, acc);
+                                 vbufs[w.tier].data_ptr<c10::BFloat16>() + hs, sl, cap, ss, n, m, l, acc, tt, w.h);
       if (D == 32) { VREX_RUN(2) } else if (D == 64) { VREX_RUN(4) } else { VREX_RUN(8) }
 #undef VREX_RUN
     }
@@ -769,7 +887,8 @@ constexpr int64_t ATTEND_ROW_BLOCK = 64;  // query rows per score block in atten
 constexpr int64_t ATTEND_COL_BLOCK = 8192;  // key rows per block in attend_plan (a ReSV head at 16K reads ~7K)
 
 Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
-                   std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws, int64_t cols) {
+                   std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws, int64_t cols,
+                   std::vector<Tensor> turn_tensors, int64_t turn_lo, bool turn_half, int64_t turn_tier) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be float32 [Hq, T, D]");
   TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.is_contiguous(), "ws must be a contiguous float32 tensor");
   TORCH_CHECK(cols > 0, "cols must be > 0");
@@ -781,6 +900,7 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
   const int64_t G = Hq / H, R = G * T;
   const size_t S = kbufs.size();
   check_tiers(kbufs, vbufs, D);
+  const Turn turn = make_turn(turn_tensors, turn_lo, turn_half, turn_tier, kbufs);
   std::vector<int64_t> lens(H, 0);
   for (size_t i = 0; i < S; ++i) {
     const int64_t* o = offs[i].data_ptr<int64_t>();
@@ -830,7 +950,8 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
         for (int64_t it = a0; it < a1; ++it) {
           const Item& w = items[it];
           const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[h];
-          copy_rows(kbufs[w.tier], vbufs[w.tier], h, sl, w.j0, w.j1, kw + w.dst * D, vw + w.dst * D);
+          copy_rows(kbufs[w.tier], vbufs[w.tier], h, sl, w.j0, w.j1, kw + w.dst * D, vw + w.dst * D,
+                    (int64_t)w.tier == turn.tier ? &turn : nullptr);
         }
       });
       // the step's own tokens n .. L-1 that fall in this block
@@ -951,7 +1072,6 @@ void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vect
     const bool f32 = kb.scalar_type() == at::kFloat;
     float* of = want_out ? out.data_ptr<float>() : nullptr;
     const int64_t N = want_out ? out.size(1) : 0;
-    const int64_t P = R / 2;  // rotation pairs: (d, d + P) for HALF, (2i, 2i + 1) for PAIRS
     auto rotate = [&](auto* base) {
       // token-major, heads inner: the disk tier keeps a token's heads side by side ([cap, H, D])
       at::parallel_for(0, n, 64, [&](int64_t a, int64_t b) {
@@ -963,19 +1083,7 @@ void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vect
           for (int64_t h = 0; h < H; ++h) {
             auto* row = base + t.at(h, slp[h * n + j]);
             for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(row[d]);
-            // y = turn(x) * sin + x * cos, turn as rerotate's: HALF (-x[d + P], x[d - P]); PAIRS (-x[d + 1], x[d - 1])
-            if (half) {
-              for (int64_t d = 0; d < P; ++d) {
-                y[d] = -x[d + P] * s[d] + x[d] * c[d];
-                y[d + P] = x[d] * s[d + P] + x[d + P] * c[d + P];
-              }
-            } else {
-              for (int64_t i = 0; i < P; ++i) {
-                y[2 * i] = -x[2 * i + 1] * s[2 * i] + x[2 * i] * c[2 * i];
-                y[2 * i + 1] = x[2 * i] * s[2 * i + 1] + x[2 * i + 1] * c[2 * i + 1];
-              }
-            }
-            for (int64_t d = R; d < D; ++d) y[d] = x[d];
+            rotate_row(x.data(), y.data(), c, s, R, D, half);
             using T = std::remove_reference_t<decltype(row[0])>;
             for (int64_t d = 0; d < R; ++d) row[d] = static_cast<T>(y[d]);
             if (of) {  // what the store now holds, rounded as it is
@@ -989,6 +1097,60 @@ void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vect
     if (f32) rotate(kb.data_ptr<float>());
     else rotate(kb.data_ptr<c10::BFloat16>());
   }
+}
+
+// Position re-indexing on the disk tier (vrex.kv.store._Disk): the file is not written. Each live key's move
+// (delta[id], int64 [N], in positions) is added to what its slot owes (`turn` = {owed int16/int32 [rows, H], cos, sin
+// float32 [rows, R]}, the rotations of moves lo .. lo + rows - 1), and `out` (float32 [H, N, D], or empty) gets
+// the keys turned by what they owe now, rounded to the tier's type, by token id: what rotate_keys hands a policy.
+// Why: rewriting the whole tier at every re-index (2.2 GB at 97K tokens) left the kernel's writeback flusher
+// on the same two cores 30 s later (frames 200-250 ms slower), and wrote 31 GB to the disk in an hour's stream.
+void move_disk_keys(Tensor kb, Tensor slots, Tensor ids, Tensor delta, std::vector<Tensor> turn_tensors, int64_t lo,
+                    bool half, Tensor out) {
+  TORCH_CHECK(kb.dim() == 3 && kb.stride(2) == 1 && (kb.scalar_type() == at::kFloat || kb.scalar_type() == at::kBFloat16),
+              "the disk tier must be float32 or bfloat16 [H, cap, D] with unit stride along D");
+  const int64_t H = kb.size(0), D = kb.size(2), n = ids.numel();
+  Tensor sl = slots.contiguous(), id = ids.contiguous(), dl = delta.contiguous();
+  TORCH_CHECK(sl.scalar_type() == at::kLong && id.scalar_type() == at::kLong && dl.scalar_type() == at::kLong &&
+                  sl.dim() == 2 && sl.size(0) == H && sl.size(1) == n, "slots must be int64 [H, n], ids and delta int64");
+  const Turn turn = make_turn(turn_tensors, lo, half, 0, {kb});
+  TORCH_CHECK(turn.owed16 != nullptr || turn.owed32 != nullptr, "move_disk_keys needs the tier's turn: [owed, cos, sin]");
+  const bool want_out = out.numel() > 0;
+  TORCH_CHECK(!want_out || (out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 &&
+                            out.size(0) == H && out.size(2) == D),
+              "out must be a contiguous float32 [H, N, D] tensor (or empty)");
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const int64_t* idp = id.data_ptr<int64_t>();
+  const int64_t* dp = dl.data_ptr<int64_t>();
+  const int64_t N = want_out ? out.size(1) : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(idp[j] >= 0 && idp[j] < dl.numel() && (!want_out || idp[j] < N), "token id ", idp[j],
+                " outside the move's ", dl.numel(), " tokens");
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t slot = slp[h * n + j];
+      TORCH_CHECK(slot < turn.owed_rows, "slot ", slot, " past the ", turn.owed_rows, " rows of owed moves");
+      const int64_t m = turn.owed(slot, h) + dp[idp[j]];
+      TORCH_CHECK(m >= lo && m < lo + turn.rows && (turn.owed32 || (m >= -32768 && m < 32768)), "a disk key would owe a move of ",
+                  m, " positions, outside the table's ", lo, "..", lo + turn.rows - 1, " or its int16 moves");
+      turn.set_owed(slot, h, m);
+    }
+  }
+  if (!want_out) return;
+  const Tier t(kb);
+  float* of = out.data_ptr<float>();
+  auto turn_all = [&](auto* base) {
+    at::parallel_for(0, n, 64, [&](int64_t a, int64_t b) {
+      std::vector<float> x(D);
+      for (int64_t j = a; j < b; ++j)
+        for (int64_t h = 0; h < H; ++h) {
+          const auto* row = base + t.at(h, slp[h * n + j]);
+          for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(row[d]);
+          turn.apply(x.data(), of + (h * N + idp[j]) * D, slp[h * n + j], h);
+        }
+    });
+  };
+  if (kb.scalar_type() == at::kFloat) turn_all(kb.data_ptr<float>());
+  else turn_all(kb.data_ptr<c10::BFloat16>());
 }
 
 // ReSV's HC table after re-indexing: every cluster's key sum recomputed from the re-rotated keys
@@ -1031,11 +1193,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("cluster_sums", &cluster_sums, "per-cluster key sums from a token -> cluster map (HCTable.rebuild)");
   m.def("rotate_keys", &rotate_keys, "position re-indexing: each live key rotated in its tier slot, float32 math");
-  m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy");
+  m.def("move_disk_keys", &move_disk_keys, "position re-indexing on the disk tier: moves recorded, keys turned on read");
+  m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy",
+        pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
+        pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("turn") = std::vector<Tensor>{},
+        pybind11::arg("turn_lo") = 0, pybind11::arg("turn_half") = true, pybind11::arg("turn_tier") = -1);
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
   m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;
   m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding",
         pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
         pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("softcap"), pybind11::arg("ws"),
-        pybind11::arg("cols") = ATTEND_COL_BLOCK);
+        pybind11::arg("cols") = ATTEND_COL_BLOCK, pybind11::arg("turn") = std::vector<Tensor>{},
+        pybind11::arg("turn_lo") = 0, pybind11::arg("turn_half") = true, pybind11::arg("turn_tier") = -1);
 }
