@@ -127,6 +127,26 @@ def test_a_move_leaves_the_disk_files_unwritten_and_moves_add_up(tmp_path_factor
         s.close()
 
 
+def test_what_disk_keys_owe_stays_within_the_positions_however_many_re_indexes(tmp_path_factory):
+    """Twelve re-indexes, each moving another twelfth of the tokens by 4000 positions (the newest ones,
+    as vrex.engine.positions squeezes the past) and the rest by a few: a key owes its position now minus
+    the one it was written at, at most about 4000 here, so the record stays int16 and the table of turns
+    holds about 4K rows (a bound summed over the re-indexes' largest moves would reach 48K)."""
+    fast, twin = _twin_stores(tmp_path_factory, torch.bfloat16, 2, [(6, True)] * 30, False, 6, 8)
+    n = fast.length(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ids = torch.arange(n)
+    for i in range(12):
+        moves = torch.where(ids % 12 == i, -4000, -(ids % 7))
+        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=(inv_freq, HALF))
+    disk = fast._layers[0].disk
+    lo, cos, _ = fast._turn_tables.get(disk.rope[0])
+    assert disk.owed.dtype == torch.int16
+    assert cos.shape[0] <= 4000 + 12 * 6 + 1
+    for s in (fast, twin):
+        s.close()
+
+
 def test_a_disk_tier_move_needs_the_moves_and_the_rope(tmp_path_factory):
     fast, ref = _twin_stores(tmp_path_factory, torch.float32, 0, [(6, False)] * 5, False, 6, 8)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))

@@ -85,9 +85,9 @@ _MADV_POPULATE_READ = 22
 class _TurnTables:
     """The rotations by every integer move a disk key may owe (``_Disk``), one table per RoPE, shared by
     the layers of a store: ``(lo, cos, sin)``, ``cos``/``sin`` ``[rows, R]`` float32 for moves ``lo ..
-    lo + rows - 1`` (vrex.kv.layers.rotation). A table grows to cover what it is asked for (a re-index
-    extends the range by its moves: about 4K more rows per re-index of an 8K-position LM, at most the
-    LM's position range in all)."""
+    lo + rows - 1`` (vrex.kv.layers.rotation). A table grows to cover what it is asked for: what the keys
+    owe, a position now minus the position written at, so never more rows than the LM has positions
+    (8K for SmolLM2: 4 MB for cos and sin)."""
 
     def __init__(self) -> None:
         self._tables: dict[tuple, tuple[int, Tensor, Tensor]] = {}
@@ -227,7 +227,6 @@ class _Disk:
         self.dir, self.H, self.D, self.dtype = directory, H, D, dtype
         self.tables = tables
         self.owed: Tensor | None = None
-        self.owed_lo = self.owed_hi = 0  # every value in owed lies in [owed_lo, owed_hi]
         self.rope: tuple | None = None  # (key, inv_freq, layout) of the moves recorded in owed
         self.es = torch.empty(0, dtype=dtype).element_size()
         self.row = H * D * self.es
@@ -260,27 +259,36 @@ class _Disk:
         self._views = None
 
     # -- keys that owe a move (see the class docstring) -------------------------------------------
-    def prepare_move(self, moves: Tensor, inv_freq: Tensor, layout: str) -> None:
-        """Room in ``owed`` and in the rotation table for adding ``moves`` (int, any shape) to it."""
+    def record_moves(self, abs_slots: Tensor, moves: Tensor, inv_freq: Tensor, layout: str) -> None:
+        """A re-index of the tier's live keys, in slots ``abs_slots`` [H, n], token ``j`` moved by ``moves[j]``
+        positions: each move is added to what the key owes, and the shared table of turns covers what the
+        keys owe now. The file is not written. (The fast path and the reference both record here; the
+        kernels only read ``owed``.)"""
         key = (layout, tuple(inv_freq.float().tolist()))
         if self.rope is not None and self.rope[0] != key:
             raise ValueError("the disk tier's keys already owe moves of another RoPE; a layer has one RoPE")
         self.rope = (key, inv_freq, layout)
-        if moves.numel():
-            self.owed_lo += min(0, int(moves.min()))
-            self.owed_hi += max(0, int(moves.max()))
-        if not (-(2 ** 31) <= self.owed_lo and self.owed_hi < 2 ** 31):
-            raise OverflowError(f"disk keys would owe moves of {self.owed_lo}..{self.owed_hi} positions (int32)")
-        # int16 while the moves fit (an 8K-position LM's never pass 8K): 6 bytes per token and layer at 3 KV heads
-        wide = self.owed_lo < -(2 ** 15) or self.owed_hi >= 2 ** 15
-        dtype = torch.int32 if wide or (self.owed is not None and self.owed.dtype == torch.int32) else torch.int16
-        rows = 0 if self.owed is None else self.owed.shape[0]
+        s, rows = abs_slots.long(), 0 if self.owed is None else self.owed.shape[0]
+        now = moves.long().cpu()[None].repeat(self.H, 1)  # [H, n]: what each key owes after this move
+        if self.owed is not None:
+            for h in range(self.H):
+                known = s[h] < rows  # slots written since the last move owed nothing
+                now[h, known] += self.owed[s[h, known], h].long()
+        # every live key takes part in a move, and later slots owe 0: the keys read from now on owe lo .. hi
+        lo, hi = (min(0, int(now.min())), max(0, int(now.max()))) if now.numel() else (0, 0)
+        if lo < -(2 ** 31) or hi >= 2 ** 31:
+            raise OverflowError(f"disk keys would owe moves of {lo}..{hi} positions (past int32)")
+        # int16 while the moves fit (an LM of up to 32K positions never owes more): 6 bytes per token and layer
+        # at 3 KV heads. Slots of evicted tokens may keep stale values: nothing reads them.
+        dtype = torch.int16 if -(2 ** 15) <= lo and hi < 2 ** 15 else torch.int32
         if self.owed is None or rows < self.hi or self.owed.dtype != dtype:
             owed = torch.zeros(max(self.hi, rows), self.H, dtype=dtype)
             if self.owed is not None:
-                owed[:rows] = self.owed
+                owed[:rows] = self.owed.to(dtype)
             self.owed = owed
-        self.tables.cover(key, self.owed_lo, self.owed_hi, inv_freq, layout)
+        for h in range(self.H):
+            self.owed[s[h], h] = now[h].to(dtype)
+        self.tables.cover(key, lo, hi, inv_freq, layout)
 
     def turn_args(self) -> dict:
         """The fast path's kernel arguments for reading this tier as tier 0 (empty: no key owes a move)."""
@@ -316,13 +324,6 @@ class _Disk:
                                for i in range(self.H)])
             return out.transpose(0, 1)
         return rerotate(k, moves, self.rope[1], self.rope[2], trig=(cos[rows], sin[rows]))
-
-    def add_moves(self, abs_slots: Tensor, moves: Tensor) -> None:
-        """The reference of ``move_disk_keys``: ``moves`` [n] (one per token) added to what the slots
-        ``abs_slots`` [H, n] owe; ``prepare_move`` first."""
-        for h in range(self.H):
-            s = abs_slots[h].long()
-            self.owed[s, h] = (self.owed[s, h].long() + moves).to(self.owed.dtype)
 
     def views(self) -> tuple[Tensor, Tensor]:
         """K and V as ``[H, cap, D]`` tensors over the maps themselves (transposed views, no copy): what
@@ -886,8 +887,7 @@ class KVStore:
             moves = moves.long().cpu()
         for store, sel in self._live_by_tier(L):
             if store is L.disk and moves is not None:
-                L.disk.prepare_move(moves[sel], *rope)
-                L.disk.add_moves(L.pos.take(sel), moves[sel])
+                L.disk.record_moves(L.pos.take(sel), moves[sel], *rope)
             else:
                 store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
 
@@ -897,7 +897,7 @@ class KVStore:
         host tiers rotated in its own slot by ``cos``/``sin`` ``[N, R]`` (row = token id, float32 math,
         rounded once to the store's type) by ``rotate_keys``; the disk tier's keys stay where they are and
         record their move (``moves`` [N], ints, with the layer's ``rope`` = ``(inv_freq, layout)``; needed
-        when the disk holds tokens) by ``move_disk_keys``. The same result as ``set_keys(rerotate(keys(layer),
+        when the disk holds tokens; ``_Disk.record_moves``). The same result as ``set_keys(rerotate(keys(layer),
         ...), moves=..., rope=...)``, without the copies. ``keys_out`` (float32, resized here to ``[H, N, D]``):
         also the keys as ``keys(layer)`` gives them, for a policy's index; the caller may reuse it from layer
         to layer (a fresh 25 MB buffer per layer at 32K tokens cost its page faults: 10 of every 24 ms)."""
@@ -927,13 +927,14 @@ class KVStore:
                 out[:, L.evicted[:L.n]] = 0
         load().rotate_keys(bufs, slots, ids, cos.float(), sin.float(), half, out)
         if disk_sel is not None:
-            moves = moves.long().cpu()
-            L.disk.prepare_move(moves[disk_sel], *rope)
-            L.disk.prefault_keys()
-            turn = L.disk.turn_args()
-            load().move_disk_keys(L.disk.views()[0], L.pos.take(disk_sel).long(), disk_sel, moves, turn["turn"],
-                                  turn["turn_lo"], turn["turn_half"], out)
-            L.disk.release()  # the pages the turn read leave this process (see _Disk.touch)
+            disk_slots = L.pos.take(disk_sel).long()
+            L.disk.record_moves(disk_slots, moves.long().cpu()[disk_sel], *rope)
+            if keys_out is not None:
+                L.disk.prefault_keys()
+                turn = L.disk.turn_args()
+                load().turn_disk_keys(L.disk.views()[0], disk_slots, disk_sel, turn["turn"], turn["turn_lo"],
+                                      turn["turn_half"], out)
+                L.disk.release()  # the pages the turn read leave this process (see _Disk.touch)
 
     def _live_by_tier(self, L: _Layer):
         """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""

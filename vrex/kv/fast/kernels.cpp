@@ -385,10 +385,6 @@ struct Turn {
     if (slot >= owed_rows) return 0;
     return owed16 ? owed16[slot * H + h] : owed32[slot * H + h];
   }
-  void set_owed(int64_t slot, int64_t h, int64_t m) const {
-    if (owed16) const_cast<int16_t*>(owed16)[slot * H + h] = (int16_t)m;
-    else const_cast<int32_t*>(owed32)[slot * H + h] = (int32_t)m;
-  }
 
   // x [D] float -> y [D]: x turned by the key's owed move (a copy when it owes none).
   void apply(const float* x, float* y, int64_t slot, int64_t h) const {
@@ -1099,43 +1095,27 @@ void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vect
   }
 }
 
-// Position re-indexing on the disk tier (vrex.kv.store._Disk): the file is not written. Each live key's move
-// (delta[id], int64 [N], in positions) is added to what its slot owes (`turn` = {owed int16/int32 [rows, H], cos, sin
-// float32 [rows, R]}, the rotations of moves lo .. lo + rows - 1), and `out` (float32 [H, N, D], or empty) gets
-// the keys turned by what they owe now, rounded to the tier's type, by token id: what rotate_keys hands a policy.
+// Position re-indexing on the disk tier (vrex.kv.store._Disk): the file is not written; the moves are recorded in
+// `owed` (by _Disk.record_moves), and this hands a policy the keys as they now read: out (float32 [H, N, D]) row
+// ids[j] of head h = the key in slot slots[h, j] turned by what it owes, rounded to the tier's type (Turn).
 // Why: rewriting the whole tier at every re-index (2.2 GB at 97K tokens) left the kernel's writeback flusher
 // on the same two cores 30 s later (frames 200-250 ms slower), and wrote 31 GB to the disk in an hour's stream.
-void move_disk_keys(Tensor kb, Tensor slots, Tensor ids, Tensor delta, std::vector<Tensor> turn_tensors, int64_t lo,
-                    bool half, Tensor out) {
+void turn_disk_keys(Tensor kb, Tensor slots, Tensor ids, std::vector<Tensor> turn_tensors, int64_t lo, bool half,
+                    Tensor out) {
   TORCH_CHECK(kb.dim() == 3 && kb.stride(2) == 1 && (kb.scalar_type() == at::kFloat || kb.scalar_type() == at::kBFloat16),
               "the disk tier must be float32 or bfloat16 [H, cap, D] with unit stride along D");
   const int64_t H = kb.size(0), D = kb.size(2), n = ids.numel();
-  Tensor sl = slots.contiguous(), id = ids.contiguous(), dl = delta.contiguous();
-  TORCH_CHECK(sl.scalar_type() == at::kLong && id.scalar_type() == at::kLong && dl.scalar_type() == at::kLong &&
-                  sl.dim() == 2 && sl.size(0) == H && sl.size(1) == n, "slots must be int64 [H, n], ids and delta int64");
+  Tensor sl = slots.contiguous(), id = ids.contiguous();
+  TORCH_CHECK(sl.scalar_type() == at::kLong && id.scalar_type() == at::kLong && sl.dim() == 2 && sl.size(0) == H &&
+                  sl.size(1) == n, "slots must be int64 [H, n] and ids int64 [n]");
   const Turn turn = make_turn(turn_tensors, lo, half, 0, {kb});
-  TORCH_CHECK(turn.owed16 != nullptr || turn.owed32 != nullptr, "move_disk_keys needs the tier's turn: [owed, cos, sin]");
-  const bool want_out = out.numel() > 0;
-  TORCH_CHECK(!want_out || (out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 &&
-                            out.size(0) == H && out.size(2) == D),
-              "out must be a contiguous float32 [H, N, D] tensor (or empty)");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 && out.size(0) == H &&
+                  out.size(2) == D, "out must be a contiguous float32 [H, N, D] tensor");
   const int64_t* slp = sl.data_ptr<int64_t>();
   const int64_t* idp = id.data_ptr<int64_t>();
-  const int64_t* dp = dl.data_ptr<int64_t>();
-  const int64_t N = want_out ? out.size(1) : 0;
-  for (int64_t j = 0; j < n; ++j) {
-    TORCH_CHECK(idp[j] >= 0 && idp[j] < dl.numel() && (!want_out || idp[j] < N), "token id ", idp[j],
-                " outside the move's ", dl.numel(), " tokens");
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t slot = slp[h * n + j];
-      TORCH_CHECK(slot < turn.owed_rows, "slot ", slot, " past the ", turn.owed_rows, " rows of owed moves");
-      const int64_t m = turn.owed(slot, h) + dp[idp[j]];
-      TORCH_CHECK(m >= lo && m < lo + turn.rows && (turn.owed32 || (m >= -32768 && m < 32768)), "a disk key would owe a move of ",
-                  m, " positions, outside the table's ", lo, "..", lo + turn.rows - 1, " or its int16 moves");
-      turn.set_owed(slot, h, m);
-    }
-  }
-  if (!want_out) return;
+  const int64_t N = out.size(1);
+  for (int64_t j = 0; j < n; ++j)
+    TORCH_CHECK(idp[j] >= 0 && idp[j] < N, "token id ", idp[j], " outside out's ", N, " rows");
   const Tier t(kb);
   float* of = out.data_ptr<float>();
   auto turn_all = [&](auto* base) {
@@ -1193,7 +1173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_add", &hc_add, "HCTable.add (default table), fused");
   m.def("cluster_sums", &cluster_sums, "per-cluster key sums from a token -> cluster map (HCTable.rebuild)");
   m.def("rotate_keys", &rotate_keys, "position re-indexing: each live key rotated in its tier slot, float32 math");
-  m.def("move_disk_keys", &move_disk_keys, "position re-indexing on the disk tier: moves recorded, keys turned on read");
+  m.def("turn_disk_keys", &turn_disk_keys, "the disk tier's keys turned by the moves they owe, by token id");
   m.def("attend_slots", &attend_slots, "decode attention over planned tier slots + new tokens, no copy",
         pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
         pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("turn") = std::vector<Tensor>{},
