@@ -140,7 +140,7 @@ def test_what_disk_keys_owe_stays_within_the_positions_however_many_re_indexes(t
         moves = torch.where(ids % 12 == i, -4000, -(ids % 7))
         fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=(inv_freq, HALF))
     disk = fast._layers[0].disk
-    lo, cos, _ = fast._turn_tables.get(disk.rope[0])
+    lo, cos, _, _ = fast._turn_tables.get(disk.rope[0])
     assert disk.owed.dtype == torch.int16
     assert cos.shape[0] <= 4000 + 12 * 6 + 1
     for s in (fast, twin):

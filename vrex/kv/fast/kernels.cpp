@@ -350,20 +350,42 @@ struct Tier {
 // One key row x [D] turned by a RoPE rotation (cos/sin rows c, s [R]; dims >= R pass through) into y, in
 // float32 as vrex.kv.layers.rerotate computes it: y = turn(x) * sin + x * cos, turn HALF (-x[d + R/2], x[d - R/2])
 // or PAIRS (-x[2i + 1], x[2i]).
-static inline void rotate_row(const float* x, float* y, const float* c, const float* s, int64_t R, int64_t D, bool half) {
+// A pair's two dims share one angle, so c and s hold R/2 values, pair i's at i * cs (cs = 1: a packed
+// half row; a full-width vrex.kv.layers.rotation row: HALF's first half, cs = 1; PAIRS' even entries, cs = 2).
+static inline void rotate_row(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ c,
+                              const float* __restrict__ s, int64_t cs, int64_t R, int64_t D, bool half) {
   const int64_t P = R / 2;
   if (half) {
-    for (int64_t d = 0; d < P; ++d) {
-      y[d] = -x[d + P] * s[d] + x[d] * c[d];
-      y[d + P] = x[d] * s[d + P] + x[d + P] * c[d + P];
+    if (cs == 1) {  // the common case, kept apart so it vectorises
+#pragma omp simd
+      for (int64_t d = 0; d < P; ++d) {
+        y[d] = -x[d + P] * s[d] + x[d] * c[d];
+        y[d + P] = x[d] * s[d] + x[d + P] * c[d];
+      }
+    } else {
+      for (int64_t d = 0; d < P; ++d) {
+        y[d] = -x[d + P] * s[d * cs] + x[d] * c[d * cs];
+        y[d + P] = x[d] * s[d * cs] + x[d + P] * c[d * cs];
+      }
     }
   } else {
     for (int64_t i = 0; i < P; ++i) {
-      y[2 * i] = -x[2 * i + 1] * s[2 * i] + x[2 * i] * c[2 * i];
-      y[2 * i + 1] = x[2 * i] * s[2 * i + 1] + x[2 * i + 1] * c[2 * i + 1];
+      y[2 * i] = -x[2 * i + 1] * s[i * cs] + x[2 * i] * c[i * cs];
+      y[2 * i + 1] = x[2 * i] * s[i * cs] + x[2 * i + 1] * c[i * cs];
     }
   }
   for (int64_t d = R; d < D; ++d) y[d] = x[d];
+}
+
+// f rounded to bfloat16 (nearest, ties to even) and widened back, as c10::BFloat16 rounds finite values;
+// bit operations only, so a row's loop vectorises. NaN stays NaN.
+static inline float bf16_round(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  u = (u & 0x7FFFFFFFu) > 0x7F800000u ? u : r;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 // The disk tier keeps each key where it was written: a position re-index records the move in `owed` (int16,
@@ -375,8 +397,7 @@ struct Turn {
   const int16_t* owed16 = nullptr;
   const int32_t* owed32 = nullptr;
   int64_t owed_rows = 0;
-  const float* cos = nullptr;
-  const float* sin = nullptr;
+  const float* table = nullptr;  // [rows, R]: each row the R/2 cosines, then the R/2 sines, of one move
   int64_t H = 0, lo = 0, rows = 0, R = 0, D = 0;
   bool half = true, round_bf16 = false;
   int64_t tier = -1;  // which of the plan's tiers turns (-1: none)
@@ -396,36 +417,39 @@ struct Turn {
     const int64_t r = m - lo;
     TORCH_CHECK(r >= 0 && r < rows, "a disk key owes a move of ", m, " positions, outside the table's ", lo, "..",
                 lo + rows - 1);
-    rotate_row(x, y, cos + r * R, sin + r * R, R, D, half);
-    if (round_bf16)
-      for (int64_t d = 0; d < R; ++d) y[d] = static_cast<float>(static_cast<c10::BFloat16>(y[d]));
+    const float* c = table + r * R;
+    rotate_row(x, y, c, c + R / 2, 1, R, D, half);
+    if (round_bf16) {
+#pragma omp simd
+      for (int64_t d = 0; d < R; ++d) y[d] = bf16_round(y[d]);
+    }
   }
 };
 
-// turn = {owed int16/int32 [rows, H], cos, sin float32 [rows, R]} (contiguous; empty: no tier turns) for tier `tier` of
-// kbufs. The tensors stay owned by the caller for the call's duration.
+// turn = {owed int16/int32 [rows, H], table float32 [rows, R]} (contiguous; empty: no tier turns) for tier `tier` of
+// kbufs; table row r: the R/2 cosines then the R/2 sines of the move lo + r (a pair's two dims share one angle,
+// so half a vrex.kv.layers.rotation row: 2 MB at 8K moves and R = 64, where the full rows missed the caches).
+// The tensors stay owned by the caller for the call's duration.
 static Turn make_turn(const std::vector<Tensor>& turn, int64_t lo, bool half, int64_t tier,
                       const std::vector<Tensor>& kbufs) {
   Turn t;
   if (turn.empty()) return t;
-  TORCH_CHECK(turn.size() == 3, "turn must be [owed, cos, sin]");
+  TORCH_CHECK(turn.size() == 2, "turn must be [owed, table]");
   TORCH_CHECK(tier >= 0 && tier < (int64_t)kbufs.size(), "turn_tier ", tier, " is not one of the plan's tiers");
-  const Tensor &owed = turn[0], &cos = turn[1], &sin = turn[2];
+  const Tensor &owed = turn[0], &table = turn[1];
   const Tensor& kb = kbufs[tier];
   TORCH_CHECK((owed.scalar_type() == at::kShort || owed.scalar_type() == at::kInt) && owed.is_contiguous() &&
                   owed.dim() == 2 && owed.size(1) == kb.size(0), "owed must be a contiguous int16 or int32 [rows, H] tensor");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) % 2 == 0 &&
-                  cos.size(1) <= kb.size(2), "the turn's cos and sin must be contiguous float32 [rows, R], R even <= D");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 2 && table.size(1) % 2 == 0 &&
+                  table.size(1) <= kb.size(2), "the turn's table must be contiguous float32 [rows, R], R even <= D");
   if (owed.scalar_type() == at::kShort) t.owed16 = owed.data_ptr<int16_t>();
   else t.owed32 = owed.data_ptr<int32_t>();
   t.owed_rows = owed.size(0);
-  t.cos = cos.data_ptr<float>();
-  t.sin = sin.data_ptr<float>();
+  t.table = table.data_ptr<float>();
   t.H = kb.size(0);
   t.lo = lo;
-  t.rows = cos.size(0);
-  t.R = cos.size(1);
+  t.rows = table.size(0);
+  t.R = table.size(1);
   t.D = kb.size(2);
   t.half = half;
   t.round_bf16 = kb.scalar_type() == at::kBFloat16;
@@ -1079,7 +1103,7 @@ void rotate_keys(std::vector<Tensor> kbufs, std::vector<Tensor> slots, std::vect
           for (int64_t h = 0; h < H; ++h) {
             auto* row = base + t.at(h, slp[h * n + j]);
             for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(row[d]);
-            rotate_row(x.data(), y.data(), c, s, R, D, half);
+            rotate_row(x.data(), y.data(), c, s, half ? 1 : 2, R, D, half);
             using T = std::remove_reference_t<decltype(row[0])>;
             for (int64_t d = 0; d < R; ++d) row[d] = static_cast<T>(y[d]);
             if (of) {  // what the store now holds, rounded as it is
