@@ -330,7 +330,17 @@ def test_session_fast_equals_reference_in_key_blocks(filled, name, tmp_path, mon
     _fast_equals_reference(filled, name, "disk", tmp_path)
 
 
-def _fast_equals_reference(filled, name, tiers, tmp_path):
+@pytest.mark.parametrize("name", ["flexgen", "rekv", "resv"])
+def test_session_fast_equals_reference_across_reindexing_on_disk(filled, name, tmp_path):
+    """The same with positions re-indexed during the steps (a 430-position window: the forks start at
+    ~420 tokens) while most of the past is on disk: the disk keys owe their moves, the fast path's kernels
+    turn them as they read and the reference turns them in PyTorch; the key files are not rewritten."""
+    from vrex.engine.positions import PositionConfig
+
+    _fast_equals_reference(filled, name, "disk", tmp_path, positions=PositionConfig(max_position=430, spread=1))
+
+
+def _fast_equals_reference(filled, name, tiers, tmp_path, positions=None):
     from vrex.engine.session import SessionConfig
 
     base, frames = filled
@@ -338,6 +348,8 @@ def _fast_equals_reference(filled, name, tiers, tmp_path):
     out = {}
     for kernels in ("reference", "fast"):
         extra = {"device_tokens": device_tokens} if device_tokens else {}
+        if positions is not None:
+            extra["positions"] = positions
         if tiers == "disk":  # 100 tokens per layer on the host, the older ones on disk
             extra.update(host_budget_bytes=100 * base.store.token_bytes_all_heads * base.store.num_layers,
                          disk_dir=str(tmp_path / kernels))
@@ -351,6 +363,9 @@ def _fast_equals_reference(filled, name, tiers, tmp_path):
         logits.append(s.feed(torch.tensor([11, 12, 13]), "text")[-1])
         logits.append(s.feed(torch.tensor([14]), "decode")[-1])
         out[kernels] = (torch.stack(logits), sel, s.store.counters())
+        if positions is not None:  # it re-indexed, and the disk keys owe the moves
+            assert int(s.positions.max()) < positions.max_position < s.cached_tokens
+            assert s.store._layers[0].disk.owed is not None and bool(s.store._layers[0].disk.owed.any())
         if device_tokens and POLICIES[name].offloads:
             assert s.store.counters()["fetch_host_bytes"] > 0  # the host tier is really read
             if tiers == "disk":
