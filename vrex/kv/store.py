@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from vrex.kv.index import PagedIndex
+from vrex.kv.layers import HALF, rerotate, rotation
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 
@@ -96,8 +97,6 @@ class _TurnTables:
         self._tables: dict[tuple, tuple[int, Tensor, Tensor, Tensor]] = {}
 
     def cover(self, key: tuple, lo: int, hi: int, inv_freq: Tensor, layout: str) -> None:
-        from vrex.kv.layers import HALF, rotation
-
         have = self._tables.get(key)
         if have is not None and have[0] <= lo and hi < have[0] + have[1].shape[0]:
             return
@@ -300,8 +299,6 @@ class _Disk:
         if self.owed is None:
             return {}
         lo, _, _, packed = self.tables.get(self.rope[0])
-        from vrex.kv.layers import HALF
-
         return {"turn": [self.owed, packed], "turn_lo": lo, "turn_half": self.rope[2] == HALF, "turn_tier": 0}
 
     def _turned(self, k: Tensor, abs_slots: Tensor, h: int | None) -> Tensor:
@@ -309,8 +306,6 @@ class _Disk:
         by what they owe, as the kernels turn them (the reference path)."""
         if self.owed is None:
             return k
-        from vrex.kv.layers import rerotate
-
         s = abs_slots.long()
         known = s < self.owed.shape[0]  # later slots were written after the last move: they owe nothing
         if h is None:
@@ -322,7 +317,7 @@ class _Disk:
         if not moves.any():
             return k
         lo, cos, sin, _ = self.tables.get(self.rope[0])
-        rows = (moves.long() - lo)
+        rows = moves - lo
         if h is None:  # [n, H, D]: rotate each head's rows by its own moves
             k = k.transpose(0, 1)
             out = torch.stack([rerotate(k[i], moves[:, i], self.rope[1], self.rope[2], trig=(cos[rows[:, i]], sin[rows[:, i]]))
@@ -415,8 +410,8 @@ class _Disk:
             if k is not None:
                 self.mm[0][s, h] = k[h].detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
                 if self.owed is not None:
-                    s = abs_slots[h].long()
-                    self.owed[s[s < self.owed.shape[0]], h] = 0  # written where it is now: it owes nothing
+                    written = abs_slots[h].long()
+                    self.owed[written[written < self.owed.shape[0]], h] = 0  # written where it is now: owes nothing
             if v is not None:
                 self.mm[1][s, h] = v[h].detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
         self.release()

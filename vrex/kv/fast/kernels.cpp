@@ -347,11 +347,11 @@ struct Tier {
   int64_t at(int64_t h, int64_t s) const { return h * head_stride + (s % cap) * slot_stride; }
 };
 
-// One key row x [D] turned by a RoPE rotation (cos/sin rows c, s [R]; dims >= R pass through) into y, in
-// float32 as vrex.kv.layers.rerotate computes it: y = turn(x) * sin + x * cos, turn HALF (-x[d + R/2], x[d - R/2])
-// or PAIRS (-x[2i + 1], x[2i]).
-// A pair's two dims share one angle, so c and s hold R/2 values, pair i's at i * cs (cs = 1: a packed
-// half row; a full-width vrex.kv.layers.rotation row: HALF's first half, cs = 1; PAIRS' even entries, cs = 2).
+// One key row x [D] turned by a RoPE rotation into y (dims >= R pass through), in float32 as
+// vrex.kv.layers.rerotate computes it: y = turn(x) * sin + x * cos, turn HALF (-x[d + R/2], x[d - R/2]) or PAIRS
+// (-x[2i + 1], x[2i]). A pair's two dims share one angle, so c and s hold R/2 values, pair i's at i * cs: cs = 1
+// for a packed half row (Turn's table) or a full-width vrex.kv.layers.rotation row of HALF (its first half);
+// cs = 2 for a full-width row of PAIRS (its even entries).
 static inline void rotate_row(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ c,
                               const float* __restrict__ s, int64_t cs, int64_t R, int64_t D, bool half) {
   const int64_t P = R / 2;
@@ -391,8 +391,8 @@ static inline float bf16_round(float f) {
 // The disk tier keeps each key where it was written: a position re-index records the move in `owed` (int16,
 // or int32 where moves pass 2^15, [rows, H]: positions the key in slot s of head h still has to turn; slots
 // from `rows` on were written since and owe nothing) instead of rewriting the file, and every read turns the
-// key by it (vrex.kv.store._Disk). cos/sin [rows, R]: the rotation of each integer move
-// lo .. lo + rows - 1. A turned key is rounded to the tier's type, as a rotation in place would have stored it.
+// key by it (vrex.kv.store._Disk), through `table` (make_turn), the rotation of each integer move lo .. lo + rows - 1.
+// A turned key is rounded to the tier's type, as a rotation in place would have stored it.
 struct Turn {
   const int16_t* owed16 = nullptr;
   const int32_t* owed32 = nullptr;
