@@ -247,16 +247,17 @@ def test_attention_turns_the_disk_keys_that_owe_a_move(dtype, layout, T, tmp_pat
     moves (vrex.kv.store._Disk); decode (attend_slots, T = 1) and frame-step (attend_plan) attention turn
     them as they read == the reference gather (turned in PyTorch) + attention. Partial rotary width (48 of
     64 dims), a host and a device tier beside the disk."""
-    from vrex.kv.layers import rotation
+    from vrex.kv.layers import LayerSpec, rotation
 
     G = 3
     store = _three_tier_store(dtype, tmp_path, 2, 64)
     n_past = store.length(0)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 48, 2).float() / 48))
+    rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=layout)
     g = torch.Generator().manual_seed(9)
     for _ in range(2):
         moves = -torch.randint(0, 3000, (n_past,), generator=g)
-        store.rotate_keys(0, *rotation(moves, inv_freq, layout), layout == "half", moves=moves, rope=(inv_freq, layout))
+        store.rotate_keys(0, *rotation(moves, inv_freq, layout), layout == "half", moves=moves, rope=rope)
     want, plan, (q, k_new, v_new) = _reference_and_plan(store, g, G, T)
     assert plan.disk is not None and plan.turn_args["turn"][0].any()  # the disk keys owe their moves
     if T == 1:

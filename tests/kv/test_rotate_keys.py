@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vrex.kv.layers import HALF, PAIRS, rerotate, rotation
+from vrex.kv.layers import HALF, PAIRS, LayerSpec, rerotate, rotation
 from vrex.kv.store import KVStore
 
 H, D = 2, 8
@@ -42,14 +42,15 @@ def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layo
     fast, ref = _twin_stores(tmp_path_factory, dtype, seed, blocks, evict, dev_tokens, host_tokens)
     n = ref.length(0)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+    rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=layout)
     delta = torch.randint(-5000, 0, (n,), generator=torch.Generator().manual_seed(seed))
     trig = rotation(delta, inv_freq, layout)
     before = ref.keys(0)
 
     want = rerotate(ref.keys(0), delta, inv_freq, layout, trig=trig)
-    ref.set_keys(0, want, moves=delta, rope=(inv_freq, layout))
+    ref.set_keys(0, want, moves=delta, rope=rope)
     got = torch.full((1,), 7.0)  # a scratch of the wrong size and stale contents: resized and overwritten
-    fast.rotate_keys(0, *trig, layout == HALF, got, moves=delta, rope=(inv_freq, layout))
+    fast.rotate_keys(0, *trig, layout == HALF, got, moves=delta, rope=rope)
 
     live = torch.arange(n)[~fast._layers[0].evicted[:n]]
     stored_fast, stored_ref = fast.keys(0), ref.keys(0)
@@ -79,14 +80,15 @@ def test_rotate_keys_reaches_every_tier(tmp_path_factory):
     d_end, h_end, n = fast.tier_bounds(0)
     assert 0 < d_end < h_end < n
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=HALF)
     moves = torch.full((n,), -700)
     trig = rotation(moves, inv_freq, HALF)
     before = fast.keys(0)
-    fast.rotate_keys(0, *trig, True, moves=moves, rope=(inv_freq, HALF))
+    fast.rotate_keys(0, *trig, True, moves=moves, rope=rope)
     after = fast.keys(0)
     for a, b in ((0, d_end), (d_end, h_end), (h_end, n)):
         assert not torch.equal(after[:, a:b], before[:, a:b])
-    ref.set_keys(0, rerotate(ref.keys(0), moves, inv_freq, HALF), moves=moves, rope=(inv_freq, HALF))
+    ref.set_keys(0, rerotate(ref.keys(0), moves, inv_freq, HALF), moves=moves, rope=rope)
     torch.testing.assert_close(after.float(), ref.keys(0).float(), atol=0, rtol=2 ** -7)
     for s in (fast, ref):
         s.close()
@@ -106,12 +108,13 @@ def test_a_move_leaves_the_disk_files_unwritten_and_moves_add_up(tmp_path_factor
     key_file = fast._layers[0].disk.paths[0]
     written = key_file.read_bytes()
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=HALF)
     before = ref.keys(0)
     g = torch.Generator().manual_seed(3)
     total = torch.zeros(n, dtype=torch.int64)
     for _ in range(3):
         moves = -torch.randint(0, most, (n,), generator=g)
-        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=(inv_freq, HALF))
+        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=rope)
         total += moves
     assert key_file.read_bytes() == written
     assert fast._layers[0].disk.owed.dtype == (torch.int16 if 3 * most < 2 ** 15 else torch.int32)
@@ -135,14 +138,15 @@ def test_what_disk_keys_owe_stays_within_the_positions_however_many_re_indexes(t
     fast, twin = _twin_stores(tmp_path_factory, torch.bfloat16, 2, [(6, True)] * 30, False, 6, 8)
     n = fast.length(0)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=HALF)
     ids = torch.arange(n)
     for i in range(12):
         moves = torch.where(ids % 12 == i, -4000, -(ids % 7))
-        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=(inv_freq, HALF))
+        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=rope)
     disk = fast._layers[0].disk
-    lo, cos, _, _ = fast._turn_tables.get(disk.rope[0])
+    lo, packed = fast._turn_tables.get(disk.rope)
     assert disk.owed.dtype == torch.int16
-    assert cos.shape[0] <= 4000 + 12 * 6 + 1
+    assert packed.shape[0] <= 4000 + 12 * 6 + 1
     for s in (fast, twin):
         s.close()
 

@@ -430,13 +430,12 @@ class VrexCache(Cache):
         same = p.trig[spec.rope_key].upto(self.store.length(spec.index))
         wants_keys = not spec.sliding and self._policy_indexes_keys
         delta = self._pending_delta(p, spec.index)
-        rope = (spec.inv_freq, spec.rope_layout)
         if self.kernels == "fast":  # in place in the device and host tiers, recorded on disk (vrex.kv.fast)
             keys = p.scratch if wants_keys else None
-            self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys, moves=delta, rope=rope)
+            self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys, moves=delta, rope=spec)
         else:
             keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
-            self.store.set_keys(spec.index, keys, moves=delta, rope=rope)
+            self.store.set_keys(spec.index, keys, moves=delta, rope=spec)
             # what the store gives now, as the fast path hands it on: the disk tier's keys turned once by all
             # they owe (rerotating the keys read before the move would round them twice)
             keys = self.store.keys(spec.index) if wants_keys else None

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from vrex.kv.index import PagedIndex
-from vrex.kv.layers import HALF, rerotate, rotation
+from vrex.kv.layers import HALF, LayerSpec, rerotate, rotation
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 
@@ -84,32 +84,40 @@ _MADV_POPULATE_READ = 22
 
 
 class _TurnTables:
-    """The rotations by every integer move a disk key may owe (``_Disk``), one table per RoPE, shared by
-    the layers of a store: ``(lo, cos, sin)``, ``cos``/``sin`` ``[rows, R]`` float32 for moves ``lo ..
-    lo + rows - 1`` (vrex.kv.layers.rotation), what the reference turns with, and ``packed`` ``[rows,
-    R]``, what the kernels read: each row's R/2 distinct cosines, then its R/2 sines (a pair's two dims
-    share one angle; the full rows were twice the bytes and missed the caches: a layer's frame-step
-    attention over 3 x 4096 turned keys took 1.62 ms against 0.99 unturned, script). A table grows to
-    cover what it is asked for: what the keys owe, a position now minus the position written at, so
-    never more rows than the LM has positions (8K for SmolLM2: 2 MB packed)."""
+    """The rotations by every integer move a disk key may owe (``_Disk``), one table per RoPE
+    (``LayerSpec.rope_key``), shared by the layers of a store: ``(lo, packed)``, ``packed`` ``[rows, R]``
+    float32 for moves ``lo .. lo + rows - 1``, each row the R/2 distinct cosines, then the R/2 sines, of
+    vrex.kv.layers.rotation's row (a pair's two dims share one angle). The kernels read it as it is (the
+    full rows were twice the bytes and missed the caches: a layer's frame-step attention over 3 x 4096
+    turned keys took 1.62 ms against 0.99 unturned, script); the reference widens the rows it needs
+    (:meth:`trig`). A table grows to cover what it is asked for: what the keys owe, a position now minus
+    the position written at, so never more rows than the LM has positions (8K for SmolLM2: 2 MB)."""
 
     def __init__(self) -> None:
-        self._tables: dict[tuple, tuple[int, Tensor, Tensor, Tensor]] = {}
+        self._tables: dict[tuple, tuple[int, Tensor]] = {}
 
-    def cover(self, key: tuple, lo: int, hi: int, inv_freq: Tensor, layout: str) -> None:
-        have = self._tables.get(key)
+    def cover(self, rope: LayerSpec, lo: int, hi: int) -> None:
+        have = self._tables.get(rope.rope_key)
         if have is not None and have[0] <= lo and hi < have[0] + have[1].shape[0]:
             return
         if have is not None:
             lo, hi = min(lo, have[0]), max(hi, have[0] + have[1].shape[0] - 1)
-        cos, sin = rotation(torch.arange(lo, hi + 1), inv_freq.float().cpu(), layout)
-        half = (slice(None), slice(0, cos.shape[1] // 2)) if layout == HALF else (slice(None), slice(0, None, 2))
-        packed = torch.cat([cos[half], sin[half]], 1).contiguous()
-        self._tables[key] = (lo, cos.contiguous(), sin.contiguous(), packed)
+        cos, sin = rotation(torch.arange(lo, hi + 1), rope.inv_freq.float().cpu(), rope.rope_layout)
+        half = (slice(None), slice(0, cos.shape[1] // 2)) if rope.rope_layout == HALF else (slice(None), slice(0, None, 2))
+        self._tables[rope.rope_key] = (lo, torch.cat([cos[half], sin[half]], 1).contiguous())
 
-    def get(self, key: tuple) -> tuple[int, Tensor, Tensor, Tensor]:
-        """``(lo, cos, sin, packed)`` (see the class docstring)."""
-        return self._tables[key]
+    def get(self, rope: LayerSpec) -> tuple[int, Tensor]:
+        """``(lo, packed)`` (see the class docstring)."""
+        return self._tables[rope.rope_key]
+
+    def trig(self, rope: LayerSpec, moves: Tensor) -> tuple[Tensor, Tensor]:
+        """vrex.kv.layers.rotation's ``(cos, sin)`` rows of ``moves`` (any shape, covered), widened from the
+        packed rows: the very values, so the reference turns as the kernels do."""
+        lo, packed = self.get(rope)
+        cos, sin = packed[moves - lo].chunk(2, -1)
+        if rope.rope_layout == HALF:
+            return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
 
 
 @dataclass
@@ -231,7 +239,7 @@ class _Disk:
         self.dir, self.H, self.D, self.dtype = directory, H, D, dtype
         self.tables = tables
         self.owed: Tensor | None = None
-        self.rope: tuple | None = None  # (key, inv_freq, layout) of the moves recorded in owed
+        self.rope: LayerSpec | None = None  # the layer whose RoPE the moves recorded in owed turn by
         self.es = torch.empty(0, dtype=dtype).element_size()
         self.row = H * D * self.es
         self.paths = [directory / f"layer{layer:03d}.k.bin", directory / f"layer{layer:03d}.v.bin"]
@@ -263,15 +271,14 @@ class _Disk:
         self._views = None
 
     # -- keys that owe a move (see the class docstring) -------------------------------------------
-    def record_moves(self, abs_slots: Tensor, moves: Tensor, inv_freq: Tensor, layout: str) -> None:
+    def record_moves(self, abs_slots: Tensor, moves: Tensor, rope: LayerSpec) -> None:
         """A re-index of the tier's live keys, in slots ``abs_slots`` [H, n], token ``j`` moved by ``moves[j]``
         positions: each move is added to what the key owes, and the shared table of turns covers what the
         keys owe now. The file is not written. (The fast path and the reference both record here; the
         kernels only read ``owed``.)"""
-        key = (layout, tuple(inv_freq.float().tolist()))
-        if self.rope is not None and self.rope[0] != key:
+        if self.rope is not None and self.rope.rope_key != rope.rope_key:
             raise ValueError("the disk tier's keys already owe moves of another RoPE; a layer has one RoPE")
-        self.rope = (key, inv_freq, layout)
+        self.rope = rope
         s, rows = abs_slots.long(), 0 if self.owed is None else self.owed.shape[0]
         now = moves.long().cpu()[None].repeat(self.H, 1)  # [H, n]: what each key owes after this move
         if self.owed is not None:
@@ -292,14 +299,14 @@ class _Disk:
             self.owed = owed
         for h in range(self.H):
             self.owed[s[h], h] = now[h].to(dtype)
-        self.tables.cover(key, lo, hi, inv_freq, layout)
+        self.tables.cover(rope, lo, hi)
 
     def turn_args(self) -> dict:
         """The fast path's kernel arguments for reading this tier as tier 0 (empty: no key owes a move)."""
         if self.owed is None:
             return {}
-        lo, _, _, packed = self.tables.get(self.rope[0])
-        return {"turn": [self.owed, packed], "turn_lo": lo, "turn_half": self.rope[2] == HALF, "turn_tier": 0}
+        lo, packed = self.tables.get(self.rope)
+        return {"turn": [self.owed, packed], "turn_lo": lo, "turn_half": self.rope.rope_layout == HALF, "turn_tier": 0}
 
     def _turned(self, k: Tensor, abs_slots: Tensor, h: int | None) -> Tensor:
         """Keys ``k`` [..., n, D] read from ``abs_slots`` (of head ``h``; None: ``k`` is [n, H, D]) turned
@@ -316,14 +323,14 @@ class _Disk:
             moves[known] = self.owed[s[known], h].long()
         if not moves.any():
             return k
-        lo, cos, sin, _ = self.tables.get(self.rope[0])
-        rows = moves - lo
+        cos, sin = self.tables.trig(self.rope, moves)
+        inv_freq, layout = self.rope.inv_freq, self.rope.rope_layout
         if h is None:  # [n, H, D]: rotate each head's rows by its own moves
             k = k.transpose(0, 1)
-            out = torch.stack([rerotate(k[i], moves[:, i], self.rope[1], self.rope[2], trig=(cos[rows[:, i]], sin[rows[:, i]]))
+            out = torch.stack([rerotate(k[i], moves[:, i], inv_freq, layout, trig=(cos[:, i], sin[:, i]))
                                for i in range(self.H)])
             return out.transpose(0, 1)
-        return rerotate(k, moves, self.rope[1], self.rope[2], trig=(cos[rows], sin[rows]))
+        return rerotate(k, moves, inv_freq, layout, trig=(cos, sin))
 
     def views(self) -> tuple[Tensor, Tensor]:
         """K and V as ``[H, cap, D]`` tensors over the maps themselves (transposed views, no copy): what
@@ -875,9 +882,9 @@ class KVStore:
             out[:, sel.to(self.device)] = store.read_one(L.pos.take(sel), want_values).to(self.device)
         return out
 
-    def set_keys(self, layer: int, keys: Tensor, *, moves: Tensor | None = None, rope: tuple[Tensor, str] | None = None) -> None:
+    def set_keys(self, layer: int, keys: Tensor, *, moves: Tensor | None = None, rope: LayerSpec | None = None) -> None:
         """Overwrite all keys ``[H, N, D]``; evicted rows are ignored. ``moves`` [N] (ints) and ``rope``
-        (``(inv_freq, layout)``): ``keys`` are the stored keys moved by that many positions (a re-index,
+        (the layer's spec: its RoPE): ``keys`` are the stored keys moved by that many positions (a re-index,
         the reference of :meth:`rotate_keys`), and the disk tier records the moves instead of being
         rewritten (``_Disk``)."""
         L = self._layers[layer]
@@ -887,16 +894,16 @@ class KVStore:
             moves = moves.long().cpu()
         for store, sel in self._live_by_tier(L):
             if store is L.disk and moves is not None:
-                L.disk.record_moves(L.pos.take(sel), moves[sel], *rope)
+                L.disk.record_moves(L.pos.take(sel), moves[sel], rope)
             else:
                 store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
 
     def rotate_keys(self, layer: int, cos: Tensor, sin: Tensor, half: bool, keys_out: Tensor | None = None, *,
-                    moves: Tensor | None = None, rope: tuple[Tensor, str] | None = None) -> None:
+                    moves: Tensor | None = None, rope: LayerSpec | None = None) -> None:
         """Position re-indexing through the fast path (``vrex.kv.fast``): every live key of the device and
         host tiers rotated in its own slot by ``cos``/``sin`` ``[N, R]`` (row = token id, float32 math,
         rounded once to the store's type) by ``rotate_keys``; the disk tier's keys stay where they are and
-        record their move (``moves`` [N], ints, with the layer's ``rope`` = ``(inv_freq, layout)``; needed
+        record their move (``moves`` [N], ints, with the layer's spec as ``rope``; needed
         when the disk holds tokens; ``_Disk.record_moves``). The same result as ``set_keys(rerotate(keys(layer),
         ...), moves=..., rope=...)``, without the copies. ``keys_out`` (float32, resized here to ``[H, N, D]``):
         also the keys as ``keys(layer)`` gives them, for a policy's index; the caller may reuse it from layer
@@ -928,7 +935,7 @@ class KVStore:
         load().rotate_keys(bufs, slots, ids, cos.float(), sin.float(), half, out)
         if disk_sel is not None:
             disk_slots = L.pos.take(disk_sel).long()
-            L.disk.record_moves(disk_slots, moves.long().cpu()[disk_sel], *rope)
+            L.disk.record_moves(disk_slots, moves.long().cpu()[disk_sel], rope)
             if keys_out is not None:
                 L.disk.prefault_keys()
                 turn = L.disk.turn_args()
