@@ -1,13 +1,12 @@
-"""WTU vs the software WiCSum (vrex.resv.wicsum): equal wherever the software's float64 sums are exact."""
+"""WTU vs the software WiCSum (vrex.resv.wicsum): one fixed-point arithmetic, so equal on every input."""
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vrex.hw.wtu import WTUConfig, wtu_row, wtu_select
@@ -17,22 +16,6 @@ from vrex.resv.wicsum import normalize_scores, wicsum_select
 def software(scores, counts, valid, cfg: WTUConfig):
     w = normalize_scores(scores, valid, mode=cfg.norm, scale=cfg.scale)
     return w, wicsum_select(w, counts, cfg.ratio, valid, sort_by=cfg.sort_by, num_buckets=cfg.num_buckets)
-
-
-def float64_is_exact(w_row: list[float], counts: list[int], valid: list[bool], sort_by: str) -> bool:
-    """True when the software's sequential float64 sums (in its sorted order) are all exact."""
-    idx = [j for j in range(len(w_row)) if valid[j]]
-    prods = {j: float(w_row[j]) * counts[j] for j in idx}
-    key = {j: (w_row[j] if sort_by == "score" else prods[j]) for j in idx}
-    acc_f, acc_x = 0.0, Fraction(0)
-    for j in sorted(idx, key=lambda j: (-key[j], j)):
-        if Fraction(prods[j]) != Fraction(w_row[j]) * counts[j]:
-            return False
-        acc_f += prods[j]
-        acc_x += Fraction(w_row[j]) * counts[j]
-        if Fraction(acc_f) != acc_x:
-            return False
-    return True
 
 
 def assert_equal(hw, sw):
@@ -76,39 +59,46 @@ def test_wtu_equals_software_linear_norms(data, norm, scale, sort_by, ratio, nb)
     cfg = WTUConfig(ratio=ratio, norm=norm, scale=scale, sort_by=sort_by, num_buckets=nb)
     _, sw = software(scores, counts, valid, cfg)
     hw = wtu_select(scores, counts, valid, cfg)
-    assert_equal(hw, sw)  # dyadic inputs: the software's float64 sums are exact here
+    assert_equal(hw, sw)
     assert bool((hw.taken <= hw.scanned).all()) and bool((hw.scanned <= valid.sum()).all())
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=rows(-40, 40), sort_by=st.sampled_from(["score", "weighted"]), ratio=RATIOS, nb=st.integers(1, 16))
-def test_wtu_equals_software_softmax_when_float64_is_exact(data, sort_by, ratio, nb):
+def test_wtu_equals_software_softmax(data, sort_by, ratio, nb):
+    # exp spreads the weights over many binades: float64 sums of them are rarely exact, the grid's always are
     scores, counts, valid = data
     cfg = WTUConfig(ratio=ratio, norm="softmax", scale=1.0, sort_by=sort_by, num_buckets=nb)
-    w, sw = software(scores, counts, valid, cfg)
-    assume(all(float64_is_exact(w[r].tolist(), counts.tolist(), valid.tolist(), sort_by) for r in range(w.shape[0])))
+    _, sw = software(scores, counts, valid, cfg)
     assert_equal(wtu_select(scores, counts, valid, cfg), sw)
 
 
-def test_wtu_realistic_softmax_rows_agree_except_float64_near_ties():
-    """Random logits (BF16), 1/sqrt(128) softmax: every disagreement must be a float64 rounding tie."""
+def test_wtu_equals_software_on_realistic_softmax_rows():
+    """Random logits (BF16), 1/sqrt(128) softmax, 64 rows of 200 clusters: the same selection row by row
+    (before the grid, the software's float64 sums in sorted order could differ at a near tie)."""
     g = torch.Generator().manual_seed(1)
     R, C = 64, 200
     scores = (torch.randn(R, C, generator=g) * 12).to(torch.bfloat16).to(torch.float32)
     counts = torch.randint(1, 80, (C,), generator=g)
-    cfg = WTUConfig(ratio=0.3, norm="softmax", scale=1 / math.sqrt(128), num_buckets=16)
-    w, sw = software(scores, counts, None, cfg)
-    hw = wtu_select(scores, counts, None, cfg)
-    bad = (hw.taken != sw.taken).nonzero().flatten().tolist()
-    for r in bad:  # the exact prefix sum at the software's exit must be within float64 noise of Th
-        row = w[r].tolist()
-        order = sorted(range(C), key=lambda j: (-row[j], j))
-        total = sum(Fraction(row[j]) * int(counts[j]) for j in order)
-        t = int(sw.taken[r])
-        acc = sum(Fraction(row[j]) * int(counts[j]) for j in order[:t])
-        assert abs(float(acc - Fraction(0.3) * total)) <= 1e-12 * float(total)
-    assert len(bad) <= R // 20
-    assert torch.equal(hw.scanned[hw.taken == sw.taken], sw.scanned_bucketed[hw.taken == sw.taken])
+    for ratio in (0.3, 0.9):
+        cfg = WTUConfig(ratio=ratio, norm="softmax", scale=1 / math.sqrt(128), num_buckets=16)
+        _, sw = software(scores, counts, None, cfg)
+        hw = wtu_select(scores, counts, None, cfg)
+        assert_equal(hw, sw)
+        assert hw.acc_bits <= 40 + math.ceil(math.log2(C)) + 2  # the grid bounds the accumulator, as documented
+
+
+def test_tiny_products_fall_below_the_grid():
+    """A product under 2^-40 of the row's largest counts 0: it can no longer tip the threshold."""
+    w = [1.0, 2.0**-45, 2.0**-45]
+    counts = [1, 1, 1]
+    # Th = 1.0 * Sum: exact sums would exceed it only with every cluster; on the grid the tiny ones add 0
+    row = wtu_row(w, counts, [True] * 3, WTUConfig(ratio=1.0, norm="raw"))
+    sw = wicsum_select(torch.tensor([w]), torch.tensor(counts), 1.0)
+    assert row.t_star == int(sw.taken[0]) == 3  # nothing passes Acc > Sum: everything taken
+    row = wtu_row(w, counts, [True] * 3, WTUConfig(ratio=0.999999, norm="raw"))
+    sw = wicsum_select(torch.tensor([w]), torch.tensor(counts), 0.999999)
+    assert row.t_star == int(sw.taken[0]) == 1
 
 
 @pytest.mark.parametrize(

@@ -32,11 +32,12 @@ FP32_ATOL, FP32_RTOL = 1e-5, 1e-4
 @settings(max_examples=60, deadline=None)
 @given(H=st.integers(1, 3), R=st.integers(1, 9), C=st.integers(1, 40) | st.integers(300, 3000), ratio=st.floats(0.0, 1.0),
        weighted=st.booleans(), ties=st.booleans(), seed=st.integers(0, 10**6),
-       mode=st.sampled_from(["shift_min", "raw", "relu", "softmax"]))
-def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mode):
-    # large C: every radix pass of the C++ sort runs; raw/relu: negative keys and -0.0 (equal to +0.0)
+       mode=st.sampled_from(["shift_min", "raw", "relu", "softmax"]), spread=st.sampled_from([1.0, 300.0]))
+def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mode, spread):
+    # large C: the C++ bucket scan refines the crossing bucket over several levels; raw/relu: negative keys
+    # and -0.0 (equal to +0.0); spread 300: softmax weights over ~100 binades, many products under the grid
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(H, R, C, generator=g)
+    scores = torch.randn(H, R, C, generator=g) * spread
     if ties:  # many equal weights: the stable order decides
         scores = scores.round()
     valid = torch.rand(H, C, generator=g) > 0.2
@@ -57,6 +58,24 @@ def test_wicsum_union_equals_reference(H, R, C, ratio, weighted, ties, seed, mod
         chosen, taken = ext.wicsum_union_scores(scores, counts, valid, mode_id, 0.125, ratio, weighted)
         assert torch.equal(chosen, ref.union() & valid)
         assert torch.equal(taken, ref.taken)
+
+
+@pytest.mark.parametrize("C", [5, 40, 2000])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.9])
+def test_wicsum_union_all_negative_raw_rows(C, ratio):
+    """Raw scores all below zero: Sum < 0, and the crossing can be the first cluster of a bucket whose
+    sum is far below Th (its largest prefix is its first product, not its sum). Most scores sit just
+    under -1 and one far below, so the top bucket holds most of the (negative) mass."""
+    g = torch.Generator().manual_seed(C)
+    scores = -(1.0 + 1e-3 * torch.rand(2, 6, C, generator=g))
+    scores[..., C // 2] = -100.0
+    valid = torch.rand(2, C, generator=g) > 0.1
+    counts = torch.randint(1, 50, (2, C), generator=g) * valid
+    w = normalize_scores(scores, valid, mode="raw", scale=0.125)
+    ref = wicsum_select(w, counts, ratio, valid)
+    chosen, taken = ext.wicsum_union(w, counts, valid, ratio, False)
+    assert torch.equal(chosen, ref.union() & valid)
+    assert torch.equal(taken, ref.taken)
 
 
 @pytest.mark.parametrize("narrow", [False, True])

@@ -24,12 +24,13 @@ Per row (one query token of one query head) the model runs, in order:
    ``Acc > Th``. Rows where nothing passes take every valid cluster.
 
 Number formats. Scores are stored in BF16 and counts in 16 bits (the memories' widths); weights
-are float32; products are exact; **the cumulative sum and ``Sum`` are exact** (a wide fixed-point
-accumulator: ``acc_bits`` reports the width a row needed), so visiting order never matters;
-``Th`` is an IEEE binary64 product ``ratio * Sum`` (one multiply per row) and the comparison
-``Acc > Th`` is exact. The software (:func:`vrex.resv.wicsum.wicsum_select`) accumulates in
-float64 in sorted order: the two agree bit for bit whenever the float64 sums are exact (the
-tests' equality domain) and can only differ when a float64 rounding moves ``Acc`` across ``Th``.
+are float32; products ``w * TC`` are exact. The preprocess aligns them to the row's largest product
+and keeps ``GRID_BITS`` = 40 bits below it (``P = floor(p * 2^(40 - e))``, ``max |p| < 2^e``); the
+cumulative sum and ``Sum`` are exact integers of that grid in a fixed-point accumulator (``acc_bits``
+reports the width a row needed: 40 bits plus ``log2`` of the row's clusters plus a sign), so
+visiting order never matters; ``Th`` is an IEEE binary64 product ``ratio * Sum`` (one multiply per
+row) and the comparison ``Acc > Th`` is exact. The software (:func:`vrex.resv.wicsum.wicsum_select`)
+computes with the same grid and the same rounding, so the two agree bit for bit on every input.
 
 ``scanned`` is the software's bucketed definition: the valid clusters in buckets ``0..b*``
 (``b*`` = bucket of the last cluster taken). Cycles: ``2*ceil(n/16)`` preprocess, ``ceil(m/16)``
@@ -44,6 +45,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from vrex.resv.wicsum import GRID_BITS
 
 from .bf16 import to_bf16
 
@@ -162,14 +165,15 @@ def wtu_row(weights: list[float], counts: list[int], valid: list[bool], cfg: WTU
     for j in idx:
         if not 0 <= counts[j] < lim:
             raise ValueError(f"token count {counts[j]} does not fit the {cfg.tc_bits}-bit TC memory")
-    # exact products on a common power-of-two grid: p_j = P[j] / scale
-    ratios = {j: float(weights[j]).as_integer_ratio() for j in idx}
-    scale = max(den for _, den in ratios.values())
-    P = {j: num * counts[j] * (scale // den) for j, (num, den) in ratios.items()}
+    # products (exact in binary64) on the row's fixed-point grid, aligned to the largest one (GRID_BITS)
+    prods = {j: float(weights[j]) * counts[j] for j in idx}
+    e = math.frexp(max(abs(p) for p in prods.values()))[1]
+    P = {j: math.floor(math.ldexp(p, GRID_BITS - e)) for j, p in prods.items()}
+    scale = 1  # the accumulator counts grid units
     total = sum(P.values())
-    th = float(cfg.ratio) * (total / scale)  # binary64 Sum (exact here) times ratio, RNE
+    th = float(cfg.ratio) * float(total)  # binary64 Sum (one rounding) times ratio, RNE
     th_num, th_den = th.as_integer_ratio()
-    key = {j: (float(weights[j]) if cfg.sort_by == "score" else P[j] / scale) for j in idx}
+    key = {j: (float(weights[j]) if cfg.sort_by == "score" else prods[j]) for j in idx}
     mx, mn = max(key.values()), min(key.values())
     nb = cfg.num_buckets
     buckets: list[list] = [[] for _ in range(nb)]

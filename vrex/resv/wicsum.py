@@ -22,13 +22,21 @@ Definition, per query row ``i`` (one query token of one query head), over ``C`` 
    cluster index first). ``sort_by="score"`` (default, as the paper: "sort the scores") uses
    ``w_ij``; ``sort_by="weighted"`` uses ``w_ij * TC_j``. Invalid clusters come last and are never
    taken.
-4. **Accumulate and exit.** Products ``p = w * TC`` are formed in float64 (``w`` is float32, an
-   exact widening) and accumulated *sequentially in sorted order* in float64:
-   ``Acc(t) = p_σ(1) + ... + p_σ(t)``. The total is ``Sum = Acc(C_valid)`` (the same sequential
-   sum, so ``Acc`` can reach it exactly). ``Th = ratio * Sum`` (float64). The row takes the first
-   ``t*`` clusters in sorted order, ``t*`` = the smallest ``t`` with ``Acc(t) > Th`` (strict), or
-   ``t* = C_valid`` when no prefix passes (``ratio >= 1``, all weights 0, or negative "raw" sums):
-   no early exit, everything taken. A row with no valid cluster takes nothing (``t* = 0``).
+4. **Accumulate and exit.** Products ``p = w * TC`` are formed in float64 (``w`` is float32 and
+   ``TC < 2^29``: exact) and put on one fixed-point grid per row, aligned to its largest product:
+   ``e`` = the exponent with ``max_j |p_j| < 2^e`` (``frexp``), ``P_j = floor(p_j * 2^(GRID_BITS - e))``,
+   an integer with ``|P_j| < 2^40`` (:data:`GRID_BITS`; products below ``2^-40`` of the largest one
+   count as 0 or -1). Sums of ``P`` are exact integers (``C < 2^22`` keeps them under ``2^62``), so the
+   order of accumulation does not matter: ``Sum = sum_j P_j``, ``Th = ratio * float64(Sum)`` (one
+   rounding each, IEEE round to nearest) and ``Acc(t) = P_σ(1) + ... + P_σ(t)`` compared with ``Th``
+   exactly. The row takes the first ``t*`` clusters in sorted order, ``t*`` = the smallest ``t`` with
+   ``Acc(t) > Th`` (strict), or ``t* = C_valid`` when no prefix passes (``ratio >= 1``, all weights
+   0, or negative "raw" sums): no early exit, everything taken. A row with no valid cluster takes
+   nothing (``t* = 0``). This is the WTU's arithmetic (:mod:`vrex.hw.wtu`: a wide fixed-point
+   accumulator, ``Th`` one binary64 product), so the hardware model equals this function on every
+   input, and a fast path may find ``t*`` from bucket sums without sorting the whole row
+   (``vrex/kv/fast/kernels.cpp``). Until issue 15's 24th session the products were summed in float64
+   in sorted order, which only a full sort reproduces.
 5. **Union.** The selection of a KV head is the union over its rows: every query token of every
    query head in its GQA group (the caller flattens them into rows). Clusters map to tokens
    through the HC table.
@@ -53,6 +61,33 @@ import torch
 
 ScoreNorm = Literal["softmax", "shift_min", "relu", "raw"]
 SortBy = Literal["score", "weighted"]
+
+#: bits of a row's fixed-point grid below its largest product (step 4)
+GRID_BITS = 40
+#: limits that keep the products exact in float64 and the integer sums under 2^62
+MAX_COUNT = 1 << 29
+MAX_CLUSTERS = 1 << 22
+
+
+def _check_limits(n_clusters: int, max_count: int) -> None:
+    if n_clusters >= MAX_CLUSTERS:
+        raise ValueError(f"WiCSum over {n_clusters} clusters: at most {MAX_CLUSTERS - 1} per row")
+    if max_count >= MAX_COUNT:
+        raise ValueError(f"a cluster token count of {max_count} exceeds WiCSum's limit of {MAX_COUNT - 1}")
+
+
+def grid_products(prod: torch.Tensor) -> torch.Tensor:
+    """Step 4's fixed-point products: ``float64 [..., C]`` (0 for invalid clusters) -> ``int64 [..., C]``
+    on each row's grid, ``floor(p * 2^(GRID_BITS - e))`` with ``max |p| < 2^e``."""
+    _, e = torch.frexp(prod.abs().amax(-1, keepdim=True) if prod.shape[-1] else prod)
+    return torch.floor(torch.ldexp(prod, GRID_BITS - e)).to(torch.int64)
+
+
+def threshold_floor(total: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``floor(ratio * float64(Sum))`` as int64, clamped to +-2^62 (beyond every reachable ``Acc``):
+    for an integer ``Acc``, ``Acc > Th`` exactly when ``Acc > floor(Th)``."""
+    th = float(ratio) * total.to(torch.float64)
+    return torch.floor(th).clamp(-(2.0**62), 2.0**62).to(torch.int64)
 
 
 @dataclass
@@ -137,16 +172,17 @@ def wicsum_select(
     if sort_by not in ("score", "weighted"):
         raise ValueError(f"sort_by must be 'score' or 'weighted', got {sort_by!r}")
     key = key.masked_fill(~vrow, float("-inf"))
+    if C:
+        _check_limits(C, int(counts.max()))
     skey, order = torch.sort(key, dim=-1, descending=True, stable=True)
-    acc = torch.cumsum(prod.gather(-1, order), dim=-1)  # sequential float64 scan on CPU
+    acc = torch.cumsum(grid_products(prod).gather(-1, order), dim=-1)  # exact integer prefix sums
     n_valid = valid.sum(-1)  # [...]
     nv = n_valid.unsqueeze(-1).expand(*lead, R)
     if C == 0:
         sel = torch.zeros(*lead, R, 0, dtype=torch.bool)
         zeros = torch.zeros(*lead, R, dtype=torch.int64)
         return WiCSumResult(sel, zeros, n_valid, zeros.clone() if num_buckets else None)
-    total = acc.gather(-1, (nv - 1).clamp(min=0).unsqueeze(-1))  # Acc(C_valid)
-    th = float(ratio) * total
+    th = threshold_floor(acc[..., -1:], ratio)  # invalid clusters add 0: the last prefix is Sum
     pos = torch.arange(C)
     passed = (acc > th) & (pos < nv.unsqueeze(-1))
     first = passed.to(torch.int8).argmax(-1)  # first True
@@ -192,21 +228,22 @@ def wicsum_ref(
     C = len(weights)
     valid = [True] * C if valid is None else list(valid)
     idx = [j for j in range(C) if valid[j]]
+    if C:
+        _check_limits(C, max(int(c) for c in counts))
     prods = {j: float(weights[j]) * float(counts[j]) for j in idx}
     if sort_by == "score":
         keyf = {j: float(weights[j]) for j in idx}
     else:
         keyf = dict(prods)
     order = sorted(idx, key=lambda j: (-keyf[j], j))
-    total = 0.0
-    for j in order:
-        total += prods[j]
-    th = float(ratio) * total
-    acc = 0.0
+    e = math.frexp(max((abs(p) for p in prods.values()), default=0.0))[1]
+    grid = {j: math.floor(math.ldexp(p, GRID_BITS - e)) for j, p in prods.items()}
+    th = float(ratio) * float(sum(grid.values()))  # float(int): round to nearest, as int64 -> float64
+    acc = 0
     t_star = len(order)
     for t, j in enumerate(order, start=1):
-        acc += prods[j]
-        if acc > th:
+        acc += grid[j]
+        if acc > th:  # int against float: Python compares exactly
             t_star = t
             break
     taken = order[:t_star]
@@ -252,4 +289,5 @@ def cap_clusters(chosen: torch.Tensor, priority: torch.Tensor, counts: torch.Ten
     return keep
 
 
-__all__ = ["ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "normalize_scores", "wicsum_select", "wicsum_ref"]
+__all__ = ["GRID_BITS", "ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "grid_products", "normalize_scores",
+           "threshold_floor", "wicsum_select", "wicsum_ref"]

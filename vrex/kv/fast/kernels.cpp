@@ -23,9 +23,17 @@
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
-// Descending, stable order of float keys (ties keep ascending index), i.e. the order
-// std::stable_sort(..., key[a] > key[b]) gives, by an LSD radix sort over order-preserving 32-bit
-// images: O(C) per row instead of O(C log C). The sort was 90% of the selection's time at 64K.
+// WiCSum (vrex.resv.wicsum step 4): products on each row's fixed-point grid, GRID_BITS below its
+// largest product, so every sum is an exact int64 and the order of accumulation does not matter.
+// Then t* needs no sort of the row: a histogram of the sort keys gives each bucket's count and exact
+// sum, the scan from the top bucket finds the one where Acc passes Th, and only that bucket is
+// refined (the same histogram on its narrower key range, down to a few elements sorted by key and
+// index). This is the WTU's bucket scan with early exit; it replaced an LSD radix sort of every row.
+static constexpr int GRID_BITS = 40;
+static constexpr int LOG_BUCKETS = 10;  // 1024 buckets per level: each level narrows the key range 1024-fold
+static constexpr int64_t SMALL_GROUP = 32;
+
+// Order-preserving image of a float key, descending: a smaller image is a larger key (ties equal).
 static inline uint32_t descending_image(float f) {
   if (f == 0.0f) f = 0.0f;  // -0 and +0 compare equal: one image for both
   uint32_t u;
@@ -34,97 +42,260 @@ static inline uint32_t descending_image(float f) {
   return ~u;
 }
 
-struct RadixScratch {
-  std::vector<uint32_t> key, key_tmp;
-  std::vector<int64_t> idx_tmp;
-  void resize(int64_t n) { key.resize(n); key_tmp.resize(n); idx_tmp.resize(n); }
+// One valid cluster of a row: key = image << 32 | cluster index, so ascending keys are the row's sorted
+// order (descending weight, ties by ascending index); P its product on the grid.
+struct Elem {
+  uint64_t key;
+  int64_t P;
 };
 
-// On entry s.key[i] holds the image of element i; on exit order[0..n) is the stable ascending order of images.
-static void radix_order(RadixScratch& s, std::vector<int64_t>& order, int64_t n) {
-  std::iota(order.begin(), order.begin() + n, 0);
-  uint32_t* k = s.key.data();
-  uint32_t* kt = s.key_tmp.data();
-  int64_t* o = order.data();
-  int64_t* ot = s.idx_tmp.data();
-  for (int shift = 0; shift < 32; shift += 8) {
-    int64_t hist[257] = {0};
-    for (int64_t i = 0; i < n; ++i) hist[((k[i] >> shift) & 0xFF) + 1]++;
-    if (hist[((k[0] >> shift) & 0xFF) + 1] == n) continue;  // one digit value: the pass would not move anything
-    for (int b = 0; b < 256; ++b) hist[b + 1] += hist[b];
-    for (int64_t i = 0; i < n; ++i) {
-      int64_t d = hist[(k[i] >> shift) & 0xFF]++;
-      kt[d] = k[i];
-      ot[d] = o[i];
-    }
-    std::swap(k, kt);
-    std::swap(o, ot);
-  }
-  if (o != order.data()) std::copy(o, o + n, order.data());  // the keys' final buffer is not needed
+struct WiCSumScratch {
+  std::vector<Elem> level[5];  // the row, then the crossing group of each refinement (32-bit keys: <= 4 levels)
+  std::vector<int32_t> cnt[5];  // per level: a bucket's members, exact sum, and with negative products the
+  std::vector<int64_t> sum[5], pos[5], mx[5];  // sum of its non-negative ones and its largest one
+  std::vector<uint16_t> bucket;  // the row's bucket of each member (level 0)
+};
+
+// floor(ratio * float64(Sum)), clamped past every reachable Acc (|Acc| < 2^62): Acc > Th <=> Acc > this.
+static inline int64_t threshold_floor(double ratio, int64_t total) {
+  const double lim = 4611686018427387904.0;  // 2^62
+  return (int64_t)std::min(lim, std::max(-lim, std::floor(ratio * (double)total)));
 }
 
-// WiCSum union over rows (vrex.resv.wicsum.wicsum_select + WiCSumResult.union, same rules):
-// stable descending sort by key (w, or w*TC when weighted), invalid clusters last; products in
-// float64 accumulated sequentially in sorted order; take the first t with Acc(t) > ratio * Sum,
-// else every valid cluster. Returns (chosen bool [H, C], taken int64 [H, R]).
+// Buckets of a key range [top, bot] of images: at most 2^LOG_BUCKETS of equal width 2^shift.
+struct Buckets {
+  uint32_t top;
+  int shift;
+  int64_t n;
+  Buckets(uint32_t top_, uint32_t bot) : top(top_) {
+    const uint32_t range = bot - top;
+    shift = range ? std::max(0, 32 - __builtin_clz(range) - LOG_BUCKETS) : 0;
+    n = (int64_t)(range >> shift) + 1;
+  }
+  int64_t of(uint64_t key) const { return (int64_t)(((uint32_t)(key >> 32) - top) >> shift); }
+};
+
+static void clear_level(WiCSumScratch& s, int d, int64_t nb, bool has_neg) {
+  s.cnt[d].assign(nb, 0);
+  s.sum[d].assign(nb, 0);
+  if (has_neg) {
+    s.pos[d].assign(nb, 0);
+    s.mx[d].assign(nb, INT64_MIN);
+  }
+}
+
+static inline void count(WiCSumScratch& s, int d, int64_t b, int64_t P, bool has_neg) {
+  s.cnt[d][b]++;
+  s.sum[d][b] += P;
+  if (has_neg) {
+    s.pos[d][b] += std::max<int64_t>(P, 0);
+    s.mx[d][b] = std::max(s.mx[d][b], P);
+  }
+}
+
+// The first bucket at or after b whose largest prefix could pass T from acc (acc and `above` advanced
+// past the buckets skipped), or nb. A bucket's bound is its sum when no product is negative, else the
+// sum of its non-negative products (they come first in the order) or, with none, its largest product.
+static int64_t next_candidate(WiCSumScratch& s, int d, int64_t b, int64_t nb, int64_t& acc, int64_t& above,
+                              int64_t T, bool has_neg) {
+  for (; b < nb; ++b) {
+    const int64_t c = s.cnt[d][b];
+    if (!c) continue;
+    const int64_t bound = !has_neg ? s.sum[d][b] : (s.pos[d][b] > 0 ? s.pos[d][b] : s.mx[d][b]);
+    if (acc + bound > T) return b;
+    acc += s.sum[d][b];
+    above += c;
+  }
+  return nb;
+}
+
+// Find t* inside the group level[depth][0..n) (ascending index order), entered with the prefix acc of
+// everything sorted above it. Returns how many of the group are taken (their cluster indices marked)
+// when Acc passes T inside it, else -1 with acc advanced by the group's sum.
+static int64_t select_group(WiCSumScratch& s, int depth, int64_t n, int64_t& acc, int64_t T, bool has_neg,
+                            char* mark) {
+  Elem* m = s.level[depth].data();
+  uint32_t top = UINT32_MAX, bot = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t im = (uint32_t)(m[i].key >> 32);
+    top = std::min(top, im);
+    bot = std::max(bot, im);
+  }
+  if (n <= SMALL_GROUP || top == bot) {  // sort the few (equal keys: already in index order) and scan
+    if (top != bot) std::sort(m, m + n, [](const Elem& a, const Elem& b) { return a.key < b.key; });
+    for (int64_t i = 0; i < n; ++i) {
+      acc += m[i].P;
+      if (acc > T) {
+        for (int64_t j = 0; j <= i; ++j) mark[(uint32_t)m[j].key] = 1;
+        return i + 1;
+      }
+    }
+    return -1;
+  }
+  const Buckets bk(top, bot);
+  clear_level(s, depth, bk.n, has_neg);
+  for (int64_t i = 0; i < n; ++i) count(s, depth, bk.of(m[i].key), m[i].P, has_neg);
+  int64_t above = 0;  // group members in buckets above b
+  for (int64_t b = 0;; ++b) {
+    b = next_candidate(s, depth, b, bk.n, acc, above, T, has_neg);
+    if (b == bk.n) return -1;
+    std::vector<Elem>& sub = s.level[depth + 1];
+    sub.resize(n);
+    Elem* sp = sub.data();
+    int64_t k0 = 0;
+    for (int64_t i = 0; i < n; ++i) {  // as in wicsum_row
+      const int64_t bi = bk.of(m[i].key);
+      mark[(uint32_t)m[i].key] |= (char)(bi < b);
+      sp[k0] = m[i];
+      k0 += bi == b;
+    }
+    int64_t a = acc;
+    const int64_t k = select_group(s, depth + 1, k0, a, T, has_neg, mark);
+    if (k >= 0) return above + k;
+    acc += s.sum[depth][b];
+    above += s.cnt[depth][b];
+  }
+}
+
+// One row at level 0, the passes fused: (1) the largest |product|, the key range and the sign,
+// branch-free over all clusters; (2) products on the grid, the row's elements and the histogram;
+// (3) the scan of bucket sums; (4) marks above the crossing bucket and its members gathered, refined
+// by select_group. Returns t*, or -1 when no prefix passes (marks then say nothing).
+static int64_t wicsum_row(WiCSumScratch& s, const float* row, const int64_t* tc, const bool* v, int64_t C,
+                          double ratio, char* mark, int64_t& nv_out) {
+  double mxp = 0.0;
+  int64_t nv = 0;
+  uint32_t top = UINT32_MAX, bot = 0, neg = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const bool ok = v[c];
+    const double p = (double)row[c] * (double)tc[c];  // exact: 24-bit weight times a count < 2^29
+    mxp = std::max(mxp, ok ? std::fabs(p) : 0.0);
+    const uint32_t im = descending_image(row[c]);
+    top = std::min(top, ok ? im : UINT32_MAX);
+    bot = std::max(bot, ok ? im : 0u);
+    neg |= (uint32_t)(ok & (p < 0.0));
+    nv += ok;
+  }
+  nv_out = nv;
+  if (nv == 0) return 0;
+  const bool has_neg = neg != 0;
+  int e = 0;
+  std::frexp(mxp, &e);
+  const double to_grid = std::ldexp(1.0, GRID_BITS - e);  // a power of two: the product stays exact
+  const Buckets bk(top, bot);
+  clear_level(s, 0, bk.n, has_neg);
+  Elem* m = s.level[0].data();
+  uint16_t* bu = s.bucket.data();
+  int64_t n = 0, total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (!v[c]) continue;
+    const int64_t P = (int64_t)std::floor((double)row[c] * (double)tc[c] * to_grid);
+    const uint64_t key = ((uint64_t)descending_image(row[c]) << 32) | (uint64_t)c;
+    const int64_t b = bk.of(key);
+    total += P;
+    m[n] = {key, P};
+    bu[n++] = (uint16_t)b;
+    count(s, 0, b, P, has_neg);
+  }
+  const int64_t T = threshold_floor(ratio, total);
+  int64_t acc = 0, above = 0;
+  for (int64_t b = 0;; ++b) {
+    b = next_candidate(s, 0, b, bk.n, acc, above, T, has_neg);
+    if (b == bk.n) return -1;
+    // branch-free: the buckets of consecutive clusters are as good as random
+    std::vector<Elem>& sub = s.level[1];
+    sub.resize(n);
+    Elem* sp = sub.data();
+    int64_t k0 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      mark[(uint32_t)m[i].key] |= (char)(bu[i] < b);  // above the candidate: taken wherever the crossing is
+      sp[k0] = m[i];
+      k0 += bu[i] == b;
+    }
+    int64_t a = acc;
+    const int64_t k = select_group(s, 1, k0, a, T, has_neg, mark);
+    if (k >= 0) return above + k;
+    acc += s.sum[0][b];
+    above += s.cnt[0][b];
+  }
+}
+
+// WiCSum union over rows (vrex.resv.wicsum.wicsum_select + WiCSumResult.union, same rules and the
+// same integer arithmetic): keys w (or w*TC when weighted), descending and stable, invalid clusters
+// never taken; t* = the first t with Acc(t) > ratio * Sum, else every valid cluster.
+// Returns (chosen bool [H, C], taken int64 [H, R]).
 std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double ratio, bool weighted) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kFloat, "w must be float32 [H, R, C]");
   w = w.contiguous();
   counts = counts.to(at::kLong).contiguous();
   valid = valid.to(at::kBool).contiguous();
   const int64_t H = w.size(0), R = w.size(1), C = w.size(2);
+  TORCH_CHECK(C < (int64_t(1) << 22), "WiCSum over ", C, " clusters: at most 2^22 - 1 per row");
   auto chosen = at::zeros({H, C}, at::kBool);
   auto taken = at::zeros({H, R}, at::kLong);
   if (C == 0) return {chosen, taken};
   const float* wp = w.data_ptr<float>();
   const int64_t* cp = counts.data_ptr<int64_t>();
   const bool* vp = valid.data_ptr<bool>();
+  for (int64_t i = 0; i < H * C; ++i)
+    TORCH_CHECK(!vp[i] || cp[i] < (int64_t(1) << 29), "a cluster token count of ", cp[i],
+                " exceeds WiCSum's limit of 2^29 - 1");
   bool* outp = chosen.data_ptr<bool>();
   int64_t* tp = taken.data_ptr<int64_t>();
   std::mutex merge;
   // every (head, row) pair is independent: one parallel region over all of them (one per head cost a
   // thread hand-off per head per layer); each chunk ORs its union into `chosen`
   at::parallel_for(0, H * R, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<int64_t> order(C);
-    std::vector<double> key(weighted ? C : 0), prod(C);
+    WiCSumScratch s;
+    s.level[0].resize(C);
+    s.bucket.resize(C);
     std::vector<char> mark(H * C, 0);
-    RadixScratch scratch;
-    if (!weighted) scratch.resize(C);
-    const float neg_inf = -std::numeric_limits<float>::infinity();
+    std::vector<double> pkey(weighted ? C : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / R;
       const float* row = wp + i * C;
-      int64_t nv = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        bool ok = vp[h * C + c];
-        nv += ok;
-        double p = ok ? (double)row[c] * (double)cp[h * C + c] : 0.0;
-        prod[c] = p;
-        if (weighted)
-          key[c] = ok ? p : -std::numeric_limits<double>::infinity();
-        else
-          scratch.key[c] = descending_image(ok ? row[c] : neg_inf);
-      }
-      if (weighted) {
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] > key[b]; });
-      } else {
-        radix_order(scratch, order, C);
-      }
-      int64_t t_star = 0;
-      if (nv > 0) {
-        double total = 0.0;
-        for (int64_t j = 0; j < nv; ++j) total += prod[order[j]];
-        const double th = ratio * total;
-        double acc = 0.0;
-        t_star = nv;
-        for (int64_t j = 0; j < nv; ++j) {
-          acc += prod[order[j]];
-          if (acc > th) { t_star = j + 1; break; }
+      const int64_t* tc = cp + h * C;
+      const bool* v = vp + h * C;
+      char* mk = mark.data() + h * C;
+      int64_t nv = 0, t_star;
+      if (!weighted) {
+        t_star = wicsum_row(s, row, tc, v, C, ratio, mk, nv);
+      } else {  // keys are float64 products: a stable sort of the row, then the same exact scan
+        double mxp = 0.0;
+        for (int64_t c = 0; c < C; ++c)
+          if (v[c]) mxp = std::max(mxp, std::fabs((double)row[c] * (double)tc[c])), ++nv;
+        int e = 0;
+        std::frexp(mxp, &e);
+        const double to_grid = std::ldexp(1.0, GRID_BITS - e);
+        Elem* m = s.level[0].data();
+        int64_t n = 0, total = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          if (!v[c]) continue;
+          pkey[c] = (double)row[c] * (double)tc[c];
+          const int64_t P = (int64_t)std::floor(pkey[c] * to_grid);
+          total += P;
+          m[n++] = {(uint64_t)c, P};
+        }
+        std::stable_sort(m, m + n, [&](const Elem& a, const Elem& b) {
+          return pkey[(uint32_t)a.key] > pkey[(uint32_t)b.key];
+        });
+        const int64_t T = threshold_floor(ratio, total);
+        int64_t acc = 0;
+        t_star = nv == 0 ? 0 : -1;
+        for (int64_t j = 0; j < n; ++j) {
+          acc += m[j].P;
+          if (acc > T) {
+            t_star = j + 1;
+            for (int64_t k = 0; k <= j; ++k) mk[(uint32_t)m[k].key] = 1;
+            break;
+          }
         }
       }
+      if (t_star < 0) {  // no prefix passes: every valid cluster
+        t_star = nv;
+        for (int64_t c = 0; c < C; ++c) mk[c] |= (char)v[c];
+      }
       tp[i] = t_star;
-      for (int64_t j = 0; j < t_star; ++j) mark[h * C + order[j]] = 1;
     }
     std::lock_guard<std::mutex> lock(merge);
     for (int64_t c = 0; c < H * C; ++c)
