@@ -24,6 +24,11 @@ from pathlib import Path
 from types import ModuleType
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
+# -fopenmp: in a translation unit built without it, at::parallel_for is a plain loop (ATen defines
+# INTRA_OP_PARALLEL only under _OPENMP). Linked with it, the extension needs libgomp.so.1, which the
+# torch already loaded provides: one OpenMP runtime and one thread pool, sized by torch.set_num_threads.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 
@@ -36,7 +41,8 @@ def _build_dir() -> Path:
     root = Path(os.environ.get("VREX_CACHE", Path.home() / ".cache" / "vrex"))
     import torch
 
-    tag = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    flags = " ".join(_CFLAGS + _LDFLAGS).encode()
+    tag = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + flags).hexdigest()[:12]
     d = root / "ext" / f"kernels-{tag}"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -54,7 +60,7 @@ def load(verbose: bool = False) -> ModuleType:
             try:
                 _module = cpp_load(
                     name="vrex_kernels", sources=[str(_SOURCE)], build_directory=str(_build_dir()),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose,
+                    extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=verbose,
                 )
             except Exception as e:  # compiler missing, headers missing, ...
                 raise FastPathUnavailable(
