@@ -35,7 +35,7 @@ Definition, per query row ``i`` (one query token of one query head), over ``C`` 
    nothing (``t* = 0``). This is the WTU's arithmetic (:mod:`vrex.hw.wtu`: a wide fixed-point
    accumulator, ``Th`` one binary64 product), so the hardware model equals this function on every
    input, and a fast path may find ``t*`` from bucket sums without sorting the whole row
-   (``vrex/kv/fast/kernels.cpp``). Until issue 15's 24th session the products were summed in float64
+   (``vrex/kv/fast/kernels.cpp``). Until session 24 (issue 15) the products were summed in float64
    in sorted order, which only a full sort reproduces.
 5. **Union.** The selection of a KV head is the union over its rows: every query token of every
    query head in its GQA group (the caller flattens them into rows). Clusters map to tokens
