@@ -199,8 +199,13 @@ def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, cols)
         torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
         if step == 0:
             grown = ws.data_ptr()
-            rows, keys = min(G * T, ext.ATTEND_ROW_BLOCK), min(cols, max(plan.selected) + T)
-            assert (2 * D + rows) * keys <= ws.numel() <= 1.25 * (2 * D + rows) * keys + 1
+            # one workspace per thread: key rows of one block (about a quarter of the work per thread,
+            # at least ATTEND_MIN_BLOCK, at most cols) and the scores of one block of rows
+            rows, work, threads = min(G * T, ext.ATTEND_ROW_BLOCK), sum(plan.selected) + H * T, torch.get_num_threads()
+            keys = min(cols, max(ext.ATTEND_MIN_BLOCK, -(-work // (4 * threads))))
+            items = sum(-(-(n + T) // keys) for n in plan.selected)
+            per = (2 * D + rows) * keys * min(threads, items)
+            assert per <= ws.numel() <= 1.25 * per + 1
     assert ws.data_ptr() == grown  # the second step reused the workspace
 
 

@@ -139,6 +139,9 @@ static int64_t select_group(WiCSumScratch& s, int depth, int64_t n, int64_t& acc
   for (int64_t b = 0;; ++b) {
     b = next_candidate(s, depth, b, bk.n, acc, above, T, has_neg);
     if (b == bk.n) return -1;
+    // each level's bucket spans 2^shift images with shift <= bits of the range - LOG_BUCKETS, so a
+    // 32-bit range is down to equal images (the branch above) by depth 4
+    TORCH_CHECK(depth + 1 < 5, "WiCSum: bucket refinement deeper than 4 levels");
     std::vector<Elem>& sub = s.level[depth + 1];
     sub.resize(n);
     Elem* sp = sub.data();
@@ -1058,24 +1061,26 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 }
 
 // ---------------------------------------------------------------------------------------------
-// Frame and text steps (many query rows per KV head): one KV head at a time, its planned rows gathered
-// into a reused workspace, exactly as many as the head reads (no padding to the longest head), with the
-// step's own tokens after them; scores and output by MKL (at::mm_out), the causal mask on the step's
-// columns and the softmax in one pass per row. Why not one padded gather of all heads (the former
-// gather_plan) + vrex.kv.cache._attention: at 16K
-// cached tokens (ReSV, heads reading 9.8K / 7.3K / 4.8K tokens) that padded every head to the longest
-// (25% more copy and matmul, a [rows x past] mask pass) and allocated ~15 MB of fresh K/V copies per
-// layer, which the kernel then faulted in page by page: 10.4 ms per layer against 2.8 ms here.
-// A head reading more than `cols` rows (past + new) goes through them `cols` at a time with an online
-// softmax (running max and sum per query row, the output rescaled when the max grows, divided by the sum
-// at the end; as flash attention does), so the workspace stays 2 * cols * D + 64 * cols floats however long
-// the stream: with the whole head in one block it grew with the stream (`full` over the tiers at an hour,
-// 86K tokens: 66 MB). A head within one block is computed exactly as before (softmax, then one matmul).
+// Frame and text steps (many query rows per KV head). Each KV head's planned rows, then the step's own
+// tokens, are cut into column blocks; a block is one work item: its rows gathered from the tiers into the
+// thread's workspace, scores and output by MKL (at::mm_out, one thread inside the parallel region), the
+// causal mask on the step's columns and the softmax in one pass per row, leaving per row a partial
+// (max, sum, output) as flash attention's split-K does. The items of all heads run in one parallel
+// region; the partials of a head's blocks are merged at the end (rescaled to the largest max).
+// Why items over heads and blocks: with one head at a time and both threads inside each phase (copy,
+// scores, softmax, output), every block paid four fork/joins and MKL's two-thread split of a 39-row
+// matmul; at 64K cached tokens (ReSV reading 63%) that was 17 ms per layer, 63% of the frame step.
+// Blocks are sized so the items outnumber the threads about fourfold (balance across heads of different
+// lengths), at most `cols` rows each, so the workspace stays bounded however long the stream.
+// Why not one padded gather of all heads + vrex.kv.cache._attention: at 16K cached tokens (ReSV, heads
+// reading 9.8K / 7.3K / 4.8K tokens) that padded every head to the longest and allocated ~15 MB of fresh
+// K/V copies per layer, which the kernel then faulted in page by page: 10.4 ms per layer against 2.8 ms.
 // q [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]; softcap <= 0: none
 // (else transformers' order: tanh(s / cap) * cap, then the mask). ws: a float32 scratch tensor the caller
 // keeps between calls (resized here when too small). Returns [Hq, T, D] float32.
 constexpr int64_t ATTEND_ROW_BLOCK = 64;  // query rows per score block in attend_plan (a frame step has 39)
-constexpr int64_t ATTEND_COL_BLOCK = 8192;  // key rows per block in attend_plan (a ReSV head at 16K reads ~7K)
+constexpr int64_t ATTEND_COL_BLOCK = 8192;  // most key rows per block in attend_plan
+constexpr int64_t ATTEND_MIN_BLOCK = 256;  // fewest key rows per block (below, a block is mostly overhead)
 
 Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
                    std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws, int64_t cols,
@@ -1092,133 +1097,135 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
   const size_t S = kbufs.size();
   check_tiers(kbufs, vbufs, D);
   const Turn turn = make_turn(turn_tensors, turn_lo, turn_half, turn_tier, kbufs);
+  // tier_row[h][i]: the head's rows of tier i are plan rows tier_row[h][i] .. tier_row[h][i+1]-1
+  std::vector<std::vector<int64_t>> tier_row(H, std::vector<int64_t>(S + 1, 0));
   std::vector<int64_t> lens(H, 0);
-  for (size_t i = 0; i < S; ++i) {
-    const int64_t* o = offs[i].data_ptr<int64_t>();
-    for (int64_t h = 0; h < H; ++h) lens[h] += o[h + 1] - o[h];
+  int64_t total = 0;
+  for (int64_t h = 0; h < H; ++h) {
+    for (size_t i = 0; i < S; ++i) {
+      const int64_t* o = offs[i].data_ptr<int64_t>();
+      tier_row[h][i + 1] = tier_row[h][i] + o[h + 1] - o[h];
+    }
+    lens[h] = tier_row[h][S];
+    total += lens[h] + T;
   }
-  const int64_t CB = std::min(*std::max_element(lens.begin(), lens.end()) + T, cols);  // key rows per block
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t CB = std::min(cols, std::max(ATTEND_MIN_BLOCK, (total + 4 * threads - 1) / (4 * threads)));
+  struct Item { int64_t h, c0, cb; };
+  std::vector<Item> items;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t c0 = 0; c0 < lens[h] + T; c0 += CB) items.push_back({h, c0, std::min(CB, lens[h] + T - c0)});
+  const int64_t NI = (int64_t)items.size();
   // scores for at most ATTEND_ROW_BLOCK query rows at a time: a fast-forwarded chunk of frames has
   // hundreds of rows, and a [rows x past] buffer grew with the stream (`vrex bench soak`: 30 MB at 14K)
   const int64_t RB = std::min<int64_t>(R, ATTEND_ROW_BLOCK);
-  const int64_t need = 2 * CB * D + RB * CB;
+  const int64_t per_thread = 2 * CB * D + RB * CB;
+  const int64_t need = per_thread * std::min(threads, NI);
   if (ws.numel() < need) ws.resize_({need + need / 4});  // room to grow with the stream: fewer reallocations
-  float* kw = ws.data_ptr<float>();
-  float* vw = kw + CB * D;
-  float* sw = vw + CB * D;
-  auto out = at::empty({Hq, T, D}, at::kFloat);
-  float* op = out.data_ptr<float>();
+  // partials per item and row: max, sum, and the unnormalised output
+  std::vector<float> part_m(NI * R), part_l(NI * R), part_o(NI * R * D);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const float ninf = -std::numeric_limits<float>::infinity();
-  std::vector<float> run_max(R), run_sum(R);  // online softmax state of the head's rows (several blocks only)
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t n = lens[h], L = n + T;
-    const bool one_block = L <= CB;
-    std::vector<int64_t> tier_row(S + 1, 0);  // the head's rows of tier i are plan rows tier_row[i] .. tier_row[i+1]-1
-    for (size_t i = 0; i < S; ++i) {
-      const int64_t* o = offs[i].data_ptr<int64_t>();
-      tier_row[i + 1] = tier_row[i] + o[h + 1] - o[h];
-    }
-    const auto q_h = q.view({H, R, D})[h];  // the G query heads of KV head h are adjacent: R rows
-    auto out_h = out.view({H, R, D})[h];
-    float* oh = op + h * R * D;
-    if (!one_block) {
-      out_h.zero_();
-      std::fill(run_max.begin(), run_max.end(), ninf);
-      std::fill(run_sum.begin(), run_sum.end(), 0.f);
-    }
-    for (int64_t c0 = 0; c0 < L; c0 += CB) {
-      const int64_t cb = std::min(CB, L - c0);
-      // the block's past rows, from every tier, in chunks of 256 so both threads copy
-      struct Item { size_t tier; int64_t j0, j1, dst; };
-      std::vector<Item> items;
-      for (size_t i = 0; i < S; ++i) {
-        const int64_t lo = std::max(tier_row[i], c0), hi = std::min({tier_row[i + 1], c0 + cb, n});
-        for (int64_t r = lo; r < hi; r += 256)
-          items.push_back({i, r - tier_row[i], std::min(hi, r + 256) - tier_row[i], r - c0});
+  float* wsp = ws.data_ptr<float>();
+  at::parallel_for(0, NI, 1, [&](int64_t a0, int64_t a1) {
+    float* kw = wsp + per_thread * std::min<int64_t>(at::get_thread_num(), std::min(threads, NI) - 1);
+    float* vw = kw + CB * D;
+    float* sw = vw + CB * D;
+    for (int64_t it = a0; it < a1; ++it) {
+      const Item& w = items[it];
+      const int64_t h = w.h, c0 = w.c0, cb = w.cb, n = lens[h];
+      for (size_t i = 0; i < S; ++i) {  // the block's past rows, from every tier
+        const int64_t lo = std::max(tier_row[h][i], c0), hi = std::min({tier_row[h][i + 1], c0 + cb, n});
+        if (hi <= lo) continue;
+        const int64_t* sl = slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h];
+        copy_rows(kbufs[i], vbufs[i], h, sl, lo - tier_row[h][i], hi - tier_row[h][i], kw + (lo - c0) * D,
+                  vw + (lo - c0) * D, (int64_t)i == turn.tier ? &turn : nullptr);
       }
-      at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a0, int64_t a1) {
-        for (int64_t it = a0; it < a1; ++it) {
-          const Item& w = items[it];
-          const int64_t* sl = slots[w.tier].data_ptr<int64_t>() + offs[w.tier].data_ptr<int64_t>()[h];
-          copy_rows(kbufs[w.tier], vbufs[w.tier], h, sl, w.j0, w.j1, kw + w.dst * D, vw + w.dst * D,
-                    (int64_t)w.tier == turn.tier ? &turn : nullptr);
-        }
-      });
-      // the step's own tokens n .. L-1 that fall in this block
-      const int64_t t0 = std::max(c0, n) - n, t1 = c0 + cb - n;
+      const int64_t t0 = std::max(c0, n) - n, t1 = c0 + cb - n;  // the step's own tokens in this block
       if (t1 > t0) {
         std::memcpy(kw + (n + t0 - c0) * D, k_new.data_ptr<float>() + (h * T + t0) * D, (t1 - t0) * D * sizeof(float));
         std::memcpy(vw + (n + t0 - c0) * D, v_new.data_ptr<float>() + (h * T + t0) * D, (t1 - t0) * D * sizeof(float));
       }
       auto K = at::from_blob(kw, {cb, D}, f32);
       auto V = at::from_blob(vw, {cb, D}, f32);
+      const auto q_h = q.view({H, R, D})[h];  // the G query heads of KV head h are adjacent: R rows
+      float* pm = part_m.data() + it * R;
+      float* pl = part_l.data() + it * R;
+      float* po = part_o.data() + it * R * D;
       for (int64_t b0 = 0; b0 < R; b0 += RB) {
         const int64_t rb = std::min(RB, R - b0);
         auto Sc = at::from_blob(sw, {rb, cb}, f32);
         at::mm_out(Sc, q_h.narrow(0, b0, rb), K.t());
-        at::parallel_for(b0, b0 + rb, 1, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            float* s = sw + (r - b0) * cb;
-            const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
-            const int64_t end = std::min(cb, n + t + 1 - c0);  // columns of this block the row sees
-            if (end <= 0) {  // a block of the step's later tokens only: nothing for this row
-              std::fill(s, s + cb, 0.f);
-              continue;
-            }
-            if (softcap > 0)
-              for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
-            // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
-            decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
-            int64_t j = 0;
-            for (; j + 16 <= end; j += 16) {
-              decode::v16 x;
-              std::memcpy(&x, s + j, sizeof x);
-              mv = x > mv ? x : mv;
-            }
-            float m = decode::hmax(mv);
-            for (; j < end; ++j) m = std::max(m, s[j]);
-            if (!one_block) m = std::max(m, run_max[r]);
-            for (j = 0; j + 16 <= end; j += 16) {
-              decode::v16 x;
-              std::memcpy(&x, s + j, sizeof x);
-              x = decode::vexp(x - m);
-              std::memcpy(s + j, &x, sizeof x);
-              sv += x;
-            }
-            float sum = 0.f;
-            for (int e = 0; e < 16; ++e) sum += sv[e];
-            for (; j < end; ++j) {
-              s[j] = std::exp(s[j] - m);
-              sum += s[j];
-            }
-            if (one_block) {
-              const float inv = 1.f / sum;
-              for (j = 0; j < end; ++j) s[j] *= inv;
-            } else {  // rescale what earlier blocks added to the row to the new max
-              const float alpha = run_max[r] == ninf ? 0.f : std::exp(run_max[r] - m);
-              float* orow = oh + r * D;
-              for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
-              run_sum[r] = run_sum[r] * alpha + sum;
-              run_max[r] = m;
-            }
-            for (j = end; j < cb; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+        for (int64_t r = b0; r < b0 + rb; ++r) {
+          float* s = sw + (r - b0) * cb;
+          const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
+          const int64_t end = std::min(cb, n + t + 1 - c0);  // columns of this block the row sees
+          if (end <= 0) {  // a block of the step's later tokens only: nothing for this row
+            std::fill(s, s + cb, 0.f);
+            pm[r] = ninf;
+            pl[r] = 0.f;
+            continue;
           }
-        });
-        auto out_b = out_h.narrow(0, b0, rb);
-        if (one_block) at::mm_out(out_b, Sc, V);
-        else out_b.addmm_(Sc, V);
+          if (softcap > 0)
+            for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
+          // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
+          decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
+          int64_t j = 0;
+          for (; j + 16 <= end; j += 16) {
+            decode::v16 x;
+            std::memcpy(&x, s + j, sizeof x);
+            mv = x > mv ? x : mv;
+          }
+          float m = decode::hmax(mv);
+          for (; j < end; ++j) m = std::max(m, s[j]);
+          for (j = 0; j + 16 <= end; j += 16) {
+            decode::v16 x;
+            std::memcpy(&x, s + j, sizeof x);
+            x = decode::vexp(x - m);
+            std::memcpy(s + j, &x, sizeof x);
+            sv += x;
+          }
+          float sum = 0.f;
+          for (int e = 0; e < 16; ++e) sum += sv[e];
+          for (; j < end; ++j) {
+            s[j] = std::exp(s[j] - m);
+            sum += s[j];
+          }
+          for (j = end; j < cb; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+          pm[r] = m;
+          pl[r] = sum;
+        }
+        auto Ob = at::from_blob(po + b0 * D, {rb, D}, f32);
+        at::mm_out(Ob, Sc, V);
       }
     }
-    if (!one_block)
-      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const float inv = 1.f / run_sum[r];  // > 0: every row sees at least its own token
-          float* orow = oh + r * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
-        }
-      });
-  }
+  });
+  // merge each row's partials over its head's blocks (items of one head are consecutive)
+  auto out = at::empty({Hq, T, D}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  std::vector<int64_t> first(H + 1, NI);
+  for (int64_t it = NI - 1; it >= 0; --it) first[items[it].h] = it;
+  at::parallel_for(0, H * R, 16, [&](int64_t x0, int64_t x1) {
+    for (int64_t x = x0; x < x1; ++x) {
+      const int64_t h = x / R, r = x % R;
+      const int64_t lo = first[h], hi = h + 1 < H ? first[h + 1] : NI;
+      float m = ninf;
+      for (int64_t it = lo; it < hi; ++it) m = std::max(m, part_m[it * R + r]);
+      float* orow = op + x * D;  // out [Hq, T, D] viewed as [H, R, D]: row x
+      std::fill(orow, orow + D, 0.f);
+      float l = 0.f;
+      for (int64_t it = lo; it < hi; ++it) {
+        const float pmv = part_m[it * R + r];
+        if (pmv == ninf) continue;
+        const float a = std::exp(pmv - m);  // 1 for the block holding the max
+        l += a * part_l[it * R + r];
+        const float* po = part_o.data() + (it * R + r) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] += a * po[d];
+      }
+      const float inv = 1.f / l;  // > 0: every row sees at least its own token
+      for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+    }
+  });
   return out;
 }
 
@@ -1375,6 +1382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("turn_lo") = 0, pybind11::arg("turn_half") = true, pybind11::arg("turn_tier") = -1);
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
   m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;
+  m.attr("ATTEND_MIN_BLOCK") = ATTEND_MIN_BLOCK;
   m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding",
         pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
         pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("softcap"), pybind11::arg("ws"),
