@@ -167,6 +167,31 @@ def test_slot_attention_equals_gather_then_attention(D, G, T, dtype):
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
+
+def test_plan_attention_is_the_same_on_one_thread_and_two():
+    """attend_plan cuts the work into blocks by its size alone, so a row's partials and their merge are
+    the same whatever the thread count: bit for bit (ReSV's later choices must not depend on the machine)."""
+    H, D, G, T = 3, 64, 3, 13
+    store = _filled_store(n_blocks=400, block=12, H=H, D=D, dtype=torch.float32)
+    n_past = store.length(0)
+    g = torch.Generator().manual_seed(7)
+    picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.7, 0.4, 0.2)]
+    packed = PackedSelection.pack(Selection(picks), H)
+    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    q = torch.randn(H * G, T, D, generator=g)
+    k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ext.attend_plan(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, 0.0,
+                                        torch.empty(0), ext.ATTEND_COL_BLOCK))
+    finally:
+        torch.set_num_threads(before)
+    assert sum(plan.selected) + H * T > 2 * ext.ATTEND_MIN_BLOCK  # several blocks, so several items
+    assert torch.equal(outs[0], outs[1])
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("G,T", [(3, 13), (1, 5), (2, 1), (3, 40)])
@@ -199,10 +224,10 @@ def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, cols)
         torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
         if step == 0:
             grown = ws.data_ptr()
-            # one workspace per thread: key rows of one block (about a quarter of the work per thread,
-            # at least ATTEND_MIN_BLOCK, at most cols) and the scores of one block of rows
+            # one workspace per thread: key rows of one block (the work over ATTEND_ITEMS, at least
+            # ATTEND_MIN_BLOCK, at most cols) and the scores of one block of rows
             rows, work, threads = min(G * T, ext.ATTEND_ROW_BLOCK), sum(plan.selected) + H * T, torch.get_num_threads()
-            keys = min(cols, max(ext.ATTEND_MIN_BLOCK, -(-work // (4 * threads))))
+            keys = min(cols, max(ext.ATTEND_MIN_BLOCK, -(-work // ext.ATTEND_ITEMS)))
             items = sum(-(-(n + T) // keys) for n in plan.selected)
             per = (2 * D + rows) * keys * min(threads, items)
             assert per <= ws.numel() <= 1.25 * per + 1

@@ -1070,7 +1070,7 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 // Why items over heads and blocks: with one head at a time and both threads inside each phase (copy,
 // scores, softmax, output), every block paid four fork/joins and MKL's two-thread split of a 39-row
 // matmul; at 64K cached tokens (ReSV reading 63%) that was 17 ms per layer, 63% of the frame step.
-// Blocks are sized so the items outnumber the threads about fourfold (balance across heads of different
+// Blocks are sized so a step's work makes about ATTEND_ITEMS items (balance across heads of different
 // lengths), at most `cols` rows each, so the workspace stays bounded however long the stream.
 // Why not one padded gather of all heads + vrex.kv.cache._attention: at 16K cached tokens (ReSV, heads
 // reading 9.8K / 7.3K / 4.8K tokens) that padded every head to the longest and allocated ~15 MB of fresh
@@ -1081,6 +1081,7 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 constexpr int64_t ATTEND_ROW_BLOCK = 64;  // query rows per score block in attend_plan (a frame step has 39)
 constexpr int64_t ATTEND_COL_BLOCK = 8192;  // most key rows per block in attend_plan
 constexpr int64_t ATTEND_MIN_BLOCK = 256;  // fewest key rows per block (below, a block is mostly overhead)
+constexpr int64_t ATTEND_ITEMS = 8;  // blocks a step's work is cut into (about four per thread on 2 cores)
 
 Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbufs, std::vector<Tensor> slots,
                    std::vector<Tensor> offs, Tensor k_new, Tensor v_new, double softcap, Tensor ws, int64_t cols,
@@ -1109,8 +1110,10 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
     lens[h] = tier_row[h][S];
     total += lens[h] + T;
   }
+  // the blocks depend on the work only, never on the thread count: a row's sum goes through the same
+  // partials on any machine, so the output (and ReSV's later choices) does not change with the threads
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t CB = std::min(cols, std::max(ATTEND_MIN_BLOCK, (total + 4 * threads - 1) / (4 * threads)));
+  const int64_t CB = std::min(cols, std::max(ATTEND_MIN_BLOCK, (total + ATTEND_ITEMS - 1) / ATTEND_ITEMS));
   struct Item { int64_t h, c0, cb; };
   std::vector<Item> items;
   for (int64_t h = 0; h < H; ++h)
@@ -1383,6 +1386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
   m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;
   m.attr("ATTEND_MIN_BLOCK") = ATTEND_MIN_BLOCK;
+  m.attr("ATTEND_ITEMS") = ATTEND_ITEMS;
   m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding",
         pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
         pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("softcap"), pybind11::arg("ws"),
