@@ -1137,6 +1137,7 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
     for (int64_t it = a0; it < a1; ++it) {
       const Item& w = items[it];
       const int64_t h = w.h, c0 = w.c0, cb = w.cb, n = lens[h];
+      const bool whole = c0 == 0 && cb == n + T;
       for (size_t i = 0; i < S; ++i) {  // the block's past rows, from every tier
         const int64_t lo = std::max(tier_row[h][i], c0), hi = std::min({tier_row[h][i + 1], c0 + cb, n});
         if (hi <= lo) continue;
@@ -1195,6 +1196,11 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
             sum += s[j];
           }
           for (j = end; j < cb; ++j) s[j] = 0.f;  // the step's later tokens (causal)
+          if (whole) {  // the head in one block: probabilities normalised before the output matmul, as a
+            const float inv = 1.f / sum;  // plain softmax does (and as this kernel did before the split)
+            for (j = 0; j < end; ++j) s[j] *= inv;
+            sum = 1.f;
+          }
           pm[r] = m;
           pl[r] = sum;
         }
