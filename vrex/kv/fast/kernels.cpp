@@ -93,6 +93,26 @@ static inline void count(WiCSumScratch& s, int d, int64_t b, int64_t P, bool has
   }
 }
 
+// The power of two that puts a row's products on its grid: GRID_BITS below the largest |product|.
+static inline double grid_scale(double max_abs_product) {
+  int e = 0;
+  std::frexp(max_abs_product, &e);
+  return std::ldexp(1.0, GRID_BITS - e);  // a power of two: the product stays exact
+}
+
+// Members m[0..n) already in the row's order, scanned from acc: the first i with Acc > T marks m[0..i]
+// and gives i + 1; else -1, acc advanced by them all.
+static int64_t take_in_order(const Elem* m, int64_t n, int64_t& acc, int64_t T, char* mark) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc += m[i].P;
+    if (acc > T) {
+      for (int64_t j = 0; j <= i; ++j) mark[(uint32_t)m[j].key] = 1;
+      return i + 1;
+    }
+  }
+  return -1;
+}
+
 // The first bucket at or after b whose largest prefix could pass T from acc (acc and `above` advanced
 // past the buckets skipped), or nb. A bucket's bound is its sum when no product is negative, else the
 // sum of its non-negative products (they come first in the order) or, with none, its largest product.
@@ -109,6 +129,43 @@ static int64_t next_candidate(WiCSumScratch& s, int d, int64_t b, int64_t nb, in
   return nb;
 }
 
+static int64_t select_group(WiCSumScratch& s, int depth, int64_t n, int64_t& acc, int64_t T, bool has_neg,
+                            char* mark);
+
+// The buckets of level `depth` (histogram already counted over its members m[0..n), member i in bucket
+// bucket_of(i)) scanned from the top: each candidate bucket (next_candidate) has the members above it
+// marked, its own gathered into the next level and refined there; returns t* within the group, or -1
+// with acc advanced by the group's sum. Marks above a candidate stand wherever the crossing turns out to
+// be: everything sorted above the crossing is taken.
+template <class BucketOf>
+static int64_t scan_buckets(WiCSumScratch& s, int depth, const Elem* m, int64_t n, int64_t nb, BucketOf bucket_of,
+                            int64_t& acc, int64_t T, bool has_neg, char* mark) {
+  int64_t above = 0;  // group members in buckets above b
+  for (int64_t b = 0;; ++b) {
+    b = next_candidate(s, depth, b, nb, acc, above, T, has_neg);
+    if (b == nb) return -1;
+    // each level's bucket spans 2^shift images with shift <= bits of the range - LOG_BUCKETS, so a
+    // 32-bit range is down to equal images (select_group's first branch) by depth 4
+    TORCH_CHECK(depth + 1 < 5, "WiCSum: bucket refinement deeper than 4 levels");
+    // branch-free: the buckets of consecutive clusters are as good as random
+    std::vector<Elem>& sub = s.level[depth + 1];
+    sub.resize(n);
+    Elem* sp = sub.data();
+    int64_t k0 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t bi = bucket_of(i);
+      mark[(uint32_t)m[i].key] |= (char)(bi < b);
+      sp[k0] = m[i];
+      k0 += bi == b;
+    }
+    int64_t a = acc;
+    const int64_t k = select_group(s, depth + 1, k0, a, T, has_neg, mark);
+    if (k >= 0) return above + k;
+    acc += s.sum[depth][b];
+    above += s.cnt[depth][b];
+  }
+}
+
 // Find t* inside the group level[depth][0..n) (ascending index order), entered with the prefix acc of
 // everything sorted above it. Returns how many of the group are taken (their cluster indices marked)
 // when Acc passes T inside it, else -1 with acc advanced by the group's sum.
@@ -123,46 +180,17 @@ static int64_t select_group(WiCSumScratch& s, int depth, int64_t n, int64_t& acc
   }
   if (n <= SMALL_GROUP || top == bot) {  // sort the few (equal keys: already in index order) and scan
     if (top != bot) std::sort(m, m + n, [](const Elem& a, const Elem& b) { return a.key < b.key; });
-    for (int64_t i = 0; i < n; ++i) {
-      acc += m[i].P;
-      if (acc > T) {
-        for (int64_t j = 0; j <= i; ++j) mark[(uint32_t)m[j].key] = 1;
-        return i + 1;
-      }
-    }
-    return -1;
+    return take_in_order(m, n, acc, T, mark);
   }
   const Buckets bk(top, bot);
   clear_level(s, depth, bk.n, has_neg);
   for (int64_t i = 0; i < n; ++i) count(s, depth, bk.of(m[i].key), m[i].P, has_neg);
-  int64_t above = 0;  // group members in buckets above b
-  for (int64_t b = 0;; ++b) {
-    b = next_candidate(s, depth, b, bk.n, acc, above, T, has_neg);
-    if (b == bk.n) return -1;
-    // each level's bucket spans 2^shift images with shift <= bits of the range - LOG_BUCKETS, so a
-    // 32-bit range is down to equal images (the branch above) by depth 4
-    TORCH_CHECK(depth + 1 < 5, "WiCSum: bucket refinement deeper than 4 levels");
-    std::vector<Elem>& sub = s.level[depth + 1];
-    sub.resize(n);
-    Elem* sp = sub.data();
-    int64_t k0 = 0;
-    for (int64_t i = 0; i < n; ++i) {  // as in wicsum_row
-      const int64_t bi = bk.of(m[i].key);
-      mark[(uint32_t)m[i].key] |= (char)(bi < b);
-      sp[k0] = m[i];
-      k0 += bi == b;
-    }
-    int64_t a = acc;
-    const int64_t k = select_group(s, depth + 1, k0, a, T, has_neg, mark);
-    if (k >= 0) return above + k;
-    acc += s.sum[depth][b];
-    above += s.cnt[depth][b];
-  }
+  return scan_buckets(s, depth, m, n, bk.n, [&](int64_t i) { return bk.of(m[i].key); }, acc, T, has_neg, mark);
 }
 
 // One row at level 0, the passes fused: (1) the largest |product|, the key range and the sign,
 // branch-free over all clusters; (2) products on the grid, the row's elements and the histogram;
-// (3) the scan of bucket sums; (4) marks above the crossing bucket and its members gathered, refined
+// (3) scan_buckets: the scan of bucket sums, marks above the crossing bucket and its members refined
 // by select_group. Returns t*, or -1 when no prefix passes (marks then say nothing).
 static int64_t wicsum_row(WiCSumScratch& s, const float* row, const int64_t* tc, const bool* v, int64_t C,
                           double ratio, char* mark, int64_t& nv_out) {
@@ -182,9 +210,7 @@ static int64_t wicsum_row(WiCSumScratch& s, const float* row, const int64_t* tc,
   nv_out = nv;
   if (nv == 0) return 0;
   const bool has_neg = neg != 0;
-  int e = 0;
-  std::frexp(mxp, &e);
-  const double to_grid = std::ldexp(1.0, GRID_BITS - e);  // a power of two: the product stays exact
+  const double to_grid = grid_scale(mxp);
   const Buckets bk(top, bot);
   clear_level(s, 0, bk.n, has_neg);
   Elem* m = s.level[0].data();
@@ -201,26 +227,8 @@ static int64_t wicsum_row(WiCSumScratch& s, const float* row, const int64_t* tc,
     count(s, 0, b, P, has_neg);
   }
   const int64_t T = threshold_floor(ratio, total);
-  int64_t acc = 0, above = 0;
-  for (int64_t b = 0;; ++b) {
-    b = next_candidate(s, 0, b, bk.n, acc, above, T, has_neg);
-    if (b == bk.n) return -1;
-    // branch-free: the buckets of consecutive clusters are as good as random
-    std::vector<Elem>& sub = s.level[1];
-    sub.resize(n);
-    Elem* sp = sub.data();
-    int64_t k0 = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      mark[(uint32_t)m[i].key] |= (char)(bu[i] < b);  // above the candidate: taken wherever the crossing is
-      sp[k0] = m[i];
-      k0 += bu[i] == b;
-    }
-    int64_t a = acc;
-    const int64_t k = select_group(s, 1, k0, a, T, has_neg, mark);
-    if (k >= 0) return above + k;
-    acc += s.sum[0][b];
-    above += s.cnt[0][b];
-  }
+  int64_t acc = 0;
+  return scan_buckets(s, 0, m, n, bk.n, [&](int64_t i) { return (int64_t)bu[i]; }, acc, T, has_neg, mark);
 }
 
 // WiCSum union over rows (vrex.resv.wicsum.wicsum_select + WiCSumResult.union, same rules and the
@@ -267,9 +275,7 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
         double mxp = 0.0;
         for (int64_t c = 0; c < C; ++c)
           if (v[c]) mxp = std::max(mxp, std::fabs((double)row[c] * (double)tc[c])), ++nv;
-        int e = 0;
-        std::frexp(mxp, &e);
-        const double to_grid = std::ldexp(1.0, GRID_BITS - e);
+        const double to_grid = grid_scale(mxp);
         Elem* m = s.level[0].data();
         int64_t n = 0, total = 0;
         for (int64_t c = 0; c < C; ++c) {
@@ -282,17 +288,8 @@ std::vector<Tensor> wicsum_union(Tensor w, Tensor counts, Tensor valid, double r
         std::stable_sort(m, m + n, [&](const Elem& a, const Elem& b) {
           return pkey[(uint32_t)a.key] > pkey[(uint32_t)b.key];
         });
-        const int64_t T = threshold_floor(ratio, total);
         int64_t acc = 0;
-        t_star = nv == 0 ? 0 : -1;
-        for (int64_t j = 0; j < n; ++j) {
-          acc += m[j].P;
-          if (acc > T) {
-            t_star = j + 1;
-            for (int64_t k = 0; k <= j; ++k) mk[(uint32_t)m[k].key] = 1;
-            break;
-          }
-        }
+        t_star = nv == 0 ? 0 : take_in_order(m, n, acc, threshold_floor(ratio, total), mk);
       }
       if (t_star < 0) {  // no prefix passes: every valid cluster
         t_star = nv;
