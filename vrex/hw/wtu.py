@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from vrex.resv.wicsum import GRID_BITS
+from vrex.resv.wicsum import grid_row
 
 from .bf16 import to_bf16
 
@@ -120,7 +120,7 @@ def _max_prefix(members) -> int:
     return min(members, key=lambda m: (-m[0], m[1]))[2]  # all <= 0: the first element alone
 
 
-def _refine(members, acc: int, th_num: int, th_den: int, scale: int, cfg: WTUConfig):
+def _refine(members, acc: int, th: float, cfg: WTUConfig):
     """Find the crossing inside a bucket; ``members``: (key, idx, p_int) in index order.
 
     Returns (indices taken from this group, cycles). Caller guarantees a crossing exists.
@@ -132,7 +132,7 @@ def _refine(members, acc: int, th_num: int, th_den: int, scale: int, cfg: WTUCon
         for key, idx, p in sorted(members, key=lambda m: (-m[0], m[1])):
             acc += p
             taken.append(idx)
-            if acc * th_den > th_num * scale:
+            if acc > th:  # an int against a float: Python compares exactly
                 return taken, cyc
         raise AssertionError("WTU refine: no crossing in the crossing bucket")
     hi, lo = max(keys), min(keys)
@@ -145,8 +145,8 @@ def _refine(members, acc: int, th_num: int, th_den: int, scale: int, cfg: WTUCon
     for sub in subs:
         if not sub:
             continue
-        if (acc + _max_prefix(sub)) * th_den > th_num * scale:
-            t2, c2 = _refine(sub, acc, th_num, th_den, scale, cfg)
+        if acc + _max_prefix(sub) > th:
+            t2, c2 = _refine(sub, acc, th, cfg)
             return taken + t2, cyc + c2
         acc += sum(p for _, _, p in sub)
         taken += [i for _, i, _ in sub]
@@ -165,14 +165,11 @@ def wtu_row(weights: list[float], counts: list[int], valid: list[bool], cfg: WTU
     for j in idx:
         if not 0 <= counts[j] < lim:
             raise ValueError(f"token count {counts[j]} does not fit the {cfg.tc_bits}-bit TC memory")
-    # products (exact in binary64) on the row's fixed-point grid, aligned to the largest one (GRID_BITS)
+    # products (exact in binary64) on the row's fixed-point grid, aligned to the largest one (the software's)
     prods = {j: float(weights[j]) * counts[j] for j in idx}
-    e = math.frexp(max(abs(p) for p in prods.values()))[1]
-    P = {j: math.floor(math.ldexp(p, GRID_BITS - e)) for j, p in prods.items()}
-    scale = 1  # the accumulator counts grid units
+    P = dict(zip(prods, grid_row(list(prods.values()))))
     total = sum(P.values())
     th = float(cfg.ratio) * float(total)  # binary64 Sum (one rounding) times ratio, RNE
-    th_num, th_den = th.as_integer_ratio()
     key = {j: (float(weights[j]) if cfg.sort_by == "score" else prods[j]) for j in idx}
     mx, mn = max(key.values()), min(key.values())
     nb = cfg.num_buckets
@@ -187,8 +184,8 @@ def wtu_row(weights: list[float], counts: list[int], valid: list[bool], cfg: WTU
         scanned += len(members)
         cycles += _ceil(len(members), cfg.lanes)
         best = _max_prefix(members)
-        if (acc + best) * th_den > th_num * scale:
-            t2, c2 = _refine(members, acc, th_num, th_den, scale, cfg)
+        if acc + best > th:
+            t2, c2 = _refine(members, acc, th, cfg)
             taken += t2
             cycles += c2
             break

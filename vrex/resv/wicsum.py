@@ -83,6 +83,13 @@ def grid_products(prod: torch.Tensor) -> torch.Tensor:
     return torch.floor(torch.ldexp(prod, GRID_BITS - e)).to(torch.int64)
 
 
+def grid_row(prods: list[float]) -> list[int]:
+    """:func:`grid_products` for one row of Python floats (the per-row references: :func:`wicsum_ref`
+    and the WTU model), with Python's exact ``math.frexp``/``math.ldexp``."""
+    e = math.frexp(max((abs(p) for p in prods), default=0.0))[1]
+    return [math.floor(math.ldexp(p, GRID_BITS - e)) for p in prods]
+
+
 def threshold_floor(total: torch.Tensor, ratio: float) -> torch.Tensor:
     """``floor(ratio * float64(Sum))`` as int64, clamped to +-2^62 (beyond every reachable ``Acc``):
     for an integer ``Acc``, ``Acc > Th`` exactly when ``Acc > floor(Th)``."""
@@ -236,8 +243,7 @@ def wicsum_ref(
     else:
         keyf = dict(prods)
     order = sorted(idx, key=lambda j: (-keyf[j], j))
-    e = math.frexp(max((abs(p) for p in prods.values()), default=0.0))[1]
-    grid = {j: math.floor(math.ldexp(p, GRID_BITS - e)) for j, p in prods.items()}
+    grid = dict(zip(prods, grid_row(list(prods.values()))))
     th = float(ratio) * float(sum(grid.values()))  # float(int): round to nearest, as int64 -> float64
     acc = 0
     t_star = len(order)
@@ -289,5 +295,5 @@ def cap_clusters(chosen: torch.Tensor, priority: torch.Tensor, counts: torch.Ten
     return keep
 
 
-__all__ = ["GRID_BITS", "ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "grid_products", "normalize_scores",
+__all__ = ["GRID_BITS", "ScoreNorm", "SortBy", "WiCSumResult", "cap_clusters", "grid_products", "grid_row", "normalize_scores",
            "threshold_floor", "wicsum_select", "wicsum_ref"]
