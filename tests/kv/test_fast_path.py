@@ -94,6 +94,53 @@ def test_cluster_token_ids_equal_table_mask(narrow):
         assert torch.equal(ids[offs[h]:offs[h + 1]], want)
 
 
+
+def test_cluster_token_ids_across_work_items():
+    """More tokens than one work item (ext.SCAN_CHUNK) per head, pages narrow and wide, a partial last
+    page: the items' lists join in token order, none lost or repeated at a boundary."""
+    g = torch.Generator().manual_seed(4)
+    n = 2 * ext.SCAN_CHUNK + 1000 + 37
+    tc = torch.randint(0, 500, (3, n + 100), generator=g)
+    chosen = torch.rand(3, 500, generator=g) < torch.tensor([[0.1], [0.5], [0.9]])
+    paged = PagedIndex(3, "token_cluster", page=1024)
+    paged.write(0, tc)
+    paged.compact(ext.SCAN_CHUNK + 5000)  # the pages below as int16 offsets
+    ids, offs = ext.cluster_token_ids(chosen, paged.pages, paged.shift, n)
+    for h in range(3):
+        assert torch.equal(ids[offs[h]:offs[h + 1]], torch.nonzero(chosen[h][tc[h, :n]]).flatten())
+
+
+@pytest.mark.parametrize("all_past", [False, True])
+def test_plan_reads_equal_python_plan(all_past):
+    """Read plans over several work items per head (ext.SCAN_CHUNK), with evicted tokens, three tiers
+    split by id and a slot map that reorders tokens within blocks: slots per head and tier, sorted,
+    their runs and the selected counts, against the same plan built in Python."""
+    g = torch.Generator().manual_seed(6)
+    H, n_past, block = 3, 2 * ext.SCAN_CHUNK + 3001, 13
+    sink, mid_end, d_end, h_end = 40, n_past - 700, ext.SCAN_CHUNK // 2, ext.SCAN_CHUNK + 4000
+    # token -> slot: blocks of 13 take increasing slots, permuted within (as frame blocks in cluster order)
+    slot = torch.stack([torch.cat([b * block + torch.randperm(block, generator=g)
+                                   for b in range(-(-n_past // block))])[:n_past] for _ in range(H)])
+    pos = PagedIndex(H, "pos", page=4096)
+    pos.write(0, slot)
+    pos.compact(8192)
+    evicted = torch.rand(n_past, generator=g) < 0.05
+    picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.2, 0.6, 0.95)]
+    packed = PackedSelection.pack(Selection(picks), H)
+    got = ext.plan_reads(packed.ids, packed.offs, all_past, n_past, sink, mid_end, pos.pages, pos.shift, H,
+                         evicted, True, d_end, h_end)
+    for h in range(H):
+        mid = torch.arange(sink, mid_end) if all_past else picks[h][(picks[h] >= sink) & (picks[h] < mid_end)]
+        taken = torch.cat([torch.arange(sink), mid, torch.arange(mid_end, n_past)])
+        taken = taken[~evicted[taken]]
+        assert int(got[8][h]) == taken.numel()
+        for tier, (a, b) in enumerate([(0, d_end), (d_end, h_end), (h_end, n_past)]):
+            want = slot[h, taken[(taken >= a) & (taken < b)]].sort().values
+            assert torch.equal(got[2 * tier][got[2 * tier + 1][h]:got[2 * tier + 1][h + 1]], want)
+            if tier < 2:
+                runs = int((want[1:] - want[:-1] != 1).sum()) + 1 if want.numel() else 0
+                assert int(got[6 + tier][h]) == runs
+
 def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
     g = torch.Generator().manual_seed(5)
     store = KVStore(1, H, D, **kw)

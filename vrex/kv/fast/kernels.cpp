@@ -15,6 +15,7 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <type_traits>
@@ -342,18 +343,6 @@ std::vector<Tensor> wicsum_union_scores(Tensor s, Tensor counts, Tensor valid, i
   return wicsum_union(w, counts, valid, ratio, weighted);
 }
 
-// Per-head lists -> (values int64 [total], offs int64 [H + 1]): head h's values at [offs[h], offs[h+1]).
-static std::vector<Tensor> pack_per_head(const std::vector<std::vector<int64_t>>& per) {
-  const int64_t H = (int64_t)per.size();
-  auto offs = at::zeros({H + 1}, at::kLong);
-  int64_t* op = offs.data_ptr<int64_t>();
-  for (int64_t h = 0; h < H; ++h) op[h + 1] = op[h] + (int64_t)per[h].size();
-  auto values = at::empty({op[H]}, at::kLong);
-  int64_t* vp = values.data_ptr<int64_t>();
-  for (int64_t h = 0; h < H; ++h) std::copy(per[h].begin(), per[h].end(), vp + op[h]);
-  return {values, offs};
-}
-
 // A per-token index of vrex.kv.index.PagedIndex: pages of 1 << shift tokens; entry t of row h is in
 // page t >> shift at column t & (P - 1). A page is int32 [H, P], or, once final, int16 [H, 2 + P]: a
 // row's first two int16 hold its int32 bias, then value - bias. The pages are checked once per call,
@@ -395,6 +384,35 @@ struct Paged {
   }
 };
 
+// Work items of the token scans below are (head, range of tokens or ids), not heads: with 3 KV heads
+// on 2 threads, one item per head left a thread idle a third of the time. Each item fills its own
+// lists (never a vector shared with another thread: the heads' vector objects share cache lines, and
+// two threads pushing into them made every push a cache miss); the lists are then copied in order.
+constexpr int64_t SCAN_CHUNK = 16384;
+
+// Lists of items (each of head item_head[i], a head's items consecutive and in order) -> (values int64
+// [total], offs int64 [H + 1]), head h's values at [offs[h], offs[h+1]).
+static std::vector<Tensor> pack_items(int64_t H, const std::vector<int64_t>& item_head,
+                                      const std::vector<std::vector<int64_t>>& lists) {
+  auto offs = at::zeros({H + 1}, at::kLong);
+  int64_t* op = offs.data_ptr<int64_t>();
+  const int64_t NI = (int64_t)lists.size();
+  std::vector<int64_t> at_(NI);
+  for (int64_t i = 0; i < NI; ++i) op[item_head[i] + 1] += (int64_t)lists[i].size();
+  for (int64_t h = 0; h < H; ++h) op[h + 1] += op[h];
+  std::vector<int64_t> cur(op, op + H);
+  for (int64_t i = 0; i < NI; ++i) {
+    at_[i] = cur[item_head[i]];
+    cur[item_head[i]] += (int64_t)lists[i].size();
+  }
+  auto values = at::empty({op[H]}, at::kLong);
+  int64_t* vp = values.data_ptr<int64_t>();
+  at::parallel_for(0, NI, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::copy(lists[i].begin(), lists[i].end(), vp + at_[i]);
+  });
+  return {values, offs};
+}
+
 // Token ids (ascending) of the chosen clusters, per head: ids < n_past whose cluster is chosen.
 // token_cluster: the pages of ReSV's token -> cluster map. Returns (ids int64 [total], offs int64 [H + 1]).
 std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_pages, int64_t shift, int64_t n_past) {
@@ -402,19 +420,31 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_page
   const int64_t H = chosen.size(0), C = chosen.size(1);
   const Paged tc(tc_pages, shift, H, n_past, "token_cluster");
   const bool* ch = chosen.data_ptr<bool>();
-  std::vector<std::vector<int64_t>> per(H);
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      auto& out = per[h];
-      out.reserve(n_past / 2);
+  const int64_t span = std::max(SCAN_CHUNK, tc.P) / tc.P * tc.P;  // whole pages per item
+  std::vector<int64_t> item_head, item_t0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t0 = 0; t0 < n_past; t0 += span) {
+      item_head.push_back(h);
+      item_t0.push_back(t0);
+    }
+  std::vector<std::vector<int64_t>> lists(item_head.size());
+  at::parallel_for(0, (int64_t)item_head.size(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = item_head[i], t_end = std::min(n_past, item_t0[i] + span);
+      // branch-free: every token is written and the end moves when it is taken (whether a cluster is
+      // chosen is a coin flip to the branch predictor: a branch per token cost a misprediction per two)
+      std::vector<int64_t> out(t_end - item_t0[i]);
+      int64_t m = 0;
+      const bool* chh = ch + h * C;
       auto scan = [&](int64_t t0, int64_t n, auto row, int64_t bias) {  // a plain loop over one page's row
-        for (int64_t i = 0; i < n; ++i) {
-          int64_t c = bias + row[i];
-          if (c >= 0 && c < C && ch[h * C + c]) out.push_back(t0 + i);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t c = bias + row[j];
+          out[m] = t0 + j;
+          m += (uint64_t)c < (uint64_t)C && chh[(uint64_t)c < (uint64_t)C ? c : 0];
         }
       };
-      for (int64_t t0 = 0; t0 < n_past; t0 += tc.P) {
-        const int64_t p = t0 >> tc.shift, n = std::min(tc.P, n_past - t0);
+      for (int64_t t0 = item_t0[i]; t0 < t_end; t0 += tc.P) {
+        const int64_t p = t0 >> tc.shift, n = std::min(tc.P, t_end - t0);
         if (tc.wide[p]) {
           scan(t0, n, tc.wide[p] + h * tc.P, 0);
         } else {
@@ -423,26 +453,28 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_page
           scan(t0, n, row, bias);
         }
       }
+      out.resize(m);
+      lists[i] = std::move(out);
     }
   });
-  return pack_per_head(per);
+  return pack_items(H, item_head, lists);
 }
 
 // Ascending order of a head's slots. Taken in id order they are sorted but within each block (a block
 // is written in its cluster order, and blocks take increasing slots), so an insertion sort moves each
 // slot a few places: O(n) where std::sort was O(n log n) (8.8 ms of a 16K frame step's 30 layers).
 // A budget of moves keeps the worst case (any other layout) at std::sort's cost.
-static void nearly_sorted(std::vector<int64_t>& a) {
-  int64_t budget = 32 * (int64_t)a.size() + 1024;
-  for (size_t i = 1; i < a.size(); ++i) {
+static void nearly_sorted(int64_t* a, int64_t n) {
+  int64_t budget = 32 * n + 1024;
+  for (int64_t i = 1; i < n; ++i) {
     const int64_t x = a[i];
-    size_t j = i;
+    int64_t j = i;
     while (j > 0 && a[j - 1] > x) {
       a[j] = a[j - 1];
       --j;
       if (--budget < 0) {
         a[j] = x;
-        std::sort(a.begin(), a.end());
+        std::sort(a, a + n);
         return;
       }
     }
@@ -451,9 +483,9 @@ static void nearly_sorted(std::vector<int64_t>& a) {
 }
 
 // Runs of consecutive slots in a sorted list: the transfers a tier link makes for it.
-static int64_t count_runs(const std::vector<int64_t>& v) {
-  int64_t r = v.empty() ? 0 : 1;
-  for (size_t i = 1; i < v.size(); ++i) r += (v[i] - v[i - 1] != 1);
+static int64_t count_runs(const int64_t* v, int64_t n) {
+  int64_t r = n ? 1 : 0;
+  for (int64_t i = 1; i < n; ++i) r += (v[i] - v[i - 1] != 1);
   return r;
 }
 
@@ -473,39 +505,71 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
   offs = offs.to(at::kLong).contiguous();
   const int64_t* ip = ids.data_ptr<int64_t>();
   const int64_t* op = offs.data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> disk(H), host(H), dev(H);
-  std::vector<int64_t> disk_runs(H, 0), host_runs(H, 0), sel(H, 0);
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
+  const int64_t lo = std::min(sink, n_past), hi = std::max(lo, mid_end);
+  // a head's items, in token order: the sink [0, lo) as tokens; the middle [lo, hi) as tokens (all_past)
+  // or as its selected ids (those in [lo, hi)); the recent [hi, n_past) as tokens
+  struct Item { int64_t h; bool by_id; int64_t a, b; };
+  std::vector<Item> items;
+  auto cut = [&](int64_t h, bool by_id, int64_t a, int64_t b) {
+    for (int64_t x = a; x < b; x += SCAN_CHUNK) items.push_back({h, by_id, x, std::min(b, x + SCAN_CHUNK)});
+  };
+  for (int64_t h = 0; h < H; ++h) {
+    cut(h, false, 0, lo);
+    if (all_past) cut(h, false, lo, hi);
+    else cut(h, true, op[h], op[h + 1]);
+    cut(h, false, hi, n_past);
+  }
+  const int64_t NI = (int64_t)items.size();
+  std::vector<std::vector<int64_t>> disk(NI), host(NI), dev(NI);
+  std::vector<int64_t> item_head(NI), item_sel(NI, 0);
+  at::parallel_for(0, NI, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& w = items[i];
+      const int64_t h = w.h;
+      item_head[i] = h;
+      // each list sized for the whole item, cut to what was taken (no push_back's checks per token);
+      // an evicted token is written and not counted
+      // one uninitialised block for the three (a zero-filled vector per tier cost more than the scan)
+      const int64_t n = w.b - w.a;
+      std::unique_ptr<int64_t[]> buf(new int64_t[3 * n]);
+      int64_t *dk = buf.get(), *hs = dk + n, *dv = hs + n;
+      int64_t nd = 0, nh = 0, nv = 0;
       auto take = [&](int64_t t) {
-        if (ev && ev[t]) return;
-        sel[h]++;
-        int64_t s = pos.get(h, t);
-        if (t < d_end) disk[h].push_back(s);
-        else if (t < h_end) host[h].push_back(s);
-        else dev[h].push_back(s);
+        const int64_t s = pos.get(h, t), keep = ev ? !ev[t] : 1;
+        if (t < d_end) dk[nd] = s, nd += keep;
+        else if (t < h_end) hs[nh] = s, nh += keep;
+        else dv[nv] = s, nv += keep;
       };
-      for (int64_t t = 0; t < std::min(sink, n_past); ++t) take(t);
-      const int64_t lo = std::min(sink, n_past), hi = std::max(lo, mid_end);
-      if (all_past) {
-        for (int64_t t = lo; t < hi; ++t) take(t);
-      } else {
-        for (int64_t i = op[h]; i < op[h + 1]; ++i) {
-          int64_t t = ip[i];
+      if (w.by_id) {
+        for (int64_t j = w.a; j < w.b; ++j) {
+          const int64_t t = ip[j];
           if (t >= lo && t < hi) take(t);
         }
+      } else {
+        for (int64_t t = w.a; t < w.b; ++t) take(t);
       }
-      for (int64_t t = hi; t < n_past; ++t) take(t);
-      nearly_sorted(disk[h]);
-      nearly_sorted(host[h]);
-      nearly_sorted(dev[h]);
-      disk_runs[h] = count_runs(disk[h]);
-      host_runs[h] = count_runs(host[h]);
+      item_sel[i] = nd + nh + nv;
+      disk[i].assign(dk, dk + nd);
+      host[i].assign(hs, hs + nh);
+      dev[i].assign(dv, dv + nv);
     }
   });
-  auto k_packed = pack_per_head(disk), h_packed = pack_per_head(host), d_packed = pack_per_head(dev);
-  return {k_packed[0], k_packed[1], h_packed[0], h_packed[1], d_packed[0], d_packed[1], at::tensor(disk_runs, at::kLong),
-          at::tensor(host_runs, at::kLong), at::tensor(sel, at::kLong)};
+  std::vector<std::vector<Tensor>> packed = {pack_items(H, item_head, disk), pack_items(H, item_head, host),
+                                             pack_items(H, item_head, dev)};
+  std::vector<int64_t> runs(3 * H, 0), sel(H, 0);
+  for (int64_t i = 0; i < NI; ++i) sel[item_head[i]] += item_sel[i];
+  at::parallel_for(0, 3 * H, 1, [&](int64_t x0, int64_t x1) {
+    for (int64_t x = x0; x < x1; ++x) {  // each head's slots of each tier, sorted in place
+      const int64_t tier = x / H, h = x % H;
+      int64_t* v = packed[tier][0].data_ptr<int64_t>();
+      const int64_t* o = packed[tier][1].data_ptr<int64_t>();
+      nearly_sorted(v + o[h], o[h + 1] - o[h]);
+      runs[x] = count_runs(v + o[h], o[h + 1] - o[h]);
+    }
+  });
+  std::vector<int64_t> disk_runs(runs.begin(), runs.begin() + H), host_runs(runs.begin() + H, runs.begin() + 2 * H);
+  return {packed[0][0], packed[0][1], packed[1][0], packed[1][1], packed[2][0], packed[2][1],
+          at::tensor(disk_runs, at::kLong), at::tensor(host_runs, at::kLong), at::tensor(sel, at::kLong)};
 }
 
 // A tier buffer as the kernels read it: [H, cap, D] with any head and slot strides and unit stride along
@@ -1390,6 +1454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;
   m.attr("ATTEND_MIN_BLOCK") = ATTEND_MIN_BLOCK;
   m.attr("ATTEND_ITEMS") = ATTEND_ITEMS;
+  m.attr("SCAN_CHUNK") = SCAN_CHUNK;
   m.def("attend_plan", &attend_plan, "frame/text-step attention over planned tier slots + new tokens, per head, no padding",
         pybind11::arg("q"), pybind11::arg("kbufs"), pybind11::arg("vbufs"), pybind11::arg("slots"), pybind11::arg("offs"),
         pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("softcap"), pybind11::arg("ws"),
