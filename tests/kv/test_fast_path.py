@@ -241,18 +241,19 @@ def test_plan_attention_is_the_same_on_one_thread_and_two():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 2.0])
-@pytest.mark.parametrize("G,T", [(3, 13), (1, 5), (2, 1), (3, 40)])
+@pytest.mark.parametrize("G,T,D", [(3, 13, 16), (3, 13, 64), (1, 5, 16), (2, 1, 128), (3, 40, 16), (3, 40, 40)])
 @pytest.mark.parametrize("cols", [None, 23])
-def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, cols):
+def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, D, cols):
     """Frame-step attention over the planned slots, head by head with no padding (attend_plan) == the
     reference gather + attention: heads reading 60%, 10% and nothing of the past, a host tier and ring
     slots, bf16 storage, soft-capping, causal rows, more query rows than one score block (a
     fast-forwarded chunk); the workspace grows once, is reused, and holds scores for one block of rows.
     ``cols`` 23: the key rows go in blocks of 23 with the online softmax (blocks across tiers, across
     the past/new boundary, and, at T = 40, blocks of the step's later tokens that early rows do not see);
-    the workspace then holds one block, whatever the head reads."""
+    the workspace then holds one block, whatever the head reads. Head sizes: 16, 64 and 128 (the
+    kernel's vector paths) and 40 (its any-size path)."""
     cols = ext.ATTEND_COL_BLOCK if cols is None else cols
-    H, D = 3, 16
+    H = 3
     tiers = {"device_budget_bytes": 300 * 2 * H * D * torch.empty(0, dtype=dtype).element_size()}
     store = _filled_store(n_blocks=120, block=7, H=H, D=D, dtype=dtype, **tiers)
     n_past = store.length(0)
@@ -271,12 +272,13 @@ def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, cols)
         torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
         if step == 0:
             grown = ws.data_ptr()
-            # one workspace per thread: key rows of one block (the work over ATTEND_ITEMS, at least
-            # ATTEND_MIN_BLOCK, at most cols) and the scores of one block of rows
-            rows, work, threads = min(G * T, ext.ATTEND_ROW_BLOCK), sum(plan.selected) + H * T, torch.get_num_threads()
+            # one workspace per thread: the scores of one group of rows (ATTEND_ROW_BLOCK) over one block
+            # of keys (the work over ATTEND_ITEMS, at least ATTEND_MIN_BLOCK, at most cols), ATTEND_KEY_SUB
+            # key and value rows, and the group's queries and output
+            rows, work, threads = ext.ATTEND_ROW_BLOCK, sum(plan.selected) + H * T, torch.get_num_threads()
             keys = min(cols, max(ext.ATTEND_MIN_BLOCK, -(-work // ext.ATTEND_ITEMS)))
             items = sum(-(-(n + T) // keys) for n in plan.selected)
-            per = (2 * D + rows) * keys * min(threads, items)
+            per = (rows * keys + 2 * D * ext.ATTEND_KEY_SUB + 2 * rows * D) * min(threads, items)
             assert per <= ws.numel() <= 1.25 * per + 1
     assert ws.data_ptr() == grown  # the second step reused the workspace
 

@@ -38,7 +38,8 @@ _EMPTY = torch.zeros(0, dtype=torch.int64)
 
 # Up to this many query rows per KV head (a decode step: the G query heads of one token) the fast path
 # attends in place over the selected slots (vrex.kv.fast attend_slots); more rows (frame and text steps)
-# gather the selection once and run BLAS, which is faster there (measured in vrex/kv/fast/kernels.cpp).
+# gather the selection a few rows at a time into cache-sized buffers for the kernel's own matrix products,
+# which is faster there (measured in vrex/kv/fast/kernels.cpp).
 _SLOT_ATTENTION_ROWS = 4
 # Key rows per block of the frame/text-step kernel (attend_plan): None = the extension's ATTEND_COL_BLOCK
 # (8192). A head reading more goes block by block with an online softmax, so its workspace stays bounded.
@@ -241,7 +242,7 @@ class VrexCache(Cache):
                      t0: float, softcap: float | None = None) -> torch.Tensor:
         """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
         (one copy per step and layer, read from every tier in place, the disk tier through its memory
-        maps), attended with BLAS; reading everything with every token on the device tier in order
+        maps), attended with the kernel's own products; reading everything with every token on the device tier in order
         (full), no copy at all."""
         from vrex.kv.fast import load
 
@@ -269,7 +270,7 @@ class VrexCache(Cache):
             out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
                                       **plan.turn_args)
         else:
-            # frame/text steps: per KV head, its own rows gathered into a reused workspace, MKL attention
+            # frame/text steps: per KV head, its rows gathered a few at a time into a reused workspace
             # (the gather is inside: fetch_s is the planning only)
             t_fetch = time.perf_counter()
             ext = load()

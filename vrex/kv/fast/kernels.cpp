@@ -1,7 +1,7 @@
 // vrex fast path: WiCSum cluster selection, selection -> store slots, attention over the planned slots
-// for frame and text steps (attend_plan: each KV head's rows gathered into a reused workspace, MKL's
-// matmul), attention read in place from the slots for decode steps (attend_slots), ReSV's HC-table
-// update (hc_add). CPU only.
+// for frame and text steps (attend_plan: each KV head's rows gathered a few at a time into buffers that
+// stay in cache, its own broadcast-FMA products), attention read in place from the slots for decode
+// steps (attend_slots), ReSV's HC-table update (hc_add). CPU only.
 // Measured and dropped (twice): attention computed in place over the slots with an online softmax (a
 // flash-decoding loop over 16-key blocks, per KV head with its GQA rows, split into 1024-slot chunks)
 // ran 2.9x slower than a gather + MKL's matmul for a 13-token frame step at 16K (8.6 vs 3.0 ms per
@@ -693,7 +693,7 @@ static Turn make_turn(const std::vector<Tensor>& turn, int64_t lo, bool half, in
 }
 
 // Rows j0..j1 of head h's planned slots `sl` in tier buffers kb/vb (float32 or bfloat16) -> float32 rows
-// of kout/vout. In a ring (slot stride D) consecutive slots that do not wrap are one block of memory:
+// of kout/vout (either may be nullptr: that half is not copied). In a ring (slot stride D) consecutive slots that do not wrap are one block of memory:
 // a run is copied at once (`full` reads whole tiers, so its plans are a few long runs); the disk tier's
 // slots interleave the heads and go row by row. `turn` (or nullptr): the tier's keys turn as they are read.
 static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64_t* sl, int64_t j0, int64_t j1,
@@ -707,19 +707,17 @@ static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64
   const float* vf = f32 ? vb.data_ptr<float>() : nullptr;
   const c10::BFloat16* kh = f32 ? nullptr : kb.data_ptr<c10::BFloat16>();
   const c10::BFloat16* vh = f32 ? nullptr : vb.data_ptr<c10::BFloat16>();
-  if (turn) {
+  if (turn && kout) {
     std::vector<float> x(D);
-    for (int64_t j = j0; j < j1; ++j, kout += D, vout += D) {
+    for (int64_t j = j0; j < j1; ++j, kout += D) {
       const int64_t a = t.at(h, sl[j]);
-      for (int64_t d = 0; d < D; ++d) {
-        x[d] = f32 ? kf[a + d] : static_cast<float>(kh[a + d]);
-        vout[d] = f32 ? vf[a + d] : static_cast<float>(vh[a + d]);
-      }
+      for (int64_t d = 0; d < D; ++d) x[d] = f32 ? kf[a + d] : static_cast<float>(kh[a + d]);
       turn->apply(x.data(), kout, sl[j], h);
     }
-    return;
+    kout = nullptr;  // the keys are done; the values below, if asked for, are copied as they are
   }
-  for (int64_t j = j0, n = 1; j < j1; j += n, kout += n * D, vout += n * D) {
+  if (!kout && !vout) return;
+  for (int64_t j = j0, n = 1; j < j1; j += n) {
     n = 1;
     if (rows_adjacent) {
       const int64_t room = t.cap - sl[j] % t.cap;  // slots before the ring wraps
@@ -727,14 +725,14 @@ static void copy_rows(const Tensor& kb, const Tensor& vb, int64_t h, const int64
     }
     const int64_t a = t.at(h, sl[j]), len = n * D;
     if (f32) {
-      std::memcpy(kout, kf + a, len * sizeof(float));
-      std::memcpy(vout, vf + a, len * sizeof(float));
+      if (kout) std::memcpy(kout, kf + a, len * sizeof(float));
+      if (vout) std::memcpy(vout, vf + a, len * sizeof(float));
     } else {
-      for (int64_t d = 0; d < len; ++d) {
-        kout[d] = static_cast<float>(kh[a + d]);
-        vout[d] = static_cast<float>(vh[a + d]);
-      }
+      if (kout) for (int64_t d = 0; d < len; ++d) kout[d] = static_cast<float>(kh[a + d]);
+      if (vout) for (int64_t d = 0; d < len; ++d) vout[d] = static_cast<float>(vh[a + d]);
     }
+    if (kout) kout += len;
+    if (vout) vout += len;
   }
 }
 
@@ -1123,14 +1121,15 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 
 // ---------------------------------------------------------------------------------------------
 // Frame and text steps (many query rows per KV head). Each KV head's planned rows, then the step's own
-// tokens, are cut into column blocks; a block is one work item: its rows gathered from the tiers into the
-// thread's workspace, scores and output by MKL (at::mm_out, one thread inside the parallel region), the
-// causal mask on the step's columns and the softmax in one pass per row, leaving per row a partial
+// tokens, are cut into column blocks; a block is one work item: its scores (blk::scores, key rows gathered
+// from the tiers KEY_SUB at a time), the causal mask on the step's columns and the softmax (down the
+// block's columns), its output (blk::values, value rows gathered the same way), leaving per row a partial
 // (max, sum, output) as flash attention's split-K does. The items of all heads run in one parallel
 // region; the partials of a head's blocks are merged at the end (rescaled to the largest max).
 // Why items over heads and blocks: with one head at a time and both threads inside each phase (copy,
 // scores, softmax, output), every block paid four fork/joins and MKL's two-thread split of a 39-row
-// matmul; at 64K cached tokens (ReSV reading 63%) that was 17 ms per layer, 63% of the frame step.
+// matmul (when MKL computed the products); at 64K cached tokens (ReSV reading 63%) that was 17 ms per
+// layer, 63% of the frame step.
 // Blocks are sized so a step's work makes about ATTEND_ITEMS items (balance across heads of different
 // lengths), at most `cols` rows each, so the workspace stays bounded however long the stream.
 // Why not one padded gather of all heads + vrex.kv.cache._attention: at 16K cached tokens (ReSV, heads
@@ -1139,7 +1138,102 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 // q [Hq, T, D] float32, already scaled; tiers as in vrex.kv.store.ReadPlan; k_new/v_new [H, T, D]; softcap <= 0: none
 // (else transformers' order: tanh(s / cap) * cap, then the mask). ws: a float32 scratch tensor the caller
 // keeps between calls (resized here when too small). Returns [Hq, T, D] float32.
-constexpr int64_t ATTEND_ROW_BLOCK = 64;  // query rows per score block in attend_plan (a frame step has 39)
+// The block's own matrix products (no BLAS): MKL's sgemm on a gathered copy of the block paid the copy
+// into a workspace of megabytes, then its own packing of that copy, for a product with only 39 rows (a
+// frame step: 13 tokens x 3 query heads per KV head). Here key and value rows are gathered KEY_SUB at a
+// time into buffers that stay in L1, and the scores are kept key-major (St[j][r], RG rows per key), so
+// both products are broadcast-FMAs over 16 rows or 16 dims at a time and the softmax runs down columns,
+// 16 rows per vector. On the kernel's inputs captured from a ReSV frame step at 64K cached tokens
+// (5 layers, 2 threads): 15-17.5 ms per layer with MKL, 12.3 ms with these; the products now run near
+// the cores' FMA peak, and what is left is mostly the gather's reads from memory.
+namespace blk {
+using decode::v16;
+constexpr int64_t RG = 48;       // query rows per group: three vectors of scores per key
+constexpr int64_t KEY_SUB = 64;  // key (or value) rows gathered at a time
+
+// St[j * RG + r] = sum_d K[j * D + d] * Qt[d * RG + r], for j < n and r < 16 * NZ.
+template <int NZ>
+static void scores(const float* __restrict K, int64_t n, int64_t D, const float* __restrict Qt, float* __restrict St) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {  // 8 keys x NZ vectors of rows: 24 accumulators at NZ = 3
+    v16 acc[8][NZ];
+    for (int a = 0; a < 8; ++a)
+      for (int z = 0; z < NZ; ++z) acc[a][z] = (v16){};
+    for (int64_t d = 0; d < D; ++d) {
+      v16 qv[NZ];
+      for (int z = 0; z < NZ; ++z) std::memcpy(&qv[z], Qt + d * RG + 16 * z, sizeof(v16));
+      for (int a = 0; a < 8; ++a) {
+        const float k = K[(j + a) * D + d];
+        for (int z = 0; z < NZ; ++z) acc[a][z] += k * qv[z];
+      }
+    }
+    for (int a = 0; a < 8; ++a)
+      for (int z = 0; z < NZ; ++z) std::memcpy(St + (j + a) * RG + 16 * z, &acc[a][z], sizeof(v16));
+  }
+  for (; j < n; ++j) {
+    v16 acc[NZ];
+    for (int z = 0; z < NZ; ++z) acc[z] = (v16){};
+    for (int64_t d = 0; d < D; ++d) {
+      const float k = K[j * D + d];
+      for (int z = 0; z < NZ; ++z) {
+        v16 qv;
+        std::memcpy(&qv, Qt + d * RG + 16 * z, sizeof(v16));
+        acc[z] += k * qv;
+      }
+    }
+    for (int z = 0; z < NZ; ++z) std::memcpy(St + j * RG + 16 * z, &acc[z], sizeof(v16));
+  }
+}
+
+// O[r * D + e] += sum_j P[j * RG + r] * V[j * D + e], for j < n and r < rows (O holds RG rows; rows of P
+// past `rows` are 0). DZ = D / 16 vectors per row, rows in passes of 24 / DZ (24 accumulators).
+template <int DZ>
+static void values(const float* __restrict P, const float* __restrict V, int64_t n, int64_t rows, float* __restrict O) {
+  constexpr int RS = DZ >= 24 ? 1 : 24 / DZ;
+  constexpr int64_t D = 16 * DZ;
+  for (int64_t r0 = 0; r0 < rows; r0 += RS) {  // RS divides RG: a pass past `rows` adds zeros
+    v16 acc[RS][DZ];
+    for (int a = 0; a < RS; ++a)
+      for (int z = 0; z < DZ; ++z) std::memcpy(&acc[a][z], O + (r0 + a) * D + 16 * z, sizeof(v16));
+    for (int64_t j = 0; j < n; ++j) {
+      v16 vv[DZ];
+      for (int z = 0; z < DZ; ++z) std::memcpy(&vv[z], V + j * D + 16 * z, sizeof(v16));
+      const float* pj = P + j * RG + r0;
+      for (int a = 0; a < RS; ++a)
+        for (int z = 0; z < DZ; ++z) acc[a][z] += pj[a] * vv[z];
+    }
+    for (int a = 0; a < RS; ++a)
+      for (int z = 0; z < DZ; ++z) std::memcpy(O + (r0 + a) * D + 16 * z, &acc[a][z], sizeof(v16));
+  }
+}
+
+// Any other head size: the same sums, one row at a time.
+static void values_any(const float* P, const float* V, int64_t n, int64_t rows, int64_t D, float* O) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = P[j * RG + r];
+      for (int64_t e = 0; e < D; ++e) O[r * D + e] += p * V[j * D + e];
+    }
+}
+
+static void scores_for(int64_t rows, const float* K, int64_t n, int64_t D, const float* Qt, float* St) {
+  if (rows <= 16) scores<1>(K, n, D, Qt, St);
+  else if (rows <= 32) scores<2>(K, n, D, Qt, St);
+  else scores<3>(K, n, D, Qt, St);
+}
+
+static void values_for(const float* P, const float* V, int64_t n, int64_t rows, int64_t D, float* O) {
+  switch (D) {
+    case 16: values<1>(P, V, n, rows, O); break;
+    case 32: values<2>(P, V, n, rows, O); break;
+    case 64: values<4>(P, V, n, rows, O); break;
+    case 128: values<8>(P, V, n, rows, O); break;
+    default: values_any(P, V, n, rows, D, O);
+  }
+}
+}  // namespace blk
+
+constexpr int64_t ATTEND_ROW_BLOCK = blk::RG;  // query rows per group in attend_plan (a frame step has 39)
 constexpr int64_t ATTEND_COL_BLOCK = 8192;  // most key rows per block in attend_plan
 constexpr int64_t ATTEND_MIN_BLOCK = 256;  // fewest key rows per block (below, a block is mostly overhead)
 constexpr int64_t ATTEND_ITEMS = 8;  // blocks a step's work is cut into (about four per thread on 2 cores)
@@ -1180,93 +1274,119 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
   for (int64_t h = 0; h < H; ++h)
     for (int64_t c0 = 0; c0 < lens[h] + T; c0 += CB) items.push_back({h, c0, std::min(CB, lens[h] + T - c0)});
   const int64_t NI = (int64_t)items.size();
-  // scores for at most ATTEND_ROW_BLOCK query rows at a time: a fast-forwarded chunk of frames has
-  // hundreds of rows, and a [rows x past] buffer grew with the stream (`vrex bench soak`: 30 MB at 14K)
-  const int64_t RB = std::min<int64_t>(R, ATTEND_ROW_BLOCK);
-  const int64_t per_thread = 2 * CB * D + RB * CB;
+  // query rows in groups of RG (a fast-forwarded chunk of frames has hundreds of rows), scores of one
+  // group over one block: the workspace stays bounded whatever the stream's length or the chunk's
+  const int64_t RG = blk::RG, KS = blk::KEY_SUB;
+  const int64_t per_thread = 2 * KS * D + CB * RG + 2 * RG * D;  // K and V rows, St, Qt, O
   const int64_t need = per_thread * std::min(threads, NI);
   if (ws.numel() < need) ws.resize_({need + need / 4});  // room to grow with the stream: fewer reallocations
   // partials per item and row: max, sum, and the unnormalised output
   std::vector<float> part_m(NI * R), part_l(NI * R), part_o(NI * R * D);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const float ninf = -std::numeric_limits<float>::infinity();
   float* wsp = ws.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  using decode::v16;
   at::parallel_for(0, NI, 1, [&](int64_t a0, int64_t a1) {
     float* kw = wsp + per_thread * std::min<int64_t>(at::get_thread_num(), std::min(threads, NI) - 1);
-    float* vw = kw + CB * D;
-    float* sw = vw + CB * D;
+    float* vw = kw + KS * D;
+    float* st = vw + KS * D;  // [cb, RG]: the block's scores, then its probabilities, key-major
+    float* qt = st + CB * RG;  // [D, RG]: the group's query rows, transposed, zero past its rows
+    float* ow = qt + D * RG;  // [RG, D]: the group's unnormalised output
     for (int64_t it = a0; it < a1; ++it) {
       const Item& w = items[it];
       const int64_t h = w.h, c0 = w.c0, cb = w.cb, n = lens[h];
       const bool whole = c0 == 0 && cb == n + T;
-      for (size_t i = 0; i < S; ++i) {  // the block's past rows, from every tier
-        const int64_t lo = std::max(tier_row[h][i], c0), hi = std::min({tier_row[h][i + 1], c0 + cb, n});
-        if (hi <= lo) continue;
-        const int64_t* sl = slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h];
-        copy_rows(kbufs[i], vbufs[i], h, sl, lo - tier_row[h][i], hi - tier_row[h][i], kw + (lo - c0) * D,
-                  vw + (lo - c0) * D, (int64_t)i == turn.tier ? &turn : nullptr);
-      }
-      const int64_t t0 = std::max(c0, n) - n, t1 = c0 + cb - n;  // the step's own tokens in this block
-      if (t1 > t0) {
-        std::memcpy(kw + (n + t0 - c0) * D, k_new.data_ptr<float>() + (h * T + t0) * D, (t1 - t0) * D * sizeof(float));
-        std::memcpy(vw + (n + t0 - c0) * D, v_new.data_ptr<float>() + (h * T + t0) * D, (t1 - t0) * D * sizeof(float));
-      }
-      auto K = at::from_blob(kw, {cb, D}, f32);
-      auto V = at::from_blob(vw, {cb, D}, f32);
-      const auto q_h = q.view({H, R, D})[h];  // the G query heads of KV head h are adjacent: R rows
+      // the block's columns [x0, x1) (relative to c0) -> float32 rows of kout and/or vout: past rows from
+      // every tier, then the step's own tokens
+      auto gather = [&](int64_t x0, int64_t x1, float* kout, float* vout) {
+        const int64_t g0 = c0 + x0, g1 = c0 + x1;
+        for (size_t i = 0; i < S; ++i) {
+          const int64_t lo = std::max(tier_row[h][i], g0), hi = std::min({tier_row[h][i + 1], g1, n});
+          if (hi <= lo) continue;
+          const int64_t* sl = slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h];
+          copy_rows(kbufs[i], vbufs[i], h, sl, lo - tier_row[h][i], hi - tier_row[h][i],
+                    kout ? kout + (lo - g0) * D : nullptr, vout ? vout + (lo - g0) * D : nullptr,
+                    (int64_t)i == turn.tier ? &turn : nullptr);
+        }
+        const int64_t t0 = std::max(g0, n) - n, t1 = std::max(g1, n) - n;  // the step's own tokens
+        if (t1 > t0) {
+          const int64_t at_ = (n + t0 - g0) * D, len = (t1 - t0) * D * sizeof(float);
+          if (kout) std::memcpy(kout + at_, k_new.data_ptr<float>() + (h * T + t0) * D, len);
+          if (vout) std::memcpy(vout + at_, v_new.data_ptr<float>() + (h * T + t0) * D, len);
+        }
+      };
       float* pm = part_m.data() + it * R;
       float* pl = part_l.data() + it * R;
       float* po = part_o.data() + it * R * D;
-      for (int64_t b0 = 0; b0 < R; b0 += RB) {
-        const int64_t rb = std::min(RB, R - b0);
-        auto Sc = at::from_blob(sw, {rb, cb}, f32);
-        at::mm_out(Sc, q_h.narrow(0, b0, rb), K.t());
-        for (int64_t r = b0; r < b0 + rb; ++r) {
-          float* s = sw + (r - b0) * cb;
-          const int64_t t = r % T;  // row r is token t of its query head: it sees past + new tokens 0..t
-          const int64_t end = std::min(cb, n + t + 1 - c0);  // columns of this block the row sees
-          if (end <= 0) {  // a block of the step's later tokens only: nothing for this row
-            std::fill(s, s + cb, 0.f);
-            pm[r] = ninf;
-            pl[r] = 0.f;
-            continue;
+      for (int64_t b0 = 0; b0 < R; b0 += RG) {
+        const int64_t rb = std::min(RG, R - b0), nz = (rb + 15) / 16;
+        // the group's query rows (rows b0.. of KV head h's G query heads, which are adjacent), transposed
+        const float* qh = qp + (h * R + b0) * D;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t r = 0; r < RG; ++r) qt[d * RG + r] = r < rb ? qh[r * D + d] : 0.f;
+        for (int64_t x0 = 0; x0 < cb; x0 += KS) {  // scores, KEY_SUB keys at a time
+          const int64_t x1 = std::min(cb, x0 + KS);
+          gather(x0, x1, kw, nullptr);
+          blk::scores_for(rb, kw, x1 - x0, D, qt, st + x0 * RG);
+        }
+        // the softmax down each column, 16 rows per vector: soft-capping, the causal mask (row r is token
+        // r % T of its query head: it sees the past and the step's tokens up to its own), max, exp, sum
+        const int64_t first_new = std::max<int64_t>(0, n - c0);  // the block's first column of the step's tokens
+        for (int64_t z = 0; z < nz; ++z) {
+          float last[16];  // per row: its last visible column of this block + 1 (0: none)
+          for (int e = 0; e < 16; ++e) {
+            const int64_t r = b0 + 16 * z + e;
+            last[e] = r < b0 + rb ? (float)std::max<int64_t>(0, std::min(cb, n + r % T + 1 - c0)) : 0.f;
           }
-          if (softcap > 0)
-            for (int64_t j = 0; j < end; ++j) s[j] = std::tanh(s[j] / (float)softcap) * (float)softcap;
-          // 16 lanes at a time (a scalar max or sum is one long dependency chain: ~1 ms per layer at 16K)
-          decode::v16 mv = (decode::v16){} + ninf, sv = (decode::v16){};
-          int64_t j = 0;
-          for (; j + 16 <= end; j += 16) {
-            decode::v16 x;
-            std::memcpy(&x, s + j, sizeof x);
+          v16 lastv;
+          std::memcpy(&lastv, last, sizeof lastv);
+          v16 mv = (v16){} + ninf;
+          for (int64_t j = 0; j < cb; ++j) {
+            float* sj = st + j * RG + 16 * z;
+            v16 x;
+            std::memcpy(&x, sj, sizeof x);
+            if (softcap > 0)
+              for (int e = 0; e < 16; ++e) x[e] = std::tanh(x[e] / (float)softcap) * (float)softcap;
+            if (j >= first_new) x = (float)j < lastv ? x : (v16){} + ninf;
+            std::memcpy(sj, &x, sizeof x);
             mv = x > mv ? x : mv;
           }
-          float m = decode::hmax(mv);
-          for (; j < end; ++j) m = std::max(m, s[j]);
-          for (j = 0; j + 16 <= end; j += 16) {
-            decode::v16 x;
-            std::memcpy(&x, s + j, sizeof x);
-            x = decode::vexp(x - m);
-            std::memcpy(s + j, &x, sizeof x);
+          const v16 m0 = mv == ninf ? (v16){} : mv;  // a row that sees nothing here: exp(-inf - 0) = 0
+          v16 sv = (v16){};
+          for (int64_t j = 0; j < cb; ++j) {
+            float* sj = st + j * RG + 16 * z;
+            v16 x;
+            std::memcpy(&x, sj, sizeof x);
+            const v16 ex = decode::vexp(x - m0);
+            x = x == ninf ? (v16){} : ex;
+            std::memcpy(sj, &x, sizeof x);
             sv += x;
           }
-          float sum = 0.f;
-          for (int e = 0; e < 16; ++e) sum += sv[e];
-          for (; j < end; ++j) {
-            s[j] = std::exp(s[j] - m);
-            sum += s[j];
+          if (whole) {  // the head in one block: probabilities normalised before the output product, as a
+            const v16 inv = 1.f / (sv == 0.f ? (v16){} + 1.f : sv);  // plain softmax does
+            for (int64_t j = 0; j < cb; ++j) {
+              float* sj = st + j * RG + 16 * z;
+              v16 x;
+              std::memcpy(&x, sj, sizeof x);
+              x *= inv;
+              std::memcpy(sj, &x, sizeof x);
+            }
+            sv = sv == 0.f ? sv : (v16){} + 1.f;
           }
-          for (j = end; j < cb; ++j) s[j] = 0.f;  // the step's later tokens (causal)
-          if (whole) {  // the head in one block: probabilities normalised before the output matmul, as a
-            const float inv = 1.f / sum;  // plain softmax does (and as this kernel did before the split)
-            for (j = 0; j < end; ++j) s[j] *= inv;
-            sum = 1.f;
+          for (int e = 0; e < 16 && 16 * z + e < rb; ++e) {
+            pm[b0 + 16 * z + e] = mv[e];
+            pl[b0 + 16 * z + e] = sv[e];
           }
-          pm[r] = m;
-          pl[r] = sum;
         }
-        auto Ob = at::from_blob(po + b0 * D, {rb, D}, f32);
-        at::mm_out(Ob, Sc, V);
+        for (int64_t j = 0; j < cb; ++j)  // rows past the group's in the last vector: no weight
+          for (int64_t r = nz * 16; r < RG; ++r) st[j * RG + r] = 0.f;
+        std::fill(ow, ow + RG * D, 0.f);
+        for (int64_t x0 = 0; x0 < cb; x0 += KS) {  // output, KEY_SUB value rows at a time
+          const int64_t x1 = std::min(cb, x0 + KS);
+          gather(x0, x1, nullptr, vw);
+          blk::values_for(st + x0 * RG, vw, x1 - x0, rb, D, ow);
+        }
+        std::memcpy(po + b0 * D, ow, rb * D * sizeof(float));
       }
     }
   });
@@ -1451,6 +1571,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("turn") = std::vector<Tensor>{},
         pybind11::arg("turn_lo") = 0, pybind11::arg("turn_half") = true, pybind11::arg("turn_tier") = -1);
   m.attr("ATTEND_ROW_BLOCK") = ATTEND_ROW_BLOCK;
+  m.attr("ATTEND_KEY_SUB") = blk::KEY_SUB;
   m.attr("ATTEND_COL_BLOCK") = ATTEND_COL_BLOCK;
   m.attr("ATTEND_MIN_BLOCK") = ATTEND_MIN_BLOCK;
   m.attr("ATTEND_ITEMS") = ATTEND_ITEMS;
