@@ -1144,8 +1144,8 @@ Tensor attend_slots(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbu
 // time into buffers that stay in L1, and the scores are kept key-major (St[j][r], RG rows per key), so
 // both products are broadcast-FMAs over 16 rows or 16 dims at a time and the softmax runs down columns,
 // 16 rows per vector. On the kernel's inputs captured from a ReSV frame step at 64K cached tokens
-// (5 layers, 2 threads): 15-17.5 ms per layer with MKL, 12.3 ms with these; the products now run near
-// the cores' FMA peak, and what is left is mostly the gather's reads from memory.
+// (5 layers, 2 threads): 15-17.5 ms per layer with MKL, 12.2 ms with these (a perf profile puts 18% of
+// the samples in the gather's copies from memory).
 namespace blk {
 using decode::v16;
 constexpr int64_t RG = 48;       // query rows per group: three vectors of scores per key
