@@ -108,6 +108,8 @@ def test_cluster_token_ids_across_work_items():
     ids, offs = ext.cluster_token_ids(chosen, paged.pages, paged.shift, n)
     for h in range(3):
         assert torch.equal(ids[offs[h]:offs[h + 1]], torch.nonzero(chosen[h][tc[h, :n]]).flatten())
+    none, offs = ext.cluster_token_ids(torch.zeros(3, 0, dtype=torch.bool), paged.pages, paged.shift, n)
+    assert none.numel() == 0 and offs.tolist() == [0, 0, 0, 0]  # no clusters: nothing chosen
 
 
 @pytest.mark.parametrize("all_past", [False, True])
