@@ -1296,18 +1296,24 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
       const Item& w = items[it];
       const int64_t h = w.h, c0 = w.c0, cb = w.cb, n = lens[h];
       const bool whole = c0 == 0 && cb == n + T;
-      // the block's columns [x0, x1) (relative to c0) -> float32 rows of kout and/or vout: past rows from
-      // every tier, then the step's own tokens
-      auto gather = [&](int64_t x0, int64_t x1, float* kout, float* vout) {
-        const int64_t g0 = c0 + x0, g1 = c0 + x1;
+      // the block's past columns [x0, x1) (relative to c0), tier by tier: fn(i, slots of the head on tier
+      // i, first and end plan row on it, its first column - x0)
+      auto tier_runs = [&](int64_t x0, int64_t x1, auto fn) {
+        const int64_t g0 = c0 + x0, g1 = c0 + std::min(cb, x1);
         for (size_t i = 0; i < S; ++i) {
           const int64_t lo = std::max(tier_row[h][i], g0), hi = std::min({tier_row[h][i + 1], g1, n});
-          if (hi <= lo) continue;
-          const int64_t* sl = slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h];
-          copy_rows(kbufs[i], vbufs[i], h, sl, lo - tier_row[h][i], hi - tier_row[h][i],
-                    kout ? kout + (lo - g0) * D : nullptr, vout ? vout + (lo - g0) * D : nullptr,
-                    (int64_t)i == turn.tier ? &turn : nullptr);
+          if (hi > lo)
+            fn(i, slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h], lo - tier_row[h][i],
+               hi - tier_row[h][i], lo - g0);
         }
+      };
+      // columns [x0, x1) -> float32 rows of kout and/or vout: past rows from every tier, then the step's own tokens
+      auto gather = [&](int64_t x0, int64_t x1, float* kout, float* vout) {
+        tier_runs(x0, x1, [&](size_t i, const int64_t* sl, int64_t j0, int64_t j1, int64_t at) {
+          copy_rows(kbufs[i], vbufs[i], h, sl, j0, j1, kout ? kout + at * D : nullptr, vout ? vout + at * D : nullptr,
+                    (int64_t)i == turn.tier ? &turn : nullptr);
+        });
+        const int64_t g0 = c0 + x0, g1 = c0 + x1;
         const int64_t t0 = std::max(g0, n) - n, t1 = std::max(g1, n) - n;  // the step's own tokens
         if (t1 > t0) {
           const int64_t at_ = (n + t0 - g0) * D, len = (t1 - t0) * D * sizeof(float);
@@ -1315,24 +1321,20 @@ Tensor attend_plan(Tensor q, std::vector<Tensor> kbufs, std::vector<Tensor> vbuf
           if (vout) std::memcpy(vout + at_, v_new.data_ptr<float>() + (h * T + t0) * D, len);
         }
       };
-      // the tier rows of the block's columns [x0, x1) asked of memory ahead of their gather: the next 64
-      // rows arrive while the current ones are multiplied, instead of after (the gather's reads were a
-      // quarter of the kernel's time at 64K, waiting on memory)
+      // the tier rows of columns [x0, x1) asked of memory ahead of their gather: the next 64 rows arrive
+      // while the current ones are multiplied, instead of after (the gather's reads were a quarter of the
+      // kernel's time at 64K, waiting on memory)
       auto prefetch = [&](int64_t x0, int64_t x1, bool keys) {
-        const int64_t g0 = c0 + x0, g1 = c0 + std::min(cb, x1);
-        for (size_t i = 0; i < S; ++i) {
-          const int64_t lo = std::max(tier_row[h][i], g0), hi = std::min({tier_row[h][i + 1], g1, n});
-          if (hi <= lo) continue;
+        tier_runs(x0, x1, [&](size_t i, const int64_t* sl, int64_t j0, int64_t j1, int64_t) {
           const Tensor& b = keys ? kbufs[i] : vbufs[i];
           const Tier t(b);
           const char* base = static_cast<const char*>(b.data_ptr());
           const int64_t es = b.element_size(), row = D * es;
-          const int64_t* sl = slots[i].data_ptr<int64_t>() + offs[i].data_ptr<int64_t>()[h];
-          for (int64_t j = lo - tier_row[h][i]; j < hi - tier_row[h][i]; ++j) {
+          for (int64_t j = j0; j < j1; ++j) {
             const char* r = base + t.at(h, sl[j]) * es;
             for (int64_t c = 0; c < row; c += 64) __builtin_prefetch(r + c, 0, 3);
           }
-        }
+        });
       };
       float* pm = part_m.data() + it * R;
       float* pl = part_l.data() + it * R;
