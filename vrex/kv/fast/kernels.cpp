@@ -522,11 +522,11 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
   const int64_t NI = (int64_t)items.size();
   std::vector<std::vector<int64_t>> disk(NI), host(NI), dev(NI);
   std::vector<int64_t> item_head(NI), item_sel(NI, 0);
+  for (int64_t i = 0; i < NI; ++i) item_head[i] = items[i].h;
   at::parallel_for(0, NI, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Item& w = items[i];
       const int64_t h = w.h;
-      item_head[i] = h;
       // each list sized for the whole item, cut to what was taken (no push_back's checks per token);
       // an evicted token is written and not counted
       // one uninitialised block for the three (a zero-filled vector per tier cost more than the scan)
