@@ -799,12 +799,6 @@ class KVStore:
             valid = valid.to(self.device)
         return k_out, v_out, valid
 
-    def resident_in_order(self, layer: int) -> bool:
-        """Every token of the layer on the device tier, in arrival order, none evicted (the full
-        policy's store): attention can read the device buffer itself."""
-        L = self._layers[layer]
-        return L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0
-
     def read_plan(self, layer: int, ids: Tensor, offs: Tensor, everything: bool, n_past: int, sink: int,
                   recent_start: int, n_new: int = 0) -> "ReadPlan":
         """Where the fast path reads (``vrex.kv.fast``): per tier (disk, host, device), the physical slots
