@@ -179,27 +179,3 @@ def test_token_cluster_pages_narrow_behind_the_stream(monkeypatch):
     again = _table()
     again.load_state_dict(fast.state_dict())
     assert torch.equal(again.token_cluster, fast.token_cluster)
-
-
-@pytest.mark.parametrize("fast", [False, True])
-def test_means_kept_between_steps_equal_means_made_afresh(fast):
-    """mean_keys() keeps its buffer between calls and rewrites only the live pages; asked at every step
-    (pages made, filled, compacted, the table rebuilt), it equals the means of a fresh table loaded
-    from the same state, which builds them all from the pages."""
-    if fast and not available():
-        pytest.skip("the C++ kernels could not be built here")
-    tab = _table()
-    frames = _frames(44, seed=2)
-    compactions = 0
-    for i, fr in enumerate(frames):
-        before = tab.compacted_pages()
-        tab.add(fr, i * T, fast=fast)
-        compactions += tab.compacted_pages() > before
-        if i == 30:
-            tab.rebuild(torch.cat(frames[:31], 1).flip(-1))  # sums rewritten in place
-        fresh = _table()
-        fresh.load_state_dict(tab.state_dict())
-        kept, valid = tab.mean_keys()
-        want, want_valid = fresh.mean_keys()
-        assert torch.equal(valid, want_valid) and torch.equal(kept, want), f"step {i}"
-    assert compactions >= 2  # pages were compacted while the buffer was kept

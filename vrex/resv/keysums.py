@@ -101,13 +101,6 @@ class PagedKeySums:
         self.H, self.D = H, D
         self.pages: list[list[Tensor]] = [[] for _ in range(H)]
         self.shift = KEY_PAGE.bit_length() - 1
-        # The means handed out by means(), kept between steps: a compacted page never changes (hc_add
-        # adds into float32 pages only), so its widened means are copied once, the page object they
-        # came from remembered, and each step rewrites the live pages alone. Rebuilding every head's
-        # means at every layer and step cost 0.25 ms a layer at 16K cached tokens, a third of a
-        # decode step's selection.
-        self._mean = torch.zeros(H, 0, D, dtype=torch.float32)
-        self._mean_from: list[list[Tensor | None]] = [[] for _ in range(H)]
 
     @staticmethod
     def spans(n: int):
@@ -140,30 +133,21 @@ class PagedKeySums:
         return out
 
     def means(self, count: Tensor, n_clusters: Tensor, nmax: int) -> Tensor:
-        """``float32 [H, nmax, D]``, a view of a buffer the next call rewrites: read it before then."""
+        # one copy of each head's pages (bfloat16 means widen exactly), then the live pages' sums divided
+        # in place: a few tensor ops per head and step, however many pages the stream has made
         width = -(-nmax // KEY_PAGE) * KEY_PAGE
-        if self._mean.shape[1] < width:  # grown by half again, so a growing stream copies it rarely
-            grown = torch.zeros(self.H, max(width, self._mean.shape[1] * 3 // 2), self.D, dtype=torch.float32)
-            grown[:, : self._mean.shape[1]] = self._mean
-            self._mean = grown
-        mean = self._mean  # padding: 0, as 0 / 1 was (clusters are only ever added, or all reset below)
+        mean = torch.zeros(self.H, width, self.D, dtype=torch.float32)  # padding: 0, as 0 / 1 was
         for h, pages in enumerate(self.pages):
-            made = self._mean_from[h]
-            for p, a, b in self.spans(int(n_clusters[h])):
-                page = pages[p]
-                if p == len(made):
-                    made.append(None)
-                if page.dtype == torch.float32:  # live: its sums change with every member
-                    torch.div(page[: b - a], _divisor(count[h, a:b]), out=mean[h, a:b])
-                elif made[p] is not page:  # compacted since the last call (bfloat16 means widen exactly)
-                    mean[h, a:b] = page[: b - a]
-                    made[p] = page
+            n = int(n_clusters[h])
+            n_pages = -(-n // KEY_PAGE)
+            if not n_pages:
+                continue
+            torch.cat(pages[:n_pages], 0, out=mean[h, : n_pages * KEY_PAGE])
+            for p, a, b in self.spans(n):
+                if pages[p].dtype == torch.float32:
+                    m = mean[h, a:b]
+                    torch.div(m, _divisor(count[h, a:b]), out=m)
         return mean[:, :nmax]
-
-    def _forget_means(self) -> None:
-        """Pages rewritten in place or replaced: every mean is made again at the next call."""
-        self._mean = torch.zeros(self.H, 0, self.D, dtype=torch.float32)
-        self._mean_from = [[] for _ in range(self.H)]
 
     def compact(self, last: Tensor, before: int, count: Tensor, n_clusters: Tensor) -> None:
         """Compact each head's full pages whose clusters were all last touched (``last [H, >= clusters]``)
@@ -176,7 +160,6 @@ class PagedKeySums:
                         pages[p] = (pages[p] / _divisor(count[h, a:b])).to(torch.bfloat16)
 
     def set_sums(self, sums: Tensor, count: Tensor) -> None:
-        self._forget_means()
         for h, pages in enumerate(self.pages):
             for p, a, b in self.spans(min(sums.shape[1], len(pages) * KEY_PAGE)):
                 if pages[p].dtype == torch.float32:
@@ -196,7 +179,6 @@ class PagedKeySums:
         return key_sum, compacted
 
     def load(self, key_sum: Tensor, compacted: Tensor, n_clusters: Tensor) -> None:
-        self._forget_means()
         self.pages = [[] for _ in range(self.H)]
         for h, pages in enumerate(self.pages):
             for p, a, b in self.spans(int(n_clusters[h])):
