@@ -94,7 +94,6 @@ def test_cluster_token_ids_equal_table_mask(narrow):
         assert torch.equal(ids[offs[h]:offs[h + 1]], want)
 
 
-
 def test_cluster_token_ids_across_work_items():
     """More tokens than one work item (ext.SCAN_CHUNK) per head, pages narrow and wide, a partial last
     page: the items' lists join in token order, none lost or repeated at a boundary."""
@@ -142,6 +141,7 @@ def test_plan_reads_equal_python_plan(all_past):
             if tier < 2:
                 runs = int((want[1:] - want[:-1] != 1).sum()) + 1 if want.numel() else 0
                 assert int(got[6 + tier][h]) == runs
+
 
 def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
     g = torch.Generator().manual_seed(5)
