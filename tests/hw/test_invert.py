@@ -62,7 +62,8 @@ def test_the_10k_point_needs_a_growth_law_no_neighbour_supports(vrex8):
 def test_one_gpu_prediction_cost_explains_both_agx_resv_figures():
     """docs/hw.md: with the GPU's ReSV at the paper's implied ~9.9 ms per layer (~30 us per op and per
     sync) the model's AGX + ReSV speedup (paper 2.8x) and prediction share (paper 48%) both land within
-    10%; at the derived 20 us both miss in the same direction (too fast, share too low)."""
+    10%; at the derived 23.4 us per op (20 us per sync) both miss in the same direction (too fast, share
+    too low)."""
     from dataclasses import replace
 
     from vrex.hw.sim import Workload, simulate_step
