@@ -14,7 +14,8 @@ from vrex.hw import fit as fitmod
 from vrex.hw.capacity import place
 from vrex.hw.config import CONFIG_DIR, load_constants, load_fitted, load_method, load_system
 from vrex.hw.dre import synth_sample, unit_cycles
-from vrex.hw.energy import mac_pj
+from vrex.hw.energy import (Activity, core_other_w, mac_pj, sram_pj_per_byte, sram_table_iii_w, ssd_nj_per_byte,
+                             step_energy)
 from vrex.hw.hcu import HCUConfig, hcu_frame
 from vrex.hw.lxe import lxe_scores
 from vrex.hw.model_shapes import preset
@@ -66,6 +67,43 @@ def test_vrex_energy_counts_macs_and_dram_bits():
     assert 0.5 < mac_pj(hw, C) < 1.0  # Table III: 0.886 x 2.609 W / (4096 MACs x 0.8 GHz) = 0.705 pJ
     big = step("vrex8", 5_000, batch=4)  # four frame encoders: four times the MACs of the vision phase
     assert big.energy_phases["vision"] > 3.5 * s.energy_phases["vision"]
+
+
+def test_sram_energy_is_charged_per_byte_and_table_iii_is_not_counted_twice():
+    hw = load_system("vrex8", FITTED).hw
+    e = sram_pj_per_byte(hw, C) * 1e-12
+    # Horowitz's 2.5 pJ/B (45 nm, 32 KB) x Table III's MAC / Horowitz's fp16 MAC (0.705 / 1.5)
+    assert sram_pj_per_byte(hw, C) == pytest.approx(2.5 * mac_pj(hw, C) / 1.5)
+    phases = {"qkv": 1e-3, "attention": 2e-3, "hash_cluster": 0.0, "score_threshold": 0.0, "transfer": 0.0}
+    base = Activity(flops={"qkv": 1e9}, dram_bytes={"qkv": 1e7}, sram_bytes={"qkv": 3e7, "attention": 5e6})
+    more = replace(base, sram_bytes={"qkv": 6e7, "attention": 5e6})  # the qkv phase's SRAM bytes doubled
+    (t0, ph0, u0), (t1, ph1, u1) = step_energy(hw, C, phases, base), step_energy(hw, C, phases, more)
+    assert t1 - t0 == pytest.approx(3e7 * e, rel=1e-9)
+    assert u1["SRAM"] - u0["SRAM"] == pytest.approx(3e7 * e, rel=1e-12) and u0["SRAM"] == pytest.approx(3.5e7 * e, rel=1e-12)
+    assert ph1["qkv"] - ph0["qkv"] == pytest.approx(3e7 * e, rel=1e-9) and ph1["attention"] == ph0["attention"]
+    for t, ph, u in ((t0, ph0, u0), (t1, ph1, u1)):
+        assert sum(ph.values()) == pytest.approx(t, rel=1e-12) and sum(u.values()) == pytest.approx(t, rel=1e-12)
+    # Table III's core power = DPE at full rate + the SRAM read stream that rate needs + DRE units + the
+    # always-on rest: the per-byte charge replaces part of the old always-on share, never adds to it
+    ap = C.area_power
+    dpe_w = 64 * 64 * hw.freq_hz * mac_pj(hw, C) * 1e-12
+    units_w = sum(u["power_mw"] for u in ap["units"].values()) * 1e-3
+    per_core = dpe_w + (sram_table_iii_w(hw, C) + core_other_w(hw, C)) / hw.cores + units_w
+    assert per_core == pytest.approx(ap["core"]["power_mw"] * 1e-3, rel=1e-12)
+    assert sram_table_iii_w(hw, C) == pytest.approx(8 * 128 * 0.8e9 * e) and core_other_w(hw, C) > 0
+    # in the simulator: every step's SRAM energy is its counted bytes x the constant
+    s = step("vrex8", 5_000)
+    assert s.energy_units["SRAM"] == pytest.approx(s.extra["sram_bytes"] * e, rel=1e-12)
+    big = step("vrex8", 5_000, batch=4)  # four frame encoders: about four times the encoder's SRAM traffic
+    assert big.extra["sram_bytes"] > 1.5 * s.extra["sram_bytes"]
+
+
+def test_ssd_energy_per_byte_is_the_derived_figure():
+    hw = load_system("vrex8", FITTED).hw
+    assert ssd_nj_per_byte(hw, C) == pytest.approx(4.0 / 3.5)  # 4 W over PCIe 3.0 x4's 3.5 GB/s payload
+    s = step("vrex8", 40_000)  # cluster runs: bandwidth-bound, so close to the figure (never below it)
+    per_byte = s.energy_units["SSD"] / s.link_bytes * 1e9
+    assert ssd_nj_per_byte(hw, C) * (1 - 1e-9) <= per_byte <= 1.1 * ssd_nj_per_byte(hw, C)
 
 
 def test_no_energy_constant_is_fitted():

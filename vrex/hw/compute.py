@@ -14,6 +14,13 @@
 
 Vector work (softmax, norms, activations) runs on the V-Rex core's 64-lane VPE
 (:func:`vpe_time`); on GPUs it is fused or memory-bound and folded into the GEMMs' memory side.
+
+**LXE SRAM traffic** (V-Rex / LPU; what ``energy.py`` charges per byte): every DRAM byte crosses the
+SRAM once (written on the way in, read on the way out for results); the DPE then reads each weight
+(or KV) byte once into its trees (weight-stationary: a 64x64 tile serves all ``M`` rows), one
+64-element input slice per DPE cycle (``TREE x bpp`` bytes, the stream the DPE needs at full rate)
+and writes each output once; the VPE reads and writes each element it touches once. GPUs: 0 (their
+on-chip memories are inside the measured board power).
 """
 
 from __future__ import annotations
@@ -27,22 +34,26 @@ TREE = 64  # DPE: 64 MAC trees x 64 inputs per core (Table III)
 VPE_LANES = 64  # VPE: 1 x 64 per core
 SRAM_BYTES = 384 * 1024  # LXE SRAM per core (Table III)
 VPE_OPS_PER_ELEMENT = 4  # [U] softmax/norm: max/sub, exp, sum, scale per element
+VPE_SRAM_BYTES_PER_ELEMENT = 4  # one BF16 read + one BF16 write per element the VPE touches
 
 
 @dataclass(frozen=True)
 class Work:
-    """One phase's cost on the engine: seconds, FLOPs, DRAM bytes, and the compute-bound time."""
+    """One phase's cost on the engine: seconds, FLOPs, DRAM bytes, the compute-bound time, and the
+    bytes read from and written to the LXE's SRAM (0 on GPUs)."""
 
     seconds: float
     flops: float
     dram_bytes: float
     compute_s: float
+    sram_bytes: float = 0.0
 
     def __add__(self, o: "Work") -> "Work":
-        return Work(self.seconds + o.seconds, self.flops + o.flops, self.dram_bytes + o.dram_bytes, self.compute_s + o.compute_s)
+        return Work(self.seconds + o.seconds, self.flops + o.flops, self.dram_bytes + o.dram_bytes, self.compute_s + o.compute_s,
+                    self.sram_bytes + o.sram_bytes)
 
     def scaled(self, k: float) -> "Work":
-        return Work(self.seconds * k, self.flops * k, self.dram_bytes * k, self.compute_s * k)
+        return Work(self.seconds * k, self.flops * k, self.dram_bytes * k, self.compute_s * k, self.sram_bytes * k)
 
 
 ZERO = Work(0.0, 0.0, 0.0, 0.0)
@@ -80,16 +91,21 @@ def matmul(hw: Hardware, M: int, K: int, N: int, count: float = 1.0, weight_byte
         return ZERO
     flops = 2.0 * M * K * N * count
     wb = (K * N * bpp if weight_bytes is None else weight_bytes) * count
+    sram = 0.0
     if hw.kind == "vrex":
         t_c = lxe_cycles(M, K, N, hw.cores, count) / (hw.freq_hz * eff)
         cols_per_pass = max(TREE, (SRAM_BYTES // 2) // (K * bpp)) * hw.cores
         act = M * K * bpp * _ceil(N, cols_per_pass) * count + M * N * bpp * count
+        # fill/drain of every DRAM byte + weights into the trees + one 64-element input slice per busy
+        # DPE cycle (row x K-slice x column tile) + outputs
+        slices = M * _ceil(K, TREE) * _ceil(N, TREE) * count
+        sram = (wb + act) + wb + slices * TREE * bpp + M * N * bpp * count
     else:
         t_c = flops / (hw.peak_flops * hw.gemm_eff * gpu_tile_eff(M, N, hw.sms) * eff)
         act = (M * K + M * N) * bpp * count
     nbytes = wb + act
     t_m = nbytes / (hw.dram_bw * hw.mem_eff)
-    return Work(max(t_c, t_m), flops, nbytes, t_c)
+    return Work(max(t_c, t_m), flops, nbytes, t_c, sram)
 
 
 def vpe_time(hw: Hardware, elements: float) -> float:
@@ -99,9 +115,18 @@ def vpe_time(hw: Hardware, elements: float) -> float:
     return elements * VPE_OPS_PER_ELEMENT / (VPE_LANES * hw.cores * hw.freq_hz)
 
 
+def vpe(hw: Hardware, elements: float) -> Work:
+    """Vector work on the VPEs as a phase cost (its seconds count as compute; its SRAM traffic one
+    BF16 read and one write per element); :data:`ZERO` on GPUs."""
+    t = vpe_time(hw, elements)
+    if t <= 0:
+        return ZERO
+    return Work(t, 0.0, 0.0, t, elements * VPE_SRAM_BYTES_PER_ELEMENT)
+
+
 def utilisation(work: Work, hw: Hardware) -> float:
     """Attained fraction of Table I's peak over the phase."""
     return work.flops / (work.seconds * hw.peak_flops) if work.seconds > 0 else 0.0
 
 
-__all__ = ["Work", "ZERO", "TREE", "lxe_cycles", "gpu_tile_eff", "matmul", "vpe_time", "utilisation"]
+__all__ = ["Work", "ZERO", "TREE", "lxe_cycles", "gpu_tile_eff", "matmul", "vpe_time", "vpe", "utilisation"]

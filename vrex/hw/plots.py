@@ -66,7 +66,7 @@ def breakdown(steps: list[StepResult], path: Path, title: str = "") -> Path:
     return path
 
 
-UNIT_COLORS = {"LXE": "#4c72b0", "HCU": "#c44e52", "WTU": "#dd8452", "KVMU": "#8172b3", "DRAM": "#55a868",
+UNIT_COLORS = {"LXE": "#4c72b0", "SRAM": "#64b5cd", "HCU": "#c44e52", "WTU": "#dd8452", "KVMU": "#8172b3", "DRAM": "#55a868",
                "PCIe": "#937860", "SSD": "#8c8c8c", "host DRAM": "#8c8c8c"}
 
 

@@ -187,8 +187,8 @@ def _vision(hw: Hardware, model: ModelShape, B: int) -> tuple[cp.Work, float]:
     w = w + layer.scaled(v.num_hidden_layers)
     for a, b in zip(v.connector, v.connector[1:]):
         w = w + cp.matmul(hw, B * model.tokens_per_frame, a, b)
-    vpe = cp.vpe_time(hw, v.num_hidden_layers * B * (v.num_heads * n * n + n * (f + 2 * d)))
-    return cp.Work(w.seconds + vpe, w.flops, w.dram_bytes, w.compute_s + vpe), vpe
+    vpe = cp.vpe(hw, v.num_hidden_layers * B * (v.num_heads * n * n + n * (f + 2 * d)))
+    return w + vpe, vpe.seconds
 
 
 def _dre_cycles(model: ModelShape, n: int, T: int, stats: RetrievalStats, c: Constants,
@@ -224,8 +224,7 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
     w_qkv = cp.matmul(hw, B * T, d, (hq + 2 * hk) * D)
     w_att = (cp.matmul(hw, T * g, D, na, count=B * hk, weight_bytes=n_att * D * bpp * kv_scale)
              + cp.matmul(hw, T * g, na, D, count=B * hk, weight_bytes=n_att * D * bpp * kv_scale))
-    vpe_att = cp.vpe_time(hw, B * T * hq * n_att)
-    w_att = cp.Work(w_att.seconds + vpe_att, w_att.flops, w_att.dram_bytes, w_att.compute_s + vpe_att)
+    w_att = w_att + cp.vpe(hw, B * T * hq * n_att)  # softmax on the VPE
     on_cpu = me.cpu_attention and hw.host_cpu_flops > 0 and pl.offloaded_tokens > 0
     if on_cpu:  # FlexGen's CPU delegation: the KV arrives in host memory, attention runs on the CPU
         t_cpu = max(w_att.flops / hw.host_cpu_flops, w_att.dram_bytes / hw.host_cpu_bw)
@@ -312,6 +311,9 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
     act = Activity(
         flops={"vision": w_vis.flops, "qkv": L * w_qkv.flops, "attention": L * w_att.flops, "o_ffn": L * w_off.flops,
                "hash_cluster": L * w_hash.flops, "score_threshold": L * w_score.flops, "lm_head": w_lm.flops},
+        sram_bytes={"vision": w_vis.sram_bytes, "qkv": L * w_qkv.sram_bytes, "attention": L * w_att.sram_bytes,
+                    "o_ffn": L * w_off.sram_bytes, "hash_cluster": L * w_hash.sram_bytes,
+                    "score_threshold": L * w_score.sram_bytes, "lm_head": w_lm.sram_bytes},
         dram_bytes={"vision": w_vis.dram_bytes, "qkv": L * w_qkv.dram_bytes, "attention": L * w_att.dram_bytes,
                     "o_ffn": L * w_off.dram_bytes, "hash_cluster": L * w_hash.dram_bytes,
                     "score_threshold": L * w_score.dram_bytes, "lm_head": w_lm.dram_bytes,
@@ -333,6 +335,7 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
     roof = (f_ar / t_ar) / bound if t_ar > 0 and f_ar > 0 else 0.0
     flops = sum(act.flops.values())
     dram = sum(act.dram_bytes.values())
+    sram = sum(act.sram_bytes.values())
     return StepResult(
         system=system.name, stage=stage, kv_tokens=n, batch=B, latency_s=latency, phases=phases,
         unit_busy=unit_busy, energy_j=energy, energy_phases=e_ph, energy_units=e_units, flops=flops,
@@ -341,7 +344,7 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
         extra={"layer_s": layer_t, "exec_s": exec_t, "retrieval_side_s": side, "fill_s": fill,
                "fits_dram": float(pl.fits), "device_tokens": float(pl.device_tokens), "spills": float(pl.spills),
                "kv_budget_gb": pl.budget_bytes / 1e9, "free_gb": pl.free_bytes / 1e9,
-               "hcu_cycles": float(B * hk * cyc.hcu), "wtu_cycles": float(B * hk * cyc.wtu),
+               "sram_bytes": sram, "hcu_cycles": float(B * hk * cyc.hcu), "wtu_cycles": float(B * hk * cyc.wtu),
                "wtu_scan_fraction": cyc.scan_fraction, "oi_link": f_ar / l_ar if l_ar else math.inf,
                "attained_ar_tflops": f_ar / t_ar / 1e12 if t_ar else 0.0,
                "util_vision": cp.utilisation(w_vis, hw), "util_qkv": cp.utilisation(w_qkv, hw),
