@@ -112,14 +112,16 @@ def test_cluster_token_ids_across_work_items():
 
 
 @pytest.mark.parametrize("all_past", [False, True])
-def test_plan_reads_equal_python_plan(all_past):
+@pytest.mark.parametrize("block", [13, 400])
+def test_plan_reads_equal_python_plan(all_past, block):
     """Read plans over several work items per head (ext.SCAN_CHUNK), with evicted tokens, three tiers
-    split by id and a slot map that reorders tokens within blocks: slots per head and tier, sorted,
-    their runs and the selected counts, against the same plan built in Python."""
+    split by id and a slot map that reorders tokens within blocks (13: frame blocks in cluster order;
+    400: spans regrouped by cluster, KVStore.regroup): slots per head and tier, sorted, their runs and
+    the selected counts, against the same plan built in Python."""
     g = torch.Generator().manual_seed(6)
-    H, n_past, block = 3, 2 * ext.SCAN_CHUNK + 3001, 13
+    H, n_past = 3, 2 * ext.SCAN_CHUNK + 3001
     sink, mid_end, d_end, h_end = 40, n_past - 700, ext.SCAN_CHUNK // 2, ext.SCAN_CHUNK + 4000
-    # token -> slot: blocks of 13 take increasing slots, permuted within (as frame blocks in cluster order)
+    # token -> slot: blocks take increasing slots, permuted within
     slot = torch.stack([torch.cat([b * block + torch.randperm(block, generator=g)
                                    for b in range(-(-n_past // block))])[:n_past] for _ in range(H)])
     pos = PagedIndex(H, "pos", page=4096)
@@ -507,3 +509,35 @@ def test_resv_blocks_written_in_cluster_order(filled):
             pos = s.store._layers[layer].pos.read(start, start + n)
             assert torch.equal(pos.gather(1, order) - pos.min(1, keepdim=True).values, torch.arange(n).expand_as(order))
     assert transfers["ReSVPolicy"] < transfers["ArrivalOrder"]
+
+
+def test_resv_regroups_spans_of_frames_by_cluster(filled):
+    """Every ``regroup_tokens`` stored tokens ReSV's cache rewrites the blocks since the last time as one
+    block in cluster order (KVStore.regroup), so a cluster that collected tokens over many frames is one
+    run: the same tokens read and the same logits as per-frame blocks, fewer host transfers."""
+    from vrex.engine.session import SessionConfig
+
+    base, frames = filled
+    out = {}
+    for span in (64, None):
+        policy = make_policy(f"resv[regroup_tokens={span}]")
+        s = base.fork(policy, SessionConfig(theta=0.0, device_tokens=200, recent_tokens=0))
+        before = s.store.counters()["fetch_host_transfers"]
+        logits, sel = [], []
+        for t, im in frames[:3]:
+            sel.append(s.push_frame(t, im)[0].stats.get("selected_ratio"))
+            logits.append(s.last_logits)
+        logits.append(s.feed(torch.tensor([14]), "decode")[-1])
+        out[span] = (torch.stack(logits), sel, s.store.counters()["fetch_host_transfers"] - before)
+        if span is not None:  # each merged block holds its tokens in the table's cluster order, across frames
+            L = s.store._layers[3]
+            merged = [b for tier in L.blocks.values() for b in tier if b.length >= span]
+            assert len(merged) >= 4 and sum(b.length for b in merged) >= 0.7 * s.cached_tokens
+            for b in merged:
+                order = policy.block_order(3, b.start, b.length)
+                pos = L.pos.read(b.start, b.start + b.length)
+                assert torch.equal(pos.gather(1, order) - b.p0, torch.arange(b.length).expand_as(order))
+    (got, got_sel, got_t), (ref, ref_sel, ref_t) = out[64], out[None]
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
+    assert got_sel == pytest.approx(ref_sel)
+    assert got_t < ref_t

@@ -38,6 +38,7 @@ ops = st.lists(
         st.tuples(st.just("evict"), st.integers(0, 60), st.integers(1, 8)),
         st.tuples(st.just("gather"), st.integers(0, 10_000), st.just(0)),
         st.tuples(st.just("rekey"), st.just(0), st.just(0)),
+        st.tuples(st.just("regroup"), st.integers(0, 10), st.integers(0, 1000)),
     ),
     min_size=1, max_size=25,
 )
@@ -53,8 +54,10 @@ def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, se
     s = KVStore(NL, H, D, device_budget_bytes=None if dev_tokens is None else dev_tokens * per_tok_all,
                 host_budget_bytes=None if host_tokens is None else host_tokens * per_tok_all, disk_dir=disk)
     sh = [Shadow() for _ in range(NL)]
+    starts = []  # first id of every block appended (regroup spans start on one)
     for op, a, b in ops:
         if op == "append":
+            starts.append(s.length(0))
             for layer in range(NL):
                 k, v = torch.randn(H, a, D, generator=g), torch.randn(H, a, D, generator=g)
                 start = s.append(layer, k, v)
@@ -70,6 +73,15 @@ def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, se
                 for layer in range(NL):
                     s.evict(layer, ids)
                     sh[layer].evicted |= set(ids.tolist())
+        elif op == "regroup":  # blocks from the a-th last on, merged into any order (tiers, evictions skipped)
+            L0 = s._layers[0]  # blocks merged by an earlier regroup no longer start where they were appended
+            starts = [x for x in starts if x < L0.d_end or any(blk.start == x for t in L0.blocks.values() for blk in t)]
+            if starts:
+                first = starts[-1 - a % len(starts)]
+                gg = torch.Generator().manual_seed(b)
+                for layer in range(NL):
+                    s.regroup(layer, first, s.length(layer),
+                              lambda x, y: torch.stack([torch.randperm(y - x, generator=gg) for _ in range(H)]))
         elif op == "rekey":
             for layer in range(NL):
                 if s.length(layer):
@@ -181,6 +193,36 @@ def test_counters_transfers_and_cluster_contiguous_layout():
     kk, _, _ = s2.gather(0, [torch.arange(0, T, 2)] * H)
     assert s2.counters()["fetch_host_transfers"] - c0 == H
     assert torch.equal(kk, k[:, 0:T:2])
+
+
+def test_regroup_makes_a_cluster_over_many_blocks_one_run():
+    """A "cluster" of two tokens in each of six blocks: six runs per head as stored, one after the blocks
+    are regrouped by cluster; the same K/V by id; the merged block moves to the host tier whole."""
+    tb = token_bytes() * H
+    T, B = 4, 6
+    s = KVStore(1, H, D, device_budget_bytes=B * T * tb)
+    k = torch.randn(H, B * T, D)
+    for i in range(B):
+        s.append(0, k[:, i * T:(i + 1) * T], -k[:, i * T:(i + 1) * T])
+    cluster = torch.tensor([i * T + j for i in range(B) for j in (1, 2)])
+    member = torch.zeros(B * T, dtype=torch.bool)
+    member[cluster] = True
+
+    def by_cluster(a, b):  # the cluster's tokens first, arrival order inside
+        key = (~member[a:b]).long() * (b - a) + torch.arange(b - a)
+        return key.argsort().expand(H, b - a)
+
+    with pytest.raises(ValueError, match="cut a block"):
+        s.regroup(0, 2, B * T, by_cluster)
+    assert s.regroup(0, 0, B * T, by_cluster) == B * T
+    s.append(0, torch.randn(H, T, D), torch.randn(H, T, D))  # pushes the merged block to the host, whole
+    assert s.tier_bounds(0) == (0, B * T, (B + 1) * T)
+    c0 = s.counters()["fetch_host_transfers"]
+    kk, vv, _ = s.gather(0, [cluster] * H)
+    assert s.counters()["fetch_host_transfers"] - c0 == H  # one run per head (six before regrouping)
+    assert torch.equal(kk, k[:, cluster]) and torch.equal(vv, -k[:, cluster])
+    kk, _, _ = s.gather(0, None)
+    assert torch.equal(kk[:, :B * T], k)  # every token by id
 
 
 def test_block_larger_than_device_budget_goes_to_host():

@@ -255,6 +255,7 @@ class StreamingSession:
                 else:
                     order = order_of(layer, start, length) if order_of is not None and not sliding and length > 1 else None
                     new.store.append(layer, k, v, order=order)
+                    new.cache.regroup(layer)  # the layout the streaming cache had made by now
             if arrived is not keys:  # what the streaming policy did when positions moved (VrexCache._move_layer)
                 new.cache.positions_changed(layer, keys)
             if evicted is not None:

@@ -170,6 +170,7 @@ class VrexCache(Cache):
         if len(self.specs) != store.num_layers:
             raise ValueError(f"{len(self.specs)} layer specs for a store of {store.num_layers} layers")
         self._window_lo = [0] * store.num_layers  # sliding layers: tokens below this id were dropped
+        self._grouped = [0] * store.num_layers  # tokens below this id were regrouped (or left as they were)
         super().__init__(layers=[VrexCacheLayer(self, i) for i in range(store.num_layers)])
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
         policy.kernels = self.kernels
@@ -336,7 +337,21 @@ class VrexCache(Cache):
         self.policy.on_append(layer, keys if index_keys is None else index_keys, start, frame_id)
         block_order = getattr(self.policy, "block_order", None)
         order = block_order(layer, start, keys.shape[1]) if block_order is not None and keys.shape[1] > 1 else None
-        return self.store.append(layer, keys, values, order=order)
+        start = self.store.append(layer, keys, values, order=order)
+        self.regroup(layer)
+        return start
+
+    def regroup(self, layer: int) -> None:
+        """Once the policy's span of tokens was stored since the last time, rewrite those blocks as one
+        in the policy's cluster order (``KVStore.regroup``: a cluster read in one run, not one per frame).
+        Called after every block the layer stores."""
+        span_of, order_of = getattr(self.policy, "regroup_span", None), getattr(self.policy, "block_order", None)
+        span = span_of() if span_of is not None and order_of is not None else None
+        n = self.store.length(layer)
+        if span is None or n - self._grouped[layer] < span or self.specs[layer].sliding:
+            return
+        self.store.regroup(layer, self._grouped[layer], n, lambda a, b: order_of(layer, a, b - a))
+        self._grouped[layer] = n
 
     def _trim_window(self, layer: int) -> None:
         """Drop the tokens of a sliding layer that no later query can see (below ``n + 1 - window``)."""

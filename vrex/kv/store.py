@@ -50,6 +50,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -671,13 +672,57 @@ class KVStore:
                 raise ValueError(f"no block starts at token {start} in layer {layer}")
         if block.length != T or block.phys != T:
             raise ValueError(f"block at {start} has {block.length} tokens ({block.phys} live slots); order has {T}")
-        ring = self._tier_of(L, tier)
+        self._write_order(L, self._tier_of(L, tier), start, block.p0, order)
+
+    def _write_order(self, L: _Layer, ring, start: int, p0: int, order: Tensor) -> None:
+        """Rewrite the slots ``p0 ..`` of a block (every token live) so slot ``p0 + p`` of head ``h`` holds
+        token ``start + order[h, p]``."""
+        H, T = order.shape
         tok = start + order  # [H, T]: token for slot p
         k, v, _ = ring.read(L.pos.gather(tok))
-        slots = torch.arange(block.p0, block.p0 + T).expand(H, T).contiguous()
+        slots = torch.arange(p0, p0 + T).expand(H, T).contiguous()
         ring.write(slots, k, v, tok)
         L.pos.scatter(tok, slots)
         L.permuted = True
+
+    def regroup(self, layer: int, start: int, end: int, order_of: Callable[[int, int], Tensor]) -> int:
+        """Merge the blocks of tokens ``start .. end-1`` into one block per ring tier (device, host), written
+        in ``order_of(a, b)``'s physical order (``[H, b - a]``, block-relative, e.g. ReSV's cluster order).
+
+        Why: a block is written in its cluster order when it arrives, but a cluster collects tokens over
+        many frames, so reading it took one run per frame (about 3 tokens). Regrouping a span of frames
+        by cluster, as the paper's KV memory unit lays out what it offloads, makes each cluster one run
+        per span: fewer transfers from the host and disk tiers, and rows the CPU reads in sequence.
+        ``start`` and ``end`` must fall on block boundaries. Tokens already on the disk tier (its files
+        are written once), a tier's part with evicted tokens, and a part that is a single block stay as
+        they are. Returns the number of tokens regrouped."""
+        L = self._layers[layer]
+        if not 0 <= start <= end <= L.n:
+            raise ValueError(f"regroup: tokens {start}..{end - 1} are outside the {L.n} stored tokens of layer {layer}")
+        done = 0
+        for tier, ring in ((HOST, L.host), (DEVICE, L.dev)):
+            blocks = L.blocks[tier]
+            inside = [i for i, b in enumerate(blocks) if b.start < end and b.start + b.length > start]
+            if not inside:
+                continue
+            first, last = blocks[inside[0]], blocks[inside[-1]]
+            if (first.start < start and first.start + first.length > start) or last.start + last.length > end:
+                raise ValueError(f"regroup: tokens {start}..{end - 1} of layer {layer} cut a block")
+            a, b = first.start, last.start + last.length
+            if len(inside) < 2 or L.n_evicted and bool(L.evicted[a:b].any()):
+                continue
+            merged = _Block(a, b - a, first.p0, b - a)
+            if any(blocks[i].phys != blocks[i].length for i in inside) or last.p0 + last.phys != first.p0 + merged.phys:
+                raise RuntimeError(f"internal: layer {layer}'s blocks {a}..{b - 1} do not fill consecutive slots")
+            order = order_of(a, b).to(torch.int64).cpu()
+            if tuple(order.shape) != (self.num_kv_heads, b - a):
+                raise ValueError(f"regroup: order_of({a}, {b}) gave shape {tuple(order.shape)}, "
+                                 f"expected ({self.num_kv_heads}, {b - a})")
+            self._write_order(L, ring, a, first.p0, order)
+            kept = list(blocks)
+            L.blocks[tier] = deque(kept[: inside[0]] + [merged] + kept[inside[-1] + 1 :])
+            done += b - a
+        return done
 
     # ------------------------------------------------------------------ eviction
     def evict(self, layer: int, indices: Tensor) -> None:

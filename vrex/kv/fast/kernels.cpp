@@ -460,26 +460,41 @@ std::vector<Tensor> cluster_token_ids(Tensor chosen, std::vector<Tensor> tc_page
   return pack_items(H, item_head, lists);
 }
 
-// Ascending order of a head's slots. Taken in id order they are sorted but within each block (a block
-// is written in its cluster order, and blocks take increasing slots), so an insertion sort moves each
-// slot a few places: O(n) where std::sort was O(n log n) (8.8 ms of a 16K frame step's 30 layers).
-// A budget of moves keeps the worst case (any other layout) at std::sort's cost.
-static void nearly_sorted(int64_t* a, int64_t n) {
-  int64_t budget = 32 * n + 1024;
+// Ascending order of a head's slots (distinct within a head and tier). Taken in id order they are
+// sorted within each frame block (written in its cluster order, blocks at increasing slots) but not
+// within a span regrouped by cluster (KVStore.regroup: a few hundred slots in any order), so neither an
+// insertion sort (its moves grow with the square of the span) nor std::sort (O(n log n): 8.8 ms of a 16K
+// frame step's 30 layers) fits. A bitmap of the slots' range sorts them in O(n + range / 64); a sorted
+// list (`full`'s plans) is left after one pass; a range far wider than the count goes to std::sort.
+static void sort_slots(int64_t* a, int64_t n) {
+  if (n < 2) return;
+  int64_t lo = a[0], hi = a[0];
+  bool sorted = true;
   for (int64_t i = 1; i < n; ++i) {
-    const int64_t x = a[i];
-    int64_t j = i;
-    while (j > 0 && a[j - 1] > x) {
-      a[j] = a[j - 1];
-      --j;
-      if (--budget < 0) {
-        a[j] = x;
-        std::sort(a, a + n);
-        return;
-      }
-    }
-    a[j] = x;
+    sorted &= a[i - 1] < a[i];
+    lo = std::min(lo, a[i]);
+    hi = std::max(hi, a[i]);
   }
+  if (sorted) return;
+  const int64_t range = hi - lo + 1;
+  if (range > 64 * n + 4096) {
+    std::sort(a, a + n);
+    return;
+  }
+  std::vector<uint64_t> bits((range + 63) / 64, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t x = a[i] - lo;
+    bits[x >> 6] |= uint64_t(1) << (x & 63);
+  }
+  int64_t set = 0;
+  for (uint64_t w : bits) set += __builtin_popcountll(w);
+  if (set != n) {  // repeated slots (never in a plan): keep them all
+    std::sort(a, a + n);
+    return;
+  }
+  int64_t k = 0;
+  for (size_t w = 0; w < bits.size(); ++w)
+    for (uint64_t b = bits[w]; b; b &= b - 1) a[k++] = lo + int64_t(w) * 64 + __builtin_ctzll(b);
 }
 
 // Runs of consecutive slots in a sorted list: the transfers a tier link makes for it.
@@ -563,7 +578,7 @@ std::vector<Tensor> plan_reads(Tensor ids, Tensor offs, bool all_past, int64_t n
       const int64_t tier = x / H, h = x % H;
       int64_t* v = packed[tier][0].data_ptr<int64_t>();
       const int64_t* o = packed[tier][1].data_ptr<int64_t>();
-      nearly_sorted(v + o[h], o[h + 1] - o[h]);
+      sort_slots(v + o[h], o[h + 1] - o[h]);
       runs[x] = count_runs(v + o[h], o[h + 1] - o[h]);
     }
   });

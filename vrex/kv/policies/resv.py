@@ -41,6 +41,12 @@ Parameters (paper defaults first; [U] = unstated in the paper, documented choice
 * ``frozen_means`` ``"bfloat16"`` | ``"float32"``: how the HC table keeps the mean keys of clusters
   that left the scope window (never touched again): in bfloat16, as the hardware stores them, at
   half the memory (default; vrex's choice, issue 18), or as float32 sums. See :mod:`vrex.resv.table`.
+* ``regroup_tokens`` 384 (about the 32-frame clustering scope at 12 tokens per frame): vrex's choice,
+  the paper's KV memory unit in software. Each block is written in its cluster order, but a cluster
+  collects tokens over many frames, so reading it took a run per frame; every ``regroup_tokens``
+  stored tokens the cache rewrites the blocks since the last regroup as one block in cluster order
+  (``KVStore.regroup``), so a cluster is one run per span. Same selection, same attention up to float
+  summation order; None keeps per-frame blocks. Ignored without clustering.
 * ``key_bytes`` 2: bytes per element assumed for the HC table's mean keys and the KV size in
   ``hc_ratio`` (bf16, as the hardware).
 
@@ -115,6 +121,7 @@ class ReSVPolicy(KVPolicy):
     key_bytes: int = 2
     max_tokens: int | None = None
     frozen_means: str = "bfloat16"
+    regroup_tokens: int | None = 384
     tables: list[HCTable] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +134,7 @@ class ReSVPolicy(KVPolicy):
         check(self.name, "hamming_threshold", self.hamming_threshold,
               lambda v: integer_at_least(0)(v) and v <= self.n_hyperplanes, f"an integer in [0, n_hyperplanes={self.n_hyperplanes}]")
         check(self.name, "scope_frames", self.scope_frames, integer_at_least(0, none_ok=True), "None (every cluster) or an integer >= 0")
+        check(self.name, "regroup_tokens", self.regroup_tokens, integer_at_least(2, none_ok=True), "None or an integer >= 2")
         for k in ("max_candidates", "num_buckets", "max_tokens"):
             check(self.name, k, getattr(self, k), integer_at_least(1, none_ok=True), "None or an integer >= 1")
         check(self.name, "score_scale", self.score_scale,
@@ -168,6 +176,11 @@ class ReSVPolicy(KVPolicy):
     def block_order(self, layer: int, start: int, length: int) -> torch.Tensor:
         """Cluster-contiguous physical order ``[H_kv, T]`` of a just-appended block (for ``KVStore.set_block_order``)."""
         return self.tables[layer].block_order(start, length)
+
+    def regroup_span(self) -> int | None:
+        """Stored tokens between two regroupings by cluster (``regroup_tokens``; None: never, as without
+        clustering every token is its own cluster and arrival order is already cluster order)."""
+        return self.regroup_tokens if self.clustering else None
 
     def stage_ratio(self, stage: Stage) -> float:
         if stage == "text" and self.ratio_text is not None:
