@@ -30,16 +30,18 @@ class EngineActor:
         """Node and process of this actor (for placement checks and error messages)."""
         return {"host": socket.gethostname(), "pid": os.getpid(), "streams": sorted(self.engine.streams)}
 
-    def open(self, sid: str, policy: str, config: dict | None = None, save_dir: str | None = None) -> dict[str, Any]:
+    def open(self, sid: str, policy: str, config: dict | None = None, save_dir: str | None = None,
+             run_settings: dict | None = None) -> dict[str, Any]:
         """A new session; with ``save_dir`` it is saved there at once and after each of its steps
-        (``vrex.engine.durable``), so ``resume`` can rebuild it in another actor if this one dies."""
+        (``vrex.engine.durable``), so ``resume`` can rebuild it in another actor if this one dies.
+        ``run_settings``: the caller's own settings, kept in the save's manifest (``vrex serve``'s)."""
         from vrex.engine.session import SessionConfig
         from vrex.kv.policies import make_policy
 
         session = self.engine.add_stream(sid, make_policy(policy), SessionConfig(**(config or {})))
         if save_dir is not None:
             try:
-                session.save(save_dir, {"cluster": {"policy": policy}})
+                session.save(save_dir, {"cluster": {"policy": policy}, **(run_settings or {})})
             except BaseException:
                 self.engine.remove_stream(sid)
                 raise

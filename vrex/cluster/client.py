@@ -77,10 +77,12 @@ class RemoteSession:
         """``Cluster.restart(self)``: rebuild this session from its last save; where it stands."""
         return self.cluster.restart(self)
 
-    def close(self) -> None:
-        """End the session (its saved directory is removed with it)."""
+    def close(self, keep_saved: bool = False) -> None:
+        """End the session; its saved directory is removed with it, unless ``keep_saved`` (the session
+        set aside: ``cluster.resume(id)`` brings it back)."""
         try:
-            self._get(self._actor.close.remote(self.id, self.cluster._save_dir(self.id)))
+            remove = None if keep_saved else self.cluster._save_dir(self.id)
+            self._get(self._actor.close.remote(self.id, remove))
         finally:
             self.cluster._sessions.pop(self.id, None)
 
@@ -143,9 +145,10 @@ class Cluster:
         """The engine actors' handles (e.g. ``ray.kill`` one to see its sessions reported lost)."""
         return list(self._actors)
 
-    def open_session(self, policy: str = "resv", sid: str | None = None, **config) -> RemoteSession:
+    def open_session(self, policy: str = "resv", sid: str | None = None, run_settings: dict | None = None,
+                     **config) -> RemoteSession:
         """A new session (``policy``: any ``make_policy`` spec; ``config``: ``SessionConfig`` fields) on
-        the live actor with the fewest sessions."""
+        the live actor with the fewest sessions. ``run_settings``: kept in its save's manifest."""
         from vrex.engine.session import SessionConfig
         from vrex.kv.policies import make_policy
 
@@ -165,7 +168,7 @@ class Cluster:
         index = self._least_loaded()
         actor = self._actors[index]
         try:
-            where = ray.get(actor.open.remote(sid, policy, config, save_dir))
+            where = ray.get(actor.open.remote(sid, policy, config, save_dir, run_settings))
         except RayActorError as e:
             self._dead.add(index)
             raise SessionLost(f"session {sid!r} could not start: its actor died ({_cause(e)})") from e
