@@ -37,6 +37,19 @@ def feed(client: httpx.Client, sid: str, frames: list[bytes], t0: float = 0.0, d
             time.sleep(0.02)
 
 
+def comparable(events: list[dict], digits: int | None = 4) -> list[tuple]:
+    """What greedy decoding fixes: each frame's cached tokens and gate (``digits`` None: left out, for
+    runs whose arithmetic may differ in the last bits), every narration and answer."""
+    out = []
+    for e in events:
+        if e["type"] == "frame":
+            gate = round(e["stats"]["p_interval"], digits) if digits is not None else None
+            out.append(("frame", e["t"], e["stats"]["cached_tokens"], gate))
+        elif e["type"] in ("response", "answer"):
+            out.append((e["type"], e["t"], e["text"]))
+    return out
+
+
 def start(model, **kw):
     from vrex.serve.hub import ServeConfig
     from vrex.serve.server import start_in_thread

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import feed, start, wait_for
+from serve_helpers import comparable, feed, start, wait_for
 
 from vrex.engine.session import StreamingSession
 from vrex.kv.policies import make_policy
@@ -27,17 +27,6 @@ VREX = [sys.executable, "-m", "vrex.cli"]
 SETTINGS = {"policy": "resv", "fps": 2, "theta": 1.0}  # theta 1: it narrates after (almost) every frame
 FRAMES = 6
 QUESTION = "What do you see?"
-
-
-def _comparable(events: list[dict]) -> list[tuple]:
-    """What greedy decoding fixes: each frame's cached tokens and gate, every narration and answer."""
-    out = []
-    for e in events:
-        if e["type"] == "frame":
-            out.append(("frame", e["t"], e["stats"]["cached_tokens"], round(e["stats"]["p_interval"], 4)))
-        elif e["type"] in ("response", "answer"):
-            out.append((e["type"], e["t"], e["text"]))
-    return out
 
 
 def _after(events: list[dict], frame_t: float) -> list[dict]:
@@ -125,7 +114,7 @@ def test_served_session_resumes_after_kill_9(model, jpegs, tmp_path):
 
     reference = _uninterrupted(model, jpegs)
     assert any(e["type"] == "response" for e in reference), "the reference run should narrate"
-    got, want = _comparable(_after(events, 0.5 * k)), _comparable(_after(reference, 0.5 * k))
+    got, want = comparable(_after(events, 0.5 * k)), comparable(_after(reference, 0.5 * k))
     assert got == want and len(got) >= FRAMES - k + 1
     # Narrations before the kill are in the resumed session's dialogue too (what the answer attended to).
     manifest = json.loads((sessions / sid / "manifest.json").read_text())

@@ -32,6 +32,14 @@ def serve(
                                                          "A server restarted on the same DIR resumes a session when a client names its id "
                                                          "(POST /api/sessions/<id>/resume, or any request for it), from its last saved frame; "
                                                          "DELETE /api/sessions/<id> removes its directory.")] = None,
+    cluster: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Run the sessions on Ray actors (vrex.cluster) instead of this process: "
+                                                   "'local' starts a Ray here, bound to 127.0.0.1; 'auto' joins the cluster this machine "
+                                                   "belongs to (`ray start`); HOST:PORT or ray://HOST:10001 a given head. Each actor loads "
+                                                   "the model (--connector, --threads); the server loads none. A session whose actor dies "
+                                                   "fails with an error naming it, the actor and the cause; with --sessions-dir, "
+                                                   "POST /api/sessions/<id>/resume restarts it from its last save on a new actor.")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="With --cluster: engine actors, one model each (default 1); "
+                                                  "new sessions go to the one with the fewest.")] = None,
 ) -> None:
     """Serve a live video assistant: open the printed address, point a camera (or upload a video),
     read the narrations, ask questions, and see which moments each answer read.
@@ -56,8 +64,16 @@ def serve(
             raise typer.BadParameter(f"{sessions_dir} is not writable", param_hint="--sessions-dir")
     if max_sessions < 1 or max_fps <= 0 or max_upload_mb <= 0:
         raise typer.BadParameter("--max-sessions, --max-fps and --max-upload-mb must be positive")
+    if actors is not None and cluster is None:
+        raise typer.BadParameter("--actors needs --cluster (e.g. --cluster local --actors 2)", param_hint="--actors")
+    if actors is not None and actors < 1:
+        raise typer.BadParameter(f"{actors}: give at least one actor", param_hint="--actors")
+    if cluster is not None:
+        if not cluster.strip():
+            raise typer.BadParameter("give 'local', 'auto', HOST:PORT or ray://HOST:10001", param_hint="--cluster")
+        require_extra("vrex serve --cluster", "cluster", "ray")
     from vrex.kv.policies import make_policy
-    from vrex.serve.hub import ServeConfig
+    from vrex.serve.hub import ClusterConfig, ServeConfig
     from vrex.serve.limits import ServeLimits
 
     try:
@@ -71,13 +87,24 @@ def serve(
     from vrex.models.videollm import load_videollm
     from vrex.serve.server import serve_forever
 
-    err.print("loading the model...")
-    model = load_videollm(connector=None if connector == "none" else connector)
-    for note in model.notes:
-        err.print(f"[yellow]note:[/yellow] {note}")
+    weights = None if connector == "none" else connector
+    model = None
+    if cluster is not None:
+        config.cluster = ClusterConfig(address=cluster.strip(), actors=actors or 1, connector=weights)
+        err.print(f"starting {config.cluster.actors} Ray actor(s) on {cluster} (each loads the model)...")
+    else:
+        err.print("loading the model...")
+        model = load_videollm(connector=weights)
+        for note in model.notes:
+            err.print(f"[yellow]note:[/yellow] {note}")
     try:
         serve_forever(model, config, announce=lambda url: err.print(
             f"vrex serve: open [bold]{url}[/bold]  (API docs: {url.split('#')[0]}docs; Ctrl-C stops)"))
     except OSError as e:
         err.print(f"[red]error:[/red] cannot bind {host}:{port}: {e}")
+        raise typer.Exit(2)
+    except RuntimeError as e:  # --cluster: Ray or its actors did not start (the message says which)
+        if cluster is None:
+            raise
+        err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)

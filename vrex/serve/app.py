@@ -119,7 +119,7 @@ def create_app(hub: Hub) -> FastAPI:
     def server_config() -> dict[str, Any]:
         return {"policies": hub.policies(), "default_policy": config.default_policy, "limits": limits.__dict__,
                 "media": list_media(config.media_dir), "allow_urls": config.allow_urls, "saves_sessions": hub.saved is not None,
-                "model": getattr(hub.model, "name", type(hub.model).__name__)}
+                "model": hub.model_name(), "cluster": hub.cluster.describe() if hub.cluster is not None else None}
 
     @app.post("/api/sessions", status_code=201)
     def create_session(body: SessionCreate) -> dict[str, Any]:
@@ -141,7 +141,9 @@ def create_app(hub: Hub) -> FastAPI:
         one on the same DIR that stopped or crashed): it continues from its last save, exactly as if it
         had never stopped (greedy decoding). `resumed` says where (`frame`: frames it holds, `t`: the
         last one's time): send the frames after `t`. A failed session is replaced by its last save; a
-        live one is returned as is. Any other request naming a saved session's id resumes it too, so a
+        live one is returned as is. With `vrex serve --cluster`, a session whose Ray actor died (its
+        error names the session, the actor's host and pid, the cause) is rebuilt in place on a new
+        actor: its event numbers and WebSockets go on. Any other request naming a saved session's id resumes it too, so a
         client that reconnects with its id just goes on. 404: no such saved session; 409: it cannot
         resume (damaged, saved with another model); 429: the server is full."""
         session = hub.resume(sid)

@@ -27,6 +27,17 @@ class ServeConfig:
     threads: int | None = None  # torch threads of the worker (None: torch's default)
     default_policy: str = "full"
     sessions_dir: Path | None = None  # save every session there as it goes; resume by id after a restart
+    cluster: ClusterConfig | None = None  # sessions on Ray actors (vrex.serve.cluster) instead of this process
+
+
+@dataclass
+class ClusterConfig:
+    """``vrex serve --cluster``: ``address`` "local" (a Ray started here, bound to 127.0.0.1), "auto" (the
+    cluster this machine joined) or a head's address; ``actors`` engine actors, each loading the model
+    (``connector``) with the server's ``threads``."""
+    address: str = "local"
+    actors: int = 1
+    connector: str | None = "auto"
 
 
 def build_policy(spec: str) -> Any:
@@ -39,13 +50,23 @@ def build_policy(spec: str) -> Any:
 
 class Hub:
     def __init__(self, model: Any, config: ServeConfig):
+        """``model``: the model sessions step on here; None with ``config.cluster`` (each actor loads its own)."""
         self.model, self.config = model, config
         self.sessions: dict[str, LiveSession] = {}
         self._lock = threading.Lock()
         self.model_lock = threading.Lock()  # one model step at a time: the worker's steps and session set-up
-        self.worker = Worker(self.list, threads=config.threads, on_idle=self.reap, model_lock=self.model_lock)
         self.started = time.monotonic()
         self.saved = SessionsDir(config.sessions_dir) if config.sessions_dir is not None else None
+        self.cluster = None
+        if config.cluster is None:
+            self.worker = Worker(self.list, threads=config.threads, on_idle=self.reap, model_lock=self.model_lock)
+        else:
+            from vrex.serve.cluster import ServeCluster  # imports Ray: only here
+
+            c = config.cluster
+            self.cluster = ServeCluster(c.address, c.actors, config.threads, c.connector, config.sessions_dir,
+                                        max_streams=config.limits.max_sessions)
+            self.worker = self.cluster.worker(self.list, on_idle=self.reap)
         self._resume_lock = threading.Lock()  # one resume of a session at a time
 
     def start(self) -> "Hub":
@@ -56,6 +77,8 @@ class Hub:
         for session in self.list():
             session.close("server stopped")
         self.worker.stop()
+        if self.cluster is not None:
+            self.cluster.shutdown()
 
     def list(self) -> list[LiveSession]:
         with self._lock:
@@ -84,10 +107,15 @@ class Hub:
                 return current
             if not self.saved.has(sid):
                 raise ClientError(404, f"no saved session {sid!r} in the server's sessions directory")
+            if self.cluster is not None and current is not None and current.state == "failed" and self.cluster.restart(current):
+                return current  # rebuilt on its actor (a new one if it died), its clients still attached
             self._check_room()
-            # Not under the model lock: loading replays the saved steps into the session's own cache
-            # and policy without running the model, so the other sessions keep streaming meanwhile.
-            session = LiveSession.resume(self.model, sid, self.saved, self.config.limits)
+            if self.cluster is not None:
+                session = self.cluster.resume(sid, self.saved, self.config.limits)
+            else:
+                # Not under the model lock: loading replays the saved steps into the session's own cache
+                # and policy without running the model, so the other sessions keep streaming meanwhile.
+                session = LiveSession.resume(self.model, sid, self.saved, self.config.limits)
             if current is not None:
                 current.close("replaced by its last save")
             session.wake = self.worker.wake
@@ -112,14 +140,18 @@ class Hub:
         policy = build_policy(settings.policy)
         self.reap()
         self._check_room()
-        # Building the session runs the system prompt through the shared model: under the model lock.
-        with self.model_lock:
-            try:
-                session = LiveSession(self.model, policy, settings, limits, self.saved)
-            except OSError as e:  # the first save (SessionSaveError names the directory and why)
-                raise ClientError(507, f"the session could not be saved: {e}") from None
+        if self.cluster is not None:
+            session = self.cluster.open(settings, limits, self.saved)
+        else:
+            # Building the session runs the system prompt through the shared model: under the model lock.
+            with self.model_lock:
+                try:
+                    session = LiveSession(self.model, policy, settings, limits, self.saved)
+                except OSError as e:  # the first save (SessionSaveError names the directory and why)
+                    raise ClientError(507, f"the session could not be saved: {e}") from None
         with self._lock:
             if sum(s.state == "live" for s in self.sessions.values()) >= limits.max_sessions:
+                session.on_close()
                 if self.saved is not None:
                     self.saved.remove(session.id)
                 raise ClientError(429, f"the server already hosts {limits.max_sessions} sessions (the limit); close one first")
@@ -151,3 +183,8 @@ class Hub:
 
     def policies(self) -> list[str]:
         return list(POLICIES)
+
+    def model_name(self) -> str:
+        if self.model is None:  # --cluster: each actor loads its own
+            return f"load_videollm(connector={self.config.cluster.connector!r}) on each Ray actor"
+        return getattr(self.model, "name", type(self.model).__name__)

@@ -14,7 +14,8 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 from PIL import Image
 
@@ -50,6 +51,12 @@ class _Pending:
     received: float
 
 
+class Question(NamedTuple):
+    id: str
+    text: str
+    asked: float  # time.monotonic() when asked
+
+
 @dataclass
 class Counters:
     received: int = 0
@@ -79,16 +86,34 @@ class LiveSession:
         409 naming the directory when it cannot resume (damaged, another model, at its frame limit)."""
         directory = saved.path(sid)
         try:
-            run = open_manifest(directory)["settings"]["run"]
-            if "serve" not in run:
-                raise ValueError("it holds a session saved by another program (vrex run?), not by vrex serve")
-            settings = SessionSettings(**run["serve"])
+            settings = saved_settings(directory)
             recorder = ReadRecorder(make_policy(settings.policy))
             session = StreamingSession.load(directory, model, policy=recorder)
-            sidecar = Sidecar(directory)
-            times, thumbs, counts = replay_frames(sidecar.read(), session.frames)
         except (SessionError, KeyError, TypeError, ValueError) as e:  # SessionError is a ValueError
-            raise ClientError(409, f"session {sid} cannot resume from {directory}: {e}") from None
+            raise cannot_resume(sid, directory, e) from None
+        return cls.restore(sid, settings, limits, recorder, session, directory)
+
+    @classmethod
+    def around(cls, sid: str, session: Any, settings: SessionSettings, limits: ServeLimits,
+               directory: Path | None = None) -> "LiveSession":
+        """A session whose model steps run elsewhere (``vrex.serve.cluster``: on a Ray actor): ``session``
+        has ``StreamingSession``'s counts and steps, but no cache here, so its answers have no timelines."""
+        self = cls.__new__(cls)
+        self._setup(sid, settings, limits, None, session)
+        self.sidecar = Sidecar(directory) if directory is not None else None
+        return self
+
+    @classmethod
+    def restore(cls, sid: str, settings: SessionSettings, limits: ServeLimits, recorder: ReadRecorder | None,
+                session: Any, directory: Path) -> "LiveSession":
+        """A session loaded from ``directory`` (here, or on a Ray actor), with what the server saved beside
+        it (``serve.jsonl``: frame times, thumbnails, counters, event numbers) and what it said."""
+        sidecar = Sidecar(directory)
+        try:
+            # Stepped on a Ray actor (no recorder here), the last saved step may have no line: see replay_frames.
+            times, thumbs, counts = replay_frames(sidecar.read(), session.frames, session.t if recorder is None else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise cannot_resume(sid, directory, e) from None
         if session.frames >= limits.max_session_frames:
             raise ClientError(409, f"session {sid} reached the limit of {limits.max_session_frames} frames; it cannot go on")
         self = cls.__new__(cls)
@@ -107,12 +132,31 @@ class LiveSession:
                                          "question": d.get("question"), "shares": None, "steps": 0}
         # The stream clock goes on from the saved time: frames without a time are stamped after it.
         self.created = self.last_active - session.t - 1.0 / settings.fps
-        self._last_accepted_t = session.t if session.frames else float("-inf")
-        self.resumed = {"t": round(session.t, 3), "frame": session.frames, "cached_tokens": session.cached_tokens}
-        self.emit({"type": "resume", **self.resumed})
+        self._went_back()
         return self
 
-    def _setup(self, sid: str, settings: SessionSettings, limits: ServeLimits, recorder: ReadRecorder,
+    def restarted(self, where: dict[str, Any]) -> None:
+        """Its session was rebuilt from its last save in place (a Ray actor that died, ``vrex.serve.cluster``;
+        ``where``: ``frame``, ``t``): the server's record is cut back to that frame and it is live again."""
+        n = where["frame"]
+        with self._lock:
+            del self.frame_times[n:]
+            # A step the actor saved before it died, whose result never came back: its time is the save's.
+            self.frame_times += [where["t"]] * (n - len(self.frame_times))
+            for fid in [f for f in self.thumbs if f >= n]:
+                del self.thumbs[fid]
+            self.counters.processed = n
+            self.state, self.error = "live", None
+        self._went_back()
+
+    def _went_back(self) -> None:
+        """After a resume or restart: frames after the saved time are taken, a ``resume`` event says where."""
+        s = self.session
+        self._last_accepted_t = s.t if s.frames else float("-inf")
+        self.resumed = {"t": round(s.t, 3), "frame": s.frames, "cached_tokens": s.cached_tokens}
+        self.emit({"type": "resume", **self.resumed})
+
+    def _setup(self, sid: str, settings: SessionSettings, limits: ServeLimits, recorder: ReadRecorder | None,
                session: StreamingSession) -> None:
         self.id = sid
         self.settings, self.limits = settings, limits
@@ -120,14 +164,15 @@ class LiveSession:
         self.last_served = 0.0  # when the worker last stepped this session (its scheduling key)
         self.recorder = recorder
         self.session = session
-        model = session.model
-        geo = model_geometry(model.lm)  # GPT-NeoX configs have no num_key_value_heads
-        self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, geo.num_layers, geo.num_kv_heads)
-        self.session.trace = lambda record, extra: self.timeline.on_step(record, self.session.spans)
-        # The timeline needs the selections, not the policies' telemetry-only statistics (the cache
-        # turns those on with a trace): keep them off the frame path.
-        if hasattr(self.session.cache, "record_stats"):
-            self.session.cache.record_stats = False
+        self.timeline: ReadTimeline | None = None  # what answers read; None: the session steps elsewhere
+        if recorder is not None:
+            geo = model_geometry(session.model.lm)  # GPT-NeoX configs have no num_key_value_heads
+            self.timeline = ReadTimeline(self.recorder, self.session.cache.keep, geo.num_layers, geo.num_kv_heads)
+            self.session.trace = lambda record, extra: self.timeline.on_step(record, self.session.spans)
+            # The timeline needs the selections, not the policies' telemetry-only statistics (the cache
+            # turns those on with a trace): keep them off the frame path.
+            if hasattr(self.session.cache, "record_stats"):
+                self.session.cache.record_stats = False
         self.state = "live"  # live | failed | closed
         self.error: str | None = None
         self.counters = Counters()
@@ -146,6 +191,7 @@ class LiveSession:
         self._last_accepted_t = float("-inf")
         self.source: Any = None  # a server-side source feeding this session (vrex.serve.sources)
         self.wake: Callable[[], None] = lambda: None
+        self.on_close: Callable[[], None] = lambda: None  # frees what holds it elsewhere (a Ray actor's stream)
 
     # -- client side (any thread) -------------------------------------------------------------
     def now(self) -> float:
@@ -205,23 +251,36 @@ class LiveSession:
 
     def step(self) -> None:
         """One unit of work: a due question (once a frame is in), else the newest frame."""
+        work = self.take()
+        if isinstance(work, Question):
+            self.answered(work, self.session.ask(work.text))
+        elif work is not None:
+            t = self.frame_time(work)
+            self.pushed(work, t, self.session.push_frame(t, work.image))
+
+    def take(self) -> "Question | _Pending | None":
+        """The next unit of work, taken off the queue: a due question (once a frame is in), else the newest
+        frame. The caller runs it and hands the events to ``answered`` / ``pushed`` (``vrex.serve.cluster``
+        runs many sessions' steps at once)."""
         with self._lock:
-            question = self._questions.popleft() if self._questions and self.session.frames else None
+            question = Question(*self._questions.popleft()) if self._questions and self.session.frames else None
             pending = None if question else self._slot
             if not question:
                 self._slot = None
-        if question:
-            qid, text, asked = question
-            for event in self.session.ask(text):
-                self._publish(event.to_dict(), qid=qid, asked=asked)
-            self._save(None)
-        elif pending:
-            self._push(pending)
+        return question or pending
 
-    def _push(self, pending: _Pending) -> None:
-        t = max(pending.t, self.session.t)
+    def frame_time(self, pending: _Pending) -> float:
+        """The stream time ``pending`` is stepped at: never before the session's last frame."""
+        return max(pending.t, self.session.t)
+
+    def answered(self, question: "Question", events: list) -> None:
+        for event in events:
+            self._publish(event.to_dict(), qid=question.id, asked=question.asked)
+        self._save(None)
+
+    def pushed(self, pending: _Pending, t: float, events: list) -> None:
+        """``pending`` was stepped at ``t`` with these events: thumbnail, counters, events published, saved."""
         image = pending.image
-        events = self.session.push_frame(t, image)
         fid = self.session.frames - 1
         self.frame_times.append(t)
         thumb = image.copy()
@@ -246,7 +305,7 @@ class LiveSession:
     def _publish(self, data: dict[str, Any], qid: str | None = None, asked: float | None = None) -> None:
         kind = data["kind"]
         if kind in ("response", "answer"):
-            gens = self.timeline.take()
+            gens = self.timeline.take() if self.timeline is not None else []
             gen = gens[-1] if gens else None
             aid = qid or uuid.uuid4().hex[:10]
             data["id"] = aid
@@ -304,6 +363,7 @@ class LiveSession:
             self.source.stop()
         if self.sidecar is not None:
             self.sidecar.close()  # reopened by a save still under way; the session's log closes with it
+        self.on_close()
 
     # -- readers ---------------------------------------------------------------------------------
     def history(self) -> dict[str, Any]:
@@ -331,10 +391,16 @@ class LiveSession:
         shares = entry["shares"]
         out: dict[str, Any] = {"id": aid, "kind": entry["kind"], "question": entry["question"], "text": entry["text"],
                                "t": entry["t"], "steps": entry["steps"], "policy": self.settings.policy,
-                               **(summarize(shares, self.frame_times) if shares is not None else {"frames": [], "top": []})}
+                               **(summarize(shares, self.frame_times) if shares is not None else self._unread())}
         if layers and shares is not None:
             out["layers"] = per_layer(shares)
         return out
+
+    def _unread(self) -> dict[str, Any]:
+        """An empty timeline, and why (the page says it)."""
+        why = ("it was read on a Ray actor (vrex serve --cluster), which does not send its reads back" if self.timeline is None
+               else "it was said before the server restarted (a saved session keeps its words, not its reads)")
+        return {"frames": [], "top": [], "unknown": why}
 
     def describe(self) -> dict[str, Any]:
         lat = sorted(self.counters.latencies_ms)
@@ -346,3 +412,15 @@ class LiveSession:
                 "source": self.source.describe() if self.source is not None else None,
                 "saved_frames": self.session.saved_frames, "resumed": self.resumed,
                 "uptime_s": round(self.now(), 1)}
+
+
+def saved_settings(directory: Path) -> SessionSettings:
+    """The serve settings of the session saved in ``directory`` (ValueError: not saved by ``vrex serve``)."""
+    run = open_manifest(directory)["settings"]["run"]
+    if "serve" not in run:
+        raise ValueError("it holds a session saved by another program (vrex run?), not by vrex serve")
+    return SessionSettings(**run["serve"])
+
+
+def cannot_resume(sid: str, directory: Path, e: BaseException) -> ClientError:
+    return ClientError(409, f"session {sid} cannot resume from {directory}: {e}")

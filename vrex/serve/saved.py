@@ -115,8 +115,11 @@ def frame_line(fid: int, t: float, thumb: bytes, counts: dict[str, int]) -> dict
     return {"frame": fid, "t": t, "thumb": base64.b64encode(thumb).decode(), "counts": counts}
 
 
-def replay_frames(lines: list[dict[str, Any]], frames: int) -> tuple[list[float], dict[int, bytes], dict[str, int]]:
-    """Frame times, thumbnails and the last counters of the first ``frames`` frames (the session's saved ones)."""
+def replay_frames(lines: list[dict[str, Any]], frames: int, last_t: float | None = None
+                  ) -> tuple[list[float], dict[int, bytes], dict[str, int]]:
+    """Frame times, thumbnails and the last counters of the first ``frames`` frames (the session's saved
+    ones). ``last_t``: the session's last frame time, for a last frame with no line (``--cluster``: the
+    actor saves its step before the server hears of it; a server that stopped in between wrote none)."""
     times: list[float] = []
     thumbs: dict[int, bytes] = {}
     counts: dict[str, int] = {}
@@ -126,9 +129,24 @@ def replay_frames(lines: list[dict[str, Any]], frames: int) -> tuple[list[float]
                 times.append(float(x["t"]))
             thumbs[x["frame"]] = base64.b64decode(x["thumb"])
             counts = x["counts"]
+    if last_t is not None and len(times) == frames - 1:
+        times.append(float(last_t))
     if len(times) != frames:
         raise ValueError(f"{SIDECAR} holds {len(times)} frame times, the session {frames} frames")
     return times, thumbs, counts
 
 
-__all__ = ["SessionsDir", "Sidecar", "SIDECAR", "SEQ_BLOCK", "frame_line", "replay_frames"]
+def saved_dialogue(directory: Path) -> list[dict[str, Any]]:
+    """What the session saved in ``directory`` said (narrations, answers), read from its files without
+    the model: for a session loaded on a Ray actor (``--cluster``), whose dialogue stays there."""
+    from vrex.engine.persist import CHECKPOINT, LOG, read_records
+
+    manifest = open_manifest(directory)
+    (checkpoint,) = read_records(Path(directory) / CHECKPOINT, manifest["checkpoint"]["bytes"])
+    said = list(checkpoint["state"]["dialogue"])
+    for record in read_records(Path(directory) / LOG, manifest["log"]["bytes"]):
+        said += record["dialogue"]
+    return said
+
+
+__all__ = ["SessionsDir", "Sidecar", "SIDECAR", "SEQ_BLOCK", "frame_line", "replay_frames", "saved_dialogue"]

@@ -53,16 +53,20 @@ class Worker:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            # Least recently served first: under overload every session gets the same share of
-            # steps, whatever the phase of its frames' arrivals (plain round-robin over the
-            # sessions that happen to have a frame at the start of a round favours the first ones).
-            session = min(busy, key=lambda s: s.last_served)
-            session.last_served = time.monotonic()
-            try:
-                with self.model_lock:
-                    session.step()
-            except Exception as e:  # noqa: BLE001 - isolation: one session's failure never stops the others
-                self.errors += 1
-                session.fail(e)
-            self.steps += 1
+            self._round(busy)
             time.sleep(0)  # let client threads take the GIL between rounds
+
+    def _round(self, busy: list[LiveSession]) -> None:
+        """One unit of work of one session (``vrex.serve.cluster`` steps them all at once)."""
+        # Least recently served first: under overload every session gets the same share of
+        # steps, whatever the phase of its frames' arrivals (plain round-robin over the
+        # sessions that happen to have a frame at the start of a round favours the first ones).
+        session = min(busy, key=lambda s: s.last_served)
+        session.last_served = time.monotonic()
+        try:
+            with self.model_lock:
+                session.step()
+        except Exception as e:  # noqa: BLE001 - isolation: one session's failure never stops the others
+            self.errors += 1
+            session.fail(e)
+        self.steps += 1
