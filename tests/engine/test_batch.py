@@ -108,6 +108,39 @@ def test_shared_device_budget(videollm, photos):
         engine.add_stream("z", make_policy("full"))
 
 
+def test_device_budget_split_again_when_streams_join_and_leave(videollm, photos):
+    """The shared budget is split over the live streams: a third stream joining shrinks the others'
+    device tiers at once (their oldest blocks go to the host, counted as offloads), its leaving gives
+    the room back, and later frames use it."""
+    share_tokens = 40
+    cfg = videollm.lm.config
+    token_bytes = 2 * (cfg.hidden_size // cfg.num_attention_heads) * cfg.num_key_value_heads * cfg.num_hidden_layers * 4
+    budget = 2 * share_tokens * token_bytes
+    engine = BatchEngine(videollm, device_budget_bytes=budget, max_streams=3)
+    for sid in ("x", "y"):
+        engine.add_stream(sid, make_policy("resv"), _config(0.0))
+    for i in range(5):
+        engine.step({"x": (0.5 * i, photos[i % 7]), "y": (0.5 * i, photos[(i + 3) % 7])})
+    before = engine.memory()["streams"]["x"]
+    offloaded = engine.streams["x"].store.counters()["offload_device_host_bytes"]
+    assert before["device_bytes"] > budget // 3  # it uses more than a third of the budget
+    engine.add_stream("z", make_policy("resv"), _config(0.0))
+    mem = engine.memory()
+    assert mem["device_share_bytes"] == budget // 3
+    for sid in ("x", "y", "z"):
+        assert mem["streams"][sid]["device_bytes"] <= budget // 3
+    x = mem["streams"]["x"]
+    assert x["kv_bytes"] == before["kv_bytes"] and x["host_bytes"] > before["host_bytes"]
+    assert engine.streams["x"].store.counters()["offload_device_host_bytes"] > offloaded
+    out = engine.step({"x": (2.5, photos[5]), "y": (2.5, photos[1]), "z": (0.0, photos[2])})
+    assert out["x"][0].stats["device_share_bytes"] == budget // 3
+    engine.remove_stream("z")
+    assert engine.device_share_bytes == budget // 2
+    for i in range(6, 9):
+        engine.step({"x": (0.5 * i, photos[i % 7]), "y": (0.5 * i, photos[(i + 3) % 7])})
+    assert budget // 3 < engine.memory()["streams"]["x"]["device_bytes"] <= budget // 2
+
+
 def test_failing_stream_does_not_stop_others(videollm, photos):
     engine = BatchEngine(videollm)
     engine.add_stream("ok", make_policy("full"), _config(0.0))

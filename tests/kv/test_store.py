@@ -225,6 +225,28 @@ def test_regroup_makes_a_cluster_over_many_blocks_one_run():
     assert torch.equal(kk[:, :B * T], k)  # every token by id
 
 
+def test_set_device_budget_moves_oldest_blocks_and_keeps_every_token():
+    """A smaller device budget moves the oldest blocks to the host at once (counted as offloads); a
+    larger one lets later blocks stay; every token reads back the same by id."""
+    tb = token_bytes() * H
+    s = KVStore(1, H, D, device_budget_bytes=12 * tb)
+    k = torch.randn(H, 20, D)
+    for i in range(0, 12, 3):
+        s.append(0, k[:, i:i + 3], -k[:, i:i + 3])
+    assert s.tier_bounds(0) == (0, 0, 12)
+    s.set_device_budget(7 * tb)
+    assert s.tier_bounds(0) == (0, 6, 12)  # two 3-token blocks moved; 6 tokens fit in 7
+    assert s.counters()["offload_device_host_bytes"] == 6 * tb
+    s.set_device_budget(None)
+    for i in range(12, 20, 4):
+        s.append(0, k[:, i:i + 4], -k[:, i:i + 4])
+    assert s.tier_bounds(0) == (0, 6, 20)  # unbounded now: nothing more moved
+    kk, vv, _ = s.gather(0, None)
+    assert torch.equal(kk, k) and torch.equal(vv, -k)
+    with pytest.raises(ValueError, match="device budget"):
+        s.set_device_budget(-1)
+
+
 def test_block_larger_than_device_budget_goes_to_host():
     tb = token_bytes() * H
     s = KVStore(1, H, D, device_budget_bytes=3 * tb)

@@ -19,8 +19,10 @@ outputs identical, ``full`` and ``resv``, streams of different lengths).
 
 Streams join (``add_stream``) and leave (``remove_stream``) between steps. ``step`` takes a frame
 for any subset of the streams: a stream whose source stalled is simply not in it (``run_sources``
-does that from live sources). One device-tier budget is shared fairly: each of ``max_streams``
-slots owns an equal part (``device_share_bytes``), each stream's policy decides what stays on it.
+does that from live sources). One device-tier budget is shared fairly: each live stream owns an
+equal part (``device_share_bytes``), split again whenever a stream joins or leaves (a stream that
+gives room moves its oldest device blocks to its host tier at once), and each stream's policy
+decides what it reads from where.
 """
 
 from __future__ import annotations
@@ -128,9 +130,9 @@ class BatchEngine:
     >>> engine.add_stream("cam1", make_policy("resv")); engine.add_stream("cam2", make_policy("full"))
     >>> events = engine.step({"cam1": (0.5, image1), "cam2": (0.5, image2)})   # {"cam1": [...], "cam2": [...]}
 
-    ``device_budget_bytes``: one device-tier budget for all streams; each of ``max_streams`` stream
-    slots gets an equal share as its own device budget (its policy decides what stays there; the
-    rest goes to host or disk per its config). None: each stream's own config decides.
+    ``device_budget_bytes``: one device-tier budget for all streams; each live stream gets an equal
+    share as its own device budget, split again when streams join or leave (the rest of a stream's KV
+    goes to host or disk per its config). None: each stream's own config decides.
     """
 
     def __init__(self, model: VideoLLM, *, device_budget_bytes: int | None = None, max_streams: int = 8):
@@ -147,8 +149,14 @@ class BatchEngine:
     # -- streams ------------------------------------------------------------------------------
     @property
     def device_share_bytes(self) -> int | None:
-        """Each stream slot's part of the shared device budget."""
-        return None if self.device_budget_bytes is None else self.device_budget_bytes // self.max_streams
+        """Each live stream's part of the shared device budget (the whole budget while none runs)."""
+        return None if self.device_budget_bytes is None else self.device_budget_bytes // max(1, len(self.streams))
+
+    def _share(self) -> None:
+        """Split the budget again over the live streams: every stream's device tier gets the new share."""
+        if self.device_budget_bytes is not None:
+            for session in self.streams.values():
+                session.store.set_device_budget(self.device_share_bytes)
 
     def add_stream(self, sid: str, policy: KVPolicy, config: SessionConfig | None = None, trace=None) -> StreamingSession:
         """Start a stream (its system prompt is prefilled now, on its own)."""
@@ -157,15 +165,16 @@ class BatchEngine:
         if len(self.streams) >= self.max_streams:
             raise ValueError(f"the engine holds at most {self.max_streams} streams (max_streams); {sid!r} refused")
         config = config or SessionConfig()
-        if self.device_share_bytes is not None:
-            config = replace(config, device_budget_bytes=self.device_share_bytes)
+        if self.device_budget_bytes is not None:  # its share once it has joined
+            config = replace(config, device_budget_bytes=self.device_budget_bytes // (len(self.streams) + 1))
         session = StreamingSession(self._view, policy, config, trace=trace)  # type: ignore[arg-type]
         self.streams[sid] = session
+        self._share()
         return session
 
     def attach(self, sid: str, session: StreamingSession) -> StreamingSession:
         """Take over an existing session (e.g. a ``fork`` of a filled one) as stream ``sid``: from now
-        on its model work runs through this engine. Its device budget stays as it was built."""
+        on its model work runs through this engine, and its device tier takes its share of the budget."""
         if sid in self.streams:
             raise ValueError(f"stream {sid!r} already exists")
         if len(self.streams) >= self.max_streams:
@@ -174,6 +183,7 @@ class BatchEngine:
             raise ValueError(f"stream {sid!r}: the session runs another model than this engine's")
         session.model = self._view  # type: ignore[assignment]
         self.streams[sid] = session
+        self._share()
         return session
 
     def remove_stream(self, sid: str) -> StreamingSession:
@@ -181,6 +191,7 @@ class BatchEngine:
         session = self._get(sid)
         del self.streams[sid]
         session.store.close()
+        self._share()  # the others get its part
         return session
 
     def _get(self, sid: str) -> StreamingSession:

@@ -509,6 +509,32 @@ class KVStore:
     def _cap(self, budget: int) -> int:
         return max(0, int(budget) // self.num_layers // self.token_bytes_all_heads)
 
+    def set_device_budget(self, budget_bytes: int | None) -> None:
+        """Give the device tier a new budget (``None``: unbounded); e.g. a batched engine splits one budget
+        again when a stream joins or leaves. Below a smaller budget the oldest blocks move to the host
+        now, counted as offloads, exactly as later appends would have moved them; a larger one keeps
+        the blocks where they are and lets later blocks stay longer. Each layer's device ring is
+        rebuilt at the new capacity (its live blocks copied once, in order)."""
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError(f"device budget must be >= 0 bytes or None, got {budget_bytes}")
+        self.device_budget_bytes = budget_bytes
+        self._dev_cap = None if budget_bytes is None else self._cap(budget_bytes)
+        H = self.num_kv_heads
+        for L in self._layers:
+            if self._dev_cap is not None:
+                while L.blocks[DEVICE] and L.dev.used > self._dev_cap:
+                    self._migrate_oldest(L, DEVICE)
+            fresh = _Ring(H, self.head_dim, self.dtype, L.dev.device, self._dev_cap)
+            blocks: deque[_Block] = deque()
+            for b in L.blocks[DEVICE]:
+                p0 = fresh.hi
+                if b.phys:  # evicted slots come along (compaction drops them); their ids are never read
+                    k, v, ids = L.dev.read(torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys))
+                    fresh.push(k, v, ids)
+                    L.pos.scatter(ids, torch.arange(p0, p0 + b.phys).expand(H, b.phys))
+                blocks.append(_Block(b.start, b.length, p0, b.phys))
+            L.dev, L.blocks[DEVICE] = fresh, blocks
+
     # ------------------------------------------------------------------ basics
     def length(self, layer: int) -> int:
         """Tokens ever appended to ``layer`` (evicted ones included)."""
