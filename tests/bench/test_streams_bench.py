@@ -7,16 +7,20 @@ import json
 
 import psutil
 
-from vrex.bench.streams import run_streams_bench
-
 REQUIRED = {"streams", "mode", "policy", "cached_tokens", "aggregate_fps", "p99_frame_ms"}
 
 
 def test_streams_bench_tiny_run_in_bfloat16(tmp_path):
-    rows = run_streams_bench(counts=[2], sizes=[64], modes=["batched", "separate"], policies=["full"], frames=2,
-                             lm_dtype="bfloat16", out=tmp_path, log=lambda line: None)
-    stored = json.loads((tmp_path / "streams.json").read_text())
-    assert stored == json.loads(json.dumps(rows)) and len(rows) == 2
+    """Through the command outside checks use (`vrex bench streams ... --out DIR`), at a tiny size."""
+    from typer.testing import CliRunner
+
+    from vrex.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "streams", "--counts", "2", "--sizes", "64", "--modes", "batched,separate",
+                                      "--policies", "full", "--frames", "2", "--lm-dtype", "bfloat16", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "streams.json").read_text())
+    assert len(rows) == 2
     assert all(REQUIRED <= set(r) for r in rows)
     by = {r["mode"]: r for r in rows}
     for r in rows:
