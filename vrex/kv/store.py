@@ -707,7 +707,14 @@ class KVStore:
         tok = start + order  # [H, T]: token for slot p
         k, v, _ = ring.read(L.pos.gather(tok))
         slots = torch.arange(p0, p0 + T).expand(H, T).contiguous()
-        ring.write(slots, k, v, tok)
+        if isinstance(ring, _Ring):  # the same slots on every head: a copy along dim 1, not a scatter
+            # (torch's scatter_ into a [3, 64K, 64] bf16 ring took 13 ms for 384 tokens; this ~0.1 ms)
+            idx = ring._idx(slots[0])
+            ring.k.index_copy_(1, idx.to(ring.device), k.to(ring.device, ring.dtype))
+            ring.v.index_copy_(1, idx.to(ring.device), v.to(ring.device, ring.dtype))
+            ring.ids[:, idx] = tok.to(ring.ids.dtype)
+        else:
+            ring.write(slots, k, v, tok)
         L.pos.scatter(tok, slots)
         L.permuted = True
 
@@ -728,9 +735,15 @@ class KVStore:
         done = 0
         for tier, ring in ((HOST, L.host), (DEVICE, L.dev)):
             blocks = L.blocks[tier]
-            inside = [i for i, b in enumerate(blocks) if b.start < end and b.start + b.length > start]
+            inside = []  # indices of the blocks that overlap the span: the newest ones, so scan from the back
+            for i in range(len(blocks) - 1, -1, -1):
+                if blocks[i].start + blocks[i].length <= start:
+                    break
+                if blocks[i].start < end:
+                    inside.append(i)
             if not inside:
                 continue
+            inside.reverse()
             first, last = blocks[inside[0]], blocks[inside[-1]]
             if (first.start < start and first.start + first.length > start) or last.start + last.length > end:
                 raise ValueError(f"regroup: tokens {start}..{end - 1} of layer {layer} cut a block")
@@ -745,8 +758,9 @@ class KVStore:
                 raise ValueError(f"regroup: order_of({a}, {b}) gave shape {tuple(order.shape)}, "
                                  f"expected ({self.num_kv_heads}, {b - a})")
             self._write_order(L, ring, a, first.p0, order)
-            kept = list(blocks)
-            L.blocks[tier] = deque(kept[: inside[0]] + [merged] + kept[inside[-1] + 1 :])
+            tail = [blocks.pop() for _ in range(len(blocks) - inside[0])][::-1]  # the span's blocks and any after
+            blocks.append(merged)
+            blocks.extend(tail[len(inside):])
             done += b - a
         return done
 
