@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vrex.hw.dre import kvmu_run_tokens, temporal_stream
 from vrex.hw.kvmu import KVMU, KVMUConfig, Tier
 from vrex.resv.hashing import make_hyperplanes
 from vrex.resv.table import HCTable
@@ -105,29 +107,13 @@ def test_cluster_layout_needs_fewer_transfers_than_arrival_order():
     assert n["cluster"] <= F < n["arrival"]
 
 
-def _temporal_stream(kv: KVMU, frames: int = 400, T: int = 10, seed: int = 0) -> dict[int, list[int]]:
-    """Clusters that live over several frames (4 live clusters, one replaced per ~3 frames: ~33 tokens)."""
-    import random
-
-    rnd = random.Random(seed)
-    active, nxt, members, tok = [0, 1, 2, 3], 4, {}, 0
-    for _ in range(frames):
-        if rnd.random() < 0.33:
-            active = active[1:] + [nxt]
-            nxt += 1
-        ids = [rnd.choice(active) for _ in range(T)]
-        kv.append(T, torch.tensor([ids]))
-        for i in ids:
-            members.setdefault(i, []).append(tok)
-            tok += 1
-    return members
-
-
 def _runs(chunk: int, layout: str = "cluster", ratio: float = 0.2) -> tuple[float, float]:
+    """Mean run per transfer at ``ratio`` on the simulator's sampled stream (4 live clusters of ~32
+    tokens, 10 tokens per frame, 4,000 tokens), whole clusters selected; and cluster size / (1 - ratio)."""
     import random
 
     kv = KVMU(1, KVMUConfig(tiers=(Tier("device", 320), Tier("ssd", None, 4096)), layout=layout, offload_chunk=chunk))
-    members = _temporal_stream(kv)
+    members = temporal_stream(kv, 4000, 10, 32.0, 4)
     cl = list(members)
     random.Random(1).shuffle(cl)
     sel: list[int] = []
@@ -142,11 +128,39 @@ def _runs(chunk: int, layout: str = "cluster", ratio: float = 0.2) -> tuple[floa
 
 def test_regrouping_on_offload_makes_temporal_clusters_contiguous():
     """Per-frame grouping leaves a cluster spanning frames in pieces; regrouping a 32-frame chunk (the
-    clustering scope) on the way out joins them. The simulator's KVMU run length (cluster size /
-    (1 - ratio)) is checked against the unit: it is optimistic by the clusters cut at chunk edges."""
+    clustering scope) on the way out joins them. The closed form cluster size / (1 - ratio) is
+    optimistic against the unit (clusters cut at chunk edges), which is why the simulator takes the
+    KVMU's runs from the unit (next test)."""
     per_frame, _ = _runs(1)
     arrival, _ = _runs(1, "arrival")
     chunked, formula = _runs(32)
-    assert per_frame < 6 and chunked > 4 * per_frame  # measured at 20%: 3.3 tokens per run vs 34.7 (arrival: 1.7)
+    assert per_frame < 6 and chunked > 4 * per_frame  # measured at 20%: 3.2 tokens per run vs 29.8 (arrival: 1.6)
     assert chunked > arrival
-    assert 1.0 <= formula / chunked <= 1.6  # the simulator's run model vs the unit: measured 42.4 / 34.7 = 1.22
+    assert formula > 1.1 * chunked  # the closed form: 39.1 / 29.8 = 1.31
+
+
+@pytest.mark.parametrize("kv,stage", [(5_000, "frame"), (40_000, "frame"), (40_000, "decode")])
+def test_simulator_takes_the_kvmu_run_length_from_the_unit(kv, stage):
+    """V-Rex's transfer: runs = selected offloaded tokens / the bit-exact KVMU's mean run on a sampled
+    stream of the step's shape (device window, ratio, cluster size, tokens per frame, 32-frame chunks)."""
+    from vrex.hw.config import load_constants, load_fitted, load_method, load_system
+    from vrex.hw.model_shapes import preset
+    from vrex.hw.sim import selected_ratio, transfer
+    from vrex.hw.stats import PAPER
+
+    fitted = load_fitted()
+    c, me, hw, m = load_constants(fitted), load_method("resv_dre"), load_system("vrex8", fitted).hw, preset("llama3-8b")
+    dev = int(c["device_window_tokens"])
+    r = selected_ratio(me, stage, kv, c, PAPER)
+    n_off = kv - dev
+    xf = transfer(hw, me, m, 2, n_off, r * n_off, r, c, PAPER, device_tokens=dev)
+    unit = kvmu_run_tokens(n_off, dev, round(r, 4), 32.0, m.tokens_per_frame, int(c["hc_scope_frames"]),
+                           int(c["kvmu_live_clusters"]))
+    assert unit is not None and 1.0 <= unit < 32.0 / (1 - r)  # shorter than the closed form
+    assert xf.runs == pytest.approx(2 * m.num_key_value_heads * r * n_off / unit, rel=1e-12)
+    # the same shape run again on the unit, uncached: the same number (a reproducible sample)
+    kv_unit = KVMU(1, KVMUConfig(tiers=(Tier("device", dev), Tier("ssd", None, 4096)), layout="cluster", offload_chunk=32))
+    members = temporal_stream(kv_unit, kv, m.tokens_per_frame, 32.0, int(c["kvmu_live_clusters"]))
+    assert kv_unit.n_tokens == kv and abs(sum(map(len, members.values())) / len(members) - 32.0) < 4.0
+    assert kvmu_run_tokens.__wrapped__(n_off, dev, round(r, 4), 32.0, m.tokens_per_frame, 32,
+                                       int(c["kvmu_live_clusters"])) == unit

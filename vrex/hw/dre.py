@@ -10,22 +10,35 @@ and streams. A sample is either given (tests, a caller with real inputs) or draw
 clusters (so some join and some found new clusters), codes and scores come from the LXE's BF16
 datapath (:mod:`vrex.hw.lxe`) with BF16 hyperplanes, counts average the cluster size. Samples are
 cached per shape, so a check or a sweep runs each shape once.
+
+The KVMU's transfers are timed the same way: :func:`kvmu_run_tokens` stores a synthetic stream of
+the step's shape in the bit-exact :class:`vrex.hw.kvmu.KVMU` (cluster layout, the device window as
+its first tier, regrouping per clustering scope on offload), selects whole clusters at random up to
+the step's ratio and returns the mean run per transfer that :meth:`KVMU.transfer_list` produces.
+The stream (:func:`temporal_stream`): ``live`` clusters are open at a time, every token of a frame
+joins one of them (at random), and the oldest is replaced ``tokens_per_frame / cluster_size`` times
+per frame on a steady schedule (so clusters average ``cluster_size`` tokens and span ``live x cluster_size /
+tokens_per_frame`` frames, the way our traces' clusters span frames).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import random
 from functools import lru_cache
 
 import torch
 
 from .bf16 import to_bf16
 from .hcu import HCUConfig, hcu_frame
+from .kvmu import KVMU, KVMUConfig, Tier
 from .lxe import lxe_hash_codes, lxe_scores
 from .wtu import WTUConfig, wtu_select
 
 MAX_ROWS = 16  # WTU rows sampled per KV head (cycles scale by rows / sampled rows)
+MAX_KVMU_TOKENS = 65536  # longest KVMU sample: runs are a per-chunk statistic, stable over many chunks
+KVMU_SELECTIONS = 4  # random whole-cluster selections per KVMU sample (runs pooled over them)
 
 
 @dataclass(frozen=True)
@@ -99,4 +112,52 @@ def sampled_cycles(n_clusters: int, scope_clusters: int, new_tokens: int, rows_t
     return unit_cycles(synth_sample(n_clusters, scope_clusters, new_tokens, rows_total, head_dim, n_hp, cluster_size))
 
 
-__all__ = ["DRESample", "UnitCycles", "unit_cycles", "synth_sample", "sampled_cycles", "MAX_ROWS"]
+def temporal_stream(kv: KVMU, n_tokens: int, tokens_per_frame: int, cluster_size: float, live: int,
+                    seed: int = 0) -> dict[int, list[int]]:
+    """Append ``n_tokens`` in frames of clusters that live over several frames (module doc) to a
+    one-head ``kv``; returns each cluster's token ids."""
+    rnd = random.Random(seed)
+    T = max(1, tokens_per_frame)
+    p = min(1.0, T / max(cluster_size, 1.0))
+    active, nxt, members, tok, credit = list(range(live)), live, {}, 0, 0.0
+    while tok < n_tokens:
+        ids = [rnd.choice(active) for _ in range(min(T, n_tokens - tok))]
+        kv.append(len(ids), torch.tensor([ids]))
+        for i in ids:
+            members.setdefault(i, []).append(tok)
+            tok += 1
+        credit += p  # a steady replacement schedule: the mean cluster size is cluster_size, not a draw
+        if credit >= 1.0:
+            credit -= 1.0
+            active = active[1:] + [nxt]
+            nxt += 1
+    return members
+
+
+@lru_cache(maxsize=512)
+def kvmu_run_tokens(offloaded: int, device_tokens: int, ratio: float, cluster_size: float, tokens_per_frame: int,
+                    chunk_frames: int, live: int) -> float | None:
+    """Mean tokens per transfer of the bit-exact KVMU on a sampled stream of the step's shape (module
+    doc): ``offloaded + device_tokens`` tokens (at most :data:`MAX_KVMU_TOKENS`, the device share kept),
+    whole clusters selected up to ``ratio``. ``None`` when no selected token was offloaded."""
+    n = min(offloaded + device_tokens, MAX_KVMU_TOKENS)
+    dev = min(device_tokens, n)
+    kv = KVMU(1, KVMUConfig(tiers=(Tier("device", dev), Tier("ssd", None, 4096)), layout="cluster",
+                            offload_chunk=max(1, chunk_frames)))
+    members = temporal_stream(kv, n, tokens_per_frame, cluster_size, live)
+    moved = runs = 0
+    for s in range(KVMU_SELECTIONS):
+        order = list(members)
+        random.Random(1000 + s).shuffle(order)
+        sel: list[int] = []
+        for c in order:
+            if len(sel) >= ratio * n:
+                break
+            sel += members[c]
+        _, summ = kv.transfer_list([torch.tensor(sorted(sel), dtype=torch.int64)])
+        moved, runs = moved + summ["offloaded_tokens"], runs + summ["transfers"]
+    return moved / runs if runs else None
+
+
+__all__ = ["DRESample", "UnitCycles", "unit_cycles", "synth_sample", "sampled_cycles", "MAX_ROWS",
+           "MAX_KVMU_TOKENS", "KVMU_SELECTIONS", "temporal_stream", "kvmu_run_tokens"]

@@ -32,7 +32,7 @@ from typing import Literal
 from . import compute as cp
 from .capacity import place
 from .config import Constants, Hardware, Method, System, load_constants, load_fitted, load_system
-from .dre import DRESample, UnitCycles, sampled_cycles, unit_cycles
+from .dre import DRESample, UnitCycles, kvmu_run_tokens, sampled_cycles, unit_cycles
 from .energy import Activity, step_energy
 from .model_shapes import ModelShape, resolve
 from .stats import PAPER, RetrievalStats
@@ -116,14 +116,18 @@ class Transfer:
 
 
 def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off: float, sel_off: float,
-             ratio: float, c: Constants, stats: RetrievalStats, kv_scale: float = 1.0) -> Transfer:
-    """One layer's prefetch of ``sel_off`` offloaded tokens per stream (of ``n_off`` offloaded).
+             ratio: float, c: Constants, stats: RetrievalStats, kv_scale: float = 1.0,
+             device_tokens: int | None = None) -> Transfer:
+    """One layer's prefetch of ``sel_off`` offloaded tokens per stream (of ``n_off`` offloaded, with
+    ``device_tokens`` on the device: default the device window).
 
     Layout: per KV head, tokens in a tier are contiguous in arrival order with K and V in separate
     regions (GPU runtimes), or cluster-contiguous with K and V interleaved (V-Rex's KVMU). Selected
-    tokens form runs: the whole region for FlexGen; otherwise ``granule / (1 - density)`` tokens
-    on average (granules picked independently), the granule being a cluster (KVMU), or at least
-    one frame in arrival order (``locality_tokens``). A trace's measured run length overrides.
+    tokens form runs: the whole region for FlexGen; with the KVMU, the mean run the bit-exact unit
+    produces on a sampled stream of the step's shape (:func:`vrex.hw.dre.kvmu_run_tokens`: clusters
+    cut at the edges of the regrouped chunks included); otherwise ``granule / (1 - density)`` tokens
+    on average (granules picked independently), the granule being at least one frame in arrival
+    order (``locality_tokens``). A trace's measured run length overrides the arrival-order model.
     """
     if sel_off <= 0:
         return Transfer(0.0, 0.0, 0.0, 0.0, 0.0)
@@ -137,6 +141,12 @@ def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off:
         if stats.run_tokens and method.granule != "cluster":
             g = stats.run_tokens
         run_tokens = sel_off if ratio >= 1.0 else min(sel_off, g / (1.0 - ratio))
+        if method.kvmu and ratio < 1.0:
+            dev = int(c["device_window_tokens"]) if device_tokens is None else int(device_tokens)
+            unit = kvmu_run_tokens(int(round(n_off)), dev, round(ratio, 4), round(stats.cluster_size, 1),
+                                   model.tokens_per_frame, int(c["hc_scope_frames"]), int(c["kvmu_live_clusters"]))
+            if unit is not None:  # (None: the sample's selection never left the device; keep the formula)
+                run_tokens = min(sel_off, unit)
     run_bytes = run_tokens * tok * (2 if method.kvmu else 1)
     runs = batch * hk * parts * sel_off / run_tokens
     useful = batch * sel_off * model.kv_bytes_per_token_layer * kv_scale
@@ -144,7 +154,13 @@ def transfer(hw: Hardware, method: Method, model: ModelShape, batch: int, n_off:
         s = c.storage["ssd"]
         sector = s["sector_bytes"]
         aligned = method.kvmu or method.granule == "all"  # KVMU pads segments to sectors
-        sectors = math.ceil(run_bytes / sector) if aligned else (run_bytes + sector - tok) / sector
+        if aligned:  # runs are whole tokens: a token of whole sectors (512 B: K + V of one Llama head)
+            # pads nothing; otherwise the last sector is half empty on average. (The ceiling of the
+            # *mean* run charged up to a sector per run, and jumped as the unit's mean run moved.)
+            slot = tok * (2 if method.kvmu else 1)
+            sectors = run_bytes / sector + (0.0 if slot % sector == 0 else 0.5)
+        else:  # a run starts at any token of a sector
+            sectors = (run_bytes + sector - tok) / sector
         link_bytes = runs * sectors * sector
         commands = runs * max(1, math.ceil(run_bytes / s["max_transfer_bytes"]))
         bw = min(hw.link_bw * hw.link_eff, s["seq_read_gbps"] * 1e9)
@@ -267,7 +283,7 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
     # --- transfer of the selected offloaded tokens (capacity decides what is offloaded)
     n_off = pl.offloaded_tokens
     sel_off = (r if predicting else 1.0) * n_off
-    xf = transfer(hw, me, model, B, n_off, sel_off, r if predicting else 1.0, c, stats, kv_scale)
+    xf = transfer(hw, me, model, B, n_off, sel_off, r if predicting else 1.0, c, stats, kv_scale, pl.device_tokens)
 
     # --- pipelined layer: engine does prediction then execution; DRE + link overlap execution
     sched = me.sched_tasks_per_layer * hw.op_overhead_s  # synchronised host scheduling (FlexGen)
