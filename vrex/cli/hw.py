@@ -21,7 +21,7 @@ from vrex.hw.config import load_constants, load_fitted, load_system, system_name
 from vrex.hw.model_shapes import resolve
 from vrex.hw.sim import Workload, episode
 from vrex.hw.sim import simulate as run_sim
-from vrex.hw.stats import PAPER, RetrievalStats, load_trace
+from vrex.hw.stats import GAMMA_MIN_SPAN, GAMMA_MIN_TOKENS, PAPER, RetrievalStats, load_trace
 
 app = typer.Typer(
     help=(
@@ -121,7 +121,7 @@ def simulate(
     kv: str = typer.Option("1k,5k,10k,20k,40k", help="KV cache sizes per stream, e.g. 1k,5k,40k."),
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="Concurrent streams (each holds the full KV)."),
     baselines: bool = typer.Option(True, help="Also simulate every system on the same memory system (for comparison and the FPS plot)."),
-    trace: Optional[Path] = typer.Option(None, help="Engine telemetry (JSONL): take ReSV's retrieval statistics from it instead of the paper's ratios."),
+    trace: Optional[Path] = typer.Option(None, help="Engine telemetry (JSONL, or .jsonl.gz) from `vrex run --trace`: take ReSV's retrieval statistics from it instead of the paper's ratios."),
     frame_ratio: Optional[float] = typer.Option(None, help="Override ReSV's frame-stage retrieval ratio (paper: 0.327)."),
     text_ratio: Optional[float] = typer.Option(None, help="Override ReSV's text-stage retrieval ratio (paper: 0.025)."),
     vision: bool = typer.Option(True, help="Include the frame encoder in each frame step."),
@@ -150,10 +150,16 @@ def simulate(
     c = load_constants(fitted)
     wl = Workload(0, batch, include_vision=vision)
     if stats.source.startswith("trace"):
-        g = "-" if stats.growth_exponent is None else f"{stats.growth_exponent:.2f}"
+        span = stats.frame_past_range
+        span_txt = "no frame records" if span is None else f"frame records over {span[0]:,.0f}-{span[1]:,.0f} past tokens"
+        if stats.growth_exponent is not None:
+            g = f"growth exponent {stats.growth_exponent:.2f} measured ({span_txt})"
+        else:  # too short a span measures the policy's warm-up, not its growth law (vrex.hw.stats)
+            g = (f"growth exponent: default {c['resv_growth_exponent']:g} kept ({span_txt}; measuring needs "
+                 f">= {GAMMA_MIN_SPAN:g}x and >= {GAMMA_MIN_TOKENS:,.0f} tokens)")
         console.print(f"retrieval statistics from trace {trace}: frame ratio {_fmt(stats.frame_ratio)}, text ratio "
                       f"{_fmt(stats.text_ratio)} at {_fmt(stats.ref_kv)} past tokens, cluster {_fmt(stats.cluster_size)} tokens, "
-                      f"growth exponent {g} (shapes: {shape.name})")
+                      f"{g} (shapes: {shape.name})")
     res = {n: [run_sim(s, shape, replace(wl, kv_tokens=k), stats, c, fitted) for k in sizes] for n, s in systems.items()}
 
     for m in mains:

@@ -16,8 +16,10 @@ present wins); it is the one place to edit if the schema changes.
   steps' ``moved`` deltas, host and disk), divided by the bytes of one token of one KV head, which
   is resident bytes / (cached tokens x layers x KV heads) of the last record giving all of them.
 * ``growth_exponent``: least-squares slope of log(selected tokens) against log(past tokens) over the
-  ``frame`` records (selected = ratio x past), when they span at least a factor 2 of KV and number
-  at least 5; ``None`` otherwise (the constant ``resv_growth_exponent`` is used).
+  ``frame`` records (selected = ratio x past), when they number at least 5 and span at least a
+  factor 4 *and* 500 tokens of KV; ``None`` otherwise (the constant ``resv_growth_exponent`` is
+  used). A slope over a few hundred tokens measures the policy's warm-up, not its growth law (a
+  6-frame trace gave 0.98). ``frame_past_range`` keeps the span either way, so callers can say why.
 
 Scaling to another model (e.g. a SmolLM2 trace simulated as Llama-3-8B): every statistic is a ratio
 or a count of tokens/clusters, so it is used as measured; bytes come from the simulated model's
@@ -27,6 +29,7 @@ growth law extends them to the simulated KV sizes.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from dataclasses import dataclass, replace
@@ -73,6 +76,7 @@ class RetrievalStats:
     ref_kv: float | None = None
     run_tokens: float | None = None
     growth_exponent: float | None = None
+    frame_past_range: tuple[float, float] | None = None  # (min, max) past tokens of the frame records
     source: str = "paper"
 
 
@@ -104,10 +108,17 @@ def _mean(v: list[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
 
-def growth_exponent(points: list[tuple[float, float]], min_points: int = 5, min_span: float = 2.0) -> float | None:
-    """Slope of log(selected) on log(past) (see the module doc); ``None`` if the points are too few."""
-    pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
-    if len(pts) < min_points or max(x for x, _ in pts) - min(x for x, _ in pts) < math.log(min_span):
+GAMMA_MIN_POINTS, GAMMA_MIN_SPAN, GAMMA_MIN_TOKENS = 5, 4.0, 500.0
+
+
+def growth_exponent(points: list[tuple[float, float]], min_points: int = GAMMA_MIN_POINTS, min_span: float = GAMMA_MIN_SPAN,
+                    min_tokens: float = GAMMA_MIN_TOKENS) -> float | None:
+    """Slope of log(selected) on log(past) (see the module doc); ``None`` if the points are too few or
+    span less than a factor ``min_span`` or ``min_tokens`` of past tokens."""
+    pos = [(x, y) for x, y in points if x > 0 and y > 0]
+    pts = [(math.log(x), math.log(y)) for x, y in pos]
+    if (len(pts) < min_points or max(x for x, _ in pts) - min(x for x, _ in pts) < math.log(min_span)
+            or max(x for x, _ in pos) - min(x for x, _ in pos) < min_tokens):
         return None
     mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
@@ -145,6 +156,8 @@ def stats_from_records(records: Iterable[dict], base: RetrievalStats = PAPER) ->
     if n == 0:
         raise ValueError("no telemetry records")
     run = fetched / transfers / head_token_bytes if transfers and head_token_bytes else None
+    gamma = growth_exponent(frame_pts)
+    span = (min(x for x, _ in frame_pts), max(x for x, _ in frame_pts)) if frame_pts else None
     return replace(
         base,
         frame_ratio=_mean(ratios["frame"]) if ratios["frame"] else base.frame_ratio,
@@ -154,15 +167,19 @@ def stats_from_records(records: Iterable[dict], base: RetrievalStats = PAPER) ->
         hc_overhead=_mean(other["hc_overhead"]) or base.hc_overhead,
         ref_kv=_mean(n_past) or base.ref_kv,
         run_tokens=run or base.run_tokens,
-        growth_exponent=growth_exponent(frame_pts) if growth_exponent(frame_pts) is not None else base.growth_exponent,
+        growth_exponent=gamma if gamma is not None else base.growth_exponent,
+        frame_past_range=span,
         source="trace",
     )
 
 
 def load_trace(path: str | Path, base: RetrievalStats = PAPER) -> RetrievalStats:
-    """Statistics from a JSONL telemetry file (blank lines are skipped)."""
+    """Statistics from a JSONL telemetry file, gzipped if its name ends in ``.gz`` (blank lines are
+    skipped)."""
     recs = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    p = Path(path)
+    text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -174,4 +191,5 @@ def load_trace(path: str | Path, base: RetrievalStats = PAPER) -> RetrievalStats
     return stats_from_records(recs, base)
 
 
-__all__ = ["FIELD_MAP", "RetrievalStats", "PAPER", "get", "growth_exponent", "stats_from_records", "load_trace"]
+__all__ = ["FIELD_MAP", "RetrievalStats", "PAPER", "get", "growth_exponent", "stats_from_records", "load_trace",
+           "GAMMA_MIN_POINTS", "GAMMA_MIN_SPAN", "GAMMA_MIN_TOKENS"]
