@@ -89,3 +89,13 @@ def test_fit_cannot_leave_the_plausible_ranges():
 def test_nelder_mead_finds_a_quadratic_minimum():
     x, v = fitmod.nelder_mead(lambda p: (p[0] - 1.5) ** 2 + 2 * (p[1] + 0.5) ** 2, [0.0, 0.0])
     assert x == pytest.approx([1.5, -0.5], abs=1e-3) and v < 1e-6
+
+
+def test_wtu_constants_in_the_config_equal_the_unit():
+    """configs/constants.yaml documents the WTU's bucket count and final-group latency; the unit's own
+    values time the WTU, so the two must not drift apart."""
+    from vrex.hw.config import load_constants
+    from vrex.hw.wtu import FINAL_LATENCY, WTUConfig
+
+    c = load_constants()
+    assert c["wtu_buckets"] == WTUConfig().num_buckets and c["wtu_refine_cycles"] == FINAL_LATENCY

@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Hardware
+from .config import CONFIG_DIR, Hardware, read_yaml
 
 TREE = 64  # DPE: 64 MAC trees x 64 inputs per core (Table III)
 VPE_LANES = 64  # VPE: 1 x 64 per core
 SRAM_BYTES = 384 * 1024  # LXE SRAM per core (Table III)
-VPE_OPS_PER_ELEMENT = 4  # [U] softmax/norm: max/sub, exp, sum, scale per element
+# [U] VPE lane-cycles per softmax/norm element (configs/constants.yaml, with its reason)
+VPE_OPS_PER_ELEMENT = float(read_yaml(CONFIG_DIR / "constants.yaml")["vpe_ops_per_element"])
 VPE_SRAM_BYTES_PER_ELEMENT = 4  # one BF16 read + one BF16 write per element the VPE touches
 
 
