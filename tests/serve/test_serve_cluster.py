@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -134,3 +136,14 @@ def test_cluster_options_refused_before_ray_starts():
     assert out.returncode == 2 and "--actors needs --cluster" in out.stderr
     out = subprocess.run([*vrex, "--cluster", "local", "--actors", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "at least one actor" in out.stderr
+    # a head's address where nothing listens, and a malformed one: refused in seconds, naming the address
+    # (ray.init retried such an address for minutes)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    t0 = time.monotonic()
+    out = subprocess.run([*vrex, "--cluster", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"127.0.0.1:{port}" in out.stderr and "nothing answers" in out.stderr
+    assert time.monotonic() - t0 < 30
+    out = subprocess.run([*vrex, "--cluster", "headnode"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr

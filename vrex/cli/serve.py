@@ -72,6 +72,13 @@ def serve(
         if not cluster.strip():
             raise typer.BadParameter("give 'local', 'auto', HOST:PORT or ray://HOST:10001", param_hint="--cluster")
         require_extra("vrex serve --cluster", "cluster", "ray")
+        if cluster.strip() != "local":
+            from vrex.cluster.client import check_address
+
+            try:
+                check_address(cluster.strip())
+            except (ValueError, ConnectionError) as e:
+                raise typer.BadParameter(str(e), param_hint="--cluster")
     from vrex.kv.policies import make_policy
     from vrex.serve.hub import ClusterConfig, ServeConfig
     from vrex.serve.limits import ServeLimits

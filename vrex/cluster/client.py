@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -101,6 +102,24 @@ def _raise_on_error(session: RemoteSession, events: list[dict]) -> None:
             raise SessionError(f"session {session.id!r}: {ev['text']}")
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing answers at a Ray head's ``HOST:PORT`` (or ``ray://HOST:PORT``): ``ray.init``
+    itself retries a wrong address for minutes before it gives up. ``"auto"`` is resolved by Ray from
+    this machine's own files and is not checked here. Raises ``ValueError`` (not an address) or
+    ``ConnectionError`` (nothing listening), naming the address."""
+    if address == "auto":
+        return
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"Ray address {address!r}: give 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"Ray address {address!r}: nothing answers on {host}:{port} ({e.strerror or e}); "
+                              "start a head there with `ray start --head`, or check the address") from None
+
+
 class Cluster:
     """Sessions on Ray actors. ``address``: None starts a local Ray bound to 127.0.0.1 (``num_cpus``
     CPUs); ``"auto"`` joins the cluster this machine belongs to (``ray start --head`` / ``--address``);
@@ -123,6 +142,7 @@ class Cluster:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                          log_to_driver=False, configure_logging=False)
             else:
+                check_address(address)
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             self._started = True
         # max_restarts=0: a restart by Ray would bring the actor back empty; restart() brings back its sessions.
