@@ -324,16 +324,16 @@ def simulate_step(system: System, model: ModelShape, wl: Workload, stage: Stage,
         unit_busy.update({"HCU": L * dre_hcu, "WTU": L * dre_wtu, "KVMU": link_busy if me.kvmu else 0.0})
 
     # --- energy from activity
+    # each phase's work for the whole step: (work of one instance, instances)
+    works = {"vision": (w_vis, 1), "qkv": (w_qkv, L), "attention": (w_att, L), "o_ffn": (w_off, L),
+             "hash_cluster": (w_hash, L), "score_threshold": (w_score, L), "lm_head": (w_lm, 1)}
+
+    def per_phase(attr: str) -> dict[str, float]:
+        return {p: k * getattr(w, attr) for p, (w, k) in works.items()}
+
     act = Activity(
-        flops={"vision": w_vis.flops, "qkv": L * w_qkv.flops, "attention": L * w_att.flops, "o_ffn": L * w_off.flops,
-               "hash_cluster": L * w_hash.flops, "score_threshold": L * w_score.flops, "lm_head": w_lm.flops},
-        sram_bytes={"vision": w_vis.sram_bytes, "qkv": L * w_qkv.sram_bytes, "attention": L * w_att.sram_bytes,
-                    "o_ffn": L * w_off.sram_bytes, "hash_cluster": L * w_hash.sram_bytes,
-                    "score_threshold": L * w_score.sram_bytes, "lm_head": w_lm.sram_bytes},
-        dram_bytes={"vision": w_vis.dram_bytes, "qkv": L * w_qkv.dram_bytes, "attention": L * w_att.dram_bytes,
-                    "o_ffn": L * w_off.dram_bytes, "hash_cluster": L * w_hash.dram_bytes,
-                    "score_threshold": L * w_score.dram_bytes, "lm_head": w_lm.dram_bytes,
-                    "transfer": L * xf.useful_bytes},  # fetched KV is written into device DRAM
+        flops=per_phase("flops"), sram_bytes=per_phase("sram_bytes"),
+        dram_bytes={**per_phase("dram_bytes"), "transfer": L * xf.useful_bytes},  # fetched KV is written into device DRAM
         wait_s=phases["transfer"], link_busy_s=link_busy, link_bytes=L * xf.link_bytes,
         hcu_busy_s=L * dre_hcu, wtu_busy_s=L * dre_wtu)
     energy, e_ph, e_units = step_energy(hw, c, phases, act)
