@@ -43,11 +43,11 @@ def test_windowed_fill_keeps_every_token_and_changes_only_what_the_window_hides(
     exact.fill_to(1000), windowed.fill_to(1000)
     a, b = exact.base, windowed.base
     assert a.cached_tokens == b.cached_tokens >= 1000 - 13 and torch.equal(a.positions, b.positions)
-    assert not b.store.is_evicted(0).any()
-    torch.testing.assert_close(b.store.keys(0), a.store.keys(0), atol=1e-5, rtol=1e-5)
+    assert not b.store.layers[0].is_evicted().any()
+    torch.testing.assert_close(b.store.layers[0].keys(), a.store.layers[0].keys(), atol=1e-5, rtol=1e-5)
     top = a.store.num_layers - 1
     first_chunk_end = a.spans[1 + 32][0]  # spans: (start, length, frame): the prompt, then one per frame
-    ka, kb = a.store.keys(top), b.store.keys(top)
+    ka, kb = a.store.layers[top].keys(), b.store.layers[top].keys()
     torch.testing.assert_close(kb[:, :first_chunk_end], ka[:, :first_chunk_end], atol=1e-4, rtol=1e-4)
     later = (kb[:, first_chunk_end:] - ka[:, first_chunk_end:]).abs().amax(dim=(0, 2))  # per token
     assert (later > 1e-2).float().mean() > 0.9

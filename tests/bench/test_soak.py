@@ -43,18 +43,18 @@ def test_disk_tier_pages_are_not_kept_resident(tmp_path):
     for _ in range(200):
         for layer in range(layers):
             k = torch.randn(heads, 64, dim, generator=gen)
-            store.append(layer, k, -k)
+            store.layers[layer].append(k, -k)
     assert store.resident_bytes()["disk"] > 100 * 2**20
-    n = store.length(0)
+    n = store.layers[0].length
     ext = load()
     for layer in range(layers):
         sel = [torch.arange(0, n, 3)] * heads
-        k, v, _ = store.gather(layer, sel)
+        k, v, _ = store.layers[layer].gather(sel)
         assert torch.equal(v, -k)  # the data is intact after its pages were dropped
-        k_all, _, _ = store.gather(layer, None)
+        k_all, _, _ = store.layers[layer].gather(None)
         assert k_all.shape[1] == n
         # the fast path reads the disk tier in place (every token, through the maps), then lets go
-        plan = store.read_plan(layer, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), True, n, 0, n)
+        plan = store.layers[layer].read_plan(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), True, n, 0, n)
         assert plan.disk is not None
         out = ext.attend_plan(torch.randn(heads, 2, dim), plan.kbufs, plan.vbufs, plan.slots, plan.offs,
                               torch.randn(heads, 2, dim), torch.randn(heads, 2, dim), 0.0, torch.empty(0))

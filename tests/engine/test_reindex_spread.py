@@ -56,12 +56,12 @@ def test_pending_layers_compute_what_they_did_and_moving_them_all_equals_reindex
     moved_copy = spread.cache.current_keys(20)  # a pending layer, seen at the new positions (store untouched)
     spread.cache.finish_reindex()
     assert spread.cache.reindex_pending is None
-    n = plain.store.length(0)  # the stepped frame too (_step bypasses the session's own count)
+    n = plain.store.layers[0].length  # the stepped frame too (_step bypasses the session's own count)
     assert n > n0
     plain.cache.reindex(torch.cat([delta, torch.full((n - n0,), -shift)]))
     for layer in range(plain.store.num_layers):
-        torch.testing.assert_close(spread.store.keys(layer), plain.store.keys(layer), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(moved_copy, plain.store.keys(20), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(spread.store.layers[layer].keys(), plain.store.layers[layer].keys(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(moved_copy, plain.store.layers[20].keys(), atol=1e-4, rtol=1e-4)
     if spec == "resv":  # the policy's index followed each layer's move
         for a, b in zip(spread.policy.tables, plain.policy.tables):
             torch.testing.assert_close(a.mean_keys()[0], b.mean_keys()[0], atol=1e-4, rtol=1e-4)
@@ -88,7 +88,7 @@ def test_a_spread_session_moves_layers_over_several_frames_within_the_trained_wi
                 forked = session.fork(make_policy("resv"))
                 assert forked.cache.reindex_pending is None
                 for layer in (0, len(session.cache.specs) - 1):
-                    torch.testing.assert_close(forked.store.keys(layer), session.cache.current_keys(layer))
+                    torch.testing.assert_close(forked.store.layers[layer].keys(), session.cache.current_keys(layer))
     assert session.cached_tokens > 2 * max_position  # it re-indexed more than once
     runs = "".join("x" if m else "." for m in moving)
     assert "xx" in runs, runs  # the layers moved over consecutive frames, not in one

@@ -121,7 +121,7 @@ def test_stream_past_trained_context_reindexes_keys(videollm, photos):
     # The past as the session attended to it (re-rotated first if this step re-indexed again).
     reference = DynamicCache()
     for layer in range(session.store.num_layers):
-        reference.update(session.store.keys(layer)[None, :, :n_before], session.store.values(layer)[None, :, :n_before], layer)
+        reference.update(session.store.layers[layer].keys()[None, :, :n_before], session.store.layers[layer].values()[None, :, :n_before], layer)
     embeds = torch.cat([pending, videollm.embed_frames([photos[5]], previous=videollm.encode_frames([photos[4]])[0])[0]])[None]
     with torch.no_grad():
         logits = videollm.lm(inputs_embeds=embeds, position_ids=new_positions[None], past_key_values=reference).logits[0]

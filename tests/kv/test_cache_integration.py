@@ -70,7 +70,7 @@ def test_policy_runs_through_cache_with_tiers(model, tmp_path, name):
     assert torch.isfinite(logits).all()
     assert len(recs) == FRAMES and all(r["stage"] == "frame" for r in recs)
     if pol.offloads:
-        d_end, h_end, n = store.tier_bounds(0)
+        d_end, h_end, n = store.layers[0].tier_bounds()
         assert 0 < d_end < h_end < n == FRAMES * T
         assert recs[-1]["resident"]["device"] <= 7 * tb
     every = make_policy(name, **EVERYTHING[name])

@@ -116,7 +116,7 @@ def test_cluster_token_ids_across_work_items():
 def test_plan_reads_equal_python_plan(all_past, block):
     """Read plans over several work items per head (ext.SCAN_CHUNK), with evicted tokens, three tiers
     split by id and a slot map that reorders tokens within blocks (13: frame blocks in cluster order;
-    400: spans regrouped by cluster, KVStore.regroup): slots per head and tier, sorted, their runs and
+    400: spans regrouped by cluster, LayerKV.regroup): slots per head and tier, sorted, their runs and
     the selected counts, against the same plan built in Python."""
     g = torch.Generator().manual_seed(6)
     H, n_past = 3, 2 * ext.SCAN_CHUNK + 3001
@@ -151,7 +151,7 @@ def _filled_store(n_blocks=12, block=7, H=2, D=8, permute=True, **kw):
     for _ in range(n_blocks):
         k, v = torch.randn(H, block, D, generator=g), torch.randn(H, block, D, generator=g)
         order = torch.stack([torch.randperm(block, generator=g) for _ in range(H)]) if permute else None
-        store.append(0, k, v, order=order)
+        store.layers[0].append(k, v, order=order)
     return store
 
 
@@ -169,7 +169,7 @@ def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path, monkeypa
              "disk": {"device_budget_bytes": 3 * 2 * block, "host_budget_bytes": 2 * 2 * block}}[tiers]
     ref_store = _filled_store(H=H, D=D, dtype=dtype, **tiers, **({"disk_dir": tmp_path / "r"} if "host_budget_bytes" in tiers else {}))
     fast_store = _filled_store(H=H, D=D, dtype=dtype, **tiers, **({"disk_dir": tmp_path / "f"} if "host_budget_bytes" in tiers else {}))
-    n_past = ref_store.length(0)
+    n_past = ref_store.layers[0].length
     g = torch.Generator().manual_seed(9)
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.3, 0.7)]
     sink, recent_start = 3, n_past - 5
@@ -177,10 +177,10 @@ def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path, monkeypa
             for i in picks]
     q = torch.randn(H * G, T, D, generator=g)
     k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
-    k, v, valid = ref_store.gather(0, kept)
+    k, v, valid = ref_store.layers[0].gather(kept)
     want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.3)
     packed = PackedSelection.pack(Selection(picks), H)
-    plan = fast_store.read_plan(0, packed.ids, packed.offs, False, n_past, sink, recent_start)
+    plan = fast_store.layers[0].read_plan(packed.ids, packed.offs, False, n_past, sink, recent_start)
     got = ext.attend_plan(q * 0.3, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new, 0.0, torch.empty(0))
     assert plan.selected == [int(i.numel()) for i in kept]
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
@@ -189,8 +189,8 @@ def test_planned_gather_equals_reference_gather(tiers, dtype, tmp_path, monkeypa
     if tiers:
         assert fast_store.counters()["fetch_host_bytes"] > 0
     if "host_budget_bytes" in tiers:
-        assert fast_store.tier_bounds(0)[0] > 0 and len(plan.kbufs) == 3  # disk, host and device all read
-        assert fast_store._layers[0].pos.narrow_pages() > 0
+        assert fast_store.layers[0].tier_bounds()[0] > 0 and len(plan.kbufs) == 3  # disk, host and device all read
+        assert fast_store.layers[0].pos.narrow_pages() > 0
         assert fast_store.counters()["fetch_disk_bytes"] > 0
 
 
@@ -204,15 +204,15 @@ def test_slot_attention_equals_gather_then_attention(D, G, T, dtype):
     H = 2
     tiers = {"device_budget_bytes": 300 * 2 * H * D * torch.empty(0, dtype=dtype).element_size()}
     store = _filled_store(n_blocks=160, block=7, H=H, D=D, dtype=dtype, **tiers)
-    n_past = store.length(0)
+    n_past = store.layers[0].length
     g = torch.Generator().manual_seed(D + G + T)
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < 0.6).flatten(), torch.zeros(0, dtype=torch.int64)]
     q = 3 * torch.randn(H * G, T, D, generator=g)  # large logits: the online softmax must rescale
     k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
-    k, v, valid = store.gather(0, picks)
+    k, v, valid = store.layers[0].gather(picks)
     want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125)
     packed = PackedSelection.pack(Selection(picks), H)
-    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    plan = store.layers[0].read_plan(packed.ids, packed.offs, False, n_past, 0, n_past)
     assert plan.selected[0] > 512 and plan.selected[1] == 0 and plan.slots[0].numel() > 0  # host and device tiers
     got = ext.attend_slots(q * 0.125, plan.kbufs, plan.vbufs, plan.slots, plan.offs, k_new, v_new)
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
@@ -224,11 +224,11 @@ def test_plan_attention_is_the_same_on_one_thread_and_two():
     the same whatever the thread count: bit for bit (ReSV's later choices must not depend on the machine)."""
     H, D, G, T = 3, 64, 3, 13
     store = _filled_store(n_blocks=400, block=12, H=H, D=D, dtype=torch.float32)
-    n_past = store.length(0)
+    n_past = store.layers[0].length
     g = torch.Generator().manual_seed(7)
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.7, 0.4, 0.2)]
     packed = PackedSelection.pack(Selection(picks), H)
-    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    plan = store.layers[0].read_plan(packed.ids, packed.offs, False, n_past, 0, n_past)
     q = torch.randn(H * G, T, D, generator=g)
     k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
     outs = []
@@ -260,13 +260,13 @@ def test_plan_attention_equals_gather_then_attention(dtype, softcap, G, T, D, co
     H = 3
     tiers = {"device_budget_bytes": 300 * 2 * H * D * torch.empty(0, dtype=dtype).element_size()}
     store = _filled_store(n_blocks=120, block=7, H=H, D=D, dtype=dtype, **tiers)
-    n_past = store.length(0)
+    n_past = store.layers[0].length
     g = torch.Generator().manual_seed(G * 100 + T)
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.6, 0.1)] + [torch.zeros(0, dtype=torch.int64)]
     packed = PackedSelection.pack(Selection(picks), H)
-    plan = store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past)
+    plan = store.layers[0].read_plan(packed.ids, packed.offs, False, n_past, 0, n_past)
     assert plan.slots[0].numel() > 0 and plan.slots[1].numel() > 0  # host and device tiers
-    k, v, valid = store.gather(0, picks)
+    k, v, valid = store.layers[0].gather(picks)
     ws = torch.empty(0)
     for step in range(2):
         q = 3 * torch.randn(H * G, T, D, generator=g)
@@ -309,21 +309,21 @@ def _three_tier_store(dtype, tmp_path, H: int, D: int) -> KVStore:
     block = 7 * H * D * torch.empty(0, dtype=dtype).element_size()
     store = _filled_store(n_blocks=150, H=H, D=D, dtype=dtype, device_budget_bytes=20 * 2 * block,
                           host_budget_bytes=20 * 2 * block, disk_dir=tmp_path)
-    assert store.tier_bounds(0)[0] > 512
+    assert store.layers[0].tier_bounds()[0] > 512
     return store
 
 
 def _reference_and_plan(store: KVStore, g: torch.Generator, G: int, T: int):
     """Two heads reading 50% and 90% of the past: the reference gather + attention of ``T`` random query rows
     per query head (``G`` per KV head), the fast path's plan of the same selection, and (q, k_new, v_new)."""
-    n_past, H, D = store.length(0), store.num_kv_heads, store.head_dim
+    n_past, H, D = store.layers[0].length, store.num_kv_heads, store.head_dim
     picks = [torch.nonzero(torch.rand(n_past, generator=g) < p).flatten() for p in (0.5, 0.9)]
-    k, v, valid = store.gather(0, picks)
+    k, v, valid = store.layers[0].gather(picks)
     q = 3 * torch.randn(H * G, T, D, generator=g)
     k_new, v_new = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
     want = _attention(q, torch.cat([k.float(), k_new], 1), torch.cat([v.float(), v_new], 1), T, valid, 0.125)
     packed = PackedSelection.pack(Selection(picks), H)
-    return want, store.read_plan(0, packed.ids, packed.offs, False, n_past, 0, n_past), (q, k_new, v_new)
+    return want, store.layers[0].read_plan(packed.ids, packed.offs, False, n_past, 0, n_past), (q, k_new, v_new)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -353,13 +353,13 @@ def test_attention_turns_the_disk_keys_that_owe_a_move(dtype, layout, T, tmp_pat
 
     G = 3
     store = _three_tier_store(dtype, tmp_path, 2, 64)
-    n_past = store.length(0)
+    n_past = store.layers[0].length
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 48, 2).float() / 48))
     rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=layout)
     g = torch.Generator().manual_seed(9)
     for _ in range(2):
         moves = -torch.randint(0, 3000, (n_past,), generator=g)
-        store.rotate_keys(0, *rotation(moves, inv_freq, layout), layout == "half", moves=moves, rope=rope)
+        store.layers[0].rotate_keys(*rotation(moves, inv_freq, layout), layout == "half", moves=moves, rope=rope)
     want, plan, (q, k_new, v_new) = _reference_and_plan(store, g, G, T)
     assert plan.disk is not None and plan.turn_args["turn"][0].any()  # the disk keys owe their moves
     if T == 1:
@@ -468,7 +468,7 @@ def _fast_equals_reference(filled, name, tiers, tmp_path, positions=None):
         out[kernels] = (torch.stack(logits), sel, s.store.counters())
         if positions is not None:  # it re-indexed, and the disk keys owe the moves
             assert int(s.positions.max()) < positions.max_position < s.cached_tokens
-            assert s.store._layers[0].disk.owed is not None and bool(s.store._layers[0].disk.owed.any())
+            assert s.store.layers[0].disk.owed is not None and bool(s.store.layers[0].disk.owed.any())
         if device_tokens and POLICIES[name].offloads:
             assert s.store.counters()["fetch_host_bytes"] > 0  # the host tier is really read
             if tiers == "disk":
@@ -506,14 +506,14 @@ def test_resv_blocks_written_in_cluster_order(filled):
         if policy.block_order is not None:
             layer, start, n = 3, s.spans[-1][0], s.spans[-1][1]
             order = policy.block_order(layer, start, n)
-            pos = s.store._layers[layer].pos.read(start, start + n)
+            pos = s.store.layers[layer].pos.read(start, start + n)
             assert torch.equal(pos.gather(1, order) - pos.min(1, keepdim=True).values, torch.arange(n).expand_as(order))
     assert transfers["ReSVPolicy"] < transfers["ArrivalOrder"]
 
 
 def test_resv_regroups_spans_of_frames_by_cluster(filled):
     """Every ``regroup_tokens`` stored tokens ReSV's cache rewrites the blocks since the last time as one
-    block in cluster order (KVStore.regroup), so a cluster that collected tokens over many frames is one
+    block in cluster order (LayerKV.regroup), so a cluster that collected tokens over many frames is one
     run: the same tokens read and the same logits as per-frame blocks, fewer host transfers."""
     from vrex.engine.session import SessionConfig
 
@@ -530,7 +530,7 @@ def test_resv_regroups_spans_of_frames_by_cluster(filled):
         logits.append(s.feed(torch.tensor([14]), "decode")[-1])
         out[span] = (torch.stack(logits), sel, s.store.counters()["fetch_host_transfers"] - before)
         if span is not None:  # each merged block holds its tokens in the table's cluster order, across frames
-            L = s.store._layers[3]
+            L = s.store.layers[3]
             merged = [b for tier in L.blocks.values() for b in tier if b.length >= span]
             assert len(merged) >= 4 and sum(b.length for b in merged) >= 0.7 * s.cached_tokens
             for b in merged:

@@ -64,19 +64,19 @@ def run(policy: KVPolicy, n_frames=6, seed=0, qseed=100, with_store=False):
                 if layer == 0:
                     sels.append((stage, n, sel))
                 if store is not None:
-                    k, v, valid = store.gather(layer, sel.indices)
+                    k, v, valid = store.layers[layer].gather(sel.indices)
                     allk = torch.cat([f for _, f, _ in steps], 1)
                     idx = sel.indices or [torch.arange(n)] * HKV
                     for h in range(HKV):
-                        live = idx[h][~store.is_evicted(layer)[idx[h]]]
+                        live = idx[h][~store.layers[layer].is_evicted()[idx[h]]]
                         assert torch.equal(k[h, : live.numel()], allk[h, live])
             if store is not None:
-                start = store.append(layer, keys, keys)
+                start = store.layers[layer].append(keys, keys)
                 assert start == n
             policy.on_append(layer, keys, n, fid)
             ev = policy.evictable(layer, n + keys.shape[1])
             if store is not None and ev is not None:
-                store.evict(layer, ev)
+                store.layers[layer].evict(ev)
         n += keys.shape[1]
     return sels
 

@@ -23,12 +23,12 @@ def _twin_stores(tmp_path_factory, dtype, seed, blocks, evict, dev_tokens, host_
         k, v = 3 * torch.randn(H, n, D, generator=g), torch.randn(H, n, D, generator=g)
         order = torch.stack([torch.randperm(n, generator=g) for _ in range(H)]) if permuted else None
         for s in stores:
-            s.append(0, k, v, order=order)
-    n = stores[0].length(0)
+            s.layers[0].append(k, v, order=order)
+    n = stores[0].layers[0].length
     if evict and n > 2:
         ids = torch.arange(1, n, 3)
         for s in stores:
-            s.evict(0, ids)
+            s.layers[0].evict(ids)
     return stores
 
 
@@ -40,20 +40,20 @@ def _twin_stores(tmp_path_factory, dtype, seed, blocks, evict, dev_tokens, host_
 def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layout, rot, seed, blocks, evict,
                                                    dev_tokens, host_tokens):
     fast, ref = _twin_stores(tmp_path_factory, dtype, seed, blocks, evict, dev_tokens, host_tokens)
-    n = ref.length(0)
+    n = ref.layers[0].length
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
     rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=layout)
     delta = torch.randint(-5000, 0, (n,), generator=torch.Generator().manual_seed(seed))
     trig = rotation(delta, inv_freq, layout)
-    before = ref.keys(0)
+    before = ref.layers[0].keys()
 
-    want = rerotate(ref.keys(0), delta, inv_freq, layout, trig=trig)
-    ref.set_keys(0, want, moves=delta, rope=rope)
+    want = rerotate(ref.layers[0].keys(), delta, inv_freq, layout, trig=trig)
+    ref.layers[0].set_keys(want, moves=delta, rope=rope)
     got = torch.full((1,), 7.0)  # a scratch of the wrong size and stale contents: resized and overwritten
-    fast.rotate_keys(0, *trig, layout == HALF, got, moves=delta, rope=rope)
+    fast.layers[0].rotate_keys(*trig, layout == HALF, got, moves=delta, rope=rope)
 
-    live = torch.arange(n)[~fast._layers[0].evicted[:n]]
-    stored_fast, stored_ref = fast.keys(0), ref.keys(0)
+    live = torch.arange(n)[~fast.layers[0].evicted[:n]]
+    stored_fast, stored_ref = fast.layers[0].keys(), ref.layers[0].keys()
     # float32 math on both sides, rounded once into the store's type: equal up to float32 rounding of
     # the two products (they may fuse differently) and then one step of the store's type
     scale = before.float().abs().amax(-1, keepdim=True)
@@ -61,7 +61,7 @@ def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layo
     assert ((stored_fast.float() - stored_ref.float()).abs() <= tol).all()
     # what the store holds, handed to the policy: the very values on the device and host tiers; on disk the
     # kernel's turn of each key against the reference's (keys owe their move there: vrex.kv.store._Disk)
-    d_end = fast.tier_bounds(0)[0]
+    d_end = fast.layers[0].tier_bounds()[0]
     in_place = live[live >= d_end]
     assert torch.equal(got[:, in_place], stored_fast[:, in_place].float())
     assert ((got[:, live] - stored_fast[:, live].float()).abs() <= tol[:, live]).all()
@@ -69,7 +69,7 @@ def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layo
     if rot < D:  # dims past the rotary width pass through untouched
         assert torch.equal(stored_fast[..., rot:], before[..., rot:])
     # values are never touched
-    assert torch.equal(fast.values(0), ref.values(0))
+    assert torch.equal(fast.layers[0].values(), ref.layers[0].values())
     for s in (fast, ref):
         s.close()
 
@@ -77,19 +77,19 @@ def test_rotate_keys_in_place_equals_the_reference(tmp_path_factory, dtype, layo
 def test_rotate_keys_reaches_every_tier(tmp_path_factory):
     """A store spread over all three tiers: each tier's keys move (a wrong tier loop would leave some)."""
     fast, ref = _twin_stores(tmp_path_factory, torch.bfloat16, 0, [(6, True)] * 5, False, 6, 8)
-    d_end, h_end, n = fast.tier_bounds(0)
+    d_end, h_end, n = fast.layers[0].tier_bounds()
     assert 0 < d_end < h_end < n
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=HALF)
     moves = torch.full((n,), -700)
     trig = rotation(moves, inv_freq, HALF)
-    before = fast.keys(0)
-    fast.rotate_keys(0, *trig, True, moves=moves, rope=rope)
-    after = fast.keys(0)
+    before = fast.layers[0].keys()
+    fast.layers[0].rotate_keys(*trig, True, moves=moves, rope=rope)
+    after = fast.layers[0].keys()
     for a, b in ((0, d_end), (d_end, h_end), (h_end, n)):
         assert not torch.equal(after[:, a:b], before[:, a:b])
-    ref.set_keys(0, rerotate(ref.keys(0), moves, inv_freq, HALF), moves=moves, rope=rope)
-    torch.testing.assert_close(after.float(), ref.keys(0).float(), atol=0, rtol=2 ** -7)
+    ref.layers[0].set_keys(rerotate(ref.layers[0].keys(), moves, inv_freq, HALF), moves=moves, rope=rope)
+    torch.testing.assert_close(after.float(), ref.layers[0].keys().float(), atol=0, rtol=2 ** -7)
     for s in (fast, ref):
         s.close()
 
@@ -103,25 +103,25 @@ def test_a_move_leaves_the_disk_files_unwritten_and_moves_add_up(tmp_path_factor
     rotating in place would have rounded three times. Moves of up to 20000 positions pass int16: the
     record widens to int32."""
     fast, ref = _twin_stores(tmp_path_factory, dtype, 1, [(6, True)] * 8, True, 6, 8)
-    d_end, _, n = fast.tier_bounds(0)
+    d_end, _, n = fast.layers[0].tier_bounds()
     assert d_end > 0
-    key_file = fast._layers[0].disk.paths[0]
+    key_file = fast.layers[0].disk.paths[0]
     written = key_file.read_bytes()
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=HALF)
-    before = ref.keys(0)
+    before = ref.layers[0].keys()
     g = torch.Generator().manual_seed(3)
     total = torch.zeros(n, dtype=torch.int64)
     for _ in range(3):
         moves = -torch.randint(0, most, (n,), generator=g)
-        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=rope)
+        fast.layers[0].rotate_keys(*rotation(moves, inv_freq, HALF), True, moves=moves, rope=rope)
         total += moves
     assert key_file.read_bytes() == written
-    assert fast._layers[0].disk.owed.dtype == (torch.int16 if 3 * most < 2 ** 15 else torch.int32)
+    assert fast.layers[0].disk.owed.dtype == (torch.int16 if 3 * most < 2 ** 15 else torch.int32)
     want = rerotate(before, total, inv_freq, HALF)  # one rounding
-    live = torch.arange(n)[~fast._layers[0].evicted[:n]]
+    live = torch.arange(n)[~fast.layers[0].evicted[:n]]
     disk = live[live < d_end]
-    got = fast.keys(0)
+    got = fast.layers[0].keys()
     tol = 16 * torch.finfo(torch.float32).eps * before.float().abs().amax(-1, keepdim=True) \
         + torch.finfo(dtype).eps * want.float().abs()
     assert ((got[:, disk].float() - want[:, disk].float()).abs() <= tol[:, disk]).all()
@@ -136,14 +136,14 @@ def test_what_disk_keys_owe_stays_within_the_positions_however_many_re_indexes(t
     the one it was written at, at most about 4000 here, so the record stays int16 and the table of turns
     holds about 4K rows (a bound summed over the re-indexes' largest moves would reach 48K)."""
     fast, twin = _twin_stores(tmp_path_factory, torch.bfloat16, 2, [(6, True)] * 30, False, 6, 8)
-    n = fast.length(0)
+    n = fast.layers[0].length
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     rope = LayerSpec(0, inv_freq=inv_freq, rope_layout=HALF)
     ids = torch.arange(n)
     for i in range(12):
         moves = torch.where(ids % 12 == i, -4000, -(ids % 7))
-        fast.rotate_keys(0, *rotation(moves, inv_freq, HALF), True, moves=moves, rope=rope)
-    disk = fast._layers[0].disk
+        fast.layers[0].rotate_keys(*rotation(moves, inv_freq, HALF), True, moves=moves, rope=rope)
+    disk = fast.layers[0].disk
     lo, packed = fast._turn_tables.get(disk.rope)
     assert disk.owed.dtype == torch.int16
     assert packed.shape[0] <= 4000 + 12 * 6 + 1
@@ -154,9 +154,9 @@ def test_what_disk_keys_owe_stays_within_the_positions_however_many_re_indexes(t
 def test_a_disk_tier_move_needs_the_moves_and_the_rope(tmp_path_factory):
     fast, ref = _twin_stores(tmp_path_factory, torch.float32, 0, [(6, False)] * 5, False, 6, 8)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    n = fast.length(0)
+    n = fast.layers[0].length
     with pytest.raises(ValueError, match="disk tier holds keys"):
-        fast.rotate_keys(0, *rotation(torch.full((n,), -5), inv_freq, HALF), True)
+        fast.layers[0].rotate_keys(*rotation(torch.full((n,), -5), inv_freq, HALF), True)
     for s in (fast, ref):
         s.close()
 

@@ -57,48 +57,48 @@ def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, se
     starts = []  # first id of every block appended (regroup spans start on one)
     for op, a, b in ops:
         if op == "append":
-            starts.append(s.length(0))
+            starts.append(s.layers[0].length)
             for layer in range(NL):
                 k, v = torch.randn(H, a, D, generator=g), torch.randn(H, a, D, generator=g)
-                start = s.append(layer, k, v)
+                start = s.layers[layer].append(k, v)
                 assert start == sh[layer].k.shape[1]
                 sh[layer].append(k, v)
                 if b:
                     order = torch.stack([torch.randperm(a, generator=g) for _ in range(H)])
-                    s.set_block_order(layer, start, order)
+                    s.layers[layer].set_block_order(start, order)
         elif op == "evict":
-            n = s.length(0)
+            n = s.layers[0].length
             if n:
                 ids = torch.arange(a % n, min(n, a % n + b))
                 for layer in range(NL):
-                    s.evict(layer, ids)
+                    s.layers[layer].evict(ids)
                     sh[layer].evicted |= set(ids.tolist())
         elif op == "regroup":  # blocks from the a-th last on, merged into any order (tiers, evictions skipped)
-            L0 = s._layers[0]  # blocks merged by an earlier regroup no longer start where they were appended
+            L0 = s.layers[0]  # blocks merged by an earlier regroup no longer start where they were appended
             starts = [x for x in starts if x < L0.d_end or any(blk.start == x for t in L0.blocks.values() for blk in t)]
             if starts:
                 first = starts[-1 - a % len(starts)]
                 gg = torch.Generator().manual_seed(b)
                 for layer in range(NL):
-                    s.regroup(layer, first, s.length(layer),
+                    s.layers[layer].regroup(first, s.layers[layer].length,
                               lambda x, y: torch.stack([torch.randperm(y - x, generator=gg) for _ in range(H)]))
         elif op == "rekey":
             for layer in range(NL):
-                if s.length(layer):
-                    new = torch.randn(H, s.length(layer), D, generator=g)
-                    s.set_keys(layer, new)
+                if s.layers[layer].length:
+                    new = torch.randn(H, s.layers[layer].length, D, generator=g)
+                    s.layers[layer].set_keys(new)
                     sh[layer].k = new.clone()
         else:
-            n = s.length(0)
+            n = s.layers[0].length
             if n == 0:
                 continue
             gg = torch.Generator().manual_seed(a)
             idx = [torch.nonzero(torch.rand(n, generator=gg) < 0.5).flatten() for _ in range(H)]
             for layer in range(NL):
                 before = s.counters()
-                k, v, valid = s.gather(layer, idx)
+                k, v, valid = s.layers[layer].gather(idx)
                 after = s.counters()
-                d_end, h_end, _ = s.tier_bounds(layer)
+                d_end, h_end, _ = s.layers[layer].tier_bounds()
                 exp_host = exp_disk = exp_dev = 0
                 for h in range(H):
                     want = torch.tensor([i for i in idx[h].tolist() if i not in sh[layer].evicted], dtype=torch.int64)
@@ -126,10 +126,10 @@ def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, se
             assert res["host"] <= host_tokens * per_tok_all
         for layer in range(NL):
             live = sh[layer].live()
-            k, v, valid = s.gather(layer, None)
+            k, v, valid = s.layers[layer].gather(None)
             assert valid is None
             assert torch.equal(k, sh[layer].k[:, live]) and torch.equal(v, sh[layer].v[:, live])
-            keys = s.keys(layer)
+            keys = s.layers[layer].keys()
             assert torch.equal(keys[:, live], sh[layer].k[:, live])
     s.close()
 
@@ -137,11 +137,11 @@ def test_store_matches_shadow(tmp_path_factory, ops, dev_tokens, host_tokens, se
 def test_full_fast_path_is_a_view_and_amortised():
     s = KVStore(1, H, D)
     for i in range(100):
-        s.append(0, torch.full((H, 1, D), float(i)), torch.zeros(H, 1, D))
-    k, v, m = s.gather(0, None)
+        s.layers[0].append(torch.full((H, 1, D), float(i)), torch.zeros(H, 1, D))
+    k, v, m = s.layers[0].gather(None)
     assert m is None and k.shape == (H, 100, D) and torch.equal(k[0, :, 0], torch.arange(100.0))
-    assert k.data_ptr() == s._layers[0].dev.k.data_ptr()  # no copy
-    assert s._layers[0].dev.cap == 128  # capacity doubling, not one cat per step
+    assert k.data_ptr() == s.layers[0].dev.k.data_ptr()  # no copy
+    assert s.layers[0].dev.cap == 128  # capacity doubling, not one cat per step
     c = s.counters()
     assert c["fetch_host_bytes"] == c["fetch_disk_bytes"] == 0
 
@@ -153,11 +153,11 @@ def test_roundtrip_exact_through_every_tier(tmp_path, dtype):
     k = torch.randn(H, 20, D).to(dtype)
     v = torch.randn(H, 20, D).to(dtype)
     for i in range(0, 20, 2):
-        s.append(0, k[:, i : i + 2], v[:, i : i + 2])
-    d_end, h_end, n = s.tier_bounds(0)
+        s.layers[0].append(k[:, i : i + 2], v[:, i : i + 2])
+    d_end, h_end, n = s.layers[0].tier_bounds()
     assert 0 < d_end < h_end < n == 20  # all three tiers used
     assert s.resident_bytes() == {"device": 4 * tb, "host": 4 * tb, "disk": 12 * tb}
-    kk, vv, _ = s.gather(0, None)
+    kk, vv, _ = s.layers[0].gather(None)
     assert torch.equal(kk.view(torch.int16), k.view(torch.int16)) if dtype != torch.float32 else torch.equal(kk, k)
     assert torch.equal(vv, v)
     assert any(p.stat().st_size > 0 for p in tmp_path.rglob("*.bin"))
@@ -173,24 +173,24 @@ def test_counters_transfers_and_cluster_contiguous_layout():
     tb = token_bytes() * H
     s = KVStore(1, H, D, device_budget_bytes=0)  # everything offloaded to host
     T = 8
-    s.append(0, torch.randn(H, T, D), torch.randn(H, T, D))
-    s.append(0, torch.randn(H, T, D), torch.randn(H, T, D))
+    s.layers[0].append(torch.randn(H, T, D), torch.randn(H, T, D))
+    s.layers[0].append(torch.randn(H, T, D), torch.randn(H, T, D))
     # a "cluster" made of the even tokens of block 2
     cluster = torch.arange(T, 2 * T, 2)
     before = s.counters()["fetch_host_transfers"]
-    s.gather(0, [cluster] * H)
+    s.layers[0].gather([cluster] * H)
     scattered = s.counters()["fetch_host_transfers"] - before
     assert scattered == 4 * H  # 4 separate runs per head
     # the same cluster with a cluster-contiguous block order: one transfer per head
     s2 = KVStore(1, H, D, device_budget_bytes=T * tb)
     k = torch.randn(H, T, D)
-    start = s2.append(0, k, k)
+    start = s2.layers[0].append(k, k)
     order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7]).expand(H, T)
-    s2.set_block_order(0, start, order)
-    s2.append(0, torch.randn(H, T, D), torch.randn(H, T, D))  # pushes block 1 to host
-    assert s2.tier_bounds(0) == (0, T, 2 * T)
+    s2.layers[0].set_block_order(start, order)
+    s2.layers[0].append(torch.randn(H, T, D), torch.randn(H, T, D))  # pushes block 1 to host
+    assert s2.layers[0].tier_bounds() == (0, T, 2 * T)
     c0 = s2.counters()["fetch_host_transfers"]
-    kk, _, _ = s2.gather(0, [torch.arange(0, T, 2)] * H)
+    kk, _, _ = s2.layers[0].gather([torch.arange(0, T, 2)] * H)
     assert s2.counters()["fetch_host_transfers"] - c0 == H
     assert torch.equal(kk, k[:, 0:T:2])
 
@@ -203,7 +203,7 @@ def test_regroup_makes_a_cluster_over_many_blocks_one_run():
     s = KVStore(1, H, D, device_budget_bytes=B * T * tb)
     k = torch.randn(H, B * T, D)
     for i in range(B):
-        s.append(0, k[:, i * T:(i + 1) * T], -k[:, i * T:(i + 1) * T])
+        s.layers[0].append(k[:, i * T:(i + 1) * T], -k[:, i * T:(i + 1) * T])
     cluster = torch.tensor([i * T + j for i in range(B) for j in (1, 2)])
     member = torch.zeros(B * T, dtype=torch.bool)
     member[cluster] = True
@@ -213,15 +213,15 @@ def test_regroup_makes_a_cluster_over_many_blocks_one_run():
         return key.argsort().expand(H, b - a)
 
     with pytest.raises(ValueError, match="cut a block"):
-        s.regroup(0, 2, B * T, by_cluster)
-    assert s.regroup(0, 0, B * T, by_cluster) == B * T
-    s.append(0, torch.randn(H, T, D), torch.randn(H, T, D))  # pushes the merged block to the host, whole
-    assert s.tier_bounds(0) == (0, B * T, (B + 1) * T)
+        s.layers[0].regroup(2, B * T, by_cluster)
+    assert s.layers[0].regroup(0, B * T, by_cluster) == B * T
+    s.layers[0].append(torch.randn(H, T, D), torch.randn(H, T, D))  # pushes the merged block to the host, whole
+    assert s.layers[0].tier_bounds() == (0, B * T, (B + 1) * T)
     c0 = s.counters()["fetch_host_transfers"]
-    kk, vv, _ = s.gather(0, [cluster] * H)
+    kk, vv, _ = s.layers[0].gather([cluster] * H)
     assert s.counters()["fetch_host_transfers"] - c0 == H  # one run per head (six before regrouping)
     assert torch.equal(kk, k[:, cluster]) and torch.equal(vv, -k[:, cluster])
-    kk, _, _ = s.gather(0, None)
+    kk, _, _ = s.layers[0].gather(None)
     assert torch.equal(kk[:, :B * T], k)  # every token by id
 
 
@@ -232,16 +232,16 @@ def test_set_device_budget_moves_oldest_blocks_and_keeps_every_token():
     s = KVStore(1, H, D, device_budget_bytes=12 * tb)
     k = torch.randn(H, 20, D)
     for i in range(0, 12, 3):
-        s.append(0, k[:, i:i + 3], -k[:, i:i + 3])
-    assert s.tier_bounds(0) == (0, 0, 12)
+        s.layers[0].append(k[:, i:i + 3], -k[:, i:i + 3])
+    assert s.layers[0].tier_bounds() == (0, 0, 12)
     s.set_device_budget(7 * tb)
-    assert s.tier_bounds(0) == (0, 6, 12)  # two 3-token blocks moved; 6 tokens fit in 7
+    assert s.layers[0].tier_bounds() == (0, 6, 12)  # two 3-token blocks moved; 6 tokens fit in 7
     assert s.counters()["offload_device_host_bytes"] == 6 * tb
     s.set_device_budget(None)
     for i in range(12, 20, 4):
-        s.append(0, k[:, i:i + 4], -k[:, i:i + 4])
-    assert s.tier_bounds(0) == (0, 6, 20)  # unbounded now: nothing more moved
-    kk, vv, _ = s.gather(0, None)
+        s.layers[0].append(k[:, i:i + 4], -k[:, i:i + 4])
+    assert s.layers[0].tier_bounds() == (0, 6, 20)  # unbounded now: nothing more moved
+    kk, vv, _ = s.layers[0].gather(None)
     assert torch.equal(kk, k) and torch.equal(vv, -k)
     with pytest.raises(ValueError, match="device budget"):
         s.set_device_budget(-1)
@@ -250,32 +250,32 @@ def test_set_device_budget_moves_oldest_blocks_and_keeps_every_token():
 def test_block_larger_than_device_budget_goes_to_host():
     tb = token_bytes() * H
     s = KVStore(1, H, D, device_budget_bytes=3 * tb)
-    s.append(0, torch.randn(H, 2, D), torch.randn(H, 2, D))
-    s.append(0, torch.randn(H, 5, D), torch.randn(H, 5, D))
-    assert s.tier_bounds(0) == (0, 7, 7)
+    s.layers[0].append(torch.randn(H, 2, D), torch.randn(H, 2, D))
+    s.layers[0].append(torch.randn(H, 5, D), torch.randn(H, 5, D))
+    assert s.layers[0].tier_bounds() == (0, 7, 7)
     assert s.resident_bytes()["device"] == 0
-    s.append(0, torch.randn(H, 1, D), torch.randn(H, 1, D))
-    assert s.tier_bounds(0) == (0, 7, 8)
+    s.layers[0].append(torch.randn(H, 1, D), torch.randn(H, 1, D))
+    assert s.layers[0].tier_bounds() == (0, 7, 8)
 
 
 def test_evict_never_returned_and_memory_reclaimed():
     s = KVStore(1, H, D)
     k = torch.randn(H, 300, D)
     for i in range(300):
-        s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+        s.layers[0].append(k[:, i : i + 1], k[:, i : i + 1])
         if i >= 14:
-            s.evict(0, torch.tensor([i - 10]))  # sink 4 + window 10, evict one per step
-    assert s.length(0) == 300
+            s.layers[0].evict(torch.tensor([i - 10]))  # sink 4 + window 10, evict one per step
+    assert s.layers[0].length == 300
     live = torch.cat([torch.arange(4), torch.arange(290, 300)])
-    kk, _, _ = s.gather(0, None)
+    kk, _, _ = s.layers[0].gather(None)
     assert torch.equal(kk, k[:, live])
-    kk, _, m = s.gather(0, [torch.tensor([0, 5, 295])] * H)  # 5 is evicted: skipped
+    kk, _, m = s.layers[0].gather([torch.tensor([0, 5, 295])] * H)  # 5 is evicted: skipped
     assert torch.equal(kk, k[:, [0, 295]]) and m is None
-    assert s._layers[0].dev.used < 100  # compaction reclaimed the dead slots
+    assert s.layers[0].dev.used < 100  # compaction reclaimed the dead slots
     assert s.resident_bytes()["device"] == 14 * token_bytes() * H
-    s.evict(0, torch.tensor([0, 0, 1]))  # duplicates / repeats are fine
+    s.layers[0].evict(torch.tensor([0, 0, 1]))  # duplicates / repeats are fine
     with pytest.raises(IndexError):
-        s.evict(0, torch.tensor([300]))
+        s.layers[0].evict(torch.tensor([300]))
 
 
 def test_unwritable_disk_dir_is_a_clear_error(tmp_path):
@@ -295,7 +295,7 @@ def test_disk_full_is_clear_and_leaves_store_consistent(tmp_path, monkeypatch):
     N = 600  # more than the first disk reservation (256 slots)
     k = torch.randn(H, N, D)
     for i in range(4):
-        s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+        s.layers[0].append(k[:, i : i + 1], k[:, i : i + 1])
 
     def full(fd, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -303,17 +303,17 @@ def test_disk_full_is_clear_and_leaves_store_consistent(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "_fallocate", full)
     with pytest.raises(KVStoreDiskError) as e:
         for i in range(4, N):
-            s.append(0, k[:, i : i + 1], k[:, i : i + 1])
+            s.layers[0].append(k[:, i : i + 1], k[:, i : i + 1])
     assert str(tmp_path) in str(e.value) and "disk full" in str(e.value)
-    n = s.length(0)
+    n = s.layers[0].length
     assert 4 < n < N
-    kk, vv, _ = s.gather(0, None)
+    kk, vv, _ = s.layers[0].gather(None)
     assert torch.equal(kk, k[:, :n]) and torch.equal(vv, k[:, :n])
     assert sum(s.resident_bytes().values()) == n * tb
     monkeypatch.undo()
     for i in range(n, N):
-        s.append(0, k[:, i : i + 1], k[:, i : i + 1])
-    kk, _, _ = s.gather(0, None)
+        s.layers[0].append(k[:, i : i + 1], k[:, i : i + 1])
+    kk, _, _ = s.layers[0].gather(None)
     assert torch.equal(kk, k)
     sess = s.disk_dir
     assert sess.parent == tmp_path and sess.exists()
@@ -324,14 +324,14 @@ def test_disk_full_is_clear_and_leaves_store_consistent(tmp_path, monkeypatch):
 def test_bad_shapes_and_orders():
     s = KVStore(1, H, D)
     with pytest.raises(ValueError):
-        s.append(0, torch.randn(H + 1, 2, D), torch.randn(H + 1, 2, D))
-    st_ = s.append(0, torch.randn(H, 3, D), torch.randn(H, 3, D))
+        s.layers[0].append(torch.randn(H + 1, 2, D), torch.randn(H + 1, 2, D))
+    st_ = s.layers[0].append(torch.randn(H, 3, D), torch.randn(H, 3, D))
     with pytest.raises(ValueError):
-        s.set_block_order(0, st_, torch.tensor([[0, 0, 1], [0, 1, 2]]))
+        s.layers[0].set_block_order(st_, torch.tensor([[0, 0, 1], [0, 1, 2]]))
     with pytest.raises(ValueError):
-        s.set_block_order(0, 1, torch.tensor([[0, 1], [0, 1]]))
+        s.layers[0].set_block_order(1, torch.tensor([[0, 1], [0, 1]]))
     with pytest.raises(ValueError):
-        s.gather(0, [torch.tensor([0])])
+        s.layers[0].gather([torch.tensor([0])])
 
 
 def test_stale_disk_dirs_of_killed_runs_are_removed(tmp_path):
@@ -395,13 +395,13 @@ def test_index_bytes_per_cached_token_on_a_real_session(videollm, tmp_path, monk
         host_budget_bytes=60 * g.num_layers * per_token_layer, disk_dir=str(tmp_path)))
     frames = long_stream(48)
     s.fast_forward([t for t, _ in frames], videollm.encode_frames([im for _, im in frames]))
-    n = s.store.length(0)
-    assert s.store.tier_bounds(0)[0] > n // 2  # most of the stream is on disk
+    n = s.store.layers[0].length
+    assert s.store.layers[0].tier_bounds()[0] > n // 2  # most of the stream is on disk
     L, H = g.num_layers, g.num_kv_heads
-    rings = sum(lay.dev.ids.numel() + lay.host.ids.numel() for lay in s.store._layers) * 4  # fixed by the budgets
-    flags = sum(lay.evicted.numel() for lay in s.store._layers)
+    rings = sum(lay.dev.ids.numel() + lay.host.ids.numel() for lay in s.store.layers) * 4  # fixed by the budgets
+    flags = sum(lay.evicted.numel() for lay in s.store.layers)
     assert flags <= 2 * n * L  # one byte per token, capacity at most doubled
-    measured = _held_bytes(s.store._layers) + _held_bytes([t.tc for t in s.policy.tables])
+    measured = _held_bytes(s.store.layers) + _held_bytes([t.tc for t in s.policy.tables])
     assert measured == s.store.index_nbytes() + sum(t.memory_bytes()["tokens"] for t in s.policy.tables)
     bound = 2 * L * H * 4 * (n + page) + rings + flags  # int32 entries of two maps, less than a page unused each
     assert measured <= bound
@@ -416,11 +416,11 @@ def test_float32_block_straight_to_disk_is_stored_in_the_tier_type(tmp_path, dty
     raw float32 bytes: a shape error, or garbage where the sizes happened to agree). set_keys alike."""
     s = KVStore(1, H, D, dtype=dtype, device_budget_bytes=0, host_budget_bytes=0, disk_dir=tmp_path)
     k, v = torch.randn(H, 5, D), torch.randn(H, 5, D)
-    s.append(0, k, v)
-    assert s.tier_bounds(0) == (5, 5, 5)  # all on disk
-    kk, vv, _ = s.gather(0, None)
+    s.layers[0].append(k, v)
+    assert s.layers[0].tier_bounds() == (5, 5, 5)  # all on disk
+    kk, vv, _ = s.layers[0].gather(None)
     assert torch.equal(kk, k.to(dtype)) and torch.equal(vv, v.to(dtype))
     new = torch.randn(H, 5, D)
-    s.set_keys(0, new)
-    assert torch.equal(s.keys(0), new.to(dtype))
+    s.layers[0].set_keys(new)
+    assert torch.equal(s.layers[0].keys(), new.to(dtype))
     s.close()

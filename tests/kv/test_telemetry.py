@@ -18,17 +18,17 @@ def make_steps():
     out = []
     for step, (stage, T) in enumerate([("frame", 4), ("frame", 4), ("frame", 4), ("text", 3), ("decode", 1)]):
         rec = StepRecord(stage=stage, frame_id=step if stage == "frame" else None, n_new=T)
-        n = store.length(0)
+        n = store.layers[0].length
         q = torch.randn(HQ, T, D, generator=g)
         k = torch.randn(H, T, D, generator=g)
         if n:
             sel = pol.select(0, q, n, stage)
-            store.gather(0, sel.indices)
+            store.layers[0].gather(sel.indices)
             rec.layers.append({"layer": 0, "n_past": n, "selected": [int(i.numel()) for i in sel.indices],
                                "stats": sel.stats, "fetch_s": 0.001, "attend_s": 0.002})
-        store.append(0, k, k)
+        store.layers[0].append(k, k)
         pol.on_append(0, k, n, rec.frame_id)
-        out.append((rec, {"t": 0.5 * step, "cached_tokens": store.length(0), **store.counters()}))
+        out.append((rec, {"t": 0.5 * step, "cached_tokens": store.layers[0].length, **store.counters()}))
     return out
 
 

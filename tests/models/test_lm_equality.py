@@ -49,12 +49,14 @@ class StepLog:
         self.reads: dict[tuple[int, int], list[torch.Tensor]] = {}
         store, forward = session.store, session._forward
 
-        def gather(layer, indices):
-            evicted = store.is_evicted(layer)
-            live = (~evicted).nonzero().flatten()
-            heads = [live] * store.num_kv_heads if indices is None else [i[~evicted[i]] for i in indices]
-            self.reads[(len(self.steps), layer)] = heads
-            return type(store).gather(store, layer, indices)
+        def logged_gather(kv):
+            def gather(indices):
+                evicted = kv.is_evicted()
+                live = (~evicted).nonzero().flatten()
+                heads = [live] * store.num_kv_heads if indices is None else [i[~evicted[i]] for i in indices]
+                self.reads[(len(self.steps), kv.index)] = heads
+                return type(kv).gather(kv, indices)
+            return gather
 
         def logged_forward(embeds, *args, **kwargs):
             start = session.cached_tokens
@@ -62,7 +64,9 @@ class StepLog:
             self.steps.append((start, session.cached_tokens, embeds))
             return out
 
-        store.gather, session._forward = gather, logged_forward
+        for kv in store.layers:
+            kv.gather = logged_gather(kv)
+        session._forward = logged_forward
 
     def embeds(self) -> torch.Tensor:
         return torch.cat([e for _, _, e in self.steps])
@@ -144,7 +148,7 @@ def test_iterative_prefill_equals_one_shot_past_the_window(family, models, frame
     assert _compare(log, captured, reference) < 1e-3
     # sliding layers keep only what a later query can still see; full layers keep everything
     for spec in specs:
-        live = int((~session.store.is_evicted(spec.index)).sum())
+        live = int((~session.store.layers[spec.index].is_evicted()).sum())
         assert live == (WINDOW - 1 if spec.sliding else session.cached_tokens)
     assert any(s.sliding for s in specs) == (family in SLIDING)
 
@@ -230,16 +234,16 @@ def test_cache_reindex_moves_stored_keys_to_a_forward_at_the_new_positions(famil
     session.cache.reindex(torch.full((n,), 37))
     for layer in range(session.store.num_layers):
         want = reference.layers[layer].keys[0]  # a sliding layer keeps its last tokens only: compare those
-        torch.testing.assert_close(session.store.keys(layer)[:, -want.shape[1]:], want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(session.store.layers[layer].keys()[:, -want.shape[1]:], want, atol=1e-4, rtol=1e-4)
 
 
 def test_reindex_refuses_a_layer_whose_rope_layout_was_not_found(models):
     session = StreamingSession(models("llama"), make_policy("full"), SessionConfig(positions=PositionConfig(mode="absolute")))
-    keys = session.store.keys(1).clone()
-    session.cache.specs[1] = replace(session.cache.specs[1], rope_layout=None)
+    keys = session.store.layers[1].keys().clone()
+    session.cache.layers[1].spec = replace(session.cache.layers[1].spec, rope_layout=None)
     with pytest.raises(UnsupportedModel, match="layer 1: its RoPE moves keys neither as half-split nor as interleaved"):
         session.cache.reindex(torch.full((session.cached_tokens,), 5))
-    assert torch.equal(session.store.keys(1), keys)  # checked before any layer moved
+    assert torch.equal(session.store.layers[1].keys(), keys)  # checked before any layer moved
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "gpt_neox", "mistral", "glm"])
@@ -260,7 +264,7 @@ def test_stream_past_position_limit_equals_forward_over_reindexed_cache(family, 
         # part of it after the step): snapshot it when the LM is called
         past: list[tuple[torch.Tensor, torch.Tensor]] = []
         snap = model.lm.register_forward_pre_hook(lambda module, args: past.extend(
-            (session.store.keys(i), session.store.values(i)) for i in range(session.store.num_layers)))
+            (session.store.layers[i].keys(), session.store.layers[i].values()) for i in range(session.store.num_layers)))
         try:
             session.push_frame(2.5, frames[5 % len(frames)])
         finally:

@@ -84,7 +84,7 @@ def test_fused_add_on_real_keys_of_the_real_model(videollm, photos):
     H = cfg.num_key_value_heads
     D = cfg.hidden_size // cfg.num_attention_heads
     for layer in (0, 7, cfg.num_hidden_layers - 1):
-        keys, _, _ = s.store.gather(layer, None)
+        keys, _, _ = s.store.layers[layer].gather(None)
         keys = keys.float()
         fast, ref = _pair(H, D, 32, layer, threshold=7, scope_frames=32)
         step = videollm.tokens_per_frame + 1

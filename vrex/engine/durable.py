@@ -190,10 +190,9 @@ def create(session: "StreamingSession", directory: Path, extra: dict[str, Any] |
         store = session.store
         # the checkpoint holds one position frame: a spread re-index finishes first (replay runs from here)
         session.cache.finish_reindex()
-        kv = [{"k": store.keys(layer).cpu(), "v": store.values(layer).cpu(), "evicted": store.is_evicted(layer)}
-               for layer in range(store.num_layers)]
+        kv = [{"k": layer.keys().cpu(), "v": layer.values().cpu(), "evicted": layer.is_evicted()} for layer in store.layers]
         body = {"state": session.state.to_dict(), "policy": session.policy.state_dict(), "kv": kv, "rng": _rng_state(session),
-                "window_lo": list(getattr(session.cache, "_window_lo", []))}
+                "window_lo": [getattr(layer, "window_lo", 0) for layer in session.cache.layers]}
         data = frame_record(encode(body))
         write_atomic(directory / CHECKPOINT, data)
         (directory / LOG).touch()
@@ -254,8 +253,9 @@ def load(cls, directory: Path, model, *, policy=None, config=None, extra: dict[s
     kv = checkpoint["kv"]
     session = cls.from_state(model, policy, config, state, lambda layer: (kv[layer]["k"], kv[layer]["v"], kv[layer]["evicted"]),
                              policy_state=checkpoint["policy"], trace=trace)
-    if checkpoint.get("window_lo") and hasattr(session.cache, "_window_lo"):
-        session.cache._window_lo = [int(x) for x in checkpoint["window_lo"]]
+    if checkpoint.get("window_lo"):
+        for layer, lo in zip(session.cache.layers, checkpoint["window_lo"]):
+            layer.window_lo = int(lo)
     if checkpoint.get("rng") is not None:
         session._rng.set_state(checkpoint["rng"])
     for i, record in enumerate(records):
@@ -301,9 +301,9 @@ def replay_step(session: "StreamingSession", step: dict[str, Any], where: str) -
                                           "the policy clusters them differently than the saved run did")
             off += length
         if specs is None or not specs[layer].sliding:
-            evict = session.policy.evictable(layer, session.store.length(layer))
+            evict = session.policy.evictable(layer, session.store.layers[layer].length)
             if evict is not None and evict.numel():
-                session.store.evict(layer, evict)
+                session.store.layers[layer].evict(evict)
     start = session.cached_tokens
     session.state.positions = torch.cat([session.state.positions, positions])
     session.state.stored_at = torch.cat([session.state.stored_at, positions])

@@ -200,13 +200,13 @@ class StreamingSession:
         indexes the cached tokens frame by frame, as it would have while streaming. Benchmarks use it
         to compare policies from one shared fill."""
         specs = getattr(self.cache, "specs", None)
-        if any(bool(self.store.is_evicted(layer).any()) for layer in range(self.store.num_layers)
+        if any(bool(self.store.layers[layer].is_evicted().any()) for layer in range(self.store.num_layers)
                if specs is None or not specs[layer].sliding):  # sliding layers drop what falls out of their window
             raise ValueError("fork needs a session whose policy keeps every token (e.g. full); this one evicted tokens")
         store, cache = self.store, self.cache
         # a layer still in the old frame of a spread re-index is copied at the stream's positions
         return StreamingSession.from_state(self.model, policy, config or self.config, self.state,
-                                           lambda layer: (cache.current_keys(layer), store.values(layer), None))
+                                           lambda layer: (cache.current_keys(layer), store.layers[layer].values(), None))
 
     @classmethod
     def from_state(cls, model: VideoLLM, policy: KVPolicy, config: SessionConfig | None, state: StreamState,
@@ -254,17 +254,17 @@ class StreamingSession:
                     new.cache.store_block(layer, k, v, fid, index_keys=arrived[:, start : start + length])
                 else:
                     order = order_of(layer, start, length) if order_of is not None and not sliding and length > 1 else None
-                    new.store.append(layer, k, v, order=order)
-                    new.cache.regroup(layer)  # the layout the streaming cache had made by now
+                    new.store.layers[layer].append(k, v, order=order)
+                    new.cache.layers[layer].regroup()  # the layout the streaming cache had made by now
             if arrived is not keys:  # what the streaming policy did when positions moved (VrexCache._move_layer)
                 new.cache.positions_changed(layer, keys)
             if evicted is not None:
                 if bool(evicted.any()):
-                    new.store.evict(layer, torch.nonzero(evicted).flatten())
+                    new.store.layers[layer].evict(torch.nonzero(evicted).flatten())
             elif not sliding:
-                evict = policy.evictable(layer, new.store.length(layer))
+                evict = policy.evictable(layer, new.store.layers[layer].length)
                 if evict is not None and evict.numel():
-                    new.store.evict(layer, evict)
+                    new.store.layers[layer].evict(evict)
         return new
 
     # -- durable sessions (vrex.engine.durable) ----------------------------------------------------

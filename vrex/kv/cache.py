@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from vrex.kv.layers import HALF, STATIC_ROPE, LayerSpec, UnsupportedModel, rerotate, rotation
 from vrex.kv.policy import KVPolicy, PackedSelection, Selection, Stage
-from vrex.kv.store import KVStore
+from vrex.kv.store import KVStore, LayerKV
 
 
 Kernels = Literal["fast", "reference"]
@@ -117,13 +117,21 @@ class StepRecord:
 
 
 class VrexCacheLayer(CacheLayerMixin):
-    """One layer's view of the shared store; transformers calls ``update()`` on it."""
+    """One attention layer of the stream's cache, owning its state: its tiered K/V (``kv``, the store's
+    ``LayerKV``), its type and RoPE (``spec``), a sliding layer's dropped prefix (``window_lo``) and the
+    tokens a regroup has covered (``grouped``). transformers calls ``update()`` on it; the ``"vrex"``
+    attention function reaches ``attend()`` through ``VrexCache.attend``. What the layers share (the
+    policy, the always-kept tokens, the step in progress, scratch buffers, a re-index in progress) is the
+    cache's (``self.cache``)."""
 
-    is_sliding = False
+    is_sliding = False  # transformers' masks are not used on the cache path: attend() masks a window itself
 
-    def __init__(self, cache: "VrexCache", layer_idx: int):
+    def __init__(self, cache: "VrexCache", spec: LayerSpec, kv: LayerKV):
         super().__init__()
-        self.cache, self.layer_idx = cache, layer_idx
+        self.cache, self.spec, self.kv = cache, spec, kv
+        self.layer_idx = spec.index
+        self.window_lo = 0  # sliding: tokens below this id were dropped
+        self.grouped = 0  # tokens below this id were regrouped (or left as they were)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -137,7 +145,7 @@ class VrexCacheLayer(CacheLayerMixin):
                 "VrexCache: the previous step's keys were never attended. Run the model with "
                 "attn_implementation='vrex' and pass vrex_cache=<the cache> to its forward."
             )
-        # Stored after attention (in VrexCache.attend), so the store holds exactly the past during selection.
+        # Stored after attention (in attend), so the store holds exactly the past during selection.
         self.cache._pending.add(self.layer_idx)
         return key_states, value_states
 
@@ -145,10 +153,180 @@ class VrexCacheLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.cache.store.length(self.layer_idx)
+        return self.kv.length
 
     def get_max_length(self) -> int:
         return -1
+
+    # -- attention (VrexCache.attend hands each layer's call here) -----------------------------
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               softcap: float | None = None) -> torch.Tensor:
+        """Attention of the step's queries ``[1, H_q, T, D]`` over selected past + the new ``key``/``value``.
+
+        ``softcap``: tanh soft-capping of the scores (Gemma 2), as transformers' eager attention does.
+        Returns ``[1, T, H_q, D]`` as transformers' attention functions do.
+        """
+        c = self.cache
+        if query.dtype != torch.float32 and query.device.type == "cpu":
+            # A bf16 LM: attention runs in float32 on CPU (the fast kernels' type; bf16 score matmuls and
+            # softmax were slower here at long contexts), the output goes back in the LM's type.
+            out = self.attend(query.float(), key.float(), value.float(), scaling, softcap)
+            return out.to(query.dtype)
+        t0 = time.perf_counter()
+        c._pending.discard(self.layer_idx)
+        query, key = c._to_old_frame(self.layer_idx, query, key)
+        if self.spec.sliding:
+            return self._attend_window(query, key, value, scaling, softcap, t0)
+        if c.kernels == "fast":  # CPU only, and attention runs in float32 there (above)
+            return self._attend_fast(query, key, value, scaling, t0, softcap)
+        n_new = key.shape[-2]
+        n_past = self.kv.length
+        q = query[0]
+        selection = c.policy.select(self.layer_idx, q, n_past, c.stage) if n_past else Selection.everything()
+        indices = c._with_always_kept(selection.indices, n_past)
+        if indices is None:
+            # Read everything: store the new tokens first and attend over the store's own buffer
+            # (a view when it is all on the device tier), so no copy of the whole cache is made.
+            self._store_and_index(key[0], value[0])
+            k, v, _ = self.kv.gather(None)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the KV is stored in another type (bf16)
+            valid = None
+        else:
+            k_past, v_past, valid = self.kv.gather(indices)
+            k = torch.cat([k_past.to(key.dtype), key[0]], dim=1)
+            v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
+            self._store_and_index(key[0], value[0])
+        t_fetch = time.perf_counter()
+        out = _attention(q, k, v, n_new, valid, scaling, softcap, scratch=c._scores)
+        selected = n_past if indices is None else [int(i.numel()) for i in indices]
+        return self._finish(out, n_new, n_past, selected, selection.stats, t0, t_fetch)
+
+    def _attend_fast(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     t0: float, softcap: float | None = None) -> torch.Tensor:
+        """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
+        (one copy per step and layer, read from every tier in place, the disk tier through its memory
+        maps), attended with the kernel's own products. `full` goes this way too: on 2 CPU cores the
+        kernel's blocked products beat torch's matmul + softmax over the device buffer itself (frame
+        step at 16K cached tokens 256 against 335 ms, decode 123 against 140 ms; a 32-frame fill
+        chunk 8.6 against 19 s), so a policy's gain over `full` is its selection, not its kernel."""
+        c = self.cache
+        from vrex.kv.fast import load
+
+        n_past = self.kv.length
+        q = query[0]
+        if n_past:
+            selection = c.policy.select_packed(self.layer_idx, q, n_past, c.stage, want_stats=c.record_stats)
+        else:
+            selection = PackedSelection(_EMPTY, _EMPTY, True)
+        sink = min(c.keep.sink_tokens, n_past)
+        recent_start = max(sink, n_past - c.keep.recent_tokens)
+        plan = self.kv.read_plan(selection.ids, selection.offs, selection.everything, n_past, sink, recent_start,
+                                 n_new=key.shape[-2])
+        rows = q.shape[0] // key.shape[1] * key.shape[-2]  # query rows per KV head
+        if rows <= _SLOT_ATTENTION_ROWS and softcap is None and q.shape[-1] in (32, 64, 128):
+            # decode: attention read in place from the selected slots (each row read once, no copy)
+            t_fetch = time.perf_counter()
+            out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
+                                      **plan.turn_args)
+        else:
+            # frame/text steps: per KV head, its rows gathered a few at a time into a reused workspace
+            # (the gather is inside: fetch_s is the planning only)
+            t_fetch = time.perf_counter()
+            ext = load()
+            out = ext.attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
+                                  softcap or 0.0, c._workspace, ATTEND_COLUMNS or ext.ATTEND_COL_BLOCK, **plan.turn_args)
+        plan.done()
+        self._store_and_index(key[0], value[0])
+        selected = n_past if selection.everything else plan.selected
+        return self._finish(out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)
+
+    def _attend_window(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                       softcap: float | None, t0: float) -> torch.Tensor:
+        """A sliding layer: every token of its window (the store holds nothing older), masked per query
+        row as transformers masks it; the policy is not asked (see the module docstring)."""
+        c = self.cache
+        window = self.spec.window
+        n_new, n_past = key.shape[-2], self.kv.length
+        self._trim_window()  # no-op while streaming; after a restore (store filled directly) it sets the bound
+        lo = self.window_lo
+        if n_past > lo:
+            k_past, v_past, _ = self.kv.gather(None)  # the live tokens: ids lo .. n_past - 1, in order
+        else:
+            k_past = v_past = key[0, :, :0]
+        t_fetch = time.perf_counter()
+        k = torch.cat([k_past.to(key.dtype), key[0]], dim=1)
+        v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
+        cols = torch.cat([torch.arange(lo, n_past), n_past + torch.arange(n_new)])
+        rows = n_past + torch.arange(n_new)
+        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)  # [T, L + T]
+        out = _masked_attention(query[0], k, v, allowed.to(query.device), scaling, softcap)
+        self._store_and_index(key[0], value[0])
+        stats = {"window": window, "dropped": self.window_lo,
+                 "saved_bytes": self.window_lo * c.store.token_bytes_all_heads}
+        return self._finish(out, n_new, n_past, n_past - lo, stats, t0, t_fetch)
+
+    def _finish(self, out: torch.Tensor, n_new: int, n_past: int, selected, stats: dict, t0: float,
+                t_fetch: float) -> torch.Tensor:
+        """Record the step's layer, let the policy evict, return transformers' layout [1, T, H_q, D]."""
+        c = self.cache
+        if c.record is not None:
+            c.record.n_new = n_new
+            c.record.layers.append(
+                {"layer": self.layer_idx, "n_past": n_past, "selected": selected, "stats": stats,
+                 "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch})
+        if self.spec.sliding:
+            return out.transpose(0, 1).unsqueeze(0)
+        evict = c.policy.evictable(self.layer_idx, self.kv.length)
+        if evict is not None and evict.numel():
+            self.kv.evict(evict)
+        return out.transpose(0, 1).unsqueeze(0)
+
+    def _store_and_index(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        c = self.cache
+        offset = 0
+        for n_tokens, frame_id in c.frame_spans or [(key.shape[1], c.frame_id)]:
+            # One store block per frame, so a frame's cluster-contiguous layout applies to its own block.
+            c.store_block(self.layer_idx, key[:, offset:offset + n_tokens], value[:, offset:offset + n_tokens], frame_id)
+            offset += n_tokens
+
+    def store_block(self, keys: torch.Tensor, values: torch.Tensor, frame_id: int | None,
+                    index_keys: torch.Tensor | None = None) -> int:
+        """Index a block with the policy, then write it once, in the policy's cluster-contiguous
+        order if it has one (ReSV's ``block_order``: the KV memory unit's layout). Returns its first id.
+        ``index_keys``: what the policy indexes instead of ``keys`` (a fork: the keys at the positions
+        the block arrived at, ``StreamingSession.from_state``)."""
+        c = self.cache
+        start = self.kv.length
+        if self.spec.sliding:
+            start = self.kv.append(keys, values)
+            self._trim_window()
+            return start
+        c.policy.on_append(self.layer_idx, keys if index_keys is None else index_keys, start, frame_id)
+        block_order = getattr(c.policy, "block_order", None)
+        order = block_order(self.layer_idx, start, keys.shape[1]) if block_order is not None and keys.shape[1] > 1 else None
+        start = self.kv.append(keys, values, order=order)
+        self.regroup()
+        return start
+
+    def regroup(self) -> None:
+        """Once the policy's span of tokens was stored since the last time, rewrite those blocks as one
+        in the policy's cluster order (``LayerKV.regroup``: a cluster read in one run, not one per frame).
+        Called after every block the layer stores."""
+        c = self.cache
+        span_of, order_of = getattr(c.policy, "regroup_span", None), getattr(c.policy, "block_order", None)
+        span = span_of() if span_of is not None and order_of is not None else None
+        n = self.kv.length
+        if span is None or n - self.grouped < span or self.spec.sliding:
+            return
+        self.kv.regroup(self.grouped, n, lambda a, b: order_of(self.layer_idx, a, b - a))
+        self.grouped = n
+
+    def _trim_window(self) -> None:
+        """Drop the tokens of a sliding layer that no later query can see (below ``n + 1 - window``)."""
+        lo = self.kv.length + 1 - self.spec.window
+        if lo > self.window_lo:
+            self.kv.evict(torch.arange(self.window_lo, lo))
+            self.window_lo = lo
 
 
 class VrexCache(Cache):
@@ -165,13 +343,11 @@ class VrexCache(Cache):
         #: Build the policies' telemetry-only statistics (set by the session when a trace is written).
         self.record_stats = True
         self.keep = keep or KeepConfig()
-        #: per-layer type and RoPE (None: every layer full attention, no re-indexing)
-        self.specs: list[LayerSpec] = list(layers) if layers is not None else [LayerSpec(i) for i in range(store.num_layers)]
-        if len(self.specs) != store.num_layers:
-            raise ValueError(f"{len(self.specs)} layer specs for a store of {store.num_layers} layers")
-        self._window_lo = [0] * store.num_layers  # sliding layers: tokens below this id were dropped
-        self._grouped = [0] * store.num_layers  # tokens below this id were regrouped (or left as they were)
-        super().__init__(layers=[VrexCacheLayer(self, i) for i in range(store.num_layers)])
+        # per-layer type and RoPE (None: every layer full attention, no re-indexing)
+        specs = list(layers) if layers is not None else [LayerSpec(i) for i in range(store.num_layers)]
+        if len(specs) != store.num_layers:
+            raise ValueError(f"{len(specs)} layer specs for a store of {store.num_layers} layers")
+        super().__init__(layers=[VrexCacheLayer(self, spec, kv) for spec, kv in zip(specs, store.layers)])
         policy.setup(store.num_layers, store.num_kv_heads, num_q_heads, store.head_dim)
         policy.kernels = self.kernels
         self._pending: set[int] = set()  # layers whose step keys await VrexCache.attend
@@ -195,170 +371,22 @@ class VrexCache(Cache):
         record, self.record = self.record, None
         return record
 
-    # -- attention (called by the "vrex" attention function) ----------------------------------
-    def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-        softcap: float | None = None,
-    ) -> torch.Tensor:
-        """Attention of the step's queries ``[1, H_q, T, D]`` over selected past + the new ``key``/``value``.
+    @property
+    def specs(self) -> list[LayerSpec]:
+        """Each layer's type and RoPE (``VrexCacheLayer.spec``), in layer order."""
+        return [layer.spec for layer in self.layers]
 
-        ``softcap``: tanh soft-capping of the scores (Gemma 2), as transformers' eager attention does.
-        Returns ``[1, T, H_q, D]`` as transformers' attention functions do.
-        """
-        if query.dtype != torch.float32 and query.device.type == "cpu":
-            # A bf16 LM: attention runs in float32 on CPU (the fast kernels' type; bf16 score matmuls and
-            # softmax were slower here at long contexts), the output goes back in the LM's type.
-            out = self.attend(layer, query.float(), key.float(), value.float(), scaling, softcap)
-            return out.to(query.dtype)
-        t0 = time.perf_counter()
-        self._pending.discard(layer)
-        query, key = self._to_old_frame(layer, query, key)
-        if self.specs[layer].sliding:
-            return self._attend_window(layer, query, key, value, scaling, softcap, t0)
-        if self.kernels == "fast":  # CPU only, and attention runs in float32 there (above)
-            return self._attend_fast(layer, query, key, value, scaling, t0, softcap)
-        n_new = key.shape[-2]
-        n_past = self.store.length(layer)
-        q = query[0]
-        selection = self.policy.select(layer, q, n_past, self.stage) if n_past else Selection.everything()
-        indices = self._with_always_kept(selection.indices, n_past)
-        if indices is None:
-            # Read everything: store the new tokens first and attend over the store's own buffer
-            # (a view when it is all on the device tier), so no copy of the whole cache is made.
-            self._store_and_index(layer, key[0], value[0])
-            k, v, _ = self.store.gather(layer, None)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the KV is stored in another type (bf16)
-            valid = None
-        else:
-            k_past, v_past, valid = self.store.gather(layer, indices)
-            k = torch.cat([k_past.to(key.dtype), key[0]], dim=1)
-            v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
-            self._store_and_index(layer, key[0], value[0])
-        t_fetch = time.perf_counter()
-        out = _attention(q, k, v, n_new, valid, scaling, softcap, scratch=self._scores)
-        selected = n_past if indices is None else [int(i.numel()) for i in indices]
-        return self._finish(layer, out, n_new, n_past, selected, selection.stats, t0, t_fetch)
-
-    def _attend_fast(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                     t0: float, softcap: float | None = None) -> torch.Tensor:
-        """The fast path (vrex.kv.fast): the same tokens as the reference, planned and gathered in C++
-        (one copy per step and layer, read from every tier in place, the disk tier through its memory
-        maps), attended with the kernel's own products. `full` goes this way too: on 2 CPU cores the
-        kernel's blocked products beat torch's matmul + softmax over the device buffer itself (frame
-        step at 16K cached tokens 256 against 335 ms, decode 123 against 140 ms; a 32-frame fill
-        chunk 8.6 against 19 s), so a policy's gain over `full` is its selection, not its kernel."""
-        from vrex.kv.fast import load
-
-        n_past = self.store.length(layer)
-        q = query[0]
-        if n_past:
-            selection = self.policy.select_packed(layer, q, n_past, self.stage, want_stats=self.record_stats)
-        else:
-            selection = PackedSelection(_EMPTY, _EMPTY, True)
-        sink = min(self.keep.sink_tokens, n_past)
-        recent_start = max(sink, n_past - self.keep.recent_tokens)
-        plan = self.store.read_plan(layer, selection.ids, selection.offs, selection.everything, n_past, sink, recent_start,
-                                    n_new=key.shape[-2])
-        rows = q.shape[0] // key.shape[1] * key.shape[-2]  # query rows per KV head
-        if rows <= _SLOT_ATTENTION_ROWS and softcap is None and q.shape[-1] in (32, 64, 128):
-            # decode: attention read in place from the selected slots (each row read once, no copy)
-            t_fetch = time.perf_counter()
-            out = load().attend_slots(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
-                                      **plan.turn_args)
-        else:
-            # frame/text steps: per KV head, its rows gathered a few at a time into a reused workspace
-            # (the gather is inside: fetch_s is the planning only)
-            t_fetch = time.perf_counter()
-            ext = load()
-            out = ext.attend_plan(q.float() * scaling, plan.kbufs, plan.vbufs, plan.slots, plan.offs, key[0], value[0],
-                                  softcap or 0.0, self._workspace, ATTEND_COLUMNS or ext.ATTEND_COL_BLOCK, **plan.turn_args)
-        plan.done()
-        self._store_and_index(layer, key[0], value[0])
-        selected = n_past if selection.everything else plan.selected
-        return self._finish(layer, out.to(query.dtype), key.shape[-2], n_past, selected, selection.stats, t0, t_fetch)
-
-    def _attend_window(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                       softcap: float | None, t0: float) -> torch.Tensor:
-        """A sliding layer: every token of its window (the store holds nothing older), masked per query
-        row as transformers masks it; the policy is not asked (see the module docstring)."""
-        window = self.specs[layer].window
-        n_new, n_past = key.shape[-2], self.store.length(layer)
-        self._trim_window(layer)  # no-op while streaming; after a restore (store filled directly) it sets the bound
-        lo = self._window_lo[layer]
-        if n_past > lo:
-            k_past, v_past, _ = self.store.gather(layer, None)  # the live tokens: ids lo .. n_past - 1, in order
-        else:
-            k_past = v_past = key[0, :, :0]
-        t_fetch = time.perf_counter()
-        k = torch.cat([k_past.to(key.dtype), key[0]], dim=1)
-        v = torch.cat([v_past.to(value.dtype), value[0]], dim=1)
-        cols = torch.cat([torch.arange(lo, n_past), n_past + torch.arange(n_new)])
-        rows = n_past + torch.arange(n_new)
-        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)  # [T, L + T]
-        out = _masked_attention(query[0], k, v, allowed.to(query.device), scaling, softcap)
-        self._store_and_index(layer, key[0], value[0])
-        stats = {"window": window, "dropped": self._window_lo[layer],
-                 "saved_bytes": self._window_lo[layer] * self.store.token_bytes_all_heads}
-        return self._finish(layer, out, n_new, n_past, n_past - lo, stats, t0, t_fetch)
-
-    def _finish(self, layer: int, out: torch.Tensor, n_new: int, n_past: int, selected, stats: dict, t0: float,
-                t_fetch: float) -> torch.Tensor:
-        """Record the step's layer, let the policy evict, return transformers' layout [1, T, H_q, D]."""
-        if self.record is not None:
-            self.record.n_new = n_new
-            self.record.layers.append(
-                {"layer": layer, "n_past": n_past, "selected": selected, "stats": stats,
-                 "fetch_s": t_fetch - t0, "attend_s": time.perf_counter() - t_fetch})
-        if self.specs[layer].sliding:
-            return out.transpose(0, 1).unsqueeze(0)
-        evict = self.policy.evictable(layer, self.store.length(layer))
-        if evict is not None and evict.numel():
-            self.store.evict(layer, evict)
-        return out.transpose(0, 1).unsqueeze(0)
-
-    def _store_and_index(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        offset = 0
-        for n_tokens, frame_id in self.frame_spans or [(key.shape[1], self.frame_id)]:
-            # One store block per frame, so a frame's cluster-contiguous layout applies to its own block.
-            self.store_block(layer, key[:, offset:offset + n_tokens], value[:, offset:offset + n_tokens], frame_id)
-            offset += n_tokens
+    # -- per-layer calls, by layer index (transformers' attention function and the engine know the index) --
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               softcap: float | None = None) -> torch.Tensor:
+        """``layers[layer].attend``: the step's attention in that layer (``VrexCacheLayer.attend``)."""
+        return self.layers[layer].attend(query, key, value, scaling, softcap)
 
     def store_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor, frame_id: int | None,
                     index_keys: torch.Tensor | None = None) -> int:
-        """Index a block with the policy, then write it once, in the policy's cluster-contiguous
-        order if it has one (ReSV's ``block_order``: the KV memory unit's layout). Returns its first id.
-        ``index_keys``: what the policy indexes instead of ``keys`` (a fork: the keys at the positions
-        the block arrived at, ``StreamingSession.from_state``)."""
-        start = self.store.length(layer)
-        if self.specs[layer].sliding:
-            start = self.store.append(layer, keys, values)
-            self._trim_window(layer)
-            return start
-        self.policy.on_append(layer, keys if index_keys is None else index_keys, start, frame_id)
-        block_order = getattr(self.policy, "block_order", None)
-        order = block_order(layer, start, keys.shape[1]) if block_order is not None and keys.shape[1] > 1 else None
-        start = self.store.append(layer, keys, values, order=order)
-        self.regroup(layer)
-        return start
-
-    def regroup(self, layer: int) -> None:
-        """Once the policy's span of tokens was stored since the last time, rewrite those blocks as one
-        in the policy's cluster order (``KVStore.regroup``: a cluster read in one run, not one per frame).
-        Called after every block the layer stores."""
-        span_of, order_of = getattr(self.policy, "regroup_span", None), getattr(self.policy, "block_order", None)
-        span = span_of() if span_of is not None and order_of is not None else None
-        n = self.store.length(layer)
-        if span is None or n - self._grouped[layer] < span or self.specs[layer].sliding:
-            return
-        self.store.regroup(layer, self._grouped[layer], n, lambda a, b: order_of(layer, a, b - a))
-        self._grouped[layer] = n
-
-    def _trim_window(self, layer: int) -> None:
-        """Drop the tokens of a sliding layer that no later query can see (below ``n + 1 - window``)."""
-        lo = self.store.length(layer) + 1 - self.specs[layer].window
-        if lo > self._window_lo[layer]:
-            self.store.evict(layer, torch.arange(self._window_lo[layer], lo))
-            self._window_lo[layer] = lo
+        """``layers[layer].store_block``. Every block a layer stores goes through here, so a journal
+        (``vrex.engine.durable``) that wraps this method on the instance sees each one."""
+        return self.layers[layer].store_block(keys, values, frame_id, index_keys)
 
     def reindex(self, delta: torch.Tensor) -> None:
         """Move every stored key by ``delta`` [N] positions (position re-indexing, ``vrex.engine.positions``),
@@ -384,7 +412,7 @@ class VrexCache(Cache):
             return
         moving, p.layers = p.layers[:layers], p.layers[layers:]
         for layer in moving:
-            self._move_layer(self.specs[layer], p)
+            self._move_layer(self.layers[layer].spec, p)
         if not p.layers:
             self._pending_reindex = None
 
@@ -399,25 +427,25 @@ class VrexCache(Cache):
         return self._pending_reindex
 
     def current_keys(self, layer: int) -> torch.Tensor:
-        """``store.keys(layer)`` at the positions the stream now has: a layer still in the old frame is
+        """``store.layers[layer].keys()`` at the positions the stream now has: a layer still in the old frame is
         moved on a copy (the store is not touched). What a fork copies."""
-        keys = self.store.keys(layer)
+        keys = self.layers[layer].kv.keys()
         p = self._pending_reindex
         if p is None or layer not in p.layers:
             return keys
-        spec = self.specs[layer]
+        spec = self.layers[layer].spec
         return rerotate(keys, self._pending_delta(p, layer), spec.inv_freq, spec.rope_layout)
 
     def _pending_delta(self, p: "_PendingReindex", layer: int) -> torch.Tensor:
         """A pending layer's move: ``delta`` for the tokens the re-index began with, ``-shift`` after them."""
-        added = self.store.length(layer) - p.delta.numel()
+        added = self.layers[layer].kv.length - p.delta.numel()
         return torch.cat([p.delta, torch.full((added,), -p.shift, dtype=p.delta.dtype)])
 
     def positions_changed(self, layer: int, keys: torch.Tensor) -> None:
         """The layer's stored tokens sit at new positions, ``keys`` [H, N, D] (arrival order) as they are
         now: a policy that derives its index from the keys re-derives it (``_move_layer`` does the same
         for a live re-index)."""
-        if not self.specs[layer].sliding and self._policy_indexes_keys:
+        if not self.layers[layer].spec.sliding and self._policy_indexes_keys:
             self.policy.on_positions_changed(layer, keys.to(self.store.dtype))
 
     def _check_reindexable(self) -> None:
@@ -438,18 +466,18 @@ class VrexCache(Cache):
         follows. The rotations are ``p.trig``'s, shared by layers with one RoPE and kept across steps."""
         if spec.rope_key not in p.trig:
             p.trig[spec.rope_key] = _Rotations(p.delta, p.shift, spec.inv_freq, spec.rope_layout)
-        same = p.trig[spec.rope_key].upto(self.store.length(spec.index))
+        same = p.trig[spec.rope_key].upto(self.layers[spec.index].kv.length)
         wants_keys = not spec.sliding and self._policy_indexes_keys
         delta = self._pending_delta(p, spec.index)
         if self.kernels == "fast":  # in place in the device and host tiers, recorded on disk (vrex.kv.fast)
             keys = p.scratch if wants_keys else None
-            self.store.rotate_keys(spec.index, *same, spec.rope_layout == HALF, keys, moves=delta, rope=spec)
+            self.layers[spec.index].kv.rotate_keys(*same, spec.rope_layout == HALF, keys, moves=delta, rope=spec)
         else:
-            keys = rerotate(self.store.keys(spec.index), delta, spec.inv_freq, spec.rope_layout, trig=same)
-            self.store.set_keys(spec.index, keys, moves=delta, rope=spec)
+            keys = rerotate(self.layers[spec.index].kv.keys(), delta, spec.inv_freq, spec.rope_layout, trig=same)
+            self.layers[spec.index].kv.set_keys(keys, moves=delta, rope=spec)
             # what the store gives now, as the fast path hands it on: the disk tier's keys turned once by all
             # they owe (rerotating the keys read before the move would round them twice)
-            keys = self.store.keys(spec.index) if wants_keys else None
+            keys = self.layers[spec.index].kv.keys() if wants_keys else None
         if wants_keys:
             self.policy.on_positions_changed(spec.index, keys)
 
@@ -458,7 +486,7 @@ class VrexCache(Cache):
         p = self._pending_reindex
         if p is None or p.shift == 0 or layer not in p.layers:
             return query, key
-        spec = self.specs[layer]
+        spec = self.layers[layer].spec
         move = torch.tensor([p.shift])  # one angle for every token of every step: its row broadcasts over them
         if spec.rope_key not in p.old_frame:
             p.old_frame[spec.rope_key] = rotation(move, spec.inv_freq, spec.rope_layout)

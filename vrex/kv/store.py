@@ -1,7 +1,12 @@
 """Tiered KV store: device (byte budget, recent tokens) -> host -> disk (memory-mapped files).
 
-One store holds every layer of one stream. Tokens of a layer get stable logical ids ``0, 1, ...``
-in arrival order (``append`` returns the first id of the block).
+One :class:`KVStore` holds every layer of one stream, as a stack of per-layer :class:`LayerKV` objects
+(``store.layers[i]``): each owns its layer's state (token -> slot map, eviction flags, tier bounds,
+device and host rings, disk files) and every per-layer operation (``append``, ``gather``,
+``read_plan``, ``evict``, ``regroup``, ``keys`` / ``set_keys`` / ``rotate_keys``). The store keeps what
+its layers share: shapes and type, the budgets' per-layer capacities, the link counters, the disk
+session directory. Tokens of a layer get stable logical ids ``0, 1, ...`` in arrival order
+(``append`` returns the first id of the block).
 
 Layout and movement
 -------------------
@@ -428,11 +433,21 @@ class _Disk:
         self.release()
 
 
-class _Layer:
-    def __init__(self, store: "KVStore", layer: int):
-        s = store
+class LayerKV:
+    """One layer's tiered K/V: its token -> slot map, eviction flags, tier bounds, and its buffers on each
+    tier (device and host rings, the disk files). It owns that state, as a transformers cache layer owns
+    its tensors; the :class:`KVStore` it belongs to holds what the layers share (shapes, the budgets'
+    capacities, the link counters, the disk directory). ``store.layers[i]`` (or ``store[i]``) is layer
+    ``i``; the attention of that layer (``vrex.kv.cache.VrexCacheLayer``) holds it directly."""
+
+    def __init__(self, store: "KVStore", index: int):
+        s = self.store = store
+        self.index = index
+        # fixed for the store's life; the capacities (set_device_budget) and the counters stay on the store
+        self.num_kv_heads, self.head_dim, self.dtype, self.device = s.num_kv_heads, s.head_dim, s.dtype, s.device
+        self.token_bytes = s.token_bytes
         self.n = 0
-        self.pos = PagedIndex(s.num_kv_heads, f"layer {layer}'s token -> slot map")  # absolute slot in its tier
+        self.pos = PagedIndex(s.num_kv_heads, f"layer {index}'s token -> slot map")  # absolute slot in its tier
         self.evicted = torch.zeros(64, dtype=torch.bool)
         self.n_evicted = 0
         self.d_end = 0  # tokens < d_end are on disk
@@ -440,11 +455,11 @@ class _Layer:
         self.live = {DEVICE: 0, HOST: 0, DISK: 0}  # live tokens per tier
         self.dev = _Ring(s.num_kv_heads, s.head_dim, s.dtype, s.device, s._dev_cap)
         self.host = _Ring(s.num_kv_heads, s.head_dim, s.dtype, "cpu", s._host_cap)
-        self.disk = _Disk(s.disk_dir, layer, s.num_kv_heads, s.head_dim, s.dtype, s._turn_tables) if s.disk_dir is not None else None
+        self.disk = _Disk(s.disk_dir, index, s.num_kv_heads, s.head_dim, s.dtype, s._turn_tables) if s.disk_dir is not None else None
         self.blocks = {DEVICE: deque(), HOST: deque()}
         self.permuted = False
 
-    def grow(self, n: int) -> None:
+    def _grow(self, n: int) -> None:
         self.pos.ensure(n)  # raises IndexOverflow past 2^31 tokens, before anything changes
         cap = self.evicted.shape[0]
         if n <= cap:
@@ -453,10 +468,481 @@ class _Layer:
         ev[:cap] = self.evicted
         self.evicted = ev
 
+    # ------------------------------------------------------------------ basics
+    @property
+    def length(self) -> int:
+        """Tokens ever appended to this layer (evicted ones included)."""
+        return self.n
+
+    def tier_bounds(self) -> tuple[int, int, int]:
+        """``(d_end, h_end, n)``: ids ``< d_end`` on disk, ``< h_end`` on host, the rest on device."""
+        return self.d_end, self.h_end, self.n
+
+    def is_evicted(self) -> Tensor:
+        """``bool [n]``: which tokens were evicted."""
+        return self.evicted[: self.n].clone()
+
+    def _tier_of(self, name: str):
+        return {DEVICE: self.dev, HOST: self.host, DISK: self.disk}[name]
+
+    # ------------------------------------------------------------------ append / offload
+    def append(self, keys: Tensor, values: Tensor, order: Tensor | None = None) -> int:
+        """Store a block ``[H_kv, T, D]``; returns its first logical id.
+
+        ``order`` ``[H_kv, T]`` (optional): the block's physical order, written once: slot ``p`` of
+        head ``h`` gets the block's token ``order[h, p]`` (a cluster-contiguous layout, e.g. ReSV's
+        ``block_order``); the permutation travels with the block to host and disk."""
+        H, T, D = keys.shape
+        if (H, D) != (self.num_kv_heads, self.head_dim) or values.shape != keys.shape:
+            raise ValueError(f"append expects keys/values [{self.num_kv_heads}, T, {self.head_dim}], got "
+                             f"{tuple(keys.shape)} / {tuple(values.shape)}")
+        start = self.n
+        rel = None
+        if order is not None:
+            rel = order.to(torch.int64).cpu()
+            if tuple(rel.shape) != (H, T) or not torch.equal(rel.sort(1).values, torch.arange(T).expand(H, T)):
+                raise ValueError(f"order must be a permutation of 0..{T - 1} for each of the {H} heads, got shape {tuple(rel.shape)}")
+            idx = rel.to(keys.device).unsqueeze(-1).expand(H, T, D)
+            keys, values = keys.gather(1, idx), values.gather(1, idx)
+        # Plan first, so that a disk failure (raised by reserve) leaves the store unchanged.
+        tier = DEVICE
+        if self.dev.fixed and T > self.dev.cap:
+            tier = HOST
+        if tier == HOST and self.host.fixed and T > self.host.cap:
+            tier = DISK
+        if self.disk is not None and self.host.fixed and self.host.used + self.dev.used + T > self.host.cap:
+            self.disk.reserve(self.disk.hi + self.host.used + self.dev.used + T)
+        self._grow(start + T)
+        ids = (start + torch.arange(T)).expand(H, T) if rel is None else start + rel
+        if tier == DEVICE:
+            self._make_room(DEVICE, T)
+            p0 = self.dev.push(keys, values, ids)
+            self.blocks[DEVICE].append(_Block(start, T, p0, T))
+        else:
+            # too big for the device tier: older device blocks go first (tiers hold id ranges in order)
+            while self.blocks[DEVICE]:
+                self._migrate_oldest(DEVICE)
+            self.store._count("offload_device_host", T * H, H)
+            p0, tier = self._push_below_device(start, T, keys, values, ids)
+        self.live[tier] += T
+        if rel is None:
+            self.pos.write(start, torch.arange(p0, p0 + T))
+        else:
+            self.pos.write(start, torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T)))
+            self.permuted = self.permuted or T > 1
+        self.n = start + T
+        self.pos.compact(self.d_end)  # slots on the disk tier never change: 16-bit offsets (vrex.kv.index)
+        return start
+
+    def _push_below_device(self, start: int, length: int, k, v, ids) -> tuple[int, str]:
+        """Put a block leaving the device into host (or straight to disk if it exceeds the host budget).
+
+        Returns ``(first slot, tier)`` and moves the tier bounds past the block."""
+        n = ids.shape[1]
+        if self.host.fixed and n > self.host.cap:
+            while self.blocks[HOST]:
+                self._migrate_oldest(HOST)
+            if n:
+                self.store._count("offload_host_disk", n * self.num_kv_heads, self.num_kv_heads)
+            p0 = self.disk.push(k, v, ids) if n else self.disk.hi
+            self.d_end = self.h_end = start + length
+            return p0, DISK
+        self._make_room(HOST, n)
+        p0 = self.host.push(k, v, ids) if n else self.host.hi
+        self.blocks[HOST].append(_Block(start, length, p0, n))
+        self.h_end = start + length
+        return p0, HOST
+
+    def _make_room(self, tier: str, n: int) -> None:
+        ring = self.dev if tier == DEVICE else self.host
+        if not ring.fixed:
+            return
+        while ring.room() < n and self.blocks[tier]:
+            self._migrate_oldest(tier)
+
+    def _migrate_oldest(self, tier: str) -> None:
+        """Move the oldest block of ``tier`` (device or host) one tier down, dropping evicted tokens."""
+        src = self.dev if tier == DEVICE else self.host
+        dst_name = HOST if tier == DEVICE else DISK
+        b: _Block = self.blocks[tier].popleft()
+        H = self.num_kv_heads
+        if b.phys:
+            slots = torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys)
+            k, v, ids = src.read(slots)
+            live = ~self.evicted[ids[0]]
+            if not bool(live.all()):
+                keep = ~self.evicted[ids]  # same count per head: a block holds the same tokens on every head
+                n_live = int(keep[0].sum())
+                k = k[keep].view(H, n_live, self.head_dim)
+                v = v[keep].view(H, n_live, self.head_dim)
+                ids = ids[keep].view(H, n_live)
+            n = ids.shape[1]
+        else:
+            n = 0
+        src.pop_front(b.phys)
+        self.live[tier] -= n
+        if n == 0:
+            k = v = None
+            ids = torch.zeros(H, 0, dtype=torch.int64)
+        if dst_name == HOST:
+            self.store._count("offload_device_host", n * H, H if n else 0)
+            p0, dst_name = self._push_below_device(b.start, b.length, k, v, ids)
+        else:
+            p0 = self.disk.push(k, v, ids) if n else self.disk.hi
+            self.d_end = b.start + b.length
+            self.store._count("offload_host_disk", n * H, H if n else 0)
+        self.live[dst_name] += n
+        if n:
+            self.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
+
+    # ------------------------------------------------------------------ layout
+    def set_block_order(self, start: int, order: Tensor) -> None:
+        """Physically permute the block starting at ``start``: slot ``p`` gets token ``start + order[h, p]``."""
+        H, T = order.shape
+        order = order.to(torch.int64).cpu()
+        if H != self.num_kv_heads:
+            raise ValueError(f"order must be [{self.num_kv_heads}, T], got {tuple(order.shape)}")
+        if not torch.equal(order.sort(1).values, torch.arange(T).expand(H, T)):
+            raise ValueError("order must be a permutation of 0..T-1 for every head")
+        if start < 0 or start + T > self.n:
+            raise ValueError(f"block {start}..{start + T - 1} is outside the {self.n} stored tokens")
+        if bool(self.evicted[start : start + T].any()):
+            raise ValueError(f"block at {start} has evicted tokens; it cannot be reordered")
+        tier = DISK if start + T <= self.d_end else HOST if start >= self.d_end and start + T <= self.h_end else DEVICE
+        if tier == DEVICE and start < self.h_end:
+            raise ValueError(f"tokens {start}..{start + T - 1} span two tiers")
+        if tier == DISK:
+            cur = self.pos.read(start, start + T)
+            p0 = int(cur.min())
+            if not bool((cur.min(1).values == p0).all() and (cur.max(1).values == p0 + T - 1).all()):
+                raise ValueError(f"tokens {start}..{start + T - 1} are not one stored block")
+            block = _Block(start, T, p0, T)
+        else:
+            block = next((b for b in reversed(self.blocks[tier]) if b.start == start), None)
+            if block is None:
+                raise ValueError(f"no block starts at token {start} in layer {self.index}")
+        if block.length != T or block.phys != T:
+            raise ValueError(f"block at {start} has {block.length} tokens ({block.phys} live slots); order has {T}")
+        self._write_order(self._tier_of(tier), start, block.p0, order)
+
+    def _write_order(self, ring, start: int, p0: int, order: Tensor) -> None:
+        """Rewrite the slots ``p0 ..`` of a block (every token live) so slot ``p0 + p`` of head ``h`` holds
+        token ``start + order[h, p]``."""
+        H, T = order.shape
+        tok = start + order  # [H, T]: token for slot p
+        k, v, _ = ring.read(self.pos.gather(tok))
+        slots = torch.arange(p0, p0 + T).expand(H, T).contiguous()
+        ring.write(slots, k, v, tok)
+        self.pos.scatter(tok, slots)
+        self.permuted = True
+
+    def regroup(self, start: int, end: int, order_of: Callable[[int, int], Tensor]) -> int:
+        """Merge the blocks of tokens ``start .. end-1`` into one block per ring tier (device, host), written
+        in ``order_of(a, b)``'s physical order (``[H, b - a]``, block-relative, e.g. ReSV's cluster order).
+
+        Why: a block is written in its cluster order when it arrives, but a cluster collects tokens over
+        many frames, so reading it took one run per frame (about 3 tokens). Regrouping a span of frames
+        by cluster, as the paper's KV memory unit lays out what it offloads, makes each cluster one run
+        per span: fewer transfers from the host and disk tiers, and rows the CPU reads in sequence.
+        ``start`` and ``end`` must fall on block boundaries. Tokens already on the disk tier (its files
+        are written once), a tier's part with evicted tokens, and a part that is a single block stay as
+        they are. Returns the number of tokens regrouped."""
+        if not 0 <= start <= end <= self.n:
+            raise ValueError(f"regroup: tokens {start}..{end - 1} are outside the {self.n} stored tokens of layer {self.index}")
+        done = 0
+        for tier, ring in ((HOST, self.host), (DEVICE, self.dev)):
+            blocks = self.blocks[tier]
+            inside = []  # indices of the blocks that overlap the span: the newest ones, so scan from the back
+            for i in range(len(blocks) - 1, -1, -1):
+                if blocks[i].start + blocks[i].length <= start:
+                    break
+                if blocks[i].start < end:
+                    inside.append(i)
+            if not inside:
+                continue
+            inside.reverse()
+            first, last = blocks[inside[0]], blocks[inside[-1]]
+            if (first.start < start and first.start + first.length > start) or last.start + last.length > end:
+                raise ValueError(f"regroup: tokens {start}..{end - 1} of layer {self.index} cut a block")
+            a, b = first.start, last.start + last.length
+            if len(inside) < 2 or self.n_evicted and bool(self.evicted[a:b].any()):
+                continue
+            merged = _Block(a, b - a, first.p0, b - a)
+            if any(blocks[i].phys != blocks[i].length for i in inside) or last.p0 + last.phys != first.p0 + merged.phys:
+                raise RuntimeError(f"internal: layer {self.index}'s blocks {a}..{b - 1} do not fill consecutive slots")
+            order = order_of(a, b).to(torch.int64).cpu()
+            if tuple(order.shape) != (self.num_kv_heads, b - a):
+                raise ValueError(f"regroup: order_of({a}, {b}) gave shape {tuple(order.shape)}, "
+                                 f"expected ({self.num_kv_heads}, {b - a})")
+            self._write_order(ring, a, first.p0, order)
+            tail = [blocks.pop() for _ in range(len(blocks) - inside[0])][::-1]  # the span's blocks and any after
+            blocks.append(merged)
+            blocks.extend(tail[len(inside):])
+            done += b - a
+        return done
+
+    # ------------------------------------------------------------------ eviction
+    def evict(self, indices: Tensor) -> None:
+        """Drop tokens for good (same ids on every KV head). Already-evicted ids are ignored."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).flatten().cpu()
+        if idx.numel() == 0:
+            return
+        if int(idx.min()) < 0 or int(idx.max()) >= self.n:
+            raise IndexError(f"evict: ids must be in [0, {self.n})")
+        idx = torch.unique(idx)
+        idx = idx[~self.evicted[idx]]
+        if idx.numel() == 0:
+            return
+        self.evicted[idx] = True
+        self.n_evicted += int(idx.numel())
+        self.live[DISK] -= int((idx < self.d_end).sum())
+        self.live[HOST] -= int(((idx >= self.d_end) & (idx < self.h_end)).sum())
+        self.live[DEVICE] -= int((idx >= self.h_end).sum())
+        for tier, ring in ((DEVICE, self.dev), (HOST, self.host)):
+            if ring.used >= 64 and 2 * self.live[tier] < ring.used:
+                self._compact(tier)
+
+    def _compact(self, tier: str) -> None:
+        """Rewrite a ring without its evicted slots (amortised: runs once half the slots are dead), at the
+        tier's capacity now (``set_device_budget`` changes the device's)."""
+        ring = self.dev if tier == DEVICE else self.host
+        H = self.num_kv_heads
+        fresh = _Ring(H, self.head_dim, self.dtype, ring.device, self.store._dev_cap if tier == DEVICE else self.store._host_cap)
+        new_blocks: deque[_Block] = deque()
+        for b in self.blocks[tier]:
+            if b.phys:
+                k, v, ids = ring.read(torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys))
+                keep = ~self.evicted[ids]
+                n = int(keep[0].sum())
+                k, v, ids = k[keep].view(H, n, self.head_dim), v[keep].view(H, n, self.head_dim), ids[keep].view(H, n)
+            else:
+                n = 0
+            p0 = fresh.hi
+            if n:
+                fresh.push(k, v, ids)
+                self.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
+            if n == 0 and new_blocks:  # merge empty blocks into their predecessor
+                prev = new_blocks[-1]
+                prev.length = b.start + b.length - prev.start
+                continue
+            new_blocks.append(_Block(b.start, b.length, p0, n))
+        if tier == DEVICE:
+            self.dev = fresh
+        else:
+            self.host = fresh
+        self.blocks[tier] = new_blocks
+
+    # ------------------------------------------------------------------ reading
+    def _live_all(self) -> Tensor:
+        ids = torch.arange(self.n)
+        return ids[~self.evicted[: self.n]] if self.n_evicted else ids
+
+    def gather(self, indices: list[Tensor] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """K, V of the selected tokens per KV head (see the module docstring for accounting).
+
+        ``indices=None``: every live token, ``[H, N_live, D]``, mask ``None`` (may be a view of
+        the device buffer: treat as read-only). Else one sorted id tensor per head: K, V padded to
+        ``[H, L_max, D]`` plus a bool ``valid`` mask ``[H, L_max]`` (``None`` when all heads have
+        the same length). Evicted ids in ``indices`` are skipped.
+        """
+        H, D = self.num_kv_heads, self.head_dim
+        self.store._c["gathers"] += 1
+        if indices is None:
+            if self.n_evicted == 0 and self.h_end == 0 and not self.permuted and self.dev.cap > 0:
+                # fast path (full policy): everything on device, arrival order, contiguous slots
+                a = self.dev.front % self.dev.cap
+                if a + self.n <= self.dev.cap:
+                    self.store._c["device_read_bytes"] += self.n * H * self.token_bytes
+                    return self.dev.k[:, a : a + self.n], self.dev.v[:, a : a + self.n], None
+            if self.n_evicted == 0 and not self.permuted:
+                return self._gather_all_contiguous()
+            ids = self._live_all()
+            indices = [ids] * H
+        if len(indices) != H:
+            raise ValueError(f"gather expects {H} index tensors (one per KV head), got {len(indices)}")
+        parts = []
+        for h in range(H):
+            idx = torch.as_tensor(indices[h], dtype=torch.int64).cpu()
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= self.n):
+                raise IndexError(f"gather: ids must be sorted and in [0, {self.n}) (layer {self.index}, head {h})")
+            if self.n_evicted and idx.numel():
+                idx = idx[~self.evicted[idx]]
+            parts.append(idx)
+        lens = [int(p.numel()) for p in parts]
+        lmax = max(lens) if lens else 0
+        k_out = torch.empty(H, lmax, D, dtype=self.dtype, device=self.device)
+        v_out = torch.empty_like(k_out)
+        bounds = torch.tensor([self.d_end, self.h_end])
+        for h, idx in enumerate(parts):
+            if lens[h] < lmax:  # padding must be finite (masked attention still multiplies it by 0)
+                k_out[h, lens[h]:] = 0
+                v_out[h, lens[h]:] = 0
+            if not idx.numel():
+                continue
+            cut = torch.searchsorted(idx, bounds).tolist()
+            segs = ((DISK, 0, cut[0]), (HOST, cut[0], cut[1]), (DEVICE, cut[1], idx.numel()))
+            for tier, a, b in segs:
+                if b <= a:
+                    continue
+                slots = self.pos.take(idx[a:b], row=h)
+                self._tier_of(tier).read_head_into(h, slots, k_out[h, a:b], v_out[h, a:b])
+                n = b - a
+                if tier == DEVICE:
+                    self.store._c["device_read_bytes"] += n * self.token_bytes
+                else:
+                    # slots grow with ids unless a block was reordered (set_block_order)
+                    srt = torch.sort(slots).values if self.permuted else slots
+                    runs = 1 + int((srt[1:] - srt[:-1] != 1).sum())
+                    self.store._count("fetch_host" if tier == HOST else "fetch_disk", n, runs)
+        valid = None
+        if len(set(lens)) > 1:
+            valid = torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+            valid = valid.to(self.device)
+        return k_out, v_out, valid
+
+    def read_plan(self, ids: Tensor, offs: Tensor, everything: bool, n_past: int, sink: int,
+                  recent_start: int, n_new: int = 0) -> "ReadPlan":
+        """Where the fast path reads (``vrex.kv.fast``): per tier (disk, host, device), the physical slots
+        of the selected past tokens of each head, plus ``[0, sink)`` and ``[recent_start, n_past)``;
+        evicted tokens skipped. Counted exactly as :meth:`gather` counts the same selection
+        (``everything``: the step's ``n_new`` tokens too, which the reference stores first and reads
+        back). The disk tier is read in place through its memory maps; call :meth:`ReadPlan.done`
+        after the kernel so the pages it faulted in leave this process (see ``_Disk.touch``)."""
+        from vrex.kv.fast import load
+        H = self.num_kv_heads
+        ks, ko, hs, ho, ds, do, disk_runs, host_runs, sel = load().plan_reads(
+            ids, offs, everything, n_past, sink, recent_start, self.pos.pages, self.pos.shift, H, self.evicted, self.n_evicted > 0,
+            self.d_end, self.h_end)
+        self.store._c["gathers"] += 1
+        n_dev, n_host, n_disk = int(ds.numel()), int(hs.numel()), int(ks.numel())
+        self.store._c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
+        if n_host:
+            self.store._count("fetch_host", n_host, int(host_runs.sum()))
+        kbufs, vbufs, slots, offsets, disk = [self.host.k, self.dev.k], [self.host.v, self.dev.v], [hs, ds], [ho, do], None
+        if n_disk:
+            self.store._count("fetch_disk", n_disk, int(disk_runs.sum()))
+            disk = self.disk
+            dk, dv = disk.views()
+            kbufs, vbufs, slots, offsets = [dk, *kbufs], [dv, *vbufs], [ks, *slots], [ko, *offsets]
+        return ReadPlan(kbufs, vbufs, slots, offsets, sel.tolist(), disk, disk.turn_args() if disk is not None else {})
+
+    def _gather_all_contiguous(self) -> tuple[Tensor, Tensor, None]:
+        """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""
+        H, D = self.num_kv_heads, self.head_dim
+        k_out = torch.empty(H, self.n, D, dtype=self.dtype, device=self.device)
+        v_out = torch.empty_like(k_out)
+        for tier, a, b in ((DISK, 0, self.d_end), (HOST, self.d_end, self.h_end), (DEVICE, self.h_end, self.n)):
+            n = b - a
+            if n <= 0:
+                continue
+            p = int(self.pos.read(a, a + 1)[0, 0])
+            store = self._tier_of(tier)
+            if tier == DISK:
+                for out, mm in ((k_out, store.mm[0]), (v_out, store.mm[1])):
+                    arr = torch.from_numpy(np.ascontiguousarray(mm[p : p + n])).view(self.dtype)  # [n, H, D]
+                    if out is k_out:
+                        arr = store._turned(arr, torch.arange(p, p + n), None)
+                    out[:, a:b] = arr.transpose(0, 1).to(self.device)
+                store.release()
+            else:
+                i0 = p % store.cap
+                first = min(n, store.cap - i0)
+                k_out[:, a : a + first] = store.k[:, i0 : i0 + first]
+                v_out[:, a : a + first] = store.v[:, i0 : i0 + first]
+                if first < n:  # wrapped around the ring
+                    k_out[:, a + first : b] = store.k[:, : n - first]
+                    v_out[:, a + first : b] = store.v[:, : n - first]
+            if tier == DEVICE:
+                self.store._c["device_read_bytes"] += n * H * self.token_bytes
+            else:
+                self.store._count("fetch_host" if tier == HOST else "fetch_disk", n * H, H)
+        return k_out, v_out, None
+
+    def keys(self) -> Tensor:
+        """All keys ``[H, N, D]`` in arrival order (N = ``length``; evicted tokens are zeros)."""
+        return self._all(want_values=False)
+
+    def values(self) -> Tensor:
+        """All values ``[H, N, D]`` in arrival order (evicted tokens are zeros)."""
+        return self._all(want_values=True)
+
+    def _all(self, want_values: bool) -> Tensor:
+        H, D = self.num_kv_heads, self.head_dim
+        out = torch.zeros(H, self.n, D, dtype=self.dtype, device=self.device)
+        for store, sel in self._live_by_tier():
+            # only the half asked for: re-indexing reads every key of every tier back, never a value
+            out[:, sel.to(self.device)] = store.read_one(self.pos.take(sel), want_values).to(self.device)
+        return out
+
+    def set_keys(self, keys: Tensor, *, moves: Tensor | None = None, rope: LayerSpec | None = None) -> None:
+        """Overwrite all keys ``[H, N, D]``; evicted rows are ignored. ``moves`` [N] (ints) and ``rope``
+        (the layer's spec: its RoPE): ``keys`` are the stored keys moved by that many positions (a re-index,
+        the reference of :meth:`rotate_keys`), and the disk tier records the moves instead of being
+        rewritten (``_Disk``)."""
+        if tuple(keys.shape) != (self.num_kv_heads, self.n, self.head_dim):
+            raise ValueError(f"set_keys expects [{self.num_kv_heads}, {self.n}, {self.head_dim}], got {tuple(keys.shape)}")
+        if moves is not None:
+            moves = moves.long().cpu()
+        for store, sel in self._live_by_tier():
+            if store is self.disk and moves is not None:
+                self.disk.record_moves(self.pos.take(sel), moves[sel], rope)
+            else:
+                store.write(self.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
+
+    def rotate_keys(self, cos: Tensor, sin: Tensor, half: bool, keys_out: Tensor | None = None, *,
+                    moves: Tensor | None = None, rope: LayerSpec | None = None) -> None:
+        """Position re-indexing through the fast path (``vrex.kv.fast``): every live key of the device and
+        host tiers rotated in its own slot by ``cos``/``sin`` ``[N, R]`` (row = token id, float32 math,
+        rounded once to the store's type) by ``rotate_keys``; the disk tier's keys stay where they are and
+        record their move (``moves`` [N], ints, with the layer's spec as ``rope``; needed
+        when the disk holds tokens; ``_Disk.record_moves``). The same result as ``set_keys(rerotate(keys(),
+        ...), moves=..., rope=...)``, without the copies. ``keys_out`` (float32, resized here to ``[H, N, D]``):
+        also the keys as ``keys()`` gives them, for a policy's index; the caller may reuse it from layer
+        to layer (a fresh 25 MB buffer per layer at 32K tokens cost its page faults: 10 of every 24 ms)."""
+        from vrex.kv.fast import load
+        bufs, slots, ids, disk_sel = [], [], [], None
+        for tier, sel in self._live_by_tier():
+            if tier is self.disk:
+                disk_sel = sel.long()
+                continue
+            bufs.append(tier.k)
+            slots.append(self.pos.take(sel).long())
+            ids.append(sel.long())
+        if disk_sel is not None and (moves is None or rope is None):
+            raise ValueError(f"layer {self.index}'s disk tier holds keys: rotate_keys needs their moves and the layer's RoPE "
+                             "(moves=, rope=)")
+        out = torch.empty(0)
+        if keys_out is not None:  # every live row is written by the kernel; evicted rows read as zeros, as in keys()
+            need = self.num_kv_heads * self.n * self.head_dim
+            if keys_out.untyped_storage().nbytes() < 4 * need:
+                # fresh storage with room for the tokens of later steps: resize_ would copy the old contents
+                # (which the kernel overwrites anyway), 39 ms per step at 90K tokens as the stream grew
+                keys_out.set_(torch.empty(need + need // 8, dtype=torch.float32).untyped_storage())
+            out = keys_out.resize_(self.num_kv_heads, self.n, self.head_dim)
+            if self.n_evicted:
+                out[:, self.evicted[:self.n]] = 0
+        load().rotate_keys(bufs, slots, ids, cos.float(), sin.float(), half, out)
+        if disk_sel is not None:
+            disk_slots = self.pos.take(disk_sel).long()
+            self.disk.record_moves(disk_slots, moves.long().cpu()[disk_sel], rope)
+            if keys_out is not None:
+                self.disk.prefault_keys()
+                turn = self.disk.turn_args()
+                load().turn_disk_keys(self.disk.views()[0], disk_slots, disk_sel, turn["turn"], turn["turn_lo"],
+                                      turn["turn_half"], out)
+                self.disk.release()  # the pages the turn read leave this process (see _Disk.touch)
+
+    def _live_by_tier(self):
+        """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""
+        ids = self._live_all()
+        for tier, a, b in ((DISK, 0, self.d_end), (HOST, self.d_end, self.h_end), (DEVICE, self.h_end, self.n)):
+            sel = ids[(ids >= a) & (ids < b)]
+            if sel.numel():
+                yield self._tier_of(tier), sel
 
 @dataclass
 class ReadPlan:
-    """Tier buffers and the slots to read in each, per KV head (see :meth:`KVStore.read_plan`): the
+    """Tier buffers and the slots to read in each, per KV head (see :meth:`LayerKV.read_plan`): the
     arguments of ``vrex.kv.fast`` ``attend_plan`` and ``attend_slots``."""
 
     kbufs: list[Tensor]
@@ -503,11 +989,23 @@ class KVStore:
             self.disk_dir = _session_dir(Path(disk_dir))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.disk_dir), True)
         self._turn_tables = _TurnTables()
-        self._layers = [_Layer(self, i) for i in range(num_layers)]
+        #: the per-layer stores, in layer order (each owns its state; see LayerKV)
+        self.layers: list[LayerKV] = [LayerKV(self, i) for i in range(num_layers)]
         self._c = {k: 0 for k in (
             "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
             "offload_device_host_bytes", "offload_device_host_transfers",
             "offload_host_disk_bytes", "offload_host_disk_transfers", "device_read_bytes", "gathers")}
+
+    def __getitem__(self, layer: int) -> LayerKV:
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def _count(self, link: str, head_tokens: int, transfers: int) -> None:
+        """Count ``head_tokens`` (tokens x KV heads) moved over ``link`` in ``transfers`` transfers."""
+        self._c[f"{link}_bytes"] += head_tokens * self.token_bytes
+        self._c[f"{link}_transfers"] += transfers
 
     def _cap(self, budget: int) -> int:
         return max(0, int(budget) // self.num_layers // self.token_bytes_all_heads)
@@ -522,506 +1020,17 @@ class KVStore:
             raise ValueError(f"device budget must be >= 0 bytes or None, got {budget_bytes}")
         self.device_budget_bytes = budget_bytes
         self._dev_cap = None if budget_bytes is None else self._cap(budget_bytes)
-        for L in self._layers:
+        for L in self.layers:
             if self._dev_cap is not None:
                 while L.blocks[DEVICE] and L.dev.used > self._dev_cap:
-                    self._migrate_oldest(L, DEVICE)
-            self._compact(L, DEVICE)
-
-    # ------------------------------------------------------------------ basics
-    def length(self, layer: int) -> int:
-        """Tokens ever appended to ``layer`` (evicted ones included)."""
-        return self._layers[layer].n
-
-    def tier_bounds(self, layer: int) -> tuple[int, int, int]:
-        """``(d_end, h_end, n)``: ids ``< d_end`` on disk, ``< h_end`` on host, the rest on device."""
-        L = self._layers[layer]
-        return L.d_end, L.h_end, L.n
-
-    def is_evicted(self, layer: int) -> Tensor:
-        """``bool [n]``: which tokens were evicted."""
-        L = self._layers[layer]
-        return L.evicted[: L.n].clone()
-
-    def _tier_of(self, L: _Layer, name: str):
-        return {DEVICE: L.dev, HOST: L.host, DISK: L.disk}[name]
-
-    # ------------------------------------------------------------------ append / offload
-    def append(self, layer: int, keys: Tensor, values: Tensor, order: Tensor | None = None) -> int:
-        """Store a block ``[H_kv, T, D]``; returns its first logical id.
-
-        ``order`` ``[H_kv, T]`` (optional): the block's physical order, written once: slot ``p`` of
-        head ``h`` gets the block's token ``order[h, p]`` (a cluster-contiguous layout, e.g. ReSV's
-        ``block_order``); the permutation travels with the block to host and disk."""
-        L = self._layers[layer]
-        H, T, D = keys.shape
-        if (H, D) != (self.num_kv_heads, self.head_dim) or values.shape != keys.shape:
-            raise ValueError(f"append expects keys/values [{self.num_kv_heads}, T, {self.head_dim}], got "
-                             f"{tuple(keys.shape)} / {tuple(values.shape)}")
-        start = L.n
-        rel = None
-        if order is not None:
-            rel = order.to(torch.int64).cpu()
-            if tuple(rel.shape) != (H, T) or not torch.equal(rel.sort(1).values, torch.arange(T).expand(H, T)):
-                raise ValueError(f"order must be a permutation of 0..{T - 1} for each of the {H} heads, got shape {tuple(rel.shape)}")
-            idx = rel.to(keys.device).unsqueeze(-1).expand(H, T, D)
-            keys, values = keys.gather(1, idx), values.gather(1, idx)
-        # Plan first, so that a disk failure (raised by reserve) leaves the store unchanged.
-        tier = DEVICE
-        if L.dev.fixed and T > L.dev.cap:
-            tier = HOST
-        if tier == HOST and L.host.fixed and T > L.host.cap:
-            tier = DISK
-        if L.disk is not None and L.host.fixed and L.host.used + L.dev.used + T > L.host.cap:
-            L.disk.reserve(L.disk.hi + L.host.used + L.dev.used + T)
-        L.grow(start + T)
-        ids = (start + torch.arange(T)).expand(H, T) if rel is None else start + rel
-        if tier == DEVICE:
-            self._make_room(L, DEVICE, T)
-            p0 = L.dev.push(keys, values, ids)
-            L.blocks[DEVICE].append(_Block(start, T, p0, T))
-        else:
-            # too big for the device tier: older device blocks go first (tiers hold id ranges in order)
-            while L.blocks[DEVICE]:
-                self._migrate_oldest(L, DEVICE)
-            self._count("offload_device_host", T * H, H)
-            p0, tier = self._push_below_device(L, start, T, keys, values, ids)
-        L.live[tier] += T
-        if rel is None:
-            L.pos.write(start, torch.arange(p0, p0 + T))
-        else:
-            L.pos.write(start, torch.empty(H, T, dtype=torch.int64).scatter_(1, rel, torch.arange(p0, p0 + T).expand(H, T)))
-            L.permuted = L.permuted or T > 1
-        L.n = start + T
-        L.pos.compact(L.d_end)  # slots on the disk tier never change: 16-bit offsets (vrex.kv.index)
-        return start
-
-    def _push_below_device(self, L: _Layer, start: int, length: int, k, v, ids) -> tuple[int, str]:
-        """Put a block leaving the device into host (or straight to disk if it exceeds the host budget).
-
-        Returns ``(first slot, tier)`` and moves the tier bounds past the block."""
-        n = ids.shape[1]
-        if L.host.fixed and n > L.host.cap:
-            while L.blocks[HOST]:
-                self._migrate_oldest(L, HOST)
-            if n:
-                self._count("offload_host_disk", n * self.num_kv_heads, self.num_kv_heads)
-            p0 = L.disk.push(k, v, ids) if n else L.disk.hi
-            L.d_end = L.h_end = start + length
-            return p0, DISK
-        self._make_room(L, HOST, n)
-        p0 = L.host.push(k, v, ids) if n else L.host.hi
-        L.blocks[HOST].append(_Block(start, length, p0, n))
-        L.h_end = start + length
-        return p0, HOST
-
-    def _make_room(self, L: _Layer, tier: str, n: int) -> None:
-        ring = L.dev if tier == DEVICE else L.host
-        if not ring.fixed:
-            return
-        while ring.room() < n and L.blocks[tier]:
-            self._migrate_oldest(L, tier)
-
-    def _count(self, link: str, head_tokens: int, transfers: int) -> None:
-        """Count ``head_tokens`` (tokens x KV heads) moved over ``link`` in ``transfers`` transfers."""
-        self._c[f"{link}_bytes"] += head_tokens * self.token_bytes
-        self._c[f"{link}_transfers"] += transfers
-
-    def _migrate_oldest(self, L: _Layer, tier: str) -> None:
-        """Move the oldest block of ``tier`` (device or host) one tier down, dropping evicted tokens."""
-        src = L.dev if tier == DEVICE else L.host
-        dst_name = HOST if tier == DEVICE else DISK
-        b: _Block = L.blocks[tier].popleft()
-        H = self.num_kv_heads
-        if b.phys:
-            slots = torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys)
-            k, v, ids = src.read(slots)
-            live = ~L.evicted[ids[0]]
-            if not bool(live.all()):
-                keep = ~L.evicted[ids]  # same count per head: a block holds the same tokens on every head
-                n_live = int(keep[0].sum())
-                k = k[keep].view(H, n_live, self.head_dim)
-                v = v[keep].view(H, n_live, self.head_dim)
-                ids = ids[keep].view(H, n_live)
-            n = ids.shape[1]
-        else:
-            n = 0
-        src.pop_front(b.phys)
-        L.live[tier] -= n
-        if n == 0:
-            k = v = None
-            ids = torch.zeros(H, 0, dtype=torch.int64)
-        if dst_name == HOST:
-            self._count("offload_device_host", n * H, H if n else 0)
-            p0, dst_name = self._push_below_device(L, b.start, b.length, k, v, ids)
-        else:
-            p0 = L.disk.push(k, v, ids) if n else L.disk.hi
-            L.d_end = b.start + b.length
-            self._count("offload_host_disk", n * H, H if n else 0)
-        L.live[dst_name] += n
-        if n:
-            L.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
-
-    # ------------------------------------------------------------------ layout
-    def set_block_order(self, layer: int, start: int, order: Tensor) -> None:
-        """Physically permute the block starting at ``start``: slot ``p`` gets token ``start + order[h, p]``."""
-        L = self._layers[layer]
-        H, T = order.shape
-        order = order.to(torch.int64).cpu()
-        if H != self.num_kv_heads:
-            raise ValueError(f"order must be [{self.num_kv_heads}, T], got {tuple(order.shape)}")
-        if not torch.equal(order.sort(1).values, torch.arange(T).expand(H, T)):
-            raise ValueError("order must be a permutation of 0..T-1 for every head")
-        if start < 0 or start + T > L.n:
-            raise ValueError(f"block {start}..{start + T - 1} is outside the {L.n} stored tokens")
-        if bool(L.evicted[start : start + T].any()):
-            raise ValueError(f"block at {start} has evicted tokens; it cannot be reordered")
-        tier = DISK if start + T <= L.d_end else HOST if start >= L.d_end and start + T <= L.h_end else DEVICE
-        if tier == DEVICE and start < L.h_end:
-            raise ValueError(f"tokens {start}..{start + T - 1} span two tiers")
-        if tier == DISK:
-            cur = L.pos.read(start, start + T)
-            p0 = int(cur.min())
-            if not bool((cur.min(1).values == p0).all() and (cur.max(1).values == p0 + T - 1).all()):
-                raise ValueError(f"tokens {start}..{start + T - 1} are not one stored block")
-            block = _Block(start, T, p0, T)
-        else:
-            block = next((b for b in reversed(L.blocks[tier]) if b.start == start), None)
-            if block is None:
-                raise ValueError(f"no block starts at token {start} in layer {layer}")
-        if block.length != T or block.phys != T:
-            raise ValueError(f"block at {start} has {block.length} tokens ({block.phys} live slots); order has {T}")
-        self._write_order(L, self._tier_of(L, tier), start, block.p0, order)
-
-    def _write_order(self, L: _Layer, ring, start: int, p0: int, order: Tensor) -> None:
-        """Rewrite the slots ``p0 ..`` of a block (every token live) so slot ``p0 + p`` of head ``h`` holds
-        token ``start + order[h, p]``."""
-        H, T = order.shape
-        tok = start + order  # [H, T]: token for slot p
-        k, v, _ = ring.read(L.pos.gather(tok))
-        slots = torch.arange(p0, p0 + T).expand(H, T).contiguous()
-        ring.write(slots, k, v, tok)
-        L.pos.scatter(tok, slots)
-        L.permuted = True
-
-    def regroup(self, layer: int, start: int, end: int, order_of: Callable[[int, int], Tensor]) -> int:
-        """Merge the blocks of tokens ``start .. end-1`` into one block per ring tier (device, host), written
-        in ``order_of(a, b)``'s physical order (``[H, b - a]``, block-relative, e.g. ReSV's cluster order).
-
-        Why: a block is written in its cluster order when it arrives, but a cluster collects tokens over
-        many frames, so reading it took one run per frame (about 3 tokens). Regrouping a span of frames
-        by cluster, as the paper's KV memory unit lays out what it offloads, makes each cluster one run
-        per span: fewer transfers from the host and disk tiers, and rows the CPU reads in sequence.
-        ``start`` and ``end`` must fall on block boundaries. Tokens already on the disk tier (its files
-        are written once), a tier's part with evicted tokens, and a part that is a single block stay as
-        they are. Returns the number of tokens regrouped."""
-        L = self._layers[layer]
-        if not 0 <= start <= end <= L.n:
-            raise ValueError(f"regroup: tokens {start}..{end - 1} are outside the {L.n} stored tokens of layer {layer}")
-        done = 0
-        for tier, ring in ((HOST, L.host), (DEVICE, L.dev)):
-            blocks = L.blocks[tier]
-            inside = []  # indices of the blocks that overlap the span: the newest ones, so scan from the back
-            for i in range(len(blocks) - 1, -1, -1):
-                if blocks[i].start + blocks[i].length <= start:
-                    break
-                if blocks[i].start < end:
-                    inside.append(i)
-            if not inside:
-                continue
-            inside.reverse()
-            first, last = blocks[inside[0]], blocks[inside[-1]]
-            if (first.start < start and first.start + first.length > start) or last.start + last.length > end:
-                raise ValueError(f"regroup: tokens {start}..{end - 1} of layer {layer} cut a block")
-            a, b = first.start, last.start + last.length
-            if len(inside) < 2 or L.n_evicted and bool(L.evicted[a:b].any()):
-                continue
-            merged = _Block(a, b - a, first.p0, b - a)
-            if any(blocks[i].phys != blocks[i].length for i in inside) or last.p0 + last.phys != first.p0 + merged.phys:
-                raise RuntimeError(f"internal: layer {layer}'s blocks {a}..{b - 1} do not fill consecutive slots")
-            order = order_of(a, b).to(torch.int64).cpu()
-            if tuple(order.shape) != (self.num_kv_heads, b - a):
-                raise ValueError(f"regroup: order_of({a}, {b}) gave shape {tuple(order.shape)}, "
-                                 f"expected ({self.num_kv_heads}, {b - a})")
-            self._write_order(L, ring, a, first.p0, order)
-            tail = [blocks.pop() for _ in range(len(blocks) - inside[0])][::-1]  # the span's blocks and any after
-            blocks.append(merged)
-            blocks.extend(tail[len(inside):])
-            done += b - a
-        return done
-
-    # ------------------------------------------------------------------ eviction
-    def evict(self, layer: int, indices: Tensor) -> None:
-        """Drop tokens for good (same ids on every KV head). Already-evicted ids are ignored."""
-        L = self._layers[layer]
-        idx = torch.as_tensor(indices, dtype=torch.int64).flatten().cpu()
-        if idx.numel() == 0:
-            return
-        if int(idx.min()) < 0 or int(idx.max()) >= L.n:
-            raise IndexError(f"evict: ids must be in [0, {L.n})")
-        idx = torch.unique(idx)
-        idx = idx[~L.evicted[idx]]
-        if idx.numel() == 0:
-            return
-        L.evicted[idx] = True
-        L.n_evicted += int(idx.numel())
-        L.live[DISK] -= int((idx < L.d_end).sum())
-        L.live[HOST] -= int(((idx >= L.d_end) & (idx < L.h_end)).sum())
-        L.live[DEVICE] -= int((idx >= L.h_end).sum())
-        for tier, ring in ((DEVICE, L.dev), (HOST, L.host)):
-            if ring.used >= 64 and 2 * L.live[tier] < ring.used:
-                self._compact(L, tier)
-
-    def _compact(self, L: _Layer, tier: str) -> None:
-        """Rewrite a ring without its evicted slots (amortised: runs once half the slots are dead), at the
-        tier's capacity now (``set_device_budget`` changes the device's)."""
-        ring = L.dev if tier == DEVICE else L.host
-        H = self.num_kv_heads
-        fresh = _Ring(H, self.head_dim, self.dtype, ring.device, self._dev_cap if tier == DEVICE else self._host_cap)
-        new_blocks: deque[_Block] = deque()
-        for b in L.blocks[tier]:
-            if b.phys:
-                k, v, ids = ring.read(torch.arange(b.p0, b.p0 + b.phys).expand(H, b.phys))
-                keep = ~L.evicted[ids]
-                n = int(keep[0].sum())
-                k, v, ids = k[keep].view(H, n, self.head_dim), v[keep].view(H, n, self.head_dim), ids[keep].view(H, n)
-            else:
-                n = 0
-            p0 = fresh.hi
-            if n:
-                fresh.push(k, v, ids)
-                L.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
-            if n == 0 and new_blocks:  # merge empty blocks into their predecessor
-                prev = new_blocks[-1]
-                prev.length = b.start + b.length - prev.start
-                continue
-            new_blocks.append(_Block(b.start, b.length, p0, n))
-        if tier == DEVICE:
-            L.dev = fresh
-        else:
-            L.host = fresh
-        L.blocks[tier] = new_blocks
-
-    # ------------------------------------------------------------------ reading
-    def _live_all(self, L: _Layer) -> Tensor:
-        ids = torch.arange(L.n)
-        return ids[~L.evicted[: L.n]] if L.n_evicted else ids
-
-    def gather(self, layer: int, indices: list[Tensor] | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """K, V of the selected tokens per KV head (see the module docstring for accounting).
-
-        ``indices=None``: every live token, ``[H, N_live, D]``, mask ``None`` (may be a view of
-        the device buffer: treat as read-only). Else one sorted id tensor per head: K, V padded to
-        ``[H, L_max, D]`` plus a bool ``valid`` mask ``[H, L_max]`` (``None`` when all heads have
-        the same length). Evicted ids in ``indices`` are skipped.
-        """
-        L = self._layers[layer]
-        H, D = self.num_kv_heads, self.head_dim
-        self._c["gathers"] += 1
-        if indices is None:
-            if L.n_evicted == 0 and L.h_end == 0 and not L.permuted and L.dev.cap > 0:
-                # fast path (full policy): everything on device, arrival order, contiguous slots
-                a = L.dev.front % L.dev.cap
-                if a + L.n <= L.dev.cap:
-                    self._c["device_read_bytes"] += L.n * H * self.token_bytes
-                    return L.dev.k[:, a : a + L.n], L.dev.v[:, a : a + L.n], None
-            if L.n_evicted == 0 and not L.permuted:
-                return self._gather_all_contiguous(L)
-            ids = self._live_all(L)
-            indices = [ids] * H
-        if len(indices) != H:
-            raise ValueError(f"gather expects {H} index tensors (one per KV head), got {len(indices)}")
-        parts = []
-        for h in range(H):
-            idx = torch.as_tensor(indices[h], dtype=torch.int64).cpu()
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= L.n):
-                raise IndexError(f"gather: ids must be sorted and in [0, {L.n}) (layer {layer}, head {h})")
-            if L.n_evicted and idx.numel():
-                idx = idx[~L.evicted[idx]]
-            parts.append(idx)
-        lens = [int(p.numel()) for p in parts]
-        lmax = max(lens) if lens else 0
-        k_out = torch.empty(H, lmax, D, dtype=self.dtype, device=self.device)
-        v_out = torch.empty_like(k_out)
-        bounds = torch.tensor([L.d_end, L.h_end])
-        for h, idx in enumerate(parts):
-            if lens[h] < lmax:  # padding must be finite (masked attention still multiplies it by 0)
-                k_out[h, lens[h]:] = 0
-                v_out[h, lens[h]:] = 0
-            if not idx.numel():
-                continue
-            cut = torch.searchsorted(idx, bounds).tolist()
-            segs = ((DISK, 0, cut[0]), (HOST, cut[0], cut[1]), (DEVICE, cut[1], idx.numel()))
-            for tier, a, b in segs:
-                if b <= a:
-                    continue
-                slots = L.pos.take(idx[a:b], row=h)
-                self._tier_of(L, tier).read_head_into(h, slots, k_out[h, a:b], v_out[h, a:b])
-                n = b - a
-                if tier == DEVICE:
-                    self._c["device_read_bytes"] += n * self.token_bytes
-                else:
-                    # slots grow with ids unless a block was reordered (set_block_order)
-                    srt = torch.sort(slots).values if L.permuted else slots
-                    runs = 1 + int((srt[1:] - srt[:-1] != 1).sum())
-                    self._count("fetch_host" if tier == HOST else "fetch_disk", n, runs)
-        valid = None
-        if len(set(lens)) > 1:
-            valid = torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-            valid = valid.to(self.device)
-        return k_out, v_out, valid
-
-    def read_plan(self, layer: int, ids: Tensor, offs: Tensor, everything: bool, n_past: int, sink: int,
-                  recent_start: int, n_new: int = 0) -> "ReadPlan":
-        """Where the fast path reads (``vrex.kv.fast``): per tier (disk, host, device), the physical slots
-        of the selected past tokens of each head, plus ``[0, sink)`` and ``[recent_start, n_past)``;
-        evicted tokens skipped. Counted exactly as :meth:`gather` counts the same selection
-        (``everything``: the step's ``n_new`` tokens too, which the reference stores first and reads
-        back). The disk tier is read in place through its memory maps; call :meth:`ReadPlan.done`
-        after the kernel so the pages it faulted in leave this process (see ``_Disk.touch``)."""
-        from vrex.kv.fast import load
-
-        L = self._layers[layer]
-        H = self.num_kv_heads
-        ks, ko, hs, ho, ds, do, disk_runs, host_runs, sel = load().plan_reads(
-            ids, offs, everything, n_past, sink, recent_start, L.pos.pages, L.pos.shift, H, L.evicted, L.n_evicted > 0,
-            L.d_end, L.h_end)
-        self._c["gathers"] += 1
-        n_dev, n_host, n_disk = int(ds.numel()), int(hs.numel()), int(ks.numel())
-        self._c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
-        if n_host:
-            self._count("fetch_host", n_host, int(host_runs.sum()))
-        kbufs, vbufs, slots, offsets, disk = [L.host.k, L.dev.k], [L.host.v, L.dev.v], [hs, ds], [ho, do], None
-        if n_disk:
-            self._count("fetch_disk", n_disk, int(disk_runs.sum()))
-            disk = L.disk
-            dk, dv = disk.views()
-            kbufs, vbufs, slots, offsets = [dk, *kbufs], [dv, *vbufs], [ks, *slots], [ko, *offsets]
-        return ReadPlan(kbufs, vbufs, slots, offsets, sel.tolist(), disk, disk.turn_args() if disk is not None else {})
-
-    def _gather_all_contiguous(self, L: _Layer) -> tuple[Tensor, Tensor, None]:
-        """Every token, no evictions, arrival-order slots: one slice copy per tier (FlexGen's fetch-all)."""
-        H, D = self.num_kv_heads, self.head_dim
-        k_out = torch.empty(H, L.n, D, dtype=self.dtype, device=self.device)
-        v_out = torch.empty_like(k_out)
-        for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
-            n = b - a
-            if n <= 0:
-                continue
-            p = int(L.pos.read(a, a + 1)[0, 0])
-            store = self._tier_of(L, tier)
-            if tier == DISK:
-                for out, mm in ((k_out, store.mm[0]), (v_out, store.mm[1])):
-                    arr = torch.from_numpy(np.ascontiguousarray(mm[p : p + n])).view(self.dtype)  # [n, H, D]
-                    if out is k_out:
-                        arr = store._turned(arr, torch.arange(p, p + n), None)
-                    out[:, a:b] = arr.transpose(0, 1).to(self.device)
-                store.release()
-            else:
-                i0 = p % store.cap
-                first = min(n, store.cap - i0)
-                k_out[:, a : a + first] = store.k[:, i0 : i0 + first]
-                v_out[:, a : a + first] = store.v[:, i0 : i0 + first]
-                if first < n:  # wrapped around the ring
-                    k_out[:, a + first : b] = store.k[:, : n - first]
-                    v_out[:, a + first : b] = store.v[:, : n - first]
-            if tier == DEVICE:
-                self._c["device_read_bytes"] += n * H * self.token_bytes
-            else:
-                self._count("fetch_host" if tier == HOST else "fetch_disk", n * H, H)
-        return k_out, v_out, None
-
-    def keys(self, layer: int) -> Tensor:
-        """All keys ``[H, N, D]`` in arrival order (N = ``length``; evicted tokens are zeros)."""
-        return self._all(layer, want_values=False)
-
-    def values(self, layer: int) -> Tensor:
-        """All values ``[H, N, D]`` in arrival order (evicted tokens are zeros)."""
-        return self._all(layer, want_values=True)
-
-    def _all(self, layer: int, want_values: bool) -> Tensor:
-        L = self._layers[layer]
-        H, D = self.num_kv_heads, self.head_dim
-        out = torch.zeros(H, L.n, D, dtype=self.dtype, device=self.device)
-        for store, sel in self._live_by_tier(L):
-            # only the half asked for: re-indexing reads every key of every tier back, never a value
-            out[:, sel.to(self.device)] = store.read_one(L.pos.take(sel), want_values).to(self.device)
-        return out
-
-    def set_keys(self, layer: int, keys: Tensor, *, moves: Tensor | None = None, rope: LayerSpec | None = None) -> None:
-        """Overwrite all keys ``[H, N, D]``; evicted rows are ignored. ``moves`` [N] (ints) and ``rope``
-        (the layer's spec: its RoPE): ``keys`` are the stored keys moved by that many positions (a re-index,
-        the reference of :meth:`rotate_keys`), and the disk tier records the moves instead of being
-        rewritten (``_Disk``)."""
-        L = self._layers[layer]
-        if tuple(keys.shape) != (self.num_kv_heads, L.n, self.head_dim):
-            raise ValueError(f"set_keys expects [{self.num_kv_heads}, {L.n}, {self.head_dim}], got {tuple(keys.shape)}")
-        if moves is not None:
-            moves = moves.long().cpu()
-        for store, sel in self._live_by_tier(L):
-            if store is L.disk and moves is not None:
-                L.disk.record_moves(L.pos.take(sel), moves[sel], rope)
-            else:
-                store.write(L.pos.take(sel), keys[:, sel.to(keys.device)], None, None)
-
-    def rotate_keys(self, layer: int, cos: Tensor, sin: Tensor, half: bool, keys_out: Tensor | None = None, *,
-                    moves: Tensor | None = None, rope: LayerSpec | None = None) -> None:
-        """Position re-indexing through the fast path (``vrex.kv.fast``): every live key of the device and
-        host tiers rotated in its own slot by ``cos``/``sin`` ``[N, R]`` (row = token id, float32 math,
-        rounded once to the store's type) by ``rotate_keys``; the disk tier's keys stay where they are and
-        record their move (``moves`` [N], ints, with the layer's spec as ``rope``; needed
-        when the disk holds tokens; ``_Disk.record_moves``). The same result as ``set_keys(rerotate(keys(layer),
-        ...), moves=..., rope=...)``, without the copies. ``keys_out`` (float32, resized here to ``[H, N, D]``):
-        also the keys as ``keys(layer)`` gives them, for a policy's index; the caller may reuse it from layer
-        to layer (a fresh 25 MB buffer per layer at 32K tokens cost its page faults: 10 of every 24 ms)."""
-        from vrex.kv.fast import load
-
-        L = self._layers[layer]
-        bufs, slots, ids, disk_sel = [], [], [], None
-        for tier, sel in self._live_by_tier(L):
-            if tier is L.disk:
-                disk_sel = sel.long()
-                continue
-            bufs.append(tier.k)
-            slots.append(L.pos.take(sel).long())
-            ids.append(sel.long())
-        if disk_sel is not None and (moves is None or rope is None):
-            raise ValueError(f"layer {layer}'s disk tier holds keys: rotate_keys needs their moves and the layer's RoPE "
-                             "(moves=, rope=)")
-        out = torch.empty(0)
-        if keys_out is not None:  # every live row is written by the kernel; evicted rows read as zeros, as in keys()
-            need = self.num_kv_heads * L.n * self.head_dim
-            if keys_out.untyped_storage().nbytes() < 4 * need:
-                # fresh storage with room for the tokens of later steps: resize_ would copy the old contents
-                # (which the kernel overwrites anyway), 39 ms per step at 90K tokens as the stream grew
-                keys_out.set_(torch.empty(need + need // 8, dtype=torch.float32).untyped_storage())
-            out = keys_out.resize_(self.num_kv_heads, L.n, self.head_dim)
-            if L.n_evicted:
-                out[:, L.evicted[:L.n]] = 0
-        load().rotate_keys(bufs, slots, ids, cos.float(), sin.float(), half, out)
-        if disk_sel is not None:
-            disk_slots = L.pos.take(disk_sel).long()
-            L.disk.record_moves(disk_slots, moves.long().cpu()[disk_sel], rope)
-            if keys_out is not None:
-                L.disk.prefault_keys()
-                turn = L.disk.turn_args()
-                load().turn_disk_keys(L.disk.views()[0], disk_slots, disk_sel, turn["turn"], turn["turn_lo"],
-                                      turn["turn_half"], out)
-                L.disk.release()  # the pages the turn read leave this process (see _Disk.touch)
-
-    def _live_by_tier(self, L: _Layer):
-        """(tier buffer, live ids on it) for each tier holding live tokens of the layer."""
-        ids = self._live_all(L)
-        for tier, a, b in ((DISK, 0, L.d_end), (HOST, L.d_end, L.h_end), (DEVICE, L.h_end, L.n)):
-            sel = ids[(ids >= a) & (ids < b)]
-            if sel.numel():
-                yield self._tier_of(L, tier), sel
+                    L._migrate_oldest(DEVICE)
+            L._compact(DEVICE)
 
     # ------------------------------------------------------------------ accounting
     def resident_bytes(self) -> dict[str, int]:
         """Live bytes per tier (all layers, K + V)."""
         out = {DEVICE: 0, HOST: 0, DISK: 0}
-        for L in self._layers:
+        for L in self.layers:
             for t in out:
                 out[t] += L.live[t] * self.token_bytes_all_heads
         return out
@@ -1029,7 +1038,7 @@ class KVStore:
     def mapped_data_ptrs(self) -> set[int]:
         """Data pointers of the tensors that view the disk tier's memory maps (the fast path reads
         through them): file pages, not heap, for whoever counts tensor memory (``vrex bench soak``)."""
-        return {t.untyped_storage().data_ptr() for L in self._layers if L.disk is not None and L.disk._views
+        return {t.untyped_storage().data_ptr() for L in self.layers if L.disk is not None and L.disk._views
                 for t in L.disk._views}
 
     def index_nbytes(self) -> int:
@@ -1037,7 +1046,7 @@ class KVStore:
         (int32 pages, ``vrex.kv.index``), the eviction flags, the rings' slot -> token ids and the moves the
         disk tier's keys owe since a re-index (``_Disk.owed``). The K/V itself is in ``resident_bytes``."""
         total = 0
-        for L in self._layers:
+        for L in self.layers:
             total += L.pos.nbytes() + L.evicted.untyped_storage().nbytes()
             total += L.dev.ids.untyped_storage().nbytes() + L.host.ids.untyped_storage().nbytes()
             if L.disk is not None and L.disk.owed is not None:
@@ -1059,7 +1068,7 @@ class KVStore:
         """Drop memory maps and (by default) delete this store's session directory.
 
         The session directory is also removed when the store is garbage-collected or at exit."""
-        for L in self._layers:
+        for L in self.layers:
             if L.disk is not None:
                 L.disk.mm, L.disk._views = [], None  # the views hold the maps open too
         if remove_files and self.disk_dir is not None:
@@ -1097,4 +1106,4 @@ def _session_dir(parent: Path) -> Path:
         raise KVStoreDiskError(e.errno, f"KV disk tier directory '{parent}' is not usable: {e.strerror or e}") from e
 
 
-__all__ = ["KVStore", "KVStoreDiskError", "ReadPlan", "DEVICE", "HOST", "DISK"]
+__all__ = ["KVStore", "LayerKV", "KVStoreDiskError", "ReadPlan", "DEVICE", "HOST", "DISK"]

@@ -45,7 +45,7 @@ Parameters (paper defaults first; [U] = unstated in the paper, documented choice
   the paper's KV memory unit in software. Each block is written in its cluster order, but a cluster
   collects tokens over many frames, so reading it took a run per frame; every ``regroup_tokens``
   stored tokens the cache rewrites the blocks since the last regroup as one block in cluster order
-  (``KVStore.regroup``), so a cluster is one run per span. Same selection, same attention up to float
+  (``LayerKV.regroup``), so a cluster is one run per span. Same selection, same attention up to float
   summation order; None keeps per-frame blocks. Ignored without clustering.
 * ``key_bytes`` 2: bytes per element assumed for the HC table's mean keys and the KV size in
   ``hc_ratio`` (bf16, as the hardware).
@@ -174,7 +174,7 @@ class ReSVPolicy(KVPolicy):
             table.load_state_dict(saved)
 
     def block_order(self, layer: int, start: int, length: int) -> torch.Tensor:
-        """Cluster-contiguous physical order ``[H_kv, T]`` of a just-appended block (for ``KVStore.set_block_order``)."""
+        """Cluster-contiguous physical order ``[H_kv, T]`` of a just-appended block (for ``LayerKV.set_block_order``)."""
         return self.tables[layer].block_order(start, length)
 
     def regroup_span(self) -> int | None:
