@@ -19,6 +19,9 @@ def test_stream_bench_tiny_run(tmp_path):
     stored = json.loads((tmp_path / "stream.json").read_text())
     assert stored == json.loads(json.dumps(rows)) and len(rows) == 6
     assert all(REQUIRED <= set(r) for r in stored)
+    for r in rows:  # one frame per row: its step is its vision plus its LM prefill, each measured
+        assert r["vision_ms"] > 0 and r["prefill_ms"] > 0
+        assert abs(r["frame_ms"] - r["vision_ms"] - r["prefill_ms"]) < 1e-6
     assert (tmp_path / "stream.png").stat().st_size > 0
     by = {(r["policy"].split("[")[0], r["target_tokens"]): r for r in rows}
     for size in (160, 320):

@@ -21,6 +21,7 @@ go through the policy as before.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -128,7 +129,10 @@ class VrexCacheLayer(CacheLayerMixin):
 
     def __init__(self, cache: "VrexCache", spec: LayerSpec, kv: LayerKV):
         super().__init__()
-        self.cache, self.spec, self.kv = cache, spec, kv
+        # a weak reference: the cache holds its layers, and a layer holding its cache would make the pair a
+        # reference cycle, so a dropped session's KV (gigabytes at an hour) would wait for a garbage collection
+        self.cache = weakref.proxy(cache)
+        self.spec, self.kv = spec, kv
         self.layer_idx = spec.index
         self.window_lo = 0  # sliding: tokens below this id were dropped
         self.grouped = 0  # tokens below this id were regrouped (or left as they were)

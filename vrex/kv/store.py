@@ -433,15 +433,36 @@ class _Disk:
         self.release()
 
 
+class _Shared:
+    """What a store's layers share and may change: the tiers' per-layer capacities in tokens (``None``:
+    unbounded; ``set_device_budget`` changes the device's) and the link counters (module docstring).
+    Its own object, referred to by the store and by each layer, so that a layer does not refer to its
+    store: without that reference cycle a dropped store's tensors are freed at once, not at the next
+    garbage collection (a benchmark forking 4 GB stores one after another ran out of memory)."""
+
+    def __init__(self, token_bytes: int, dev_cap: int | None, host_cap: int | None):
+        self.token_bytes, self.dev_cap, self.host_cap = token_bytes, dev_cap, host_cap
+        self.c = {k: 0 for k in (
+            "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
+            "offload_device_host_bytes", "offload_device_host_transfers",
+            "offload_host_disk_bytes", "offload_host_disk_transfers", "device_read_bytes", "gathers")}
+
+    def count(self, link: str, head_tokens: int, transfers: int) -> None:
+        """Count ``head_tokens`` (tokens x KV heads) moved over ``link`` in ``transfers`` transfers."""
+        self.c[f"{link}_bytes"] += head_tokens * self.token_bytes
+        self.c[f"{link}_transfers"] += transfers
+
+
 class LayerKV:
     """One layer's tiered K/V: its token -> slot map, eviction flags, tier bounds, and its buffers on each
     tier (device and host rings, the disk files). It owns that state, as a transformers cache layer owns
-    its tensors; the :class:`KVStore` it belongs to holds what the layers share (shapes, the budgets'
-    capacities, the link counters, the disk directory). ``store.layers[i]`` (or ``store[i]``) is layer
+    its tensors; the :class:`KVStore` it belongs to holds what the layers share (shapes, the disk
+    directory, and through ``_Shared`` the budgets' capacities and the link counters). ``store.layers[i]`` (or ``store[i]``) is layer
     ``i``; the attention of that layer (``vrex.kv.cache.VrexCacheLayer``) holds it directly."""
 
     def __init__(self, store: "KVStore", index: int):
-        s = self.store = store
+        s = store
+        self._shared = store._shared  # not the store itself: see _Shared
         self.index = index
         # fixed for the store's life; the capacities (set_device_budget) and the counters stay on the store
         self.num_kv_heads, self.head_dim, self.dtype, self.device = s.num_kv_heads, s.head_dim, s.dtype, s.device
@@ -453,8 +474,8 @@ class LayerKV:
         self.d_end = 0  # tokens < d_end are on disk
         self.h_end = 0  # tokens in [d_end, h_end) are on host; [h_end, n) on device
         self.live = {DEVICE: 0, HOST: 0, DISK: 0}  # live tokens per tier
-        self.dev = _Ring(s.num_kv_heads, s.head_dim, s.dtype, s.device, s._dev_cap)
-        self.host = _Ring(s.num_kv_heads, s.head_dim, s.dtype, "cpu", s._host_cap)
+        self.dev = _Ring(s.num_kv_heads, s.head_dim, s.dtype, s.device, s._shared.dev_cap)
+        self.host = _Ring(s.num_kv_heads, s.head_dim, s.dtype, "cpu", s._shared.host_cap)
         self.disk = _Disk(s.disk_dir, index, s.num_kv_heads, s.head_dim, s.dtype, s._turn_tables) if s.disk_dir is not None else None
         self.blocks = {DEVICE: deque(), HOST: deque()}
         self.permuted = False
@@ -522,7 +543,7 @@ class LayerKV:
             # too big for the device tier: older device blocks go first (tiers hold id ranges in order)
             while self.blocks[DEVICE]:
                 self._migrate_oldest(DEVICE)
-            self.store._count("offload_device_host", T * H, H)
+            self._shared.count("offload_device_host", T * H, H)
             p0, tier = self._push_below_device(start, T, keys, values, ids)
         self.live[tier] += T
         if rel is None:
@@ -543,7 +564,7 @@ class LayerKV:
             while self.blocks[HOST]:
                 self._migrate_oldest(HOST)
             if n:
-                self.store._count("offload_host_disk", n * self.num_kv_heads, self.num_kv_heads)
+                self._shared.count("offload_host_disk", n * self.num_kv_heads, self.num_kv_heads)
             p0 = self.disk.push(k, v, ids) if n else self.disk.hi
             self.d_end = self.h_end = start + length
             return p0, DISK
@@ -585,12 +606,12 @@ class LayerKV:
             k = v = None
             ids = torch.zeros(H, 0, dtype=torch.int64)
         if dst_name == HOST:
-            self.store._count("offload_device_host", n * H, H if n else 0)
+            self._shared.count("offload_device_host", n * H, H if n else 0)
             p0, dst_name = self._push_below_device(b.start, b.length, k, v, ids)
         else:
             p0 = self.disk.push(k, v, ids) if n else self.disk.hi
             self.d_end = b.start + b.length
-            self.store._count("offload_host_disk", n * H, H if n else 0)
+            self._shared.count("offload_host_disk", n * H, H if n else 0)
         self.live[dst_name] += n
         if n:
             self.pos.scatter(ids, torch.arange(p0, p0 + n).expand(H, n))
@@ -707,7 +728,7 @@ class LayerKV:
         tier's capacity now (``set_device_budget`` changes the device's)."""
         ring = self.dev if tier == DEVICE else self.host
         H = self.num_kv_heads
-        fresh = _Ring(H, self.head_dim, self.dtype, ring.device, self.store._dev_cap if tier == DEVICE else self.store._host_cap)
+        fresh = _Ring(H, self.head_dim, self.dtype, ring.device, self._shared.dev_cap if tier == DEVICE else self._shared.host_cap)
         new_blocks: deque[_Block] = deque()
         for b in self.blocks[tier]:
             if b.phys:
@@ -746,13 +767,13 @@ class LayerKV:
         the same length). Evicted ids in ``indices`` are skipped.
         """
         H, D = self.num_kv_heads, self.head_dim
-        self.store._c["gathers"] += 1
+        self._shared.c["gathers"] += 1
         if indices is None:
             if self.n_evicted == 0 and self.h_end == 0 and not self.permuted and self.dev.cap > 0:
                 # fast path (full policy): everything on device, arrival order, contiguous slots
                 a = self.dev.front % self.dev.cap
                 if a + self.n <= self.dev.cap:
-                    self.store._c["device_read_bytes"] += self.n * H * self.token_bytes
+                    self._shared.c["device_read_bytes"] += self.n * H * self.token_bytes
                     return self.dev.k[:, a : a + self.n], self.dev.v[:, a : a + self.n], None
             if self.n_evicted == 0 and not self.permuted:
                 return self._gather_all_contiguous()
@@ -788,12 +809,12 @@ class LayerKV:
                 self._tier_of(tier).read_head_into(h, slots, k_out[h, a:b], v_out[h, a:b])
                 n = b - a
                 if tier == DEVICE:
-                    self.store._c["device_read_bytes"] += n * self.token_bytes
+                    self._shared.c["device_read_bytes"] += n * self.token_bytes
                 else:
                     # slots grow with ids unless a block was reordered (set_block_order)
                     srt = torch.sort(slots).values if self.permuted else slots
                     runs = 1 + int((srt[1:] - srt[:-1] != 1).sum())
-                    self.store._count("fetch_host" if tier == HOST else "fetch_disk", n, runs)
+                    self._shared.count("fetch_host" if tier == HOST else "fetch_disk", n, runs)
         valid = None
         if len(set(lens)) > 1:
             valid = torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
@@ -813,14 +834,14 @@ class LayerKV:
         ks, ko, hs, ho, ds, do, disk_runs, host_runs, sel = load().plan_reads(
             ids, offs, everything, n_past, sink, recent_start, self.pos.pages, self.pos.shift, H, self.evicted, self.n_evicted > 0,
             self.d_end, self.h_end)
-        self.store._c["gathers"] += 1
+        self._shared.c["gathers"] += 1
         n_dev, n_host, n_disk = int(ds.numel()), int(hs.numel()), int(ks.numel())
-        self.store._c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
+        self._shared.c["device_read_bytes"] += (n_dev + (n_new * H if everything else 0)) * self.token_bytes
         if n_host:
-            self.store._count("fetch_host", n_host, int(host_runs.sum()))
+            self._shared.count("fetch_host", n_host, int(host_runs.sum()))
         kbufs, vbufs, slots, offsets, disk = [self.host.k, self.dev.k], [self.host.v, self.dev.v], [hs, ds], [ho, do], None
         if n_disk:
-            self.store._count("fetch_disk", n_disk, int(disk_runs.sum()))
+            self._shared.count("fetch_disk", n_disk, int(disk_runs.sum()))
             disk = self.disk
             dk, dv = disk.views()
             kbufs, vbufs, slots, offsets = [dk, *kbufs], [dv, *vbufs], [ks, *slots], [ko, *offsets]
@@ -853,9 +874,9 @@ class LayerKV:
                     k_out[:, a + first : b] = store.k[:, : n - first]
                     v_out[:, a + first : b] = store.v[:, : n - first]
             if tier == DEVICE:
-                self.store._c["device_read_bytes"] += n * H * self.token_bytes
+                self._shared.c["device_read_bytes"] += n * H * self.token_bytes
             else:
-                self.store._count("fetch_host" if tier == HOST else "fetch_disk", n * H, H)
+                self._shared.count("fetch_host" if tier == HOST else "fetch_disk", n * H, H)
         return k_out, v_out, None
 
     def keys(self) -> Tensor:
@@ -982,8 +1003,8 @@ class KVStore:
         self.device_budget_bytes, self.host_budget_bytes = device_budget_bytes, host_budget_bytes
         if host_budget_bytes is not None and disk_dir is None:
             raise ValueError("host_budget_bytes needs disk_dir: tokens beyond the host budget go to disk")
-        self._dev_cap = None if device_budget_bytes is None else self._cap(device_budget_bytes)
-        self._host_cap = None if host_budget_bytes is None else self._cap(host_budget_bytes)
+        self._shared = _Shared(self.token_bytes, None if device_budget_bytes is None else self._cap(device_budget_bytes),
+                               None if host_budget_bytes is None else self._cap(host_budget_bytes))
         self.disk_dir: Path | None = None  # this store's own session directory inside ``disk_dir``
         if disk_dir is not None:
             self.disk_dir = _session_dir(Path(disk_dir))
@@ -991,21 +1012,12 @@ class KVStore:
         self._turn_tables = _TurnTables()
         #: the per-layer stores, in layer order (each owns its state; see LayerKV)
         self.layers: list[LayerKV] = [LayerKV(self, i) for i in range(num_layers)]
-        self._c = {k: 0 for k in (
-            "fetch_host_bytes", "fetch_host_transfers", "fetch_disk_bytes", "fetch_disk_transfers",
-            "offload_device_host_bytes", "offload_device_host_transfers",
-            "offload_host_disk_bytes", "offload_host_disk_transfers", "device_read_bytes", "gathers")}
 
     def __getitem__(self, layer: int) -> LayerKV:
         return self.layers[layer]
 
     def __len__(self) -> int:
         return self.num_layers
-
-    def _count(self, link: str, head_tokens: int, transfers: int) -> None:
-        """Count ``head_tokens`` (tokens x KV heads) moved over ``link`` in ``transfers`` transfers."""
-        self._c[f"{link}_bytes"] += head_tokens * self.token_bytes
-        self._c[f"{link}_transfers"] += transfers
 
     def _cap(self, budget: int) -> int:
         return max(0, int(budget) // self.num_layers // self.token_bytes_all_heads)
@@ -1019,10 +1031,10 @@ class KVStore:
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"device budget must be >= 0 bytes or None, got {budget_bytes}")
         self.device_budget_bytes = budget_bytes
-        self._dev_cap = None if budget_bytes is None else self._cap(budget_bytes)
+        cap = self._shared.dev_cap = None if budget_bytes is None else self._cap(budget_bytes)
         for L in self.layers:
-            if self._dev_cap is not None:
-                while L.blocks[DEVICE] and L.dev.used > self._dev_cap:
+            if cap is not None:
+                while L.blocks[DEVICE] and L.dev.used > cap:
                     L._migrate_oldest(DEVICE)
             L._compact(DEVICE)
 
@@ -1055,14 +1067,14 @@ class KVStore:
 
     def counters(self) -> dict:
         """Flat dict of link counters and resident bytes (see the module docstring)."""
-        c = dict(self._c)
+        c = dict(self._shared.c)
         for t, b in self.resident_bytes().items():
             c[f"resident_{t}_bytes"] = b
         return c
 
     def reset_counters(self) -> None:
-        for k in self._c:
-            self._c[k] = 0
+        for k in self._shared.c:
+            self._shared.c[k] = 0
 
     def close(self, remove_files: bool = True) -> None:
         """Drop memory maps and (by default) delete this store's session directory.
