@@ -424,3 +424,22 @@ def test_float32_block_straight_to_disk_is_stored_in_the_tier_type(tmp_path, dty
     s.layers[0].set_keys(new)
     assert torch.equal(s.layers[0].keys(), new.to(dtype))
     s.close()
+
+
+def test_an_unbounded_ring_grows_with_its_slots_wrapped():
+    """A ring that grows while its occupied slots wrap around its end keeps every slot's K, V and id
+    (the growth copies runs as slices: the runs split where either capacity wraps)."""
+    from vrex.kv.store import _Ring
+
+    g = torch.Generator().manual_seed(3)
+    ring = _Ring(2, 4, torch.float32, torch.device("cpu"), None)
+    k, v = torch.randn(2, 80, 4, generator=g), torch.randn(2, 80, 4, generator=g)
+    ids = torch.arange(80).expand(2, 80)
+    ring.push(k[:, :64], v[:, :64], ids[:, :64])
+    ring.pop_front(10)  # slots 10..63 live; the next pushes wrap to the ring's start
+    ring.push(k[:, 64:69], v[:, 64:69], ids[:, 64:69])
+    assert ring.cap == 64 and ring.hi % ring.cap < ring.front % ring.cap  # wrapped, not yet grown
+    ring.push(k[:, 69:80], v[:, 69:80], ids[:, 69:80])  # 59 + 11 > 64: grows
+    assert ring.cap == 128
+    got_k, got_v, got_ids = ring.read(torch.arange(10, 80).expand(2, 70))
+    assert torch.equal(got_k, k[:, 10:]) and torch.equal(got_v, v[:, 10:]) and torch.equal(got_ids, ids[:, 10:])
