@@ -40,3 +40,17 @@ def test_stream_bench_tiny_run(tmp_path):
 def test_stream_bench_refuses_bad_spec_before_loading():
     result = CliRunner().invoke(app, ["bench", "stream", "--policies", "resv[nonsense=1]"])
     assert result.exit_code == 2 and "nonsense" in result.output
+
+
+def test_stream_bench_measures_forks_in_the_kv_type_asked(tmp_path):
+    """--kv-dtype: the measured forks store K/V in that type (half the resident bytes in bfloat16), and
+    the row says which."""
+    rows = {dt: run_stream_bench([160], ["full"], frames=1, tokens=2, out=tmp_path / dt, kv_dtype=dt,
+                                 log=lambda line: None)[0] for dt in ("float32", "bfloat16")}
+    assert rows["float32"]["kv_dtype"] == "float32" and rows["bfloat16"]["kv_dtype"] == "bfloat16"
+    assert rows["bfloat16"]["resident_bytes"] * 2 == rows["float32"]["resident_bytes"]
+
+
+def test_stream_bench_refuses_a_bad_kv_dtype():
+    result = CliRunner().invoke(app, ["bench", "stream", "--kv-dtype", "int8"])
+    assert result.exit_code != 0 and "--kv-dtype 'int8'" in result.output

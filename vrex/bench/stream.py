@@ -102,7 +102,8 @@ def measure(session: StreamingSession, frames, tokens: int, text_ids: torch.Tens
 
 def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, tokens: int = 8, text_chunk: int = 24,
                      kernels: str = "fast", out: Path, peer: Path | None = None, log=print,
-                     lm: str = SMOLLM2_PRESET, lm_dtype: str = DEFAULT_LM_DTYPE, fill_window: int = 0) -> list[dict]:
+                     lm: str = SMOLLM2_PRESET, lm_dtype: str = DEFAULT_LM_DTYPE, fill_window: int = 0,
+                     kv_dtype: str | None = None) -> list[dict]:
     for spec in policies:  # refuse a bad spec before any model work
         make_policy(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,14 +119,16 @@ def run_stream_bench(sizes: list[int], policies: list[str], *, frames: int = 5, 
         ref = None
         for spec in ["full"] + [p for p in policies if p != "full"]:
             t0 = time.perf_counter()
-            session = base.fork(make_policy(spec), SessionConfig(theta=0.0, kernels=kernels))
+            # kv_dtype: the measured forks' storage type (None: the session's default); the fill stays as it is
+            session = base.fork(make_policy(spec), SessionConfig(theta=0.0, kernels=kernels, kv_dtype=kv_dtype))
             index_s = time.perf_counter() - t0
             row = measure(session, steps, tokens, text_ids, text_chunk)
             logits = row.pop("_logits")
             ref = ref or logits
             fid = _fidelity(ref, logits)
             row.update({"policy": spec, "target_tokens": size, "cached_tokens": base.cached_tokens, "kernels": kernels,
-                        "lm_dtype": lm_dtype, "fill_window": fill_window, "fill_s": fill_s,
+                        "lm_dtype": lm_dtype, "kv_dtype": str(session.store.dtype).removeprefix("torch."),
+                        "fill_window": fill_window, "fill_s": fill_s,
                         "index_build_s": index_s, **fid})
             rows.append(row)
             (out / "stream.json").write_text(json.dumps(rows, indent=2))  # progress survives an interrupted sweep

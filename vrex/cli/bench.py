@@ -35,6 +35,7 @@ def bench_stream(
     peer: Annotated[Optional[Path], typer.Option(help="peer.json of `make bench-peer` (llama.cpp on the same weights) to draw beside.")] = None,
     lm: Annotated[str, typer.Option(help="Language model: the preset, a causal-LM directory or a repo id (see vrex run --lm); another LM runs with an untrained connector.")] = "smollm2-135m",
     lm_dtype: Annotated[str, typer.Option(help=f"LM weights type: {' or '.join(LM_DTYPES)} (see vrex run --lm-dtype).")] = DEFAULT_LM_DTYPE,
+    kv_dtype: Annotated[str, typer.Option(help="KV storage type of the measured forks: auto, bfloat16 or float32 (see vrex run --kv-dtype); the fill keeps auto, and fidelity is against `full` in the same type.")] = "auto",
     out: Annotated[Path, typer.Option(help="Output directory: stream.json (rows), stream-full.json, stream.png.")] = Path("bench-out/stream"),
 ) -> None:
     """Frame and decode latency, real-time factor at 2 fps, resident KV per tier and fidelity to `full`
@@ -42,6 +43,8 @@ def bench_stream(
     if kernels not in ("fast", "reference"):
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
     if error := choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
+        fail(error)
+    if error := choice_error("--kv-dtype", kv_dtype, ("auto", "bfloat16", "float32")):
         fail(error)
     if peer is not None and not peer.is_file():
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")
@@ -56,7 +59,7 @@ def bench_stream(
     specs = specs or list(QUICK_POLICIES if quick else FULL_POLICIES)
     try:
         run_stream_bench(size_list, specs, frames=frames, tokens=tokens, kernels=kernels, out=out, peer=peer,
-                         log=log, lm=lm, lm_dtype=lm_dtype,
+                         log=log, lm=lm, lm_dtype=lm_dtype, kv_dtype=None if kv_dtype == "auto" else kv_dtype,
                          fill_window=(QUICK_FILL_WINDOW if quick else 0) if fill_window is None else fill_window)
     except lm_errors() as e:  # an LM a path or download could not provide, or the engine cannot run
         fail(f"--lm: {e}")
