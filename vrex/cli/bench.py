@@ -17,7 +17,7 @@ from rich.table import Table
 
 from vrex.bench.peer import DEFAULT_FILL_BLOCK, DEFAULT_SIZES, WEIGHTS
 from vrex.cli.options import LM_PRESETS, POLICY_NAMES, check_policy_specs, choice_error, fail, lm_errors, log, model_ref_error, recent_tokens_error, require_extra
-from vrex.models.dtypes import DEFAULT_LM_DTYPE, LM_DTYPES
+from vrex.models.dtypes import DEFAULT_LM_DTYPE, KV_DTYPES, LM_DTYPES
 
 app = typer.Typer(help="Benchmarks: print a table, write JSON and plots.", no_args_is_help=True)
 err = Console(stderr=True, width=160)
@@ -44,7 +44,7 @@ def bench_stream(
         raise typer.BadParameter(f"'{kernels}': choose fast or reference", param_hint="--kernels")
     if error := choice_error("--lm-dtype", lm_dtype, LM_DTYPES):
         fail(error)
-    if error := choice_error("--kv-dtype", kv_dtype, ("auto", "bfloat16", "float32")):
+    if error := choice_error("--kv-dtype", kv_dtype, KV_DTYPES):
         fail(error)
     if peer is not None and not peer.is_file():
         raise typer.BadParameter(f"'{peer}': no such file", param_hint="--peer")

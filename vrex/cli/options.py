@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from vrex.models.dtypes import DEFAULT_LM_DTYPE, LM_DTYPES
+from vrex.models.dtypes import DEFAULT_LM_DTYPE, KV_DTYPES, LM_DTYPES
 from vrex.sizes import parse_bytes
 
 # Mirrors of the model presets (vrex.models imports torch and transformers); tests/engine/test_cli.py
@@ -258,7 +258,7 @@ def run_option_errors(o: dict[str, Any]) -> list[str]:
         directory_error("--disk-dir", o["disk_dir"]),
         policy_error(o["policy"]),
         choice_error("--kernels", o.get("kernels", "fast"), ("fast", "reference")),
-        choice_error("--kv-dtype", o.get("kv_dtype", "auto"), ("auto", "bfloat16", "float32")),
+        choice_error("--kv-dtype", o.get("kv_dtype", "auto"), KV_DTYPES),
         choice_error("--lm-dtype", o.get("lm_dtype", DEFAULT_LM_DTYPE), LM_DTYPES),
         session_error(o.get("session")),
     ]

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vrex.cli.options import directory_error, fail, log, make_directory, policy_error, size_error
+from vrex.cli.options import choice_error, directory_error, fail, log, make_directory, policy_error, size_error
+from vrex.models.dtypes import KV_DTYPES
 
 
 def bench_soak(
@@ -32,8 +33,7 @@ def bench_soak(
     specs = [p.strip() for p in policies.split(";") if p.strip()]
     errors = [size_error("--device-budget", device_budget), size_error("--host-budget", host_budget),
               directory_error("--disk-dir", disk_dir), directory_error("--out", out)]
-    if kv_dtype not in ("auto", "bfloat16", "float32"):
-        errors.append(f"--kv-dtype '{kv_dtype}': not allowed; choose one of auto, bfloat16, float32")
+    errors.append(choice_error("--kv-dtype", kv_dtype, KV_DTYPES))
     if not specs:
         errors.append(f"--policies '{policies}': give at least one policy, e.g. 'full;resv'")
     errors += [policy_error(spec) for spec in specs]

@@ -42,11 +42,12 @@ def vrex_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    specs = getattr(vrex_cache, "specs", None)
-    if specs is not None and sliding_window is not None and specs[module.layer_idx].window != sliding_window:
+    # the layer's own spec, looked up only when the model passes a window (a batched cache's layers have none)
+    spec = None if sliding_window is None else getattr(vrex_cache.layers[module.layer_idx], "spec", None)
+    if spec is not None and spec.window != sliding_window:
         raise RuntimeError(
             f"layer {module.layer_idx}: the model attends with sliding_window={sliding_window} but the cache's layer "
-            f"spec says {specs[module.layer_idx].window}; build the cache with vrex.kv.layers.layer_specs(model)")
+            f"spec says {spec.window}; build the cache with vrex.kv.layers.layer_specs(model)")
     extra = {} if softcap is None else {"softcap": softcap}
     return vrex_cache.attend(module.layer_idx, query, key, value, scaling, **extra), None
 

@@ -464,14 +464,15 @@ class LayerKV:
     """One layer's tiered K/V: its token -> slot map, eviction flags, tier bounds, and its buffers on each
     tier (device and host rings, the disk files). It owns that state, as a transformers cache layer owns
     its tensors; the :class:`KVStore` it belongs to holds what the layers share (shapes, the disk
-    directory, and through ``_Shared`` the budgets' capacities and the link counters). ``store.layers[i]`` (or ``store[i]``) is layer
-    ``i``; the attention of that layer (``vrex.kv.cache.VrexCacheLayer``) holds it directly."""
+    directory, and through ``_Shared`` the budgets' capacities and the link counters). ``store.layers[i]``
+    (or ``store[i]``) is layer ``i``; the attention of that layer (``vrex.kv.cache.VrexCacheLayer``) holds
+    it directly."""
 
     def __init__(self, store: "KVStore", index: int):
         s = store
         self._shared = store._shared  # not the store itself: see _Shared
         self.index = index
-        # fixed for the store's life; the capacities (set_device_budget) and the counters stay on the store
+        # fixed for the store's life; the capacities (set_device_budget) and the counters are in _shared
         self.num_kv_heads, self.head_dim, self.dtype, self.device = s.num_kv_heads, s.head_dim, s.dtype, s.device
         self.token_bytes = s.token_bytes
         self.n = 0

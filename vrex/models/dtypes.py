@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 #: step reads (attention and the KV store stay float32 on CPU).
 LM_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 DEFAULT_LM_DTYPE = "float32"
+#: KV storage types the command line accepts (``--kv-dtype``); "auto": float32 on CPU, the LM's type elsewhere
+KV_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 
 
 def lm_torch_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
